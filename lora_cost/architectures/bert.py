@@ -1,0 +1,91 @@
+"""Encoders with a masked-LM head: RoBERTa and BERT (transformers `RobertaForMaskedLM`, `BertForMaskedLM`).
+
+Embeddings: word + token_type + position, LayerNorm, dropout. Block (post-LN):
+x = LN(x + dropout(dense(attn(query(x), key(x), value(x))))), then
+x = LN(x + dropout(output.dense(gelu(intermediate.dense(x))))). Bidirectional attention, no mask
+when nothing is padded (sdpa keeps its fused kernels). Head: dense, gelu, LayerNorm, decoder tied to
+the word embedding, plus a bias. The loss is nn.CrossEntropyLoss on the logits as they are (no fp32
+upcast, unlike the causal-LM loss). Dropouts default to the config's 0.1.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..spec import LinearSite, ModelSpec
+from .base import Architecture, ParamGroup, prob, register_architecture, require
+
+
+def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
+    d = require(cfg, "hidden_size", name)
+    heads = require(cfg, "num_attention_heads", name)
+    return ModelSpec(
+        name=name, family="bert", model_type=cfg["model_type"], hidden=d,
+        layers=require(cfg, "num_hidden_layers", name), heads=heads, kv_heads=heads, head_dim=d // heads,
+        intermediate=require(cfg, "intermediate_size", name), vocab=require(cfg, "vocab_size", name),
+        max_positions=require(cfg, "max_position_embeddings", name), tie_embeddings=True, qkv_bias=True, mlp_bias=True,
+        hidden_dropout=prob(cfg, "hidden_dropout_prob", 0.1), attention_dropout=prob(cfg, "attention_probs_dropout_prob", 0.1),
+        embedding_dropout=prob(cfg, "hidden_dropout_prob", 0.1), type_vocab_size=int(cfg.get("type_vocab_size", 2) or 0),
+        source=source)
+
+
+def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
+    d, i = spec.hidden, spec.intermediate
+    # attention.output.dense, intermediate.dense and output.dense are all named "dense" (peft matches all three)
+    return (LinearSite("query", d, d, True), LinearSite("key", d, d, True), LinearSite("value", d, d, True),
+            LinearSite("dense", d, d, True), LinearSite("dense", d, i, True), LinearSite("dense", i, d, True))
+
+
+HEAD_DENSE = "dense"  # lm_head.dense, also matched by a "dense" target and by all-linear
+
+
+def _params(spec: ModelSpec) -> list[ParamGroup]:
+    d, L = spec.hidden, spec.layers
+    groups = [ParamGroup("word_embeddings", spec.vocab * d, 1, "embedding"),
+              ParamGroup("position_embeddings", spec.max_positions * d, 1, "embedding"),
+              ParamGroup("token_type_embeddings", spec.type_vocab_size * d, 1, "embedding"),
+              ParamGroup("embeddings.LayerNorm", 2 * d, 1, "norm")]
+    for s in _sites(spec):
+        groups.append(ParamGroup(f"layer.*.{s.name}.weight", s.d_in * s.d_out, L, "linear"))
+        groups.append(ParamGroup(f"layer.*.{s.name}.bias", s.d_out, L, "bias"))
+    groups.append(ParamGroup("layer.*.LayerNorm (x2)", 2 * d, 2 * L, "norm"))
+    groups += [ParamGroup("lm_head.dense", d * d, 1, "head"), ParamGroup("lm_head.dense.bias", d, 1, "bias"),
+               ParamGroup("lm_head.layer_norm", 2 * d, 1, "norm"), ParamGroup("lm_head.bias", spec.vocab, 1, "bias")]
+    return [g for g in groups if g.numel > 0]
+
+
+def _forward(ctx) -> None:
+    spec, run, tape = ctx.spec, ctx.run, ctx.tape
+    d, n = spec.hidden, run.tokens
+    query, key, value, attn_out, inter, out = _sites(spec)
+    shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, causal=False)
+    hidden_p = ctx.model_dropout(spec.hidden_dropout)
+
+    def ln(t):
+        return ops.layer_norm(tape, t, d, w_trainable=ctx.base_trainable)
+
+    tape.scope = "embeddings"
+    word = ctx.stream_input(ctx.embedding(n, d))
+    e = ops.add(tape, word, ctx.embedding(n, d))  # position ids are computed per token (int64 [b, s])
+    if spec.type_vocab_size:  # token_type_ids: int64 [b, s] indices, saved when the table trains
+        e = ops.add(tape, e, ctx.embedding(n, d))
+    x = ops.dropout(tape, ln(e), ctx.model_dropout(spec.embedding_dropout))
+
+    def block(x):
+        q, k, v = ctx.linear(x, query), ctx.linear(x, key), ctx.linear(x, value)
+        a = ops.attention(tape, q, k, v, shape, implementation=run.attention,
+                          dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=False)
+        x = ln(ops.add(tape, ops.dropout(tape, ctx.linear(a, attn_out), hidden_p), x))
+        f = ops.gelu(tape, ctx.linear(x, inter))
+        return ln(ops.add(tape, ops.dropout(tape, ctx.linear(f, out), hidden_p), x))
+
+    x = ctx.layers(x, block)
+    tape.scope = "head"
+    h = ops.gelu(tape, ctx.head_site_linear(x, LinearSite(HEAD_DENSE, d, d, True)))
+    ctx.lm_head_and_loss(ln(h), upcast=False)
+
+
+BERT = register_architecture(Architecture(
+    family="bert", model_types=("roberta", "bert"),
+    description="BERT/RoBERTa encoder with the masked-LM head (post-LayerNorm, GELU, tied decoder)",
+    from_config=_from_config, linear_sites=_sites, default_targets=("query", "value"),
+    params=_params, forward=_forward, head_sites=lambda spec: (LinearSite(HEAD_DENSE, spec.hidden, spec.hidden, True),)))

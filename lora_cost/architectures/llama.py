@@ -1,0 +1,110 @@
+"""Llama-style decoders: Llama 2/3, Mistral, Qwen2 (transformers `LlamaForCausalLM` and kin).
+
+Block (pre-RMSNorm): x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))) with
+n = input_layernorm(x), then x + down_proj(silu(gate_proj(m)) * up_proj(m)), m = post_attention_layernorm(x).
+Grouped-query attention: k_proj and v_proj have kv_heads * head_dim outputs; on CUDA, with no mask,
+transformers passes `enable_gqa=True` to sdpa (integrations/sdpa_attention.py `use_gqa_in_sdpa`).
+RoPE saves only the shared cos/sin tables (q*cos + rotate_half(q)*sin). Qwen2 has q/k/v biases.
+Mistral builds an explicit sliding-window mask once the sequence exceeds its window.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..spec import LinearSite, ModelSpec
+from .base import Architecture, ParamGroup, prob, register_architecture, require
+
+
+def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
+    d = require(cfg, "hidden_size", name)
+    heads = require(cfg, "num_attention_heads", name)
+    kv = cfg.get("num_key_value_heads") or heads
+    head_dim = cfg.get("head_dim") or d // heads
+    model_type = cfg["model_type"]
+    window = cfg.get("sliding_window") if model_type == "mistral" else None
+    if model_type == "qwen2" and cfg.get("use_sliding_window"):
+        window = cfg.get("sliding_window")
+    return ModelSpec(
+        name=name, family="llama", model_type=model_type, hidden=d,
+        layers=require(cfg, "num_hidden_layers", name), heads=heads, kv_heads=kv, head_dim=head_dim,
+        intermediate=require(cfg, "intermediate_size", name), vocab=require(cfg, "vocab_size", name),
+        max_positions=require(cfg, "max_position_embeddings", name),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), mlp_bias=bool(cfg.get("mlp_bias", False)),
+        attention_dropout=prob(cfg, "attention_dropout", 0.0), sliding_window=window, source=source)
+
+
+def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
+    d, hd, i = spec.hidden, spec.head_dim, spec.intermediate
+    q, kv = spec.heads * hd, spec.kv_heads * hd
+    b, mb = spec.qkv_bias, spec.mlp_bias
+    return (LinearSite("q_proj", d, q, b), LinearSite("k_proj", d, kv, b), LinearSite("v_proj", d, kv, b),
+            LinearSite("o_proj", q, d, False), LinearSite("gate_proj", d, i, mb), LinearSite("up_proj", d, i, mb),
+            LinearSite("down_proj", i, d, mb))
+
+
+def _params(spec: ModelSpec) -> list[ParamGroup]:
+    d, L = spec.hidden, spec.layers
+    groups = [ParamGroup("embed_tokens", spec.vocab * d, 1, "embedding")]
+    for s in _sites(spec):
+        groups.append(ParamGroup(f"layers.*.{s.name}.weight", s.d_in * s.d_out, L, "linear"))
+        if s.bias:
+            groups.append(ParamGroup(f"layers.*.{s.name}.bias", s.d_out, L, "bias"))
+    groups.append(ParamGroup("layers.*.input_layernorm, post_attention_layernorm", d, 2 * L, "norm"))
+    groups.append(ParamGroup("norm", d, 1, "norm"))
+    if not spec.tie_embeddings:
+        groups.append(ParamGroup("lm_head", spec.vocab * d, 1, "head"))
+    return groups
+
+
+def _rope(tape, t, cos, sin):
+    """q*cos + rotate_half(q)*sin: the products save the (shared) cos and sin tables."""
+    a = ops.mul(tape, t, cos, "rotary tables")
+    b = ops.mul(tape, tape.new(t.numel, t.dtype, t.rg), sin, "rotary tables")
+    return ops.add(tape, a, b)
+
+
+def _forward(ctx) -> None:
+    spec, run, tape = ctx.spec, ctx.run, ctx.tape
+    d, n = spec.hidden, run.tokens
+    q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
+    masked = spec.sliding_window is not None and run.seq > spec.sliding_window
+    shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
+
+    tape.scope = "embeddings"
+    x = ctx.stream_input(ctx.embedding(n, d))
+    table = run.batch * run.seq * spec.head_dim
+    cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
+
+    def norm(t):
+        return ops.rms_norm(tape, t, d, w_trainable=ctx.base_trainable, w_dtype=ctx.other_dtype)
+
+    def block(x):
+        a = norm(x)
+        q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
+        q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+        if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
+            if spec.kv_heads != spec.heads:
+                k = tape.new(q.numel, k.dtype, k.rg)
+                v = tape.new(q.numel, v.dtype, v.rg)
+            tape.transient(run.batch * run.seq * run.seq)  # the [b, 1, s, s] bool mask
+        attn = ops.attention(tape, q, k, v, shape if not masked else
+                             ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, True),
+                             implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
+                             dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
+        x = ops.add(tape, x, ctx.linear(attn, o_site))
+        m = norm(x)
+        act = ops.silu(tape, ctx.linear(m, gate))
+        h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
+        return ops.add(tape, x, ctx.linear(h, down))
+
+    x = ctx.layers(x, block)
+    tape.scope = "head"
+    ctx.lm_head_and_loss(norm(x), upcast=True)
+
+
+LLAMA = register_architecture(Architecture(
+    family="llama", model_types=("llama", "mistral", "qwen2"),
+    description="Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP",
+    from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
+    params=_params, forward=_forward))

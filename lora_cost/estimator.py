@@ -1,0 +1,436 @@
+"""Compose an architecture, a method and a run into an `Estimate` of one training step.
+
+The step modelled is the reference recipe of transformers + peft (+ bitsandbytes for QLoRA):
+`loss = model(input_ids, labels=input_ids).loss; loss.backward(); opt.step();
+opt.zero_grad(set_to_none=True)`, in steady state (optimizer state allocated, gradients freed
+between steps). Memory is PyTorch's *allocated* memory on a CUDA device.
+
+How the peak is found. The architecture's forward runs on the symbolic tape (`tape.py`), which
+gives the bytes autograd keeps per scope (embeddings, each block, head, loss). Then the moments
+where allocated memory can peak are evaluated:
+  forward  - at the loss: everything saved, the logits, and their fp32 copy (causal-LM loss);
+  backward - at the loss gradient: the log-softmax backward holds its incoming and outgoing
+             [n, vocab] gradients on top of everything saved (the usual peak); and at the top and
+             bottom block, where saved activations have been partly freed and parameter gradients
+             partly accumulated (with checkpointing, one block's recomputed activations are alive);
+  optimizer - gradients plus the optimizer's temporaries (foreach AdamW: one state-sized buffer).
+The logits stay alive through backward and the optimizer step (the step's output object holds them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from . import ops
+from .architectures import get_architecture
+from .architectures.base import Architecture
+from .errors import LoraCostError
+from .methods import get_method
+from .methods.base import Method, TensorGroup
+from .methods.qlora import bits_per_weight, linear_4bit, nf4_bytes
+from .optimizers import get_optimizer
+from .profiles import load_gpu, load_model
+from .results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, Term
+from .spec import LinearSite, ModelSpec, RunConfig
+from .tape import Tape, Tensor
+from .units import DTYPE_BYTES, fmt_bytes
+
+# The caching allocator reserves more than it hands out: segments are rounded to 2 MiB (20 MiB for
+# requests of 1-10 MiB) and freed blocks stay cached for reuse. On the H100 calibration set the
+# reserved peak exceeded the allocated peak by 3-7% (median 5%).
+ALLOCATOR_SLACK = 0.05
+# The CUDA context (driver state, cuBLAS/cuDNN workspaces and kernels) is outside torch's counters;
+# the calibration README measured 0.75 to 1.2 GiB on an H100 with torch 2.11.
+CUDA_CONTEXT_BYTES = 1 << 30
+# Sustained fraction of peak tensor throughput assumed for a step-time estimate (typical training MFU).
+DEFAULT_UTILISATION = 0.4
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class StepContext:
+    """What an architecture's forward needs: the tape, shapes, the method and how to run a linear."""
+
+    tape: Tape
+    spec: ModelSpec
+    run: RunConfig
+    method: Method
+    targets: frozenset[str]
+    weight_dtype: str  # dtype the base linear weights compute in
+    other_dtype: str  # dtype of embeddings, norms and LM head
+    input_requires_grad: bool
+    layer_input_bytes: list[int] = field(default_factory=list)
+    logits_bytes: int = 0
+    loss_copy_bytes: int = 0
+    log_softmax_bytes: int = 0
+
+    @property
+    def base_trainable(self) -> bool:
+        return self.method.base_trainable
+
+    @property
+    def rank(self) -> int:
+        return self.run.r or 0
+
+    def model_dropout(self, p: float) -> float:
+        return self.run.model_dropout if self.run.model_dropout is not None else p
+
+    def stream_input(self, t: Tensor) -> Tensor:
+        """`enable_input_require_grads()` (gradient checkpointing with adapters) makes the
+        embedding output require grad, so the first block saves like every other one."""
+        return t.view(rg=True) if self.input_requires_grad else t
+
+    def embedding(self, rows: int, width: int) -> Tensor:
+        return ops.embedding(self.tape, rows, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+
+    def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        if self.method.quantized_base:
+            return linear_4bit(self, x, site)
+        return ops.linear(self.tape, x, site.d_in, site.d_out, w_trainable=self.base_trainable, w_dtype=self.weight_dtype)
+
+    def linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        if site.name in self.targets and not self.base_trainable:
+            return self.method.adapted_linear(self, x, site)
+        return self.base_linear(x, site)
+
+    def head_site_linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        """A linear outside the blocks (not quantised by bitsandbytes' skip list? it is: only the
+        output embedding is skipped), adapted when targeted by name."""
+        return self.linear(x, site)
+
+    def layers(self, x: Tensor, block) -> Tensor:
+        """Run block 0 and block 1; blocks 2..L-1 repeat block 1 exactly (same shapes, same grad flags)."""
+        for i in range(min(self.spec.layers, 2)):
+            self.tape.scope = f"layer{i}"
+            self.layer_input_bytes.append(x.nbytes)
+            x = block(x)
+        return x
+
+    def lm_head_and_loss(self, x: Tensor, *, upcast: bool) -> None:
+        tape = self.tape
+        tape.scope = "head"
+        logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
+                            w_dtype=self.other_dtype, kind="lm_head")
+        self.logits_bytes = logits.nbytes
+        tape.scope = "loss"
+        self.loss_copy_bytes = ops.cross_entropy(tape, logits, self.spec.vocab, upcast=upcast)
+        self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
+
+
+# ---------------------------------------------------------------------------------------------
+def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
+    """The target names, the per-block sites they adapt and the head sites they adapt."""
+    block_sites = arch.linear_sites(spec)
+    head_sites = arch.head_sites(spec)
+    names = {s.name for s in block_sites} | {s.name for s in head_sites}
+    if method.base_trainable:
+        return (), [], []
+    if targets is None:
+        wanted = tuple(arch.default_targets)
+    elif tuple(targets) == (ALL_LINEAR,):
+        wanted = tuple(dict.fromkeys(s.name for s in (*block_sites, *head_sites)))
+    else:
+        wanted = tuple(t.strip() for t in targets if t.strip())
+        if not wanted:
+            raise LoraCostError("--targets is empty")
+        for t in wanted:
+            if t not in names:
+                raise LoraCostError(f"target module {t!r} matches nothing in {spec.name}; its linear modules are "
+                                    f"{', '.join(sorted(names))} (or use all-linear)")
+    chosen = set(wanted)
+    return wanted, [s for s in block_sites if s.name in chosen], [s for s in head_sites if s.name in chosen]
+
+
+def _check_options(method: Method, run: RunConfig) -> None:
+    for key, _ in run.method_options:
+        if key not in method.options:
+            flag = {"k": "--nola-k", "l": "--nola-l", "quant_type": "--quant-type", "double_quant": "--double-quant"}.get(key, key)
+            raise LoraCostError(f"{flag} does not apply to method {method.name}")
+
+
+def _groups_bytes(groups: list[TensorGroup]) -> int:
+    return sum(g.total_numel * DTYPE_BYTES[g.dtype] for g in groups)
+
+
+def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
+             seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
+             attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
+             method_options: dict | None = None, gpu: str | None = None,
+             utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+    """Estimate memory and FLOPs of one training step. Raises LoraCostError on bad input."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    if isinstance(targets, str):
+        targets = tuple(t for t in targets.split(","))
+    run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
+                    precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
+                    attention=attention, dropout=dropout, model_dropout=model_dropout,
+                    method_options=tuple(sorted((method_options or {}).items())))
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
+
+
+def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
+                 utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+    method = get_method(run.method)
+    run = replace(run, method=method.name)
+    arch = get_architecture(spec.model_type)
+    opt = get_optimizer(run.optimizer)
+    _check_options(method, run)
+    if method.base_trainable:
+        if run.r is not None:
+            raise LoraCostError("--r does not apply to full fine-tuning")
+        if run.dropout:
+            raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
+    else:
+        run = replace(run, r=method.rank(run))
+    target_names, sites, head_sites = resolve_targets(arch, spec, method, run.targets)
+    adapted = sites + head_sites
+    method.validate(spec, adapted, run)
+    warnings = []
+    if run.seq > spec.max_positions:
+        warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
+
+    weight_dtype = run.weight_dtype
+    if method.quantized_base:
+        compute = "bf16" if run.precision != "fp16" else "fp16"
+        linear_dtype, other_dtype = compute, "fp32"
+    else:
+        linear_dtype = other_dtype = weight_dtype
+
+    tape = Tape(run.tokens, autocast=run.autocast_dtype)
+    ctx = StepContext(tape=tape, spec=spec, run=run, method=method, targets=frozenset(target_names),
+                      weight_dtype=linear_dtype, other_dtype=other_dtype,
+                      input_requires_grad=run.grad_checkpointing and not method.base_trainable)
+    arch.forward(ctx)
+
+    L = spec.layers
+    reps = {"layer0": 1, "layer1": L - 1}  # block 1 stands for blocks 1..L-1
+
+    # ---- parameters ------------------------------------------------------------------------
+    param_groups = arch.params(spec)
+    total_params = sum(g.total for g in param_groups)
+    base_weight_bytes = 0.0
+    for g in param_groups:
+        if method.quantized_base and g.kind == "linear":
+            dq = bool(method.option(run, "double_quant"))
+            base_weight_bytes += g.count * nf4_bytes(g.numel, double_quant=dq)
+        elif method.quantized_base:
+            base_weight_bytes += g.total * 4  # prepare_model_for_kbit_training casts to fp32
+        else:
+            base_weight_bytes += g.total * DTYPE_BYTES[weight_dtype]
+    base_weight_bytes = int(base_weight_bytes)
+
+    if method.base_trainable:
+        trainable_groups = [TensorGroup(g.name, g.numel, g.count, weight_dtype) for g in param_groups]
+        per_layer_trainable = sum(g.numel * DTYPE_BYTES[weight_dtype] for g in param_groups if "*" in g.name) \
+            + sum(g.numel * DTYPE_BYTES[weight_dtype] * (g.count // max(L, 1) - 1) for g in param_groups if "*" in g.name and g.count > L)
+        frozen_groups: list[TensorGroup] = []
+    else:
+        trainable_groups, frozen_groups = [], []
+        for s in sites:
+            trainable_groups += [replace(g, count=L) for g in method.trainable(s, run)]
+            frozen_groups += [replace(g, count=L) for g in method.frozen(s, run)]
+        for s in head_sites:
+            trainable_groups += method.trainable(s, run)
+            frozen_groups += method.frozen(s, run)
+        if adapted:
+            frozen_groups += method.shared_frozen(adapted, run)
+        per_layer_trainable = sum(_groups_bytes([replace(g, count=1) for g in method.trainable(s, run)]) for s in sites)
+    trainable_params = sum(g.total_numel for g in trainable_groups)
+    trainable_bytes = _groups_bytes(trainable_groups)
+    adapter_trainable_bytes = 0 if method.base_trainable else trainable_bytes
+    frozen_adapter_bytes = _groups_bytes(frozen_groups)
+    gradient_bytes = trainable_bytes
+    state_bytes = sum(opt.state_bytes(g) for g in trainable_groups)
+    opt_alloc = 0 if opt.paged else state_bytes
+    opt_paged = state_bytes if opt.paged else 0
+    opt_temp = opt.step_temporaries(trainable_groups)
+    frozen_base_bytes = 0 if method.base_trainable else base_weight_bytes
+    weights_total = base_weight_bytes + adapter_trainable_bytes + frozen_adapter_bytes
+    steady = weights_total + opt_alloc
+
+    # ---- saved activations -----------------------------------------------------------------
+    saved_scope = {s: tape.saved_in(s) for s in ("embeddings", "layer0", "layer1", "head", "loss")}
+    body = [saved_scope["layer0"]] + [saved_scope["layer1"]] * (L - 1)
+    if run.grad_checkpointing:
+        inputs = ctx.layer_input_bytes
+        kept = [inputs[0]] + [inputs[-1]] * (L - 1)
+    else:
+        kept = body
+    S_emb, S_head, S_loss = saved_scope["embeddings"], saved_scope["head"], saved_scope["loss"]
+    saved_total = S_emb + sum(kept) + S_head + S_loss
+    logits = ctx.logits_bytes
+    ls = ctx.log_softmax_bytes
+
+    # ---- peaks -----------------------------------------------------------------------------
+    def trans(scope: str, backward: bool = False) -> int:
+        table = tape.backward_transient if backward else tape.forward_transient
+        return table.get(scope, 0)
+
+    layer_scopes = ["layer0", "layer1"][: min(L, 2)]
+    fwd_transient = max([trans(s) for s in ("embeddings", *layer_scopes, "head")] + [0])
+    fwd_candidates = [
+        (steady + saved_total + logits + ctx.loss_copy_bytes, "computing the loss (logits and their fp32 copy alive)",
+         [("saved activations", saved_total), ("logits", logits), ("logits fp32 copy for the loss", ctx.loss_copy_bytes)]),
+        (steady + S_emb + sum(kept) + fwd_transient, "inside a block (largest short-lived buffer)",
+         [("saved activations", S_emb + sum(kept)), ("transient buffers", fwd_transient)]),
+    ]
+    G_total = gradient_bytes
+    G_layers = per_layer_trainable * L if sites or method.base_trainable else 0
+    G_head = max(G_total - G_layers, 0)
+    residual = ctx.layer_input_bytes[-1] if ctx.layer_input_bytes else 0
+
+    def layer_backward(i: int) -> tuple[int, list]:
+        scope = layer_scopes[min(i, len(layer_scopes) - 1)]
+        remaining_saved = S_emb + sum(kept[: i + 1])
+        recompute = body[i] if run.grad_checkpointing else 0
+        grads_so_far = G_head + per_layer_trainable * (L - i) if (sites or method.base_trainable) else G_head
+        grad_buffers = 2 * tape.largest.get(scope, 0) + 2 * residual + trans(scope, backward=True)
+        terms = [("saved activations not yet freed", remaining_saved), ("recomputed block activations", recompute),
+                 ("gradients", grads_so_far), ("logits", logits), ("gradient buffers of the block", grad_buffers)]
+        return steady + sum(v for _, v in terms), terms
+
+    bwd_candidates = [
+        (steady + saved_total + logits + 2 * ls, "start of backward: log-softmax gradient in and out",
+         [("saved activations", saved_total), ("logits", logits), ("loss gradient buffers", 2 * ls)]),
+    ]
+    for i, where in ((L - 1, "backward through the last block"), (0, "backward through the first block")):
+        total, terms = layer_backward(i)
+        bwd_candidates.append((total, where, terms))
+    bwd_candidates.append((steady + G_total + logits, "end of backward", [("gradients", G_total), ("logits", logits)]))
+    opt_candidates = [(steady + G_total + logits + opt_temp, "optimizer step",
+                       [("gradients", G_total), ("logits", logits), ("optimizer temporaries", opt_temp)])]
+
+    def steady_terms() -> list[tuple[str, int]]:
+        return [("frozen weights", frozen_base_bytes + frozen_adapter_bytes), ("trainable weights", trainable_bytes),
+                ("optimizer state", opt_alloc)]
+
+    phases = []
+    for phase, cands in (("forward", fwd_candidates), ("backward", bwd_candidates), ("optimizer", opt_candidates)):
+        total, where, extra = max(cands, key=lambda c: c[0])
+        terms = tuple(Term(name, int(v), "", "") for name, v in steady_terms() + extra if v)
+        phases.append(PhasePeak(phase, int(total), where, terms))
+    peak = max(phases, key=lambda p: p.peak_bytes)
+    device = int(peak.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + opt_paged
+
+    # ---- FLOPs -----------------------------------------------------------------------------
+    def scaled_flops(phase: str) -> int:
+        return sum(tape.flops_in(s, phase) * reps.get(s, 1) for s in ("embeddings", "layer0", "layer1", "head", "loss"))
+
+    fwd = scaled_flops("fwd")
+    bwd = scaled_flops("bwd")
+    # Non-reentrant checkpointing reruns each block's forward inside backward, stopping as soon as
+    # the last tensor the block saves has been recomputed (torch.utils.checkpoint early stop), so
+    # the block's trailing kernels (usually the last projection's matmul) are not rerun.
+    layer_fwd = sum((tape.flops_in(s, "fwd") - tape.flops_after_last_save[s]) * reps[s] for s in layer_scopes)
+    uncounted = sum(v * reps.get(s, 1) for s, v in tape.uncounted_flops.items())
+    uncounted_bwd = 0
+    if run.grad_checkpointing:
+        bwd += layer_fwd
+        uncounted_bwd = sum((tape.uncounted_flops[s] - tape.uncounted_after_last_save[s]) * reps[s] for s in layer_scopes)
+
+    # ---- explanation -----------------------------------------------------------------------
+    memory_terms = _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, trainable_bytes,
+                                 trainable_params, frozen_adapter_bytes, state_bytes, opt_temp, saved_total, logits,
+                                 ls, ctx.loss_copy_bytes, weight_dtype)
+    saved_by_kind: dict[str, int] = {}
+    for (scope, kind), v in tape.saved.items():
+        if run.grad_checkpointing and scope.startswith("layer"):
+            continue
+        saved_by_kind[kind] = saved_by_kind.get(kind, 0) + v * reps.get(scope, 1)
+    if run.grad_checkpointing:
+        saved_by_kind["checkpointed block inputs"] = sum(kept)
+    kinds = tuple(Term(k, int(v), "", "") for k, v in sorted(saved_by_kind.items(), key=lambda kv: -kv[1]))
+
+    memory = MemoryEstimate(
+        peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
+        components=tuple(Term(t.name, t.value, *_describe(t.name)) for t in peak.terms),
+        phases=tuple(phases), device_bytes=device, steady_bytes=int(steady), saved_activation_bytes=int(saved_total),
+        saved_by_kind=kinds, terms=memory_terms)
+    flop_terms = _flop_terms(tape, reps, run, layer_fwd)
+    flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
+                         backward_uncounted=int(uncounted_bwd), terms=flop_terms)
+
+    gpu_fit = None
+    if gpu is not None:
+        g = load_gpu(gpu)
+        tflops = g.fp32_tflops if run.precision == "fp32" else g.bf16_tflops_dense
+        gpu_fit = GpuFit(gpu=g.name, memory_bytes=g.memory_bytes, fits=device <= g.memory_bytes,
+                         headroom_bytes=g.memory_bytes - device,
+                         step_time_s=(fwd + bwd) / (tflops * 1e12 * utilisation), utilisation=utilisation)
+    assumptions = (
+        "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
+        f"attention: {run.attention} ({'kernel chosen as torch does on sm80+: flash for 16-bit, memory-efficient for fp32, math for fp32 grouped-query' if run.attention == 'sdpa' else 'transformers eager path'})",
+        f"device memory = peak x {1 + ALLOCATOR_SLACK:.2f} (caching-allocator slack) + {fmt_bytes(CUDA_CONTEXT_BYTES)} CUDA context" + (" + paged optimizer state" if opt.paged else ""),
+    )
+    return Estimate(
+        model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
+        targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
+        grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
+        method_options={k: method.option(run, k) for k in method.options}, trainable_params=int(trainable_params),
+        total_params=int(total_params), adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
+        gpu=gpu_fit, warnings=tuple(warnings), assumptions=assumptions)
+
+
+_DESCRIPTIONS = {
+    "frozen weights": ("base weights (+ frozen adapter tensors)", "parameters that do not train; under QLoRA NF4 linears + fp32 rest"),
+    "trainable weights": ("sum of trainable tensors x dtype bytes", "the parameters the optimizer updates"),
+    "optimizer state": ("per optimizer: AdamW 2x, SGD 1x, 8-bit ~2x/4", "optimizer buffers in torch's allocator"),
+    "saved activations": ("sum of tensors autograd keeps (per op rule)", "what backward needs, kept from forward"),
+    "saved activations not yet freed": ("saved tensors of the blocks below", "activations backward has not reached yet"),
+    "logits": ("batch x seq x vocab x dtype", "the model output, alive until the step ends"),
+    "logits fp32 copy for the loss": ("batch x seq x vocab x 4", "transformers' loss calls logits.float()"),
+    "loss gradient buffers": ("2 x batch x seq x vocab x 4", "log-softmax backward: incoming and outgoing gradient"),
+    "gradients": ("trainable elements x dtype bytes", "parameter gradients accumulated so far"),
+    "recomputed block activations": ("one block's saved tensors", "gradient checkpointing reruns the block in backward"),
+    "gradient buffers of the block": ("2 x largest activation + 2 x residual", "activation gradients inside a block"),
+    "transient buffers": ("largest short-lived buffer", "dequantised 4-bit weight, DoRA's weight norm, attention mask"),
+    "optimizer temporaries": ("foreach AdamW: one state-sized buffer", "exp_avg_sq.sqrt() for all tensors at once"),
+}
+
+
+def _describe(name: str) -> tuple[str, str]:
+    return _DESCRIPTIONS.get(name, ("", ""))
+
+
+def _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, trainable_bytes, trainable_params,
+                  frozen_adapter_bytes, state_bytes, opt_temp, saved_total, logits, ls, loss_copy, weight_dtype) -> tuple[Term, ...]:
+    n, V = run.tokens, spec.vocab
+    if method.quantized_base:
+        weights_formula = (f"linear weights in NF4 ({bits_per_weight(bool(method.option(run, 'double_quant'))):.3f} bits each, blocksize 64) "
+                           "+ embeddings, norms, biases, LM head in fp32")
+    else:
+        weights_formula = f"{sum(g.total for g in get_architecture(spec.model_type).params(spec)):,} parameters x {DTYPE_BYTES[weight_dtype]} B ({weight_dtype})"
+    terms = [
+        Term("base weights", base_weight_bytes, weights_formula, "the pretrained model as stored during training"),
+        Term("trainable weights", trainable_bytes, f"{trainable_params:,} trainable parameters x their dtype",
+             "full fine-tuning: all weights; adapters: fp32 (peft autocast_adapter_dtype)"),
+        Term("frozen adapter tensors", frozen_adapter_bytes, "frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)",
+             "adapter tensors that do not train"),
+        Term("gradients", trainable_bytes, "one gradient per trainable tensor, same dtype", "allocated in backward, freed by zero_grad(set_to_none=True)"),
+        Term("optimizer state", state_bytes, opt.description, "outside torch's allocator (paged)" if opt.paged else "allocated on the GPU"),
+        Term("optimizer temporaries", opt_temp, "foreach AdamW sqrt(exp_avg_sq) buffer" if opt_temp else "in-place update",
+             "alive during opt.step()"),
+        Term("saved activations", saved_total, "per-op autograd rules over one forward pass" + (" (checkpointed: block inputs only)" if run.grad_checkpointing else ""),
+             "tensors kept for backward, as saved_tensors_hooks count them"),
+        Term("logits", logits, f"{n:,} tokens x {V:,} vocab x dtype", "the LM head output"),
+        Term("logits fp32 copy", loss_copy, "logits.float() in the causal-LM loss", "short-lived during the loss"),
+        Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward"),
+    ]
+    return tuple(terms)
+
+
+def _flop_terms(tape: Tape, reps: dict, run: RunConfig, layer_fwd: int) -> tuple[Term, ...]:
+    by_kind: dict[tuple[str, str], int] = {}
+    for (scope, kind, phase), v in tape.flops.items():
+        by_kind[(kind, phase)] = by_kind.get((kind, phase), 0) + v * reps.get(scope, 1)
+    explain = {
+        "base": "frozen/trainable base linears: 2*n*d_in*d_out forward; backward 2*n*d_in*d_out per needed gradient",
+        "adapter": "adapter matmuls (A, B, bases)",
+        "attention": "sdpa: 4*b*h*s^2*hd forward, 10*b*h*s^2*hd backward (fused kernels recompute scores)",
+        "lm_head": "2*n*d*vocab forward; input gradient (and weight gradient when it trains)",
+    }
+    terms = [Term(f"{kind} {phase}", int(v), explain.get(kind, ""), "")
+             for (kind, phase), v in sorted(by_kind.items()) if v]
+    if run.grad_checkpointing:
+        terms.append(Term("recomputation bwd", int(layer_fwd), "forward of every block again", "gradient checkpointing"))
+    return tuple(terms)

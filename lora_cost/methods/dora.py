@@ -1,0 +1,67 @@
+"""DoRA: weight-decomposed LoRA, W' = m * (W + s B A) / ||W + s B A||_c.
+
+Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank Adaptation", arXiv:2402.09353, Sec. 4.3: the
+column norm is treated as a constant in backward (detached), which is what makes it affordable.
+DoRA is LoRA plus a trainable magnitude vector m of size d_out per adapted matrix.
+
+Modelled library behaviour: peft `tuners/lora/dora.py` DoraLinearLayer.forward. Per module and step:
+  * the product B A is materialised by pushing an identity matrix eye(d_in) through lora_A and
+    lora_B (2 d_in^2 r + 2 d_in r d_out FLOPs, counted by FlopCounterMode, no backward), then
+    W + s B A and its row norms are formed: buffers of d_in^2 + 3 d_out d_in floats that live only
+    during the module's forward (the "weight-norm materialisation" transient);
+  * the output is (m/||.|| - 1) * base_result + (m/||.||) * s * lora_result: the two products save
+    base_result (the base layer's output, minus its bias when it has one) and lora_result (fp32).
+  * with lora_dropout > 0 peft cannot reuse the base output and runs F.linear(x, W) again.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from ..spec import LinearSite
+from ..units import DTYPE_BYTES
+from .base import Method, TensorGroup, register_method
+from .lora import ADAPTER_DTYPE, lora_branch, lora_trainable, merge_into_base, validate_lora
+
+
+def dora_linear(ctx, x, site: LinearSite):
+    tape = ctx.tape
+    r = ctx.rank
+    base_out = ctx.base_linear(x, site)
+    xa, _, lora_out = lora_branch(ctx, x, site)
+    # weight-norm materialisation (forward only; its graph is dropped with the detached norm)
+    tape.matmul("adapter", site.d_in, site.d_in, r, grad_a=False, grad_b=False)
+    tape.matmul("adapter", site.d_in, r, site.d_out, grad_a=False, grad_b=False)
+    dense = site.d_in * site.d_out
+    base_is_fp32 = ctx.weight_dtype == "fp32" and not ctx.method.quantized_base
+    tape.transient(4 * (site.d_in * site.d_in + 3 * dense) + (0 if base_is_fp32 else 4 * dense))
+    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # weight norm, saved by m / ||.||
+    if ctx.run.dropout > 0:
+        base_result = ops.linear(tape, xa, site.d_in, site.d_out, w_trainable=False, w_dtype=ADAPTER_DTYPE)
+        tape.transient(DTYPE_BYTES[ADAPTER_DTYPE] * dense)  # weight.to(x.dtype)
+    elif site.bias:
+        base_result = tape.new(base_out.numel, base_out.dtype, base_out.rg)  # result - bias
+    else:
+        base_result = base_out
+    tape.save(base_result, "adapter extras")
+    tape.save(lora_out, "adapter extras")
+    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # m/||.|| - 1
+    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # m/||.||
+    dora_out = tape.new(base_out.numel, ADAPTER_DTYPE, True)
+    return merge_into_base(ctx, base_out, dora_out)
+
+
+def dora_trainable(site, run):
+    return lora_trainable(site, run) + [TensorGroup(f"{site.name}.lora_magnitude_vector", site.d_out, 1, ADAPTER_DTYPE)]
+
+
+DORA = register_method(Method(
+    name="dora",
+    title="DoRA",
+    paper="Liu et al. 2024, arXiv:2402.09353",
+    recipe="peft LoraConfig(..., use_dora=True); adapters and magnitude in fp32",
+    default_r=8,
+    trainable=dora_trainable,
+    frozen=lambda site, run: [],
+    adapted_linear=dora_linear,
+    validate=validate_lora,
+))

@@ -1,0 +1,24 @@
+"""LoRA-FA: LoRA with A frozen at its random initialisation; only B trains.
+
+Zhang et al. 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation for Large Language Models
+Fine-tuning", arXiv:2308.03303, Sec. 3: with A frozen, its input need not be kept for backward,
+so a layer caches only the [n, r] projection A x instead of the [n, d_in] input.
+Modelled recipe: a peft LoRA model with every lora_A weight set to requires_grad=False.
+"""
+
+from __future__ import annotations
+
+from .base import Method, TensorGroup, register_method
+from .lora import ADAPTER_DTYPE, lora_linear, lora_trainable, validate_lora
+
+LORA_FA = register_method(Method(
+    name="lora-fa",
+    title="LoRA-FA (frozen A)",
+    paper="Zhang et al. 2023, arXiv:2308.03303",
+    recipe="peft LoRA, then lora_A.requires_grad_(False)",
+    default_r=8,
+    trainable=lambda site, run: lora_trainable(site, run, freeze_a=True),
+    frozen=lambda site, run: [TensorGroup(f"{site.name}.lora_A", run.r * site.d_in, 1, ADAPTER_DTYPE)],
+    adapted_linear=lambda ctx, x, site: lora_linear(ctx, x, site, freeze_a=True),
+    validate=validate_lora,
+))

@@ -1,0 +1,53 @@
+"""VeRA: W x + Lambda_b B Lambda_d A x with one shared, frozen random pair (A, B).
+
+Kopiczko et al. 2024, "VeRA: Vector-based Random Matrix Adaptation", arXiv:2310.11454, Sec. 3:
+only the scaling vectors train, d_out + r values per adapted matrix.
+Modelled library behaviour: peft `tuners/vera/layer.py` Linear.forward and `vera/model.py`:
+vera_A (r x max d_in) and vera_B (max d_out x r) are fp32 buffers shared by every adapted layer,
+sized to the largest adapted dimensions and sliced per layer; the input is cast to fp32 and
+
+    result + lambda_b * F.linear(lambda_d * F.linear(dropout(x), A), B)
+
+saves the [n, r] product read by lambda_d's gradient and the [n, d_out] product read by
+lambda_b's; the frozen A and B keep nothing else. peft's default rank is 256.
+"""
+
+from __future__ import annotations
+
+from .. import ops
+from .base import Method, TensorGroup, register_method
+from .lora import ADAPTER_DTYPE, merge_into_base
+
+
+def vera_linear(ctx, x, site):
+    tape = ctx.tape
+    r = ctx.rank
+    base_out = ctx.base_linear(x, site)
+    xa = ops.cast(tape, x, ADAPTER_DTYPE) if not tape.autocast else x
+    xa = ops.dropout(tape, xa, ctx.run.dropout)
+    down = ops.linear(tape, xa, site.d_in, r, w_trainable=False, w_dtype=ADAPTER_DTYPE, kind="adapter")
+    scaled_down = ops.mul(tape, down, tape.new(r, ADAPTER_DTYPE, True), "adapter extras")  # lambda_d
+    up = ops.linear(tape, scaled_down, r, site.d_out, w_trainable=False, w_dtype=ADAPTER_DTYPE, kind="adapter")
+    scaled_up = ops.mul(tape, up, tape.new(site.d_out, ADAPTER_DTYPE, True), "adapter extras")  # lambda_b
+    return merge_into_base(ctx, base_out, scaled_up)
+
+
+def vera_shared(sites, run):
+    r = run.r
+    max_in = max(s.d_in for s in sites)
+    max_out = max(s.d_out for s in sites)
+    return [TensorGroup("vera_A", r * max_in, 1, ADAPTER_DTYPE), TensorGroup("vera_B", max_out * r, 1, ADAPTER_DTYPE)]
+
+
+VERA = register_method(Method(
+    name="vera",
+    title="VeRA",
+    paper="Kopiczko et al. 2024, arXiv:2310.11454 (ICLR 2024)",
+    recipe="peft VeraConfig(r, target_modules); shared fp32 projections sized to the largest adapted layer",
+    default_r=256,
+    trainable=lambda site, run: [TensorGroup(f"{site.name}.vera_lambda_b", site.d_out, 1, ADAPTER_DTYPE),
+                                 TensorGroup(f"{site.name}.vera_lambda_d", run.r, 1, ADAPTER_DTYPE)],
+    frozen=lambda site, run: [],
+    shared_frozen=vera_shared,
+    adapted_linear=vera_linear,
+))

@@ -1,0 +1,256 @@
+"""What each PyTorch op keeps for backward, as pure functions over `tape.Tensor` stand-ins.
+
+Every rule below is PyTorch's autograd formula for the op (tools/autograd/derivatives.yaml):
+an input is saved only if the gradient that reads it is needed, e.g. `mm` saves `mat1` only
+when `mat2` requires grad. Sizes are element counts of the [batch*seq, width] activations.
+Kernels are those a CUDA GPU runs (the calibration target), not the CPU's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .tape import Tape, Tensor
+from .units import DTYPE_BYTES
+
+
+def promote(a: str, b: str) -> str:
+    """Result dtype of a binary op: fp32 wins over 16-bit (torch type promotion)."""
+    if a == b:
+        return a
+    if "fp32" in (a, b):
+        return "fp32"
+    return a
+
+
+def cast(tape: Tape, x: Tensor, dtype: str) -> Tensor:
+    """`x.to(dtype)`: a no-op (same storage) when the dtype already matches, else a new tensor."""
+    if x.dtype == dtype:
+        return x
+    return tape.new(x.numel, dtype, x.rg)
+
+
+def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w_dtype: str,
+           kind: str = "base", counted: bool = True) -> Tensor:
+    """nn.Linear / GPT-2 Conv1D (addmm): [n, d_in] @ [d_in, d_out].
+
+    Saves the input for the weight gradient only if the weight trains; the weight itself is a
+    parameter (not an activation) unless autocast made a low-precision copy of it, which is saved
+    when the input needs a gradient (torch/csrc/autograd autocast cache).
+    """
+    n = x.numel // d_in
+    if tape.autocast:
+        x = cast(tape, x, tape.autocast)
+        if x.rg:
+            tape.save(tape.new(d_in * d_out, tape.autocast, False), "autocast weight copies")
+        out_dtype = tape.autocast
+    else:
+        out_dtype = promote(x.dtype, w_dtype)
+    if w_trainable:
+        tape.save(x, "linear inputs")
+    elif x.rg:
+        tape.mark_saved()  # the (parameter) weight, kept for the input gradient
+    # inputs are saved before the kernel runs (VariableType), so this matmul follows the save
+    tape.matmul(kind, n, d_in, d_out, grad_a=x.rg, grad_b=w_trainable, counted=counted)
+    return tape.new(n * d_out, out_dtype, x.rg or w_trainable)
+
+
+def layer_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> Tensor:
+    """aten.native_layer_norm: saves input, mean and rstd (fp32 on CUDA) whenever a grad is needed."""
+    if tape.autocast:  # layer_norm is on autocast's fp32 list
+        x = cast(tape, x, "fp32")
+    rg = x.rg or w_trainable
+    if rg:
+        rows = x.numel // width
+        tape.save(x, "norm inputs")
+        tape.save(tape.new(rows, "fp32", False), "norm statistics")
+        tape.save(tape.new(rows, "fp32", False), "norm statistics")
+    return tape.new(x.numel, x.dtype, rg)
+
+
+def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, w_dtype: str) -> Tensor:
+    """transformers' LlamaRMSNorm (also Qwen2, Mistral), op by op:
+
+        h = x.to(fp32); v = h.pow(2).mean(-1); h = h * rsqrt(v + eps); return w * h.to(x.dtype)
+
+    pow saves h (an fp32 copy of x unless x is fp32); rsqrt saves its [n, 1] result; the product
+    saves h and the rsqrt; `w * h` saves the normalised h (in x's dtype) only if w trains.
+    """
+    rows = x.numel // width
+    h = cast(tape, x, "fp32")
+    if x.rg:
+        tape.save(h, "norm inputs")
+        tape.save(tape.new(rows, "fp32", False), "norm statistics")
+    normed = tape.new(x.numel, "fp32", x.rg)
+    normed = cast(tape, normed, x.dtype) if x.dtype != "fp32" else normed
+    if w_trainable:
+        tape.save(normed, "norm inputs")
+    return tape.new(x.numel, promote(w_dtype, normed.dtype) if not tape.autocast else promote(w_dtype, normed.dtype),
+                    x.rg or w_trainable)
+
+
+def dropout(tape: Tape, x: Tensor, p: float) -> Tensor:
+    """nn.Dropout in training: p == 0 returns the input itself (ATen `_dropout`); otherwise
+    `native_dropout` returns a new tensor and saves a bool mask of the input's shape."""
+    if p <= 0.0:
+        return x
+    if x.rg:
+        tape.save(tape.new(x.numel, "bool", False), "dropout masks")
+    return tape.new(x.numel, x.dtype, x.rg)
+
+
+def gelu_tanh_python(tape: Tape, x: Tensor) -> Tensor:
+    """transformers' NewGELUActivation (GPT-2 `gelu_new`), written with Python ops:
+
+        0.5 * x * (1 + tanh(sqrt(2/pi) * (x + 0.044715 * x**3)))
+
+    pow saves its input, tanh its output, and the final product both factors (scalar multiplies
+    and additions save nothing): four tensors of x's size. Under autocast `pow` is on the fp32
+    list, so its input is an fp32 copy and the tanh branch runs in fp32 while 0.5*x keeps x's dtype.
+    """
+    if not x.rg:
+        return tape.new(x.numel, x.dtype, False)
+    x_pow = cast(tape, x, "fp32") if tape.autocast else x
+    tape.save(x_pow, "activation function")
+    inner = promote(x.dtype, x_pow.dtype)
+    tape.save(tape.new(x.numel, inner, False), "activation function")  # tanh output
+    half_x = tape.new(x.numel, x.dtype, True)
+    one_plus = tape.new(x.numel, inner, True)
+    return mul(tape, half_x, one_plus, "activation function")
+
+
+def gelu(tape: Tape, x: Tensor) -> Tensor:
+    """aten.gelu (exact or tanh): saves its input."""
+    if x.rg:
+        tape.save(x, "activation function")
+    return tape.new(x.numel, x.dtype, x.rg)
+
+
+def silu(tape: Tape, x: Tensor) -> Tensor:
+    """aten.silu: saves its input."""
+    if x.rg:
+        tape.save(x, "activation function")
+    return tape.new(x.numel, x.dtype, x.rg)
+
+
+def mul(tape: Tape, a: Tensor, b: Tensor, kind: str = "elementwise products") -> Tensor:
+    """Elementwise a * b: saves b if a needs a grad, a if b does."""
+    if a.rg:
+        tape.save(b, kind)
+    if b.rg:
+        tape.save(a, kind)
+    return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
+
+
+def add(tape: Tape, a: Tensor, b: Tensor) -> Tensor:
+    """Elementwise a + b saves nothing."""
+    return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
+
+
+def embedding(tape: Tape, rows: int, width: int, *, w_trainable: bool, w_dtype: str) -> Tensor:
+    """aten.embedding: saves the int64 indices when the table trains."""
+    if w_trainable:
+        tape.save(tape.new(rows, "int64", False), "token indices")
+    return tape.new(rows * width, w_dtype, w_trainable)
+
+
+@dataclass(frozen=True)
+class AttentionShape:
+    batch: int
+    seq: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    causal: bool
+
+
+def sdpa_backend(dtype: str, shape: AttentionShape, gqa_in_kernel: bool) -> str:
+    """The kernel `F.scaled_dot_product_attention` picks on an sm80+ GPU with no attention mask
+    (torch/csrc/.../transformers/cuda/sdp_utils.cpp): flash for 16-bit inputs with head_dim <= 256;
+    otherwise memory-efficient, which cannot broadcast grouped key/value heads, so fp32 with
+    `enable_gqa=True` falls back to the math path (seen in the H100 calibration: its fp32 GQA rows
+    save the full [b, h, s, s] probabilities)."""
+    if dtype in ("bf16", "fp16") and shape.head_dim <= 256:
+        return "flash"
+    if gqa_in_kernel:
+        return "math"
+    return "efficient"
+
+
+def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, *, implementation: str,
+              dropout_p: float, softmax_fp32: bool) -> Tensor:
+    """Attention core from q, k, v (each [b, heads or kv_heads, s, head_dim]) to the [n, h*hd] output.
+
+    sdpa (flash / efficient): saves q, k, v, the output and the fp32 log-sum-exp; nothing of size s^2.
+    math fallback and transformers' eager path: save the [b, h, s, s] probabilities (plus, with
+    dropout, a bool mask and the dropped probabilities) and the operands of both batched matmuls.
+    FLOPs (FlopCounterMode): forward 4*b*h*s^2*hd; backward 10*b*h*s^2*hd for the fused kernels
+    (they recompute the scores), 8*b*h*s^2*hd for the two explicit batched matmuls.
+    """
+    b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
+    if tape.autocast:  # scaled_dot_product_attention and matmul run in the autocast dtype
+        q, k, v = (cast(tape, t, tape.autocast) for t in (q, k, v))
+    dt = q.dtype
+    rg = q.rg or k.rg or v.rg
+    bhs2hd = b * h * s * s * hd
+    score_numel = b * h * s * s
+    gqa = kvh != h
+    if implementation == "sdpa":
+        backend = sdpa_backend(dt, shape, gqa_in_kernel=gqa)
+    elif implementation == "sdpa-masked":  # an explicit mask rules flash out; efficient takes masks
+        backend = "efficient"
+    else:
+        backend = "eager"
+    out_numel = b * s * h * hd
+    if backend in ("flash", "efficient"):
+        if rg:
+            for t in (q, k, v):
+                tape.save(t, "attention q, k, v")
+        tape.add_flops("attention", 4 * bhs2hd, 10 * bhs2hd if rg else 0)
+        out = tape.new(out_numel, dt, rg)
+        if rg:
+            tape.save(out, "attention output")
+            lse_len = s if backend == "flash" else -(-s // 32) * 32  # efficient pads to 32
+            tape.save(tape.new(b * h * lse_len, "fp32", False), "attention log-sum-exp")
+        return out
+    # math / eager: explicit matmuls and a materialised softmax.
+    if rg:
+        if backend == "math":
+            # q and k are scaled copies; k and v are expanded to all heads when grouped.
+            tape.save(tape.new(b * h * s * hd, dt, False), "attention q, k, v")
+            tape.save(tape.new(b * h * s * hd, dt, False), "attention q, k, v")
+            tape.save(v if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
+            probs_dtype = dt
+        else:
+            tape.save(q, "attention q, k, v")
+            tape.save(k if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
+            tape.save(v if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
+            probs_dtype = "fp32" if softmax_fp32 else dt
+        tape.save(tape.new(score_numel, probs_dtype, False), "attention probabilities")
+        if probs_dtype != dt:  # .to(q.dtype) copy, which the second matmul saves
+            tape.save(tape.new(score_numel, dt, False), "attention probabilities")
+        if dropout_p > 0:
+            tape.save(tape.new(score_numel, "bool", False), "dropout masks")
+            tape.save(tape.new(score_numel, dt, False), "attention probabilities")
+    # the [b, s, s] float mask transformers builds for eager attention lives through the forward
+    if backend == "eager" and shape.causal:
+        tape.transient(b * s * s * DTYPE_BYTES[dt])
+    tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
+    tape.add_flops("attention", 4 * bhs2hd, 8 * bhs2hd if rg else 0)
+    # [b, h, s, hd] -> transpose(1, 2).reshape: a copy, so the output projection sees a new storage
+    return tape.new(out_numel, dt, rg)
+
+
+def cross_entropy(tape: Tape, logits: Tensor, vocab: int, *, upcast: bool) -> int:
+    """Token-level cross entropy on [n, vocab] logits; returns the bytes of its input copy.
+
+    transformers' causal-LM loss calls `logits.float()` first (a copy unless fp32), then
+    log_softmax saves its [n, vocab] output and nll_loss saves the int64 targets and a scalar.
+    """
+    rows = logits.numel // vocab
+    x = cast(tape, logits, "fp32") if (upcast or tape.autocast) else logits
+    copy_bytes = x.nbytes if x.sid != logits.sid else 0
+    tape.save(tape.new(x.numel, x.dtype, False), "log-softmax output")
+    tape.save(tape.new(rows, "int64", False), "loss targets")
+    tape.save(tape.new(1, "fp32", False), "loss targets")
+    return copy_bytes

@@ -1,0 +1,136 @@
+"""Model and GPU descriptions: bundled JSON files under profiles/, or a local config.json.
+
+Nothing is fetched from a hub: a name is a bundled profile, one of its Hugging Face ids, or a
+path to a config.json (or a directory holding one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from .architectures import get_architecture
+from .errors import LoraCostError
+from .spec import ModelSpec
+
+
+def profiles_dir() -> Path:
+    """The bundled profiles: `profiles/` beside the package (a source checkout or editable
+    install) or its copy inside the installed package (`lora_cost/data`)."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "profiles", here / "data"):
+        if (candidate / "models").is_dir():
+            return candidate
+    raise LoraCostError("bundled profiles not found (expected profiles/models beside the package)")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise LoraCostError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise LoraCostError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    if not isinstance(data, dict):
+        raise LoraCostError(f"{path} must hold a JSON object")
+    return data
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    name: str
+    aliases: tuple[str, ...]
+    source: str
+    config: dict
+
+
+@lru_cache(maxsize=1)
+def bundled_models() -> dict[str, ModelProfile]:
+    out = {}
+    for path in sorted((profiles_dir() / "models").glob("*.json")):
+        data = _read_json(path)
+        try:
+            profile = ModelProfile(data["name"], tuple(data.get("aliases", ())), data.get("source", ""), data["config"])
+        except KeyError as exc:
+            raise LoraCostError(f"{path}: missing field {exc}") from None
+        out[profile.name] = profile
+    return out
+
+
+@lru_cache(maxsize=1)
+def _alias_index() -> dict[str, str]:
+    index = {}
+    for name, profile in bundled_models().items():
+        for key in (name, *profile.aliases):
+            index[key.lower()] = name
+            index[key.lower().split("/")[-1]] = name
+    return index
+
+
+def spec_from_config(name: str, cfg: dict, source: str = "") -> ModelSpec:
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise LoraCostError(f"{name}: config has no model_type")
+    arch = get_architecture(model_type)
+    return arch.from_config(name, cfg, source)
+
+
+@lru_cache(maxsize=256)
+def load_model(name_or_path: str) -> ModelSpec:
+    """A ModelSpec from a bundled name, a Hub id alias, a config.json path or a directory."""
+    key = name_or_path.strip()
+    hit = _alias_index().get(key.lower())
+    if hit is not None:
+        profile = bundled_models()[hit]
+        return spec_from_config(profile.name, profile.config, profile.source)
+    path = Path(key).expanduser()
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise LoraCostError(f"{name_or_path}: directory has no config.json")
+    if path.is_file():
+        return spec_from_config(str(name_or_path), _read_json(path), f"local file {path}")
+    close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
+    raise LoraCostError(f"unknown model {name_or_path!r}: not a bundled profile, alias or config.json path{hint}")
+
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    description: str
+    memory_bytes: int
+    bf16_tflops_dense: float
+    fp32_tflops: float
+    source: str
+
+
+@lru_cache(maxsize=1)
+def bundled_gpus() -> dict[str, GpuProfile]:
+    out = {}
+    for path in sorted((profiles_dir() / "gpus").glob("*.json")):
+        d = _read_json(path)
+        try:
+            gpu = GpuProfile(d["name"], d["description"], int(d["memory_bytes"]), float(d["bf16_tflops_dense"]),
+                             float(d["fp32_tflops"]), d.get("source", ""))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LoraCostError(f"{path}: malformed GPU profile ({exc})") from None
+        if gpu.memory_bytes <= 0 or gpu.bf16_tflops_dense <= 0:
+            raise LoraCostError(f"{path}: memory and throughput must be positive")
+        out[gpu.name] = gpu
+    return out
+
+
+def load_gpu(name: str) -> GpuProfile:
+    gpus = bundled_gpus()
+    key = name.strip().lower()
+    if key in gpus:
+        return gpus[key]
+    close = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.4)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; bundled: {', '.join(gpus)}"
+    raise LoraCostError(f"unknown GPU {name!r}{hint}")

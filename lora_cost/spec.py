@@ -1,0 +1,107 @@
+"""What the estimator is asked about: a model's shapes and one training run's settings.
+
+Both are frozen dataclasses validated on construction; nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import LoraCostError
+
+
+@dataclass(frozen=True)
+class LinearSite:
+    """One linear layer inside a transformer block, named as peft's `target_modules` names it."""
+
+    name: str  # module name, e.g. "q_proj", "c_attn", "query"
+    d_in: int
+    d_out: int
+    bias: bool
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model's shapes, read from a bundled profile or a Hugging Face config.json."""
+
+    name: str
+    family: str  # registered architecture name: gpt2, gpt3, llama, roberta
+    model_type: str  # the config's model_type (llama, mistral, qwen2, gpt2, roberta, bert, gpt3)
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+    tie_embeddings: bool
+    qkv_bias: bool = False
+    mlp_bias: bool = False
+    hidden_dropout: float = 0.0  # dropout on the residual branches (GPT-2 resid_pdrop, BERT hidden_dropout_prob)
+    attention_dropout: float = 0.0  # dropout on the attention probabilities
+    embedding_dropout: float = 0.0
+    type_vocab_size: int = 0  # BERT/RoBERTa token-type embeddings
+    sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        for attr in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
+            if getattr(self, attr) <= 0:
+                raise LoraCostError(f"model {self.name}: {attr} must be positive, got {getattr(self, attr)}")
+        if self.heads % self.kv_heads:
+            raise LoraCostError(f"model {self.name}: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
+
+
+PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
+ATTENTIONS = ("sdpa", "eager")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training step's settings. Method-specific options live in `method_options`."""
+
+    method: str = "lora"
+    r: int | None = None  # None: the method's default rank
+    targets: tuple[str, ...] | None = None  # None: the architecture's query and value projections
+    batch: int = 1
+    seq: int = 512
+    precision: str = "bf16"
+    optimizer: str = "adamw"
+    grad_checkpointing: bool = False
+    attention: str = "sdpa"
+    dropout: float = 0.0  # adapter dropout (peft lora_dropout / vera_dropout)
+    model_dropout: float | None = None  # override the model's own dropout probabilities (None: the config's)
+    method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.batch <= 0:
+            raise LoraCostError(f"--batch must be a positive integer, got {self.batch}")
+        if self.seq <= 0:
+            raise LoraCostError(f"--seq must be a positive integer, got {self.seq}")
+        if self.precision not in PRECISIONS:
+            raise LoraCostError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
+        if self.attention not in ATTENTIONS:
+            raise LoraCostError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise LoraCostError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
+            raise LoraCostError(f"--model-dropout must be in [0, 1), got {self.model_dropout}")
+        if self.r is not None and self.r <= 0:
+            raise LoraCostError(f"--r must be a positive integer, got {self.r}")
+
+    def option(self, key: str, default: object = None) -> object:
+        return dict(self.method_options).get(key, default)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * self.seq
+
+    @property
+    def weight_dtype(self) -> str:
+        """Dtype of the base weights as stored (AMP keeps fp32 master weights)."""
+        return {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16", "amp-bf16": "fp32", "amp-fp16": "fp32"}[self.precision]
+
+    @property
+    def autocast_dtype(self) -> str | None:
+        return {"amp-bf16": "bf16", "amp-fp16": "fp16"}.get(self.precision)

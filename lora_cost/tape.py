@@ -1,0 +1,113 @@
+"""A symbolic record of one training step: which tensors autograd keeps, and the matmul FLOPs.
+
+The estimator "runs" a model's forward pass on `Tensor` stand-ins that carry only an element
+count, a dtype, whether they require grad, and a storage identity. Each op in `ops.py` applies
+PyTorch's rule for what its backward needs (autograd saves an input only when the gradient that
+uses it will be computed; several views of one storage are kept once). The result is the same
+number `torch.autograd.graph.saved_tensors_hooks` reports, computed without torch.
+
+FLOP convention: 2 FLOPs per multiply-add, and only matrix products and attention kernels count,
+exactly as `torch.utils.flop_counter.FlopCounterMode` counts (fvcore counts one multiply-add as
+one FLOP, i.e. half of these numbers).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from itertools import count
+
+from .units import DTYPE_BYTES
+
+_storage_ids = count()
+
+
+class Tensor:
+    """A tensor stand-in: no data, just what memory accounting needs."""
+
+    __slots__ = ("numel", "dtype", "rg", "sid")
+
+    def __init__(self, numel: int, dtype: str, rg: bool, sid: int | None = None) -> None:
+        self.numel = numel
+        self.dtype = dtype
+        self.rg = rg
+        self.sid = next(_storage_ids) if sid is None else sid
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+    def view(self, rg: bool | None = None) -> "Tensor":
+        """Same storage (a reshape, transpose or split), possibly with a different grad flag."""
+        return Tensor(self.numel, self.dtype, self.rg if rg is None else rg, self.sid)
+
+    def __repr__(self) -> str:  # pragma: no cover - debugging aid
+        return f"Tensor({self.numel}, {self.dtype}, rg={self.rg})"
+
+
+class Tape:
+    """Accumulates saved-activation bytes and FLOPs, attributed to a scope and a kind."""
+
+    def __init__(self, tokens: int, autocast: str | None = None) -> None:
+        self.tokens = tokens
+        self.autocast = autocast
+        self.scope = "embeddings"
+        self._saved_ids: set[int] = set()
+        self.saved: dict[tuple[str, str], int] = defaultdict(int)
+        self.flops: dict[tuple[str, str, str], int] = defaultdict(int)  # (scope, kind, fwd|bwd)
+        self.uncounted_flops: dict[str, int] = defaultdict(int)  # scope -> forward FLOPs FlopCounterMode misses
+        self.largest: dict[str, int] = defaultdict(int)  # scope -> bytes of the largest activation created
+        # FLOPs run after the scope's last save: non-reentrant checkpointing stops recomputing there
+        self.flops_after_last_save: dict[str, int] = defaultdict(int)
+        self.uncounted_after_last_save: dict[str, int] = defaultdict(int)
+        self.forward_transient: dict[str, int] = defaultdict(int)  # scope -> largest short-lived buffer
+        self.backward_transient: dict[str, int] = defaultdict(int)
+        self.notes: list[str] = []
+
+    # -- bookkeeping -------------------------------------------------------------------------
+    def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
+        t = Tensor(numel, dtype, rg)
+        if t.nbytes > self.largest[self.scope]:
+            self.largest[self.scope] = t.nbytes
+        return t
+
+    def mark_saved(self) -> None:
+        """A save event with no activation bytes (autograd keeps a parameter): still ends a stretch
+        of recomputation under non-reentrant checkpointing."""
+        self.flops_after_last_save[self.scope] = 0
+        self.uncounted_after_last_save[self.scope] = 0
+
+    def save(self, t: Tensor, kind: str) -> None:
+        """autograd keeps `t` for backward; a storage is counted once however many views are saved."""
+        self.mark_saved()
+        if t.sid in self._saved_ids:
+            return
+        self._saved_ids.add(t.sid)
+        self.saved[(self.scope, kind)] += t.nbytes
+
+    def matmul(self, kind: str, m: int, k: int, n: int, *, grad_a: bool, grad_b: bool, counted: bool = True) -> None:
+        """[m, k] @ [k, n]: 2mkn forward; backward 2mkn for each operand that needs a gradient."""
+        fwd = 2 * m * k * n
+        bwd = fwd * (int(grad_a) + int(grad_b))
+        self.flops[(self.scope, kind, "fwd")] += fwd
+        self.flops[(self.scope, kind, "bwd")] += bwd
+        self.flops_after_last_save[self.scope] += fwd
+        if not counted:
+            self.uncounted_flops[self.scope] += fwd
+            self.uncounted_after_last_save[self.scope] += fwd
+
+    def add_flops(self, kind: str, fwd: int, bwd: int) -> None:
+        self.flops[(self.scope, kind, "fwd")] += fwd
+        self.flops[(self.scope, kind, "bwd")] += bwd
+        self.flops_after_last_save[self.scope] += fwd
+
+    def transient(self, nbytes: int, backward: bool = False) -> None:
+        """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
+        table = self.backward_transient if backward else self.forward_transient
+        table[self.scope] = max(table[self.scope], nbytes)
+
+    # -- summaries ---------------------------------------------------------------------------
+    def saved_in(self, scope: str) -> int:
+        return sum(v for (s, _), v in self.saved.items() if s == scope)
+
+    def flops_in(self, scope: str, phase: str) -> int:
+        return sum(v for (s, _, p), v in self.flops.items() if s == scope and p == phase)
