@@ -270,9 +270,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     fwd_transient = max([trans(s) for s in ("embeddings", *layer_scopes, "head")] + [0])
     fwd_candidates = [
         (steady + saved_total + logits + ctx.loss_copy_bytes, "computing the loss (logits and their fp32 copy alive)",
-         [("saved activations", saved_total), ("logits", logits), ("logits fp32 copy for the loss", ctx.loss_copy_bytes)]),
+         [("saved_activations", saved_total), ("logits", logits), ("logits_fp32_copy", ctx.loss_copy_bytes)]),
         (steady + S_emb + sum(kept) + fwd_transient, "inside a block (largest short-lived buffer)",
-         [("saved activations", S_emb + sum(kept)), ("transient buffers", fwd_transient)]),
+         [("saved_activations", S_emb + sum(kept)), ("transient_buffers", fwd_transient)]),
     ]
     G_total = gradient_bytes
     G_layers = per_layer_trainable * L if sites or method.base_trainable else 0
@@ -285,24 +285,24 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         recompute = body[i] if run.grad_checkpointing else 0
         grads_so_far = G_head + per_layer_trainable * (L - i) if (sites or method.base_trainable) else G_head
         grad_buffers = 2 * tape.largest.get(scope, 0) + 2 * residual + trans(scope, backward=True)
-        terms = [("saved activations not yet freed", remaining_saved), ("recomputed block activations", recompute),
-                 ("gradients", grads_so_far), ("logits", logits), ("gradient buffers of the block", grad_buffers)]
+        terms = [("saved_activations", remaining_saved), ("recomputed_activations", recompute),
+                 ("gradients", grads_so_far), ("logits", logits), ("activation_gradient_buffers", grad_buffers)]
         return steady + sum(v for _, v in terms), terms
 
     bwd_candidates = [
         (steady + saved_total + logits + 2 * ls, "start of backward: log-softmax gradient in and out",
-         [("saved activations", saved_total), ("logits", logits), ("loss gradient buffers", 2 * ls)]),
+         [("saved_activations", saved_total), ("logits", logits), ("loss_gradient_buffers", 2 * ls)]),
     ]
     for i, where in ((L - 1, "backward through the last block"), (0, "backward through the first block")):
         total, terms = layer_backward(i)
         bwd_candidates.append((total, where, terms))
     bwd_candidates.append((steady + G_total + logits, "end of backward", [("gradients", G_total), ("logits", logits)]))
     opt_candidates = [(steady + G_total + logits + opt_temp, "optimizer step",
-                       [("gradients", G_total), ("logits", logits), ("optimizer temporaries", opt_temp)])]
+                       [("gradients", G_total), ("logits", logits), ("optimizer_temporaries", opt_temp)])]
 
     def steady_terms() -> list[tuple[str, int]]:
-        return [("frozen weights", frozen_base_bytes + frozen_adapter_bytes), ("trainable weights", trainable_bytes),
-                ("optimizer state", opt_alloc)]
+        return [("weights", frozen_base_bytes + frozen_adapter_bytes), ("trainable_weights", trainable_bytes),
+                ("optimizer_state", opt_alloc)]
 
     phases = []
     for phase, cands in (("forward", fwd_candidates), ("backward", bwd_candidates), ("optimizer", opt_candidates)):
@@ -371,25 +371,34 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         gpu=gpu_fit, warnings=tuple(warnings), assumptions=assumptions)
 
 
-_DESCRIPTIONS = {
-    "frozen weights": ("base weights (+ frozen adapter tensors)", "parameters that do not train; under QLoRA NF4 linears + fp32 rest"),
-    "trainable weights": ("sum of trainable tensors x dtype bytes", "the parameters the optimizer updates"),
-    "optimizer state": ("per optimizer: AdamW 2x, SGD 1x, 8-bit ~2x/4", "optimizer buffers in torch's allocator"),
-    "saved activations": ("sum of tensors autograd keeps (per op rule)", "what backward needs, kept from forward"),
-    "saved activations not yet freed": ("saved tensors of the blocks below", "activations backward has not reached yet"),
-    "logits": ("batch x seq x vocab x dtype", "the model output, alive until the step ends"),
-    "logits fp32 copy for the loss": ("batch x seq x vocab x 4", "transformers' loss calls logits.float()"),
-    "loss gradient buffers": ("2 x batch x seq x vocab x 4", "log-softmax backward: incoming and outgoing gradient"),
-    "gradients": ("trainable elements x dtype bytes", "parameter gradients accumulated so far"),
-    "recomputed block activations": ("one block's saved tensors", "gradient checkpointing reruns the block in backward"),
-    "gradient buffers of the block": ("2 x largest activation + 2 x residual", "activation gradients inside a block"),
-    "transient buffers": ("largest short-lived buffer", "dequantised 4-bit weight, DoRA's weight norm, attention mask"),
-    "optimizer temporaries": ("foreach AdamW: one state-sized buffer", "exp_avg_sq.sqrt() for all tensors at once"),
+# key -> (label, formula, what it is); the keys are the JSON names of memory.components
+COMPONENTS = {
+    "weights": ("frozen weights", "base weights (+ frozen adapter tensors) x storage dtype",
+                "parameters that do not train; under QLoRA NF4 linears plus fp32 embeddings, norms and head"),
+    "trainable_weights": ("trainable weights", "trainable elements x dtype bytes", "the parameters the optimizer updates"),
+    "optimizer_state": ("optimizer state", "AdamW 2 x, SGD 1 x trainable bytes; 8-bit: 2 B + 8 B/256 per element",
+                        "optimizer buffers in torch's allocator (paged states are outside it)"),
+    "saved_activations": ("saved activations", "sum over ops of the tensors autograd keeps",
+                          "what backward needs, kept from forward (those not yet freed at this moment)"),
+    "logits": ("logits", "batch x seq x vocab x dtype", "the LM head output, alive until the step ends"),
+    "logits_fp32_copy": ("logits fp32 copy", "batch x seq x vocab x 4", "transformers' causal-LM loss calls logits.float()"),
+    "loss_gradient_buffers": ("loss gradient buffers", "2 x batch x seq x vocab x log-softmax dtype",
+                              "log-softmax backward holds its incoming and outgoing gradient"),
+    "gradients": ("gradients", "trainable elements x dtype bytes", "parameter gradients accumulated so far"),
+    "recomputed_activations": ("recomputed block activations", "one block's saved tensors",
+                               "gradient checkpointing reruns the block inside backward"),
+    "activation_gradient_buffers": ("activation gradients", "2 x largest block activation + 2 x residual stream",
+                                    "gradients flowing through the block being differentiated"),
+    "transient_buffers": ("transient buffers", "largest short-lived buffer of one op",
+                          "dequantised 4-bit weight, DoRA's weight-norm inputs, NoLA's bases, attention mask"),
+    "optimizer_temporaries": ("optimizer temporaries", "foreach AdamW: one state-sized buffer per dtype group",
+                              "torch._foreach_sqrt(exp_avg_sq) for all tensors at once"),
 }
 
 
-def _describe(name: str) -> tuple[str, str]:
-    return _DESCRIPTIONS.get(name, ("", ""))
+def _describe(key: str) -> tuple[str, str]:
+    _, formula, explanation = COMPONENTS[key]
+    return formula, explanation
 
 
 def _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, trainable_bytes, trainable_params,

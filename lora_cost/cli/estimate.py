@@ -1,0 +1,41 @@
+"""`lora-cost estimate`: memory and FLOPs of one training step."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from . import main
+from .options import common_run_options, method_choice, method_options, parse_targets
+
+
+@main.command()
+@common_run_options
+@click.option("--method", type=method_choice(), default="lora", show_default=True)
+@click.option("--r", "rank", type=int, default=None, help="Adapter rank (VeRA: the shared rank, default 256; others 8).")
+@click.option("--batch", "-b", type=int, default=1, show_default=True)
+@click.option("--seq", "-s", type=int, default=512, show_default=True)
+@click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
+@click.option("--explain", is_flag=True, help="Show every term with its formula and value.")
+@click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
+              help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
+def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, nola_k, nola_l, quant_type,
+             double_quant, gpu, as_json, method, rank, batch, seq, grad_checkpointing, explain, engine):
+    """Estimate the memory and FLOPs of one fine-tuning step."""
+    kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
+                  grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
+                  model_dropout=model_dropout, method_options=method_options(nola_k, nola_l, quant_type, double_quant))
+    if engine == "analytic":
+        from ..estimator import estimate as run_estimate
+        result = run_estimate(model, method, gpu=gpu, **kwargs)
+        if as_json:
+            from ..report.jsonout import estimate_to_json
+            click.echo(json.dumps(estimate_to_json(result), indent=2))
+        else:
+            from rich.console import Console
+            from ..report.terminal import render_estimate
+            render_estimate(Console(), result, explain=explain)
+        return
+    from ..trace.cli import run_trace_engine  # imports torch: only on request
+    run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)

@@ -1,0 +1,53 @@
+"""The JSON contract of `lora-cost estimate --json` (other tools depend on these names)."""
+
+from __future__ import annotations
+
+from ..results import Estimate, Term
+
+
+def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
+    return {t.name: t.value for t in terms}
+
+
+def estimate_to_json(e: Estimate) -> dict:
+    m, f = e.memory, e.flops
+    doc = {
+        "inputs": {
+            "model": e.model, "method": e.method, "r": e.r, "targets": list(e.targets), "batch": e.batch, "seq": e.seq,
+            "precision": e.precision, "optimizer": e.optimizer, "grad_checkpointing": e.grad_checkpointing,
+            "attention": e.attention, "dropout": e.dropout, "method_options": e.method_options,
+        },
+        "model": e.model,
+        "family": e.family,
+        "method": e.method,
+        "trainable_params": e.trainable_params,
+        "total_params": e.total_params,
+        "trainable_percent": 100.0 * e.trainable_params / e.total_params if e.total_params else 0.0,
+        "adapted_modules": e.adapted_modules,
+        "memory": {
+            "peak_bytes": m.peak_bytes,
+            "peak_phase": m.peak_phase,
+            "device_bytes": m.device_bytes,
+            "steady_bytes": m.steady_bytes,
+            "saved_activation_bytes": m.saved_activation_bytes,
+            "components": _terms(m.components),
+            "phases": {p.phase: {"peak_bytes": p.peak_bytes, "moment": p.moment, "terms": _terms(p.terms)} for p in m.phases},
+            "saved_by_kind": _terms(m.saved_by_kind),
+            "terms": [{"name": t.name, "bytes": t.value, "formula": t.formula, "explanation": t.explanation} for t in m.terms],
+        },
+        "flops": {
+            "forward": f.forward, "backward": f.backward, "total": f.total,
+            "forward_uncounted_by_flopcounter": f.forward_uncounted,
+            "backward_uncounted_by_flopcounter": f.backward_uncounted,
+            "convention": "2 FLOPs per multiply-add (torch.utils.flop_counter); fvcore reports half",
+            "terms": [{"name": t.name, "flops": t.value, "formula": t.formula} for t in f.terms],
+        },
+        "gpu": None,
+        "warnings": list(e.warnings),
+        "assumptions": list(e.assumptions),
+    }
+    if e.gpu is not None:
+        g = e.gpu
+        doc["gpu"] = {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
+                      "step_time_s": g.step_time_s, "utilisation": g.utilisation}
+    return doc

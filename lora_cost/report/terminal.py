@@ -1,0 +1,98 @@
+"""Rich terminal rendering of estimates."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from ..estimator import COMPONENTS
+from ..results import Estimate
+from ..units import fmt_bytes, fmt_count, fmt_flops
+
+
+def _label(key: str) -> str:
+    return COMPONENTS[key][0] if key in COMPONENTS else key
+
+
+def render_estimate(console: Console, e: Estimate, explain: bool = False) -> None:
+    m, f = e.memory, e.flops
+    rank = f" r={e.r}" if e.r is not None else ""
+    targets = f" on {','.join(e.targets)}" if e.targets else ""
+    console.print(f"[bold]{e.model}[/] · {e.method}{rank}{targets} · batch {e.batch} x seq {e.seq} · {e.precision} · "
+                  f"{e.optimizer}{' · grad checkpointing' if e.grad_checkpointing else ''} · {e.attention}")
+    pct = 100.0 * e.trainable_params / e.total_params if e.total_params else 0.0
+    console.print(f"trainable parameters: [bold]{e.trainable_params:,}[/] of {e.total_params:,} ({pct:.4f}%)"
+                  + (f" in {e.adapted_modules} adapted modules" if e.adapted_modules else ""))
+
+    table = Table(title=f"Memory at the peak ({m.peak_phase}: {next(p.moment for p in m.phases if p.phase == m.peak_phase)})")
+    table.add_column("term")
+    table.add_column("bytes", justify="right")
+    table.add_column("share", justify="right")
+    if explain:
+        table.add_column("formula")
+    for t in m.components:
+        row = [_label(t.name), fmt_bytes(t.value), f"{100.0 * t.value / m.peak_bytes:.1f}%"]
+        if explain:
+            row.append(t.formula)
+        table.add_row(*row)
+    table.add_row("[bold]peak allocated[/]", f"[bold]{fmt_bytes(m.peak_bytes)}[/]", "100%", *([""] if explain else []))
+    table.add_row("device (reserved + context)", fmt_bytes(m.device_bytes), "", *([""] if explain else []))
+    console.print(table)
+
+    phases = Table(title="Peak per phase")
+    phases.add_column("phase")
+    phases.add_column("peak", justify="right")
+    phases.add_column("when")
+    for p in m.phases:
+        phases.add_row(p.phase, fmt_bytes(p.peak_bytes), p.moment)
+    console.print(phases)
+
+    console.print(f"FLOPs per step: forward {fmt_flops(f.forward)}, backward {fmt_flops(f.backward)}, "
+                  f"total {fmt_flops(f.total)} (2 FLOPs per multiply-add)")
+    if e.gpu is not None:
+        g = e.gpu
+        verdict = "[green]fits[/]" if g.fits else "[red]does not fit[/]"
+        console.print(f"{g.gpu}: {verdict} ({fmt_bytes(m.device_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
+                      f"{fmt_bytes(g.headroom_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
+                      f"{100 * g.utilisation:.0f}% of peak throughput")
+    for w in e.warnings:
+        console.print(f"[yellow]warning:[/] {w}")
+    if explain:
+        _render_explain(console, e)
+
+
+def _render_explain(console: Console, e: Estimate) -> None:
+    m, f = e.memory, e.flops
+    terms = Table(title="Every stored quantity")
+    for col in ("term", "bytes", "formula", "what it is"):
+        terms.add_column(col, justify="right" if col == "bytes" else "left")
+    for t in m.terms:
+        terms.add_row(t.name, fmt_bytes(t.value), t.formula, t.explanation)
+    console.print(terms)
+    kinds = Table(title=f"Saved activations by kind (total {fmt_bytes(m.saved_activation_bytes)})")
+    kinds.add_column("kind")
+    kinds.add_column("bytes", justify="right")
+    for t in m.saved_by_kind:
+        kinds.add_row(t.name, fmt_bytes(t.value))
+    console.print(kinds)
+    flops = Table(title="FLOPs by kind")
+    for col in ("term", "FLOPs", "formula"):
+        flops.add_column(col, justify="right" if col == "FLOPs" else "left")
+    for t in f.terms:
+        flops.add_row(t.name, fmt_flops(t.value), t.formula)
+    console.print(flops)
+    if f.forward_uncounted:
+        console.print(f"of the forward, {fmt_flops(f.forward_uncounted)} are bitsandbytes 4-bit matmuls that "
+                      "FlopCounterMode does not count")
+    for a in e.assumptions:
+        console.print(f"[dim]assumed: {a}[/]")
+
+
+def render_models(console: Console, rows: list[dict]) -> None:
+    table = Table(title="Bundled model profiles")
+    for col in ("name", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "max seq", "aliases"):
+        table.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab", "max seq") else "left")
+    for r in rows:
+        table.add_row(r["name"], r["model_type"], fmt_count(r["params"]), str(r["layers"]), str(r["hidden"]),
+                      f"{r['heads']} ({r['kv_heads']})", f"{r['vocab']:,}", f"{r['max_positions']:,}", ", ".join(r["aliases"]))
+    console.print(table)
