@@ -20,6 +20,7 @@ The logits stay alive through backward and the optimizer step (the step's output
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 
 from . import ops
 from .architectures import get_architecture
@@ -148,6 +149,11 @@ def _check_options(method: Method, run: RunConfig) -> None:
             raise LoraCostError(f"{flag} does not apply to method {method.name}")
 
 
+@lru_cache(maxsize=512)
+def _param_groups(arch: Architecture, spec: ModelSpec):
+    return tuple(arch.params(spec))
+
+
 def _groups_bytes(groups: list[TensorGroup]) -> int:
     return sum(g.total_numel * DTYPE_BYTES[g.dtype] for g in groups)
 
@@ -206,7 +212,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     reps = {"layer0": 1, "layer1": L - 1}  # block 1 stands for blocks 1..L-1
 
     # ---- parameters ------------------------------------------------------------------------
-    param_groups = arch.params(spec)
+    param_groups = _param_groups(arch, spec)
     total_params = sum(g.total for g in param_groups)
     base_weight_bytes = 0.0
     for g in param_groups:
@@ -227,14 +233,14 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     else:
         trainable_groups, frozen_groups = [], []
         for s in sites:
-            trainable_groups += [replace(g, count=L) for g in method.trainable(s, run)]
-            frozen_groups += [replace(g, count=L) for g in method.frozen(s, run)]
+            trainable_groups += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.trainable(s, run)]
+            frozen_groups += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.frozen(s, run)]
         for s in head_sites:
             trainable_groups += method.trainable(s, run)
             frozen_groups += method.frozen(s, run)
         if adapted:
             frozen_groups += method.shared_frozen(adapted, run)
-        per_layer_trainable = sum(_groups_bytes([replace(g, count=1) for g in method.trainable(s, run)]) for s in sites)
+        per_layer_trainable = _groups_bytes(trainable_groups[: len(trainable_groups) - sum(len(method.trainable(s, run)) for s in head_sites)]) // max(L, 1)
     trainable_params = sum(g.total_numel for g in trainable_groups)
     trainable_bytes = _groups_bytes(trainable_groups)
     adapter_trainable_bytes = 0 if method.base_trainable else trainable_bytes
@@ -408,7 +414,7 @@ def _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, 
         weights_formula = (f"linear weights in NF4 ({bits_per_weight(bool(method.option(run, 'double_quant'))):.3f} bits each, blocksize 64) "
                            "+ embeddings, norms, biases, LM head in fp32")
     else:
-        weights_formula = f"{sum(g.total for g in get_architecture(spec.model_type).params(spec)):,} parameters x {DTYPE_BYTES[weight_dtype]} B ({weight_dtype})"
+        weights_formula = f"{sum(g.total for g in _param_groups(get_architecture(spec.model_type), spec)):,} parameters x {DTYPE_BYTES[weight_dtype]} B ({weight_dtype})"
     terms = [
         Term("base weights", base_weight_bytes, weights_formula, "the pretrained model as stored during training"),
         Term("trainable weights", trainable_bytes, f"{trainable_params:,} trainable parameters x their dtype",

@@ -53,6 +53,8 @@ class Tape:
         self.scope = "embeddings"
         self._saved_ids: set[int] = set()
         self.saved: dict[tuple[str, str], int] = defaultdict(int)
+        self.saved_by_scope: dict[str, int] = defaultdict(int)
+        self.flops_by_scope: dict[tuple[str, str], int] = defaultdict(int)  # (scope, fwd|bwd)
         self.flops: dict[tuple[str, str, str], int] = defaultdict(int)  # (scope, kind, fwd|bwd)
         self.uncounted_flops: dict[str, int] = defaultdict(int)  # scope -> forward FLOPs FlopCounterMode misses
         self.largest: dict[str, int] = defaultdict(int)  # scope -> bytes of the largest activation created
@@ -82,23 +84,26 @@ class Tape:
         if t.sid in self._saved_ids:
             return
         self._saved_ids.add(t.sid)
-        self.saved[(self.scope, kind)] += t.nbytes
+        nbytes = t.nbytes
+        self.saved[(self.scope, kind)] += nbytes
+        self.saved_by_scope[self.scope] += nbytes
 
     def matmul(self, kind: str, m: int, k: int, n: int, *, grad_a: bool, grad_b: bool, counted: bool = True) -> None:
         """[m, k] @ [k, n]: 2mkn forward; backward 2mkn for each operand that needs a gradient."""
         fwd = 2 * m * k * n
         bwd = fwd * (int(grad_a) + int(grad_b))
-        self.flops[(self.scope, kind, "fwd")] += fwd
-        self.flops[(self.scope, kind, "bwd")] += bwd
-        self.flops_after_last_save[self.scope] += fwd
+        self.add_flops(kind, fwd, bwd)
         if not counted:
             self.uncounted_flops[self.scope] += fwd
             self.uncounted_after_last_save[self.scope] += fwd
 
     def add_flops(self, kind: str, fwd: int, bwd: int) -> None:
-        self.flops[(self.scope, kind, "fwd")] += fwd
-        self.flops[(self.scope, kind, "bwd")] += bwd
-        self.flops_after_last_save[self.scope] += fwd
+        scope = self.scope
+        self.flops[(scope, kind, "fwd")] += fwd
+        self.flops[(scope, kind, "bwd")] += bwd
+        self.flops_by_scope[(scope, "fwd")] += fwd
+        self.flops_by_scope[(scope, "bwd")] += bwd
+        self.flops_after_last_save[scope] += fwd
 
     def transient(self, nbytes: int, backward: bool = False) -> None:
         """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
@@ -107,7 +112,7 @@ class Tape:
 
     # -- summaries ---------------------------------------------------------------------------
     def saved_in(self, scope: str) -> int:
-        return sum(v for (s, _), v in self.saved.items() if s == scope)
+        return self.saved_by_scope.get(scope, 0)
 
     def flops_in(self, scope: str, phase: str) -> int:
-        return sum(v for (s, _, p), v in self.flops.items() if s == scope and p == phase)
+        return self.flops_by_scope.get((scope, phase), 0)

@@ -29,6 +29,8 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
     if engine == "analytic":
         from ..estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, **kwargs)
+        for warning in result.warnings:
+            click.echo(f"lora-cost: warning: {warning}", err=True)
         if as_json:
             from ..report.jsonout import estimate_to_json
             click.echo(json.dumps(estimate_to_json(result), indent=2))

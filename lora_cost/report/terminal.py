@@ -55,8 +55,6 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
         console.print(f"{g.gpu}: {verdict} ({fmt_bytes(m.device_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
                       f"{fmt_bytes(g.headroom_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
                       f"{100 * g.utilisation:.0f}% of peak throughput")
-    for w in e.warnings:
-        console.print(f"[yellow]warning:[/] {w}")
     if explain:
         _render_explain(console, e)
 
