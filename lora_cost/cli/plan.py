@@ -1,0 +1,80 @@
+"""`lora-cost plan`: the best configuration that fits a VRAM budget."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import click
+
+from ..errors import LoraCostError
+from . import main
+from .options import parse_targets
+
+
+def _write(path: str, text: str) -> Path:
+    out = Path(path)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as exc:
+        raise LoraCostError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return out
+
+
+@main.command()
+@click.option("--model", "-m", required=True, help="Bundled profile, Hub id alias, config.json or a directory holding one.")
+@click.option("--gpu", default=None, help="A bundled GPU profile: its memory is the budget unless --budget is given.")
+@click.option("--budget", default=None, help="Memory budget, e.g. 40GiB, 24GB or a byte count.")
+@click.option("--margin", default="0", show_default=True, help="Keep this fraction (0.1) or percentage (10%) of the budget free.")
+@click.option("--methods", default="lora,lora-fa,dora,vera,qlora,full", show_default=True)
+@click.option("--r", "ranks", default="1-1024", show_default=True, help="Rank range; powers of two within it are tried.")
+@click.option("--batch", "batches", default="1-64", show_default=True, help="Batch range.")
+@click.option("--seq", "-s", type=int, default=2048, show_default=True)
+@click.option("--targets", "-t", default=None, help="peft target_modules or all-linear (default: query and value projections).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]), default="bf16", show_default=True)
+@click.option("--optimizer", default="adamw", show_default=True)
+@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@click.option("--utilisation", type=float, default=0.4, show_default=True, help="Fraction of the GPU's peak throughput assumed for step times.")
+@click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
+         html_path, as_json):
+    """Find the largest rank and batch per method that fit a GPU or a memory budget."""
+    from ..planner import parse_range, plan as run_plan, rank_candidates, sweep_size
+    from ..units import parse_bytes
+    budget_bytes = None
+    if budget is not None:
+        try:
+            budget_bytes = parse_bytes(budget)
+        except ValueError as exc:
+            raise LoraCostError(str(exc)) from None
+    try:
+        margin_value = float(margin.rstrip("%")) / (100 if margin.endswith("%") else 1)
+    except ValueError:
+        raise LoraCostError(f"--margin must be a fraction or a percentage, got {margin!r}") from None
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    rank_range, batch_range = parse_range(ranks, "r"), parse_range(batches, "batch")
+    kwargs = dict(budget_bytes=budget_bytes, gpu=gpu, margin=margin_value, methods=method_list, seq=seq,
+                  batch_range=batch_range, rank_range=rank_range, precision=precision, optimizer=optimizer,
+                  targets=parse_targets(targets), attention=attention, utilisation=utilisation)
+    total = sweep_size(len(method_list), len(rank_candidates(*rank_range)), 8)
+    if as_json or total < 2000:
+        result = run_plan(model, **kwargs)
+    else:  # long sweeps get a progress bar
+        from rich.progress import Progress
+        with Progress(transient=True) as bar:
+            task = bar.add_task("sweeping configurations", total=total)
+            result = run_plan(model, progress=lambda k: bar.advance(task, k), **kwargs)
+    if html_path:
+        from ..report.html import plan_to_html
+        written = _write(html_path, plan_to_html(result))
+        if not as_json:
+            click.echo(f"wrote {written}", err=True)
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    from rich.console import Console
+    from ..report.plan_terminal import render_plan
+    render_plan(Console(), result)

@@ -1,0 +1,227 @@
+"""Choose rank, method and batch under a VRAM budget by sweeping the analytic estimator.
+
+Peak memory grows monotonically with the rank and with the batch (every term does), so the largest
+fitting value of each is found by bisection over the candidates. A configuration fits when the
+estimate's `device_bytes` (what the GPU would show: allocator slack and CUDA context included) is
+at most the budget less the user's margin.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from .errors import LoraCostError
+from .estimator import DEFAULT_UTILISATION, estimate
+from .methods import get_method
+from .profiles import load_gpu, load_model
+from .results import Estimate, Term
+
+DEFAULT_METHODS = ("lora", "lora-fa", "dora", "vera", "qlora", "full")
+SEQ_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+
+
+@dataclass(frozen=True)
+class PlanPoint:
+    """One evaluated configuration."""
+
+    method: str
+    r: int | None
+    batch: int
+    seq: int
+    grad_checkpointing: bool
+    peak_bytes: int
+    device_bytes: int
+    fits: bool
+    trainable_params: int
+    flops_per_step: int
+    step_time_s: float | None
+    tokens_per_s: float | None
+    components: tuple[Term, ...]
+
+
+@dataclass(frozen=True)
+class MethodPlan:
+    method: str
+    grad_checkpointing: bool
+    reference_r: int | None  # the rank at which the largest batch is searched
+    max_rank: PlanPoint | None  # largest rank that fits at the smallest batch
+    max_batch: PlanPoint | None  # largest batch that fits at reference_r
+    rank_curve: tuple[PlanPoint, ...]  # peak against rank at the smallest batch
+    batch_by_seq: tuple[tuple[int, int], ...]  # (seq, largest fitting batch at reference_r; 0: none)
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: str
+    budget_bytes: int
+    margin: float
+    usable_bytes: int
+    gpu: str | None
+    seq: int
+    batch_range: tuple[int, int]
+    ranks: tuple[int, ...]
+    precision: str
+    optimizer: str
+    targets: tuple[str, ...] | None
+    attention: str
+    utilisation: float
+    methods: tuple[MethodPlan, ...]
+    smallest: PlanPoint | None  # when nothing fits: the cheapest configuration and what it needs
+    skipped: tuple[str, ...]  # methods left out, with the reason
+    assumptions: tuple[str, ...]
+    estimates: int
+    seconds: float
+
+
+def parse_range(text: str, name: str) -> tuple[int, int]:
+    """'4-256' -> (4, 256); '8' -> (8, 8)."""
+    try:
+        if "-" in text.strip("-"):
+            lo, hi = text.split("-", 1)
+            lo, hi = int(lo), int(hi)
+        else:
+            lo = hi = int(text)
+    except ValueError:
+        raise LoraCostError(f"--{name} must be an integer or a range like 4-256, got {text!r}") from None
+    if lo <= 0 or hi < lo:
+        raise LoraCostError(f"--{name} range must be positive and increasing, got {text!r}")
+    return lo, hi
+
+
+def rank_candidates(lo: int, hi: int) -> tuple[int, ...]:
+    """Powers of two within [lo, hi], plus the endpoints."""
+    out = {lo, hi}
+    p = 1
+    while p <= hi:
+        if p >= lo:
+            out.add(p)
+        p *= 2
+    return tuple(sorted(out))
+
+
+def _largest(candidates: list[int], fits: Callable[[int], bool]) -> int | None:
+    """The largest candidate for which `fits` holds, assuming it is monotone (true then false)."""
+    lo, hi, best = 0, len(candidates) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if fits(candidates[mid]):
+            best, lo = candidates[mid], mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None, margin: float = 0.0,
+         methods: tuple[str, ...] = DEFAULT_METHODS, seq: int = 2048, batch_range: tuple[int, int] = (1, 64),
+         rank_range: tuple[int, int] = (1, 1024), precision: str = "bf16", optimizer: str = "adamw",
+         targets: tuple[str, ...] | None = None, attention: str = "sdpa", utilisation: float = DEFAULT_UTILISATION,
+         progress: Callable[[int], None] | None = None) -> Plan:
+    """Sweep methods x checkpointing x rank x batch and keep what fits the budget."""
+    t0 = time.perf_counter()
+    spec = load_model(model)
+    gpu_profile = load_gpu(gpu) if gpu else None
+    if budget_bytes is None:
+        if gpu_profile is None:
+            raise LoraCostError("give a --budget or a --gpu")
+        budget_bytes = gpu_profile.memory_bytes
+    if not 0.0 <= margin < 1.0:
+        raise LoraCostError(f"--margin must be in [0, 1), got {margin}")
+    if seq <= 0:
+        raise LoraCostError(f"--seq must be positive, got {seq}")
+    usable = int(budget_bytes * (1 - margin))
+    methods = tuple(get_method(m).name for m in methods)
+    if not methods:
+        raise LoraCostError("--methods is empty")
+    skipped = []
+    if precision not in ("bf16", "fp16") and "qlora" in methods:
+        skipped.append(f"qlora: needs --precision bf16 or fp16 (asked {precision})")
+        methods = tuple(m for m in methods if m != "qlora")
+    cache: dict[tuple, Estimate] = {}
+    count = [0]
+
+    def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
+        key = (method, r, batch, s, ckpt)
+        if key not in cache:
+            cache[key] = estimate(spec, method, r=r, targets=targets, batch=batch, seq=s, precision=precision,
+                                  optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
+                                  gpu=gpu, utilisation=utilisation)
+            count[0] += 1
+            if progress:
+                progress(1)
+        return cache[key]
+
+    def point(e: Estimate) -> PlanPoint:
+        step = e.gpu.step_time_s if e.gpu else None
+        return PlanPoint(method=e.method, r=e.r, batch=e.batch, seq=e.seq, grad_checkpointing=e.grad_checkpointing,
+                         peak_bytes=e.memory.peak_bytes, device_bytes=e.memory.device_bytes,
+                         fits=e.memory.device_bytes <= usable, trainable_params=e.trainable_params,
+                         flops_per_step=e.flops.total, step_time_s=step,
+                         tokens_per_s=(e.batch * e.seq / step) if step else None, components=e.memory.components)
+
+    batches = list(range(batch_range[0], batch_range[1] + 1))
+    seqs = sorted({s for s in SEQ_LADDER if s <= spec.max_positions} | {seq})
+    out = []
+    for method in methods:
+        m = get_method(method)
+        ranks: list[int | None]
+        if m.base_trainable:
+            ranks = [None]
+        else:
+            cap = _max_rank(spec, m, targets)
+            ranks = [r for r in rank_candidates(*rank_range) if cap is None or r <= cap] or [None]
+            if ranks == [None]:
+                skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
+                continue
+        default = m.default_r
+        reference = None if m.base_trainable else (default if default in ranks else ranks[0])
+        for ckpt in (False, True):
+            curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
+            if m.base_trainable:  # no rank to choose: the one configuration fits or not
+                max_rank = curve[0] if curve[0].fits else None
+            else:
+                best_r = _largest(ranks, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
+                max_rank = point(run(method, best_r, batches[0], seq, ckpt)) if best_r is not None else None
+            best_b = _largest(batches, lambda b: run(method, reference, b, seq, ckpt).memory.device_bytes <= usable)
+            max_batch = point(run(method, reference, best_b, seq, ckpt)) if best_b is not None else None
+            by_seq = []
+            for s in seqs:
+                b = _largest(batches, lambda b, s=s: run(method, reference, b, s, ckpt).memory.device_bytes <= usable)
+                by_seq.append((s, b or 0))
+            out.append(MethodPlan(method, ckpt, reference, max_rank, max_batch, curve, tuple(by_seq)))
+
+    smallest = None
+    if not any(p.max_batch or p.max_rank for p in out):
+        cheapest = [run(p.method, p.rank_curve[0].r, batches[0], seq, True) for p in out if p.grad_checkpointing]
+        if cheapest:
+            smallest = point(min(cheapest, key=lambda e: e.memory.device_bytes))
+    assumptions = (
+        f"fits: estimated device memory (peak allocated + 5% allocator slack + 1 GiB CUDA context) <= "
+        f"budget {budget_bytes:,} B less a {100 * margin:.0f}% margin",
+        f"step time: FLOPs / ({'GPU peak' if gpu_profile else 'no GPU given'} x {100 * utilisation:.0f}% utilisation)",
+        f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "
+        f"{','.join(targets) if targets else 'query and value projections'}",
+        "largest batch searched at each method's default rank (VeRA 256, others 8) or the smallest rank asked for",
+    )
+    return Plan(model=spec.name, budget_bytes=int(budget_bytes), margin=margin, usable_bytes=usable,
+                gpu=gpu_profile.name if gpu_profile else None, seq=seq, batch_range=batch_range,
+                ranks=tuple(rank_candidates(*rank_range)), precision=precision, optimizer=optimizer, targets=targets,
+                attention=attention, utilisation=utilisation, methods=tuple(out), smallest=smallest,
+                skipped=tuple(skipped), assumptions=assumptions, estimates=count[0],
+                seconds=time.perf_counter() - t0)
+
+
+def _max_rank(spec, method, targets) -> int | None:
+    """The largest rank the adapted matrices allow (None: the method has no such limit, e.g. VeRA)."""
+    if method.name == "vera":
+        return None
+    from .architectures import get_architecture
+    from .estimator import resolve_targets
+    _, sites, head = resolve_targets(get_architecture(spec.model_type), spec, method, targets)
+    return min(min(s.d_in, s.d_out) for s in (*sites, *head)) if (sites or head) else None
+
+
+def sweep_size(plan_methods: int, ranks: int, seqs: int) -> int:
+    """Rough number of estimates a plan evaluates (for a progress bar's total)."""
+    return plan_methods * 2 * (ranks + 8 + seqs * 7)
