@@ -19,21 +19,20 @@ The logits stay alive through backward and the optimizer step (the step's output
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from functools import lru_cache
 
-from . import ops
 from .architectures import get_architecture
 from .architectures.base import Architecture
 from .errors import LoraCostError
 from .methods import get_method
 from .methods.base import Method, TensorGroup
-from .methods.qlora import bits_per_weight, linear_4bit, nf4_bytes
+from .methods.qlora import bits_per_weight, nf4_bytes
 from .optimizers import get_optimizer
 from .profiles import load_gpu, load_model
 from .results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, Term
+from .record import SCOPES, StepRecord, affine_record
 from .spec import LinearSite, ModelSpec, RunConfig
-from .tape import Tape, Tensor
 from .units import DTYPE_BYTES, fmt_bytes
 
 # The caching allocator reserves more than it hands out: segments are rounded to 2 MiB (20 MiB for
@@ -46,76 +45,6 @@ CUDA_CONTEXT_BYTES = 1 << 30
 # Sustained fraction of peak tensor throughput assumed for a step-time estimate (typical training MFU).
 DEFAULT_UTILISATION = 0.4
 ALL_LINEAR = "all-linear"
-
-
-@dataclass
-class StepContext:
-    """What an architecture's forward needs: the tape, shapes, the method and how to run a linear."""
-
-    tape: Tape
-    spec: ModelSpec
-    run: RunConfig
-    method: Method
-    targets: frozenset[str]
-    weight_dtype: str  # dtype the base linear weights compute in
-    other_dtype: str  # dtype of embeddings, norms and LM head
-    input_requires_grad: bool
-    layer_input_bytes: list[int] = field(default_factory=list)
-    logits_bytes: int = 0
-    loss_copy_bytes: int = 0
-    log_softmax_bytes: int = 0
-
-    @property
-    def base_trainable(self) -> bool:
-        return self.method.base_trainable
-
-    @property
-    def rank(self) -> int:
-        return self.run.r or 0
-
-    def model_dropout(self, p: float) -> float:
-        return self.run.model_dropout if self.run.model_dropout is not None else p
-
-    def stream_input(self, t: Tensor) -> Tensor:
-        """`enable_input_require_grads()` (gradient checkpointing with adapters) makes the
-        embedding output require grad, so the first block saves like every other one."""
-        return t.view(rg=True) if self.input_requires_grad else t
-
-    def embedding(self, rows: int, width: int) -> Tensor:
-        return ops.embedding(self.tape, rows, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
-
-    def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if self.method.quantized_base:
-            return linear_4bit(self, x, site)
-        return ops.linear(self.tape, x, site.d_in, site.d_out, w_trainable=self.base_trainable, w_dtype=self.weight_dtype)
-
-    def linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if site.name in self.targets and not self.base_trainable:
-            return self.method.adapted_linear(self, x, site)
-        return self.base_linear(x, site)
-
-    def head_site_linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        """A linear outside the blocks (not quantised by bitsandbytes' skip list? it is: only the
-        output embedding is skipped), adapted when targeted by name."""
-        return self.linear(x, site)
-
-    def layers(self, x: Tensor, block) -> Tensor:
-        """Run block 0 and block 1; blocks 2..L-1 repeat block 1 exactly (same shapes, same grad flags)."""
-        for i in range(min(self.spec.layers, 2)):
-            self.tape.scope = f"layer{i}"
-            self.layer_input_bytes.append(x.nbytes)
-            x = block(x)
-        return x
-
-    def lm_head_and_loss(self, x: Tensor, *, upcast: bool) -> None:
-        tape = self.tape
-        tape.scope = "head"
-        logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
-                            w_dtype=self.other_dtype, kind="lm_head")
-        self.logits_bytes = logits.nbytes
-        tape.scope = "loss"
-        self.loss_copy_bytes = ops.cross_entropy(tape, logits, self.spec.vocab, upcast=upcast)
-        self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -152,6 +81,21 @@ def _check_options(method: Method, run: RunConfig) -> None:
 @lru_cache(maxsize=512)
 def _param_groups(arch: Architecture, spec: ModelSpec):
     return tuple(arch.params(spec))
+
+
+@lru_cache(maxsize=2048)
+def _base_weight_bytes(arch: Architecture, spec: ModelSpec, quantized: bool, dtype: str, double_quant: bool) -> int:
+    """The pretrained weights as stored: one dtype, or under QLoRA NF4 block linears and the rest in
+    fp32 (prepare_model_for_kbit_training casts every non-quantised parameter)."""
+    total = 0.0
+    for g in _param_groups(arch, spec):
+        if quantized and g.kind == "linear":
+            total += g.count * nf4_bytes(g.numel, double_quant=double_quant)
+        elif quantized:
+            total += g.total * 4
+        else:
+            total += g.total * DTYPE_BYTES[dtype]
+    return int(total)
 
 
 def _groups_bytes(groups: list[TensorGroup]) -> int:
@@ -196,17 +140,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
 
     weight_dtype = run.weight_dtype
-    if method.quantized_base:
-        compute = "bf16" if run.precision != "fp16" else "fp16"
-        linear_dtype, other_dtype = compute, "fp32"
-    else:
-        linear_dtype = other_dtype = weight_dtype
-
-    tape = Tape(run.tokens, autocast=run.autocast_dtype)
-    ctx = StepContext(tape=tape, spec=spec, run=run, method=method, targets=frozenset(target_names),
-                      weight_dtype=linear_dtype, other_dtype=other_dtype,
-                      input_requires_grad=run.grad_checkpointing and not method.base_trainable)
-    arch.forward(ctx)
+    # the forward does not depend on the optimizer, and depends on the rank affinely (record.py)
+    key_run = replace(run, r=1 if run.r is not None else None, optimizer="adamw")
+    rec = affine_record(spec, key_run, frozenset(target_names)).at(run.r)
 
     L = spec.layers
     reps = {"layer0": 1, "layer1": L - 1}  # block 1 stands for blocks 1..L-1
@@ -214,21 +150,13 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     # ---- parameters ------------------------------------------------------------------------
     param_groups = _param_groups(arch, spec)
     total_params = sum(g.total for g in param_groups)
-    base_weight_bytes = 0.0
-    for g in param_groups:
-        if method.quantized_base and g.kind == "linear":
-            dq = bool(method.option(run, "double_quant"))
-            base_weight_bytes += g.count * nf4_bytes(g.numel, double_quant=dq)
-        elif method.quantized_base:
-            base_weight_bytes += g.total * 4  # prepare_model_for_kbit_training casts to fp32
-        else:
-            base_weight_bytes += g.total * DTYPE_BYTES[weight_dtype]
-    base_weight_bytes = int(base_weight_bytes)
+    base_weight_bytes = _base_weight_bytes(arch, spec, method.quantized_base, weight_dtype,
+                                           bool(method.option(run, "double_quant")))
 
     if method.base_trainable:
         trainable_groups = [TensorGroup(g.name, g.numel, g.count, weight_dtype) for g in param_groups]
-        per_layer_trainable = sum(g.numel * DTYPE_BYTES[weight_dtype] for g in param_groups if "*" in g.name) \
-            + sum(g.numel * DTYPE_BYTES[weight_dtype] * (g.count // max(L, 1) - 1) for g in param_groups if "*" in g.name and g.count > L)
+        # groups named "...*..." repeat in every block (count is a multiple of L)
+        per_layer_trainable = sum(g.total // L for g in param_groups if "*" in g.name) * DTYPE_BYTES[weight_dtype]
         frozen_groups: list[TensorGroup] = []
     else:
         trainable_groups, frozen_groups = [], []
@@ -255,42 +183,42 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     steady = weights_total + opt_alloc
 
     # ---- saved activations -----------------------------------------------------------------
-    saved_scope = {s: tape.saved_in(s) for s in ("embeddings", "layer0", "layer1", "head", "loss")}
+    saved_scope = {s: rec.saved.get(s, 0) for s in SCOPES}
     body = [saved_scope["layer0"]] + [saved_scope["layer1"]] * (L - 1)
     if run.grad_checkpointing:
-        inputs = ctx.layer_input_bytes
+        inputs = rec.layer_input_bytes
         kept = [inputs[0]] + [inputs[-1]] * (L - 1)
     else:
         kept = body
     S_emb, S_head, S_loss = saved_scope["embeddings"], saved_scope["head"], saved_scope["loss"]
     saved_total = S_emb + sum(kept) + S_head + S_loss
-    logits = ctx.logits_bytes
-    ls = ctx.log_softmax_bytes
+    logits = rec.logits_bytes
+    ls = rec.log_softmax_bytes
 
     # ---- peaks -----------------------------------------------------------------------------
     def trans(scope: str, backward: bool = False) -> int:
-        table = tape.backward_transient if backward else tape.forward_transient
+        table = rec.backward_transient if backward else rec.forward_transient
         return table.get(scope, 0)
 
     layer_scopes = ["layer0", "layer1"][: min(L, 2)]
     fwd_transient = max([trans(s) for s in ("embeddings", *layer_scopes, "head")] + [0])
     fwd_candidates = [
-        (steady + saved_total + logits + ctx.loss_copy_bytes, "computing the loss (logits and their fp32 copy alive)",
-         [("saved_activations", saved_total), ("logits", logits), ("logits_fp32_copy", ctx.loss_copy_bytes)]),
+        (steady + saved_total + logits + rec.loss_copy_bytes, "computing the loss (logits and their fp32 copy alive)",
+         [("saved_activations", saved_total), ("logits", logits), ("logits_fp32_copy", rec.loss_copy_bytes)]),
         (steady + S_emb + sum(kept) + fwd_transient, "inside a block (largest short-lived buffer)",
          [("saved_activations", S_emb + sum(kept)), ("transient_buffers", fwd_transient)]),
     ]
     G_total = gradient_bytes
     G_layers = per_layer_trainable * L if sites or method.base_trainable else 0
     G_head = max(G_total - G_layers, 0)
-    residual = ctx.layer_input_bytes[-1] if ctx.layer_input_bytes else 0
+    residual = rec.layer_input_bytes[-1] if rec.layer_input_bytes else 0
 
     def layer_backward(i: int) -> tuple[int, list]:
         scope = layer_scopes[min(i, len(layer_scopes) - 1)]
         remaining_saved = S_emb + sum(kept[: i + 1])
         recompute = body[i] if run.grad_checkpointing else 0
         grads_so_far = G_head + per_layer_trainable * (L - i) if (sites or method.base_trainable) else G_head
-        grad_buffers = 2 * tape.largest.get(scope, 0) + 2 * residual + trans(scope, backward=True)
+        grad_buffers = 2 * rec.largest.get(scope, 0) + 2 * residual + trans(scope, backward=True)
         terms = [("saved_activations", remaining_saved), ("recomputed_activations", recompute),
                  ("gradients", grads_so_far), ("logits", logits), ("activation_gradient_buffers", grad_buffers)]
         return steady + sum(v for _, v in terms), terms
@@ -320,26 +248,26 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
 
     # ---- FLOPs -----------------------------------------------------------------------------
     def scaled_flops(phase: str) -> int:
-        return sum(tape.flops_in(s, phase) * reps.get(s, 1) for s in ("embeddings", "layer0", "layer1", "head", "loss"))
+        return sum(rec.flops.get((s, phase), 0) * reps.get(s, 1) for s in SCOPES)
 
     fwd = scaled_flops("fwd")
     bwd = scaled_flops("bwd")
     # Non-reentrant checkpointing reruns each block's forward inside backward, stopping as soon as
     # the last tensor the block saves has been recomputed (torch.utils.checkpoint early stop), so
     # the block's trailing kernels (usually the last projection's matmul) are not rerun.
-    layer_fwd = sum((tape.flops_in(s, "fwd") - tape.flops_after_last_save[s]) * reps[s] for s in layer_scopes)
-    uncounted = sum(v * reps.get(s, 1) for s, v in tape.uncounted_flops.items())
+    layer_fwd = sum((rec.flops.get((s, "fwd"), 0) - rec.flops_after_last_save.get(s, 0)) * reps[s] for s in layer_scopes)
+    uncounted = sum(v * reps.get(s, 1) for s, v in rec.uncounted.items())
     uncounted_bwd = 0
     if run.grad_checkpointing:
         bwd += layer_fwd
-        uncounted_bwd = sum((tape.uncounted_flops[s] - tape.uncounted_after_last_save[s]) * reps[s] for s in layer_scopes)
+        uncounted_bwd = sum((rec.uncounted.get(s, 0) - rec.uncounted_after_last_save.get(s, 0)) * reps[s] for s in layer_scopes)
 
     # ---- explanation -----------------------------------------------------------------------
     memory_terms = _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, trainable_bytes,
                                  trainable_params, frozen_adapter_bytes, state_bytes, opt_temp, saved_total, logits,
-                                 ls, ctx.loss_copy_bytes, weight_dtype)
+                                 ls, rec.loss_copy_bytes, weight_dtype)
     saved_by_kind: dict[str, int] = {}
-    for (scope, kind), v in tape.saved.items():
+    for (scope, kind), v in rec.saved_by_kind.items():
         if run.grad_checkpointing and scope.startswith("layer"):
             continue
         saved_by_kind[kind] = saved_by_kind.get(kind, 0) + v * reps.get(scope, 1)
@@ -352,7 +280,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         components=tuple(Term(t.name, t.value, *_describe(t.name)) for t in peak.terms),
         phases=tuple(phases), device_bytes=device, steady_bytes=int(steady), saved_activation_bytes=int(saved_total),
         saved_by_kind=kinds, terms=memory_terms)
-    flop_terms = _flop_terms(tape, reps, run, layer_fwd)
+    flop_terms = _flop_terms(rec, reps, run, layer_fwd)
     flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
                          backward_uncounted=int(uncounted_bwd), terms=flop_terms)
 
@@ -434,9 +362,9 @@ def _memory_terms(spec, run, method, opt, base_weight_bytes, frozen_base_bytes, 
     return tuple(terms)
 
 
-def _flop_terms(tape: Tape, reps: dict, run: RunConfig, layer_fwd: int) -> tuple[Term, ...]:
+def _flop_terms(rec: StepRecord, reps: dict, run: RunConfig, layer_fwd: int) -> tuple[Term, ...]:
     by_kind: dict[tuple[str, str], int] = {}
-    for (scope, kind, phase), v in tape.flops.items():
+    for (scope, kind, phase), v in rec.flops_by_kind.items():
         by_kind[(kind, phase)] = by_kind.get((kind, phase), 0) + v * reps.get(scope, 1)
     explain = {
         "base": "frozen/trainable base linears: 2*n*d_in*d_out forward; backward 2*n*d_in*d_out per needed gradient",

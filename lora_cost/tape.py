@@ -57,19 +57,18 @@ class Tape:
         self.flops_by_scope: dict[tuple[str, str], int] = defaultdict(int)  # (scope, fwd|bwd)
         self.flops: dict[tuple[str, str, str], int] = defaultdict(int)  # (scope, kind, fwd|bwd)
         self.uncounted_flops: dict[str, int] = defaultdict(int)  # scope -> forward FLOPs FlopCounterMode misses
-        self.largest: dict[str, int] = defaultdict(int)  # scope -> bytes of the largest activation created
+        self.created: dict[str, list[int]] = defaultdict(list)  # scope -> bytes of every activation created
         # FLOPs run after the scope's last save: non-reentrant checkpointing stops recomputing there
         self.flops_after_last_save: dict[str, int] = defaultdict(int)
         self.uncounted_after_last_save: dict[str, int] = defaultdict(int)
-        self.forward_transient: dict[str, int] = defaultdict(int)  # scope -> largest short-lived buffer
-        self.backward_transient: dict[str, int] = defaultdict(int)
+        self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
+        self.backward_transient: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
 
     # -- bookkeeping -------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
         t = Tensor(numel, dtype, rg)
-        if t.nbytes > self.largest[self.scope]:
-            self.largest[self.scope] = t.nbytes
+        self.created[self.scope].append(numel * DTYPE_BYTES[dtype])
         return t
 
     def mark_saved(self) -> None:
@@ -108,7 +107,7 @@ class Tape:
     def transient(self, nbytes: int, backward: bool = False) -> None:
         """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
         table = self.backward_transient if backward else self.forward_transient
-        table[self.scope] = max(table[self.scope], nbytes)
+        table[self.scope].append(nbytes)
 
     # -- summaries ---------------------------------------------------------------------------
     def saved_in(self, scope: str) -> int:

@@ -1,0 +1,94 @@
+"""The context an architecture's forward runs in: the tape, shapes, the method, and how to run a linear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ops
+from .methods.base import Method
+from .methods.qlora import linear_4bit
+from .spec import LinearSite, ModelSpec, RunConfig
+from .tape import Tape, Tensor
+
+
+@dataclass
+class StepContext:
+    """What an architecture's forward needs: the tape, shapes, the method and how to run a linear."""
+
+    tape: Tape
+    spec: ModelSpec
+    run: RunConfig
+    method: Method
+    targets: frozenset[str]
+    weight_dtype: str  # dtype the base linear weights compute in
+    other_dtype: str  # dtype of embeddings, norms and LM head
+    input_requires_grad: bool
+    layer_input_bytes: list[int] = field(default_factory=list)
+    logits_bytes: int = 0
+    loss_copy_bytes: int = 0
+    log_softmax_bytes: int = 0
+
+    @property
+    def base_trainable(self) -> bool:
+        return self.method.base_trainable
+
+    @property
+    def rank(self) -> int:
+        return self.run.r or 0
+
+    def model_dropout(self, p: float) -> float:
+        return self.run.model_dropout if self.run.model_dropout is not None else p
+
+    def stream_input(self, t: Tensor) -> Tensor:
+        """`enable_input_require_grads()` (gradient checkpointing with adapters) makes the
+        embedding output require grad, so the first block saves like every other one."""
+        return t.view(rg=True) if self.input_requires_grad else t
+
+    def embedding(self, rows: int, width: int) -> Tensor:
+        return ops.embedding(self.tape, rows, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+
+    def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        if self.method.quantized_base:
+            return linear_4bit(self, x, site)
+        return ops.linear(self.tape, x, site.d_in, site.d_out, w_trainable=self.base_trainable, w_dtype=self.weight_dtype)
+
+    def linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        if site.name in self.targets and not self.base_trainable:
+            return self.method.adapted_linear(self, x, site)
+        return self.base_linear(x, site)
+
+    def head_site_linear(self, x: Tensor, site: LinearSite) -> Tensor:
+        """A linear outside the blocks (RoBERTa's lm_head.dense): quantised under QLoRA like the
+        block linears (bitsandbytes skips only the output embedding), adapted when targeted by name."""
+        return self.linear(x, site)
+
+    def layers(self, x: Tensor, block) -> Tensor:
+        """Run block 0 and block 1; blocks 2..L-1 repeat block 1 exactly (same shapes, same grad flags)."""
+        for i in range(min(self.spec.layers, 2)):
+            self.tape.scope = f"layer{i}"
+            self.layer_input_bytes.append(x.nbytes)
+            x = block(x)
+        return x
+
+    def lm_head_and_loss(self, x: Tensor, *, upcast: bool) -> None:
+        tape = self.tape
+        tape.scope = "head"
+        logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
+                            w_dtype=self.other_dtype, kind="lm_head")
+        self.logits_bytes = logits.nbytes
+        tape.scope = "loss"
+        self.loss_copy_bytes = ops.cross_entropy(tape, logits, self.spec.vocab, upcast=upcast)
+        self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
+
+
+
+
+def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, targets: frozenset[str]) -> StepContext:
+    """The dtypes follow the recipe: QLoRA computes its 4-bit linears in bf16 (fp16) and keeps every
+    other parameter in fp32 (prepare_model_for_kbit_training); otherwise all weights share one dtype."""
+    if method.quantized_base:
+        linear_dtype, other_dtype = ("fp16" if run.precision == "fp16" else "bf16"), "fp32"
+    else:
+        linear_dtype = other_dtype = run.weight_dtype
+    return StepContext(tape=tape, spec=spec, run=run, method=method, targets=targets, weight_dtype=linear_dtype,
+                       other_dtype=other_dtype, input_requires_grad=run.grad_checkpointing and not method.base_trainable)
