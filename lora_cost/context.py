@@ -24,6 +24,9 @@ class StepContext:
     other_dtype: str  # dtype of embeddings, norms and LM head
     input_requires_grad: bool
     layer_input_bytes: list[int] = field(default_factory=list)
+    # tensors passed positionally to every checkpointed block besides the hidden states (GPT-2's eager
+    # causal mask): torch.utils.checkpoint keeps them once (one shared tensor)
+    checkpoint_extra_bytes: int = 0
     logits_bytes: int = 0
     loss_copy_bytes: int = 0
     log_softmax_bytes: int = 0

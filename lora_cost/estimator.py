@@ -187,7 +187,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     body = [saved_scope["layer0"]] + [saved_scope["layer1"]] * (L - 1)
     if run.grad_checkpointing:
         inputs = rec.layer_input_bytes
-        kept = [inputs[0]] + [inputs[-1]] * (L - 1)
+        kept = [inputs[0] + rec.checkpoint_extra_bytes] + [inputs[-1]] * (L - 1)
     else:
         kept = body
     S_emb, S_head, S_loss = saved_scope["embeddings"], saved_scope["head"], saved_scope["loss"]

@@ -142,6 +142,13 @@ def mul(tape: Tape, a: Tensor, b: Tensor, kind: str = "elementwise products") ->
     return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
 
 
+def scale_by_parameter(tape: Tape, x: Tensor, kind: str) -> Tensor:
+    """x * p for a trainable parameter vector p (VeRA's lambdas): saves x for p's gradient; p is a
+    parameter, kept but not an activation."""
+    tape.save(x, kind)
+    return tape.new(x.numel, promote(x.dtype, "fp32"), True)
+
+
 def add(tape: Tape, a: Tensor, b: Tensor) -> Tensor:
     """Elementwise a + b saves nothing."""
     return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
@@ -213,25 +220,32 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
             lse_len = s if backend == "flash" else -(-s // 32) * 32  # efficient pads to 32
             tape.save(tape.new(b * h * lse_len, "fp32", False), "attention log-sum-exp")
         return out
-    # math / eager: explicit matmuls and a materialised softmax.
-    if rg:
-        if backend == "math":
-            # q and k are scaled copies; k and v are expanded to all heads when grouped.
-            tape.save(tape.new(b * h * s * hd, dt, False), "attention q, k, v")
-            tape.save(tape.new(b * h * s * hd, dt, False), "attention q, k, v")
-            tape.save(v if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
-            probs_dtype = dt
-        else:
-            tape.save(q, "attention q, k, v")
-            tape.save(k if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
-            tape.save(v if not gqa else tape.new(b * h * s * hd, dt, False), "attention q, k, v")
-            probs_dtype = "fp32" if softmax_fp32 else dt
-        tape.save(tape.new(score_numel, probs_dtype, False), "attention probabilities")
-        if probs_dtype != dt:  # .to(q.dtype) copy, which the second matmul saves
-            tape.save(tape.new(score_numel, dt, False), "attention probabilities")
-        if dropout_p > 0:
-            tape.save(tape.new(score_numel, "bool", False), "dropout masks")
-            tape.save(tape.new(score_numel, dt, False), "attention probabilities")
+    # math / eager: explicit batched matmuls and a materialised softmax, each saving per its own rule.
+    full = b * h * s * hd
+    if backend == "math":  # scaled copies of q and k (and k, v expanded to every head when grouped)
+        q = tape.new(full, dt, q.rg)
+        k = tape.new(full, dt, k.rg)
+        v = tape.new(full, dt, v.rg) if gqa else v
+    elif gqa:  # transformers' repeat_kv: an expand + reshape, i.e. a copy
+        k, v = tape.new(full, dt, k.rg), tape.new(full, dt, v.rg)
+    # scores = q @ k^T: saves k if q needs a grad and q if k does
+    if q.rg:
+        tape.save(k, "attention q, k, v")
+    if k.rg:
+        tape.save(q, "attention q, k, v")
+    scores_rg = q.rg or k.rg
+    # softmax (fp32 when asked for, and always under autocast) saves its output
+    probs_dtype = "fp32" if (softmax_fp32 or tape.autocast or backend == "math" and dt == "fp32") else dt
+    probs = tape.new(score_numel, probs_dtype, scores_rg)
+    if scores_rg:
+        tape.save(probs, "attention probabilities")
+    probs = cast(tape, probs, dt)  # .to(q.dtype) / autocast's cast for the next matmul
+    probs = dropout(tape, probs, dropout_p)
+    if probs.rg:
+        tape.save(v, "attention q, k, v")
+    if v.rg:
+        tape.save(probs, "attention probabilities")
+    rg = scores_rg or v.rg
     # the [b, s, s] float mask transformers builds for eager attention lives through the forward
     if backend == "eager" and shape.causal:
         tape.transient(b * s * s * DTYPE_BYTES[dt])

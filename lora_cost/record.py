@@ -39,11 +39,13 @@ class StepRecord:
     logits_bytes: int
     loss_copy_bytes: int
     log_softmax_bytes: int
+    checkpoint_extra_bytes: int
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
-    scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes}
+    scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
+               ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
     for i, b in enumerate(ctx.layer_input_bytes):
         scalars[("layer_input", i)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -101,7 +103,8 @@ class AffineRecord:
         for (name, scope), lines in self.maxima:
             fields["largest" if name == "created" else name][scope] = max(a + b * dr for a, b in lines)
         return StepRecord(layer_input_bytes=tuple(inputs[i] for i in sorted(inputs)), logits_bytes=single["logits"],
-                          loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"], **fields)
+                          loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
+                          checkpoint_extra_bytes=single["checkpoint_extra"], **fields)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:

@@ -66,8 +66,8 @@ def _forward(ctx) -> None:
     tape.scope = "embeddings"
     word = ctx.stream_input(ctx.embedding(n, d))
     e = ops.add(tape, word, ctx.embedding(n, d))  # position ids are computed per token (int64 [b, s])
-    if spec.type_vocab_size:  # token_type_ids: int64 [b, s] indices, saved when the table trains
-        e = ops.add(tape, e, ctx.embedding(n, d))
+    if spec.type_vocab_size:  # token_type_ids expand a registered buffer: never counted as an activation
+        e = ops.add(tape, e, tape.new(n * d, ctx.other_dtype, ctx.base_trainable))
     x = ops.dropout(tape, ln(e), ctx.model_dropout(spec.embedding_dropout))
 
     def block(x):

@@ -10,6 +10,7 @@ The LM head is tied to the token embedding.
 from __future__ import annotations
 
 from .. import ops
+from ..units import DTYPE_BYTES
 from ..spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 
@@ -72,6 +73,8 @@ def _forward(ctx) -> None:
     tok = ctx.stream_input(ctx.embedding(n, d))
     pos = ctx.embedding(run.seq, d)  # position_ids of shape [1, s], broadcast over the batch
     x = ops.dropout(tape, ops.add(tape, tok, pos), ctx.model_dropout(spec.embedding_dropout))
+    if run.attention == "eager":  # a [b, 1, s, s] additive causal mask, passed positionally to each block
+        ctx.checkpoint_extra_bytes = run.batch * run.seq * run.seq * DTYPE_BYTES[x.dtype]
 
     def block(x):
         a = ops.layer_norm(tape, x, d, w_trainable=ctx.base_trainable)

@@ -73,7 +73,7 @@ def _forward(ctx) -> None:
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.embedding(n, d))
-    table = run.batch * run.seq * spec.head_dim
+    table = run.seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
 
     def norm(t):

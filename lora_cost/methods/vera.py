@@ -26,9 +26,9 @@ def vera_linear(ctx, x, site):
     xa = ops.cast(tape, x, ADAPTER_DTYPE) if not tape.autocast else x
     xa = ops.dropout(tape, xa, ctx.run.dropout)
     down = ops.linear(tape, xa, site.d_in, r, w_trainable=False, w_dtype=ADAPTER_DTYPE, kind="adapter")
-    scaled_down = ops.mul(tape, down, tape.new(r, ADAPTER_DTYPE, True), "adapter extras")  # lambda_d
+    scaled_down = ops.scale_by_parameter(tape, down, "adapter extras")  # lambda_d
     up = ops.linear(tape, scaled_down, r, site.d_out, w_trainable=False, w_dtype=ADAPTER_DTYPE, kind="adapter")
-    scaled_up = ops.mul(tape, up, tape.new(site.d_out, ADAPTER_DTYPE, True), "adapter extras")  # lambda_b
+    scaled_up = ops.scale_by_parameter(tape, up, "adapter extras")  # lambda_b
     return merge_into_base(ctx, base_out, scaled_up)
 
 

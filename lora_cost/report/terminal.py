@@ -88,9 +88,11 @@ def _render_explain(console: Console, e: Estimate) -> None:
 
 def render_models(console: Console, rows: list[dict]) -> None:
     table = Table(title="Bundled model profiles")
-    for col in ("name", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "max seq", "aliases"):
-        table.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab", "max seq") else "left")
+    for col in ("name", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "max seq"):
+        table.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab", "max seq") else "left",
+                         no_wrap=True)
     for r in rows:
         table.add_row(r["name"], r["model_type"], fmt_count(r["params"]), str(r["layers"]), str(r["hidden"]),
-                      f"{r['heads']} ({r['kv_heads']})", f"{r['vocab']:,}", f"{r['max_positions']:,}", ", ".join(r["aliases"]))
+                      f"{r['heads']} ({r['kv_heads']})", f"{r['vocab']:,}", f"{r['max_positions']:,}")
     console.print(table)
+    console.print("[dim]Hugging Face ids work as aliases (lora-cost models --json lists them).[/]")

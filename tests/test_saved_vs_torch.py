@@ -1,0 +1,106 @@
+"""Saved-activation bytes against PyTorch itself: real transformers + peft models on the CPU, with
+`torch.autograd.graph.saved_tensors_hooks` counting what autograd keeps (distinct storages, parameters
+and buffers excluded, as the H100 calibration counts). Eager attention and fp32 make the CPU run the
+same kernels a GPU would (sdpa's fused kernels differ between CPU and CUDA)."""
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from lora_cost import estimate  # noqa: E402
+
+B, S = 2, 24
+CONFIGS = {
+    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=64),
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=64),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=4, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=True),
+    "roberta": dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                    num_attention_heads=4, vocab_size=512, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1),
+}
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, dtype: str = "fp32") -> int:
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
+    config.use_cache = False
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    cls = transformers.AutoModelForMaskedLM if cfg["model_type"] == "roberta" else transformers.AutoModelForCausalLM
+    model = cls.from_config(config, attn_implementation="eager",
+                            dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    if method != "full":
+        tg = "all-linear" if targets == "all-linear" else list(targets)
+        conf = peft.VeraConfig(r=r, target_modules=tg) if method == "vera" else \
+            peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg)
+        model = peft.get_peft_model(model, conf)
+        if method == "lora-fa":
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(2, 512, (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    return sum(seen.values())
+
+
+CASES = [
+    ("gpt2", "full", None, 0, False), ("gpt2", "lora", ("c_attn",), 4, False), ("gpt2", "lora", "all-linear", 8, False),
+    ("gpt2", "lora-fa", ("c_attn", "c_fc"), 4, False), ("gpt2", "vera", ("c_attn",), 16, False),
+    ("gpt2", "lora", ("c_attn",), 4, True),
+    ("llama", "full", None, 0, False), ("llama", "lora", ("q_proj", "v_proj"), 8, False),
+    ("llama", "lora", "all-linear", 4, False), ("llama", "lora-fa", "all-linear", 4, False),
+    ("llama", "vera", "all-linear", 16, False), ("llama", "lora", "all-linear", 4, True),
+    ("qwen2", "lora", ("q_proj", "v_proj"), 8, False), ("qwen2", "full", None, 0, False),
+    ("roberta", "lora", ("query", "value"), 8, False), ("roberta", "full", None, 0, False),
+    ("roberta", "lora", ("query", "value"), 8, True), ("qwen2", "lora", "all-linear", 4, True),
+]
+# bf16 (peft's fp32 adapters, the per-module input casts, RMSNorm's fp32 upcast); layer_norm's
+# statistics are bf16 on the CPU but fp32 on CUDA, so only the RMSNorm family compares exactly here
+BF16_CASES = [
+    ("llama", "full", None, 0, False), ("llama", "lora", "all-linear", 4, False), ("llama", "lora-fa", "all-linear", 4, False),
+    ("llama", "vera", ("q_proj", "v_proj"), 16, False), ("qwen2", "lora", ("q_proj", "v_proj"), 8, True),
+]
+
+
+def check(tmp_path, family, method, targets, r, ckpt, dtype):
+    cfg = CONFIGS[family]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    kw = dict(batch=B, seq=S, precision=dtype, attention="eager", model_dropout=0.0, grad_checkpointing=ckpt)
+    if method != "full":
+        kw.update(r=r, targets=",".join(targets) if isinstance(targets, tuple) else targets)
+    e = estimate(str(path), method, **kw)
+    assert e.memory.saved_activation_bytes == measure(cfg, method, targets, r, ckpt, dtype)
+
+
+@pytest.mark.parametrize("family,method,targets,r,ckpt", CASES)
+def test_saved_bytes_equal_torch_fp32(tmp_path, family, method, targets, r, ckpt):
+    check(tmp_path, family, method, targets, r, ckpt, "fp32")
+
+
+@pytest.mark.parametrize("family,method,targets,r,ckpt", BF16_CASES)
+def test_saved_bytes_equal_torch_bf16(tmp_path, family, method, targets, r, ckpt):
+    check(tmp_path, family, method, targets, r, ckpt, "bf16")
