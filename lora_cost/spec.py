@@ -18,6 +18,7 @@ class LinearSite:
     d_in: int
     d_out: int
     bias: bool
+    fan_in_fan_out: bool = False  # weight stored [d_in, d_out] (GPT-2's Conv1D), as peft's LoraConfig names it
 
 
 @dataclass(frozen=True)

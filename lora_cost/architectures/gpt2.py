@@ -38,8 +38,8 @@ def raise_shape(name: str, d: int, heads: int):
 
 def _gpt2_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     d, i = spec.hidden, spec.intermediate
-    return (LinearSite("c_attn", d, 3 * d, True), LinearSite("c_proj", d, d, True),
-            LinearSite("c_fc", d, i, True), LinearSite("c_proj", i, d, True))
+    return (LinearSite("c_attn", d, 3 * d, True, True), LinearSite("c_proj", d, d, True, True),
+            LinearSite("c_fc", d, i, True, True), LinearSite("c_proj", i, d, True, True))
 
 
 def _gpt3_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:

@@ -11,7 +11,11 @@ Modelled library behaviour: peft `tuners/lora/dora.py` DoraLinearLayer.forward. 
     during the module's forward (the "weight-norm materialisation" transient);
   * the output is (m/||.|| - 1) * base_result + (m/||.||) * s * lora_result: the two products save
     base_result (the base layer's output, minus its bias when it has one) and lora_result (fp32).
-  * with lora_dropout > 0 peft cannot reuse the base output and runs F.linear(x, W) again.
+  * with lora_dropout > 0 peft cannot reuse the base output and runs F.linear(x, W) again;
+  * for fan_in_fan_out layers (GPT-2's Conv1D) peft's `transpose()` wraps W.T in a new
+    nn.Parameter, which requires grad, so autograd records W + s B A and its norm: both are saved
+    (a [d_out, d_in] fp32 matrix and a d_out vector per module; seen in a saved_tensors_hooks count
+    on the CPU and in the H100 calibration's GPT-2 DoRA row).
 """
 
 from __future__ import annotations
@@ -34,6 +38,9 @@ def dora_linear(ctx, x, site: LinearSite):
     dense = site.d_in * site.d_out
     base_is_fp32 = ctx.weight_dtype == "fp32" and not ctx.method.quantized_base
     tape.transient(4 * (site.d_in * site.d_in + 3 * dense) + (0 if base_is_fp32 else 4 * dense))
+    if site.fan_in_fan_out:
+        tape.save(tape.new(dense, ADAPTER_DTYPE, False), "adapter extras")  # W + s B A, kept by the norm
+        tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # the norm's output
     tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # weight norm, saved by m / ||.||
     if ctx.run.dropout > 0:
         base_result = ops.linear(tape, xa, site.d_in, site.d_out, w_trainable=False, w_dtype=ADAPTER_DTYPE)
@@ -42,10 +49,13 @@ def dora_linear(ctx, x, site: LinearSite):
         base_result = tape.new(base_out.numel, base_out.dtype, base_out.rg)  # result - bias
     else:
         base_result = base_out
+    # (m/||.|| - 1) * base_result: m trains, so base_result is saved; the scale only if base_result needs a grad
     tape.save(base_result, "adapter extras")
+    if base_result.rg:
+        tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")
+    # (m/||.||) * lora_result: both need grads, both saved
     tape.save(lora_out, "adapter extras")
-    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # m/||.|| - 1
-    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # m/||.||
+    tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")
     dora_out = tape.new(base_out.numel, ADAPTER_DTYPE, True)
     return merge_into_base(ctx, base_out, dora_out)
 
