@@ -197,7 +197,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if cheapest:
             smallest = point(min(cheapest, key=lambda e: e.memory.device_bytes))
     assumptions = (
-        f"fits: estimated device memory (peak allocated + 5% allocator slack + 1 GiB CUDA context) <= "
+        f"fits: estimated device memory (peak allocated + 10% allocator slack + 0.75 GiB CUDA context) <= "
         f"budget {budget_bytes:,} B less a {100 * margin:.0f}% margin",
         f"step time: FLOPs / ({'GPU peak' if gpu_profile else 'no GPU given'} x {100 * utilisation:.0f}% utilisation)",
         f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "
