@@ -78,6 +78,13 @@ def _check_options(method: Method, run: RunConfig) -> None:
             raise LoraCostError(f"{flag} does not apply to method {method.name}")
 
 
+@lru_cache(maxsize=4096)
+def _forward_key(run: RunConfig) -> RunConfig:
+    """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r)
+    and no optimizer."""
+    return replace(run, r=1 if run.r is not None else None, optimizer="adamw")
+
+
 @lru_cache(maxsize=512)
 def _param_groups(arch: Architecture, spec: ModelSpec):
     return tuple(arch.params(spec))
@@ -121,7 +128,6 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> Estimate:
     method = get_method(run.method)
-    run = replace(run, method=method.name)
     arch = get_architecture(spec.model_type)
     opt = get_optimizer(run.optimizer)
     _check_options(method, run)
@@ -130,8 +136,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
             raise LoraCostError("--r does not apply to full fine-tuning")
         if run.dropout:
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
-    else:
-        run = replace(run, r=method.rank(run))
+    if run.method != method.name or (not method.base_trainable and run.r is None):
+        run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
     target_names, sites, head_sites = resolve_targets(arch, spec, method, run.targets)
     adapted = sites + head_sites
     method.validate(spec, adapted, run)
@@ -141,8 +147,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
 
     weight_dtype = run.weight_dtype
     # the forward does not depend on the optimizer, and depends on the rank affinely (record.py)
-    key_run = replace(run, r=1 if run.r is not None else None, optimizer="adamw")
-    rec = affine_record(spec, key_run, frozenset(target_names)).at(run.r)
+    rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
 
     L = spec.layers
     reps = {"layer0": 1, "layer1": L - 1}  # block 1 stands for blocks 1..L-1

@@ -77,34 +77,31 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(kept)
 
 
+_FIELDS = ("saved", "saved_by_kind", "flops", "flops_by_kind", "flops_after_last_save", "uncounted",
+           "uncounted_after_last_save")
+_MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
+
+
 @dataclass(frozen=True)
 class AffineRecord:
     """Every quantity of a StepRecord as value at r = 1 plus a slope per unit of rank."""
 
-    scalars: tuple  # ((key, value_at_1, slope), ...)
-    maxima: tuple  # ((key, lines), ...)
+    fields: tuple  # ((field, ((subkey, value_at_1, slope), ...)), ...)
+    maxima: tuple  # ((field, ((scope, lines), ...)), ...)
+    singles: tuple  # ((name, value_at_1, slope), ...): logits, loss_copy, log_softmax, checkpoint_extra
+    inputs: tuple  # ((value_at_1, slope), ...) per simulated block
 
     def at(self, r: int | None) -> StepRecord:
         dr = (r or 1) - 1
-        fields: dict = {k: {} for k in ("saved", "saved_by_kind", "flops", "flops_by_kind", "flops_after_last_save",
-                                         "uncounted", "uncounted_after_last_save", "forward_transient",
-                                         "backward_transient", "largest")}
-        inputs: dict[int, int] = {}
-        single = {}
-        for key, a, b in self.scalars:
-            value = a + b * dr
-            head = key[0]
-            if head == "layer_input":
-                inputs[key[1]] = value
-            elif len(key) == 1:
-                single[head] = value
-            else:
-                fields[head][key[1]] = value
-        for (name, scope), lines in self.maxima:
-            fields["largest" if name == "created" else name][scope] = max(a + b * dr for a, b in lines)
-        return StepRecord(layer_input_bytes=tuple(inputs[i] for i in sorted(inputs)), logits_bytes=single["logits"],
+        values = {name: {k: a + b * dr for k, a, b in items} for name, items in self.fields}
+        for name, items in self.maxima:
+            values[name] = {scope: max(a + b * dr for a, b in lines) for scope, lines in items}
+        for name in ("forward_transient", "backward_transient", "largest"):
+            values.setdefault(name, {})
+        single = {name: a + b * dr for name, a, b in self.singles}
+        return StepRecord(layer_input_bytes=tuple(a + b * dr for a, b in self.inputs), logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
-                          checkpoint_extra_bytes=single["checkpoint_extra"], **fields)
+                          checkpoint_extra_bytes=single["checkpoint_extra"], **values)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
@@ -123,6 +120,19 @@ def affine_record(spec, run, targets) -> AffineRecord:
         s2, l2 = s1, l1
     else:
         s2, l2 = simulate(spec, replace(run, r=2), method, arch, targets)
-    scalars = tuple((k, v, s2.get(k, 0) - v) for k, v in s1.items())
-    maxima = tuple((k, _envelope([(a, b - a) for a, b in zip(v, l2[k])])) for k, v in l1.items())
-    return AffineRecord(scalars, maxima)
+    grouped: dict[str, list] = {name: [] for name in _FIELDS}
+    singles, inputs = [], []
+    for key, v in s1.items():
+        slope = s2.get(key, 0) - v
+        if key[0] == "layer_input":
+            inputs.append((key[1], v, slope))
+        elif len(key) == 1:
+            singles.append((key[0], v, slope))
+        else:
+            grouped[key[0]].append((key[1], v, slope))
+    maxima: dict[str, list] = {}
+    for (name, scope), v in l1.items():
+        maxima.setdefault(_MAXIMA[name], []).append((scope, _envelope([(a, b - a) for a, b in zip(v, l2[(name, scope)])])))
+    return AffineRecord(fields=tuple((k, tuple(v)) for k, v in grouped.items()),
+                        maxima=tuple((k, tuple(v)) for k, v in maxima.items()),
+                        singles=tuple(singles), inputs=tuple((v, sl) for _, v, sl in sorted(inputs)))
