@@ -10,3 +10,12 @@ from .results import Estimate
 
 __all__ = ["estimate", "estimate_run", "Estimate", "LoraCostError"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`lora_cost.profile` needs torch: imported on first use, never at import time (the trace engine
+    is `lora_cost.trace.trace`, likewise imported only when asked for)."""
+    if name == "profile":
+        from .profiler import profile
+        return profile
+    raise AttributeError(f"module 'lora_cost' has no attribute {name!r}")
