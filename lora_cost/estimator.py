@@ -50,11 +50,17 @@ ALL_LINEAR = "all-linear"
 # ---------------------------------------------------------------------------------------------
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
+    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None)
+    return names, list(sites), list(head)
+
+
+@lru_cache(maxsize=4096)
+def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, targets):
     block_sites = arch.linear_sites(spec)
     head_sites = arch.head_sites(spec)
     names = {s.name for s in block_sites} | {s.name for s in head_sites}
-    if method.base_trainable:
-        return (), [], []
+    if base_trainable:
+        return (), (), ()
     if targets is None:
         wanted = tuple(arch.default_targets)
     elif tuple(targets) == (ALL_LINEAR,):
@@ -68,7 +74,7 @@ def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets
                 raise LoraCostError(f"target module {t!r} matches nothing in {spec.name}; its linear modules are "
                                     f"{', '.join(sorted(names))} (or use all-linear)")
     chosen = set(wanted)
-    return wanted, [s for s in block_sites if s.name in chosen], [s for s in head_sites if s.name in chosen]
+    return wanted, tuple(s for s in block_sites if s.name in chosen), tuple(s for s in head_sites if s.name in chosen)
 
 
 def _check_options(method: Method, run: RunConfig) -> None:
