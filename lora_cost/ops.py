@@ -213,6 +213,10 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         if rg:
             for t in (q, k, v):
                 tape.save(t, "attention q, k, v")
+            if implementation == "sdpa-masked":
+                # sdpa turns a bool mask into an additive one in q's dtype (convert_boolean_attn_mask),
+                # padded to a multiple of 16 along the keys, and the efficient kernel saves it
+                tape.save(tape.new(b * s * (-(-s // 16) * 16), dt, False), "attention mask")
         tape.add_flops("attention", 4 * bhs2hd, 10 * bhs2hd if rg else 0)
         out = tape.new(out_numel, dt, rg)
         if rg:
