@@ -27,6 +27,7 @@ class StepContext:
     # tensors passed positionally to every checkpointed block besides the hidden states (GPT-2's eager
     # causal mask): torch.utils.checkpoint keeps them once (one shared tensor)
     checkpoint_extra_bytes: int = 0
+    _input_ids: Tensor | None = None
     logits_bytes: int = 0
     loss_copy_bytes: int = 0
     log_softmax_bytes: int = 0
@@ -47,8 +48,16 @@ class StepContext:
         embedding output require grad, so the first block saves like every other one."""
         return t.view(rg=True) if self.input_requires_grad else t
 
-    def embedding(self, rows: int, width: int) -> Tensor:
-        return ops.embedding(self.tape, rows, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+    def input_ids(self) -> Tensor:
+        """The [b, s] int64 token ids the step is called with (embeddings and an MLM loss share them)."""
+        if self._input_ids is None:
+            self._input_ids = self.tape.new(self.run.tokens, "int64", False)
+        return self._input_ids
+
+    def embedding(self, rows: int | None, width: int) -> Tensor:
+        """Look up `rows` new int64 indices (position or token-type ids), or the input ids when None."""
+        indices = self.input_ids() if rows is None else self.tape.new(rows, "int64", False)
+        return ops.embedding(self.tape, indices, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
 
     def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
         if self.method.quantized_base:
@@ -73,14 +82,17 @@ class StepContext:
             x = block(x)
         return x
 
-    def lm_head_and_loss(self, x: Tensor, *, upcast: bool) -> None:
+    def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True) -> None:
+        """The LM head and the loss. Causal-LM labels are padded and shifted (a new int64 tensor);
+        a masked-LM loss reads the labels tensor itself (here the input ids)."""
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
                             w_dtype=self.other_dtype, kind="lm_head")
         self.logits_bytes = logits.nbytes
         tape.scope = "loss"
-        self.loss_copy_bytes = ops.cross_entropy(tape, logits, self.spec.vocab, upcast=upcast)
+        targets = tape.new(self.run.tokens, "int64", False) if shifted_labels else self.input_ids()
+        self.loss_copy_bytes = ops.cross_entropy(tape, logits, targets, upcast=upcast)
         self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
 
 

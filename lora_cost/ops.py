@@ -154,11 +154,11 @@ def add(tape: Tape, a: Tensor, b: Tensor) -> Tensor:
     return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
 
 
-def embedding(tape: Tape, rows: int, width: int, *, w_trainable: bool, w_dtype: str) -> Tensor:
+def embedding(tape: Tape, indices: Tensor, width: int, *, w_trainable: bool, w_dtype: str) -> Tensor:
     """aten.embedding: saves the int64 indices when the table trains."""
     if w_trainable:
-        tape.save(tape.new(rows, "int64", False), "token indices")
-    return tape.new(rows * width, w_dtype, w_trainable)
+        tape.save(indices, "token indices")
+    return tape.new(indices.numel * width, w_dtype, w_trainable)
 
 
 @dataclass(frozen=True)
@@ -259,16 +259,15 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     return tape.new(out_numel, dt, rg)
 
 
-def cross_entropy(tape: Tape, logits: Tensor, vocab: int, *, upcast: bool) -> int:
+def cross_entropy(tape: Tape, logits: Tensor, targets: Tensor, *, upcast: bool) -> int:
     """Token-level cross entropy on [n, vocab] logits; returns the bytes of its input copy.
 
     transformers' causal-LM loss calls `logits.float()` first (a copy unless fp32), then
     log_softmax saves its [n, vocab] output and nll_loss saves the int64 targets and a scalar.
     """
-    rows = logits.numel // vocab
     x = cast(tape, logits, "fp32") if (upcast or tape.autocast) else logits
     copy_bytes = x.nbytes if x.sid != logits.sid else 0
     tape.save(tape.new(x.numel, x.dtype, False), "log-softmax output")
-    tape.save(tape.new(rows, "int64", False), "loss targets")
+    tape.save(targets, "loss targets")
     tape.save(tape.new(1, "fp32", False), "loss targets")
     return copy_bytes

@@ -64,10 +64,14 @@ def _forward(ctx) -> None:
         return ops.layer_norm(tape, t, d, w_trainable=ctx.base_trainable)
 
     tape.scope = "embeddings"
-    word = ctx.stream_input(ctx.embedding(n, d))
-    e = ops.add(tape, word, ctx.embedding(n, d))  # position ids are computed per token (int64 [b, s])
-    if spec.type_vocab_size:  # token_type_ids expand a registered buffer: never counted as an activation
-        e = ops.add(tape, e, tape.new(n * d, ctx.other_dtype, ctx.base_trainable))
+    word = ctx.stream_input(ctx.embedding(None, d))
+    if spec.model_type == "roberta":  # position ids computed from the input ids: an int64 [b, s] tensor
+        positions = ctx.embedding(n, d)
+    else:  # BERT slices a registered position_ids buffer: never counted as an activation
+        positions = tape.new(run.seq * d, ctx.other_dtype, ctx.base_trainable)
+    e = ops.add(tape, word, positions)
+    if spec.type_vocab_size:  # token_type_ids: BERT expands a [1, s] int64 tensor, RoBERTa builds a [b, s] one
+        e = ops.add(tape, e, ctx.embedding(run.seq if spec.model_type == "bert" else n, d))
     x = ops.dropout(tape, ln(e), ctx.model_dropout(spec.embedding_dropout))
 
     def block(x):
@@ -81,7 +85,7 @@ def _forward(ctx) -> None:
     x = ctx.layers(x, block)
     tape.scope = "head"
     h = ops.gelu(tape, ctx.head_site_linear(x, LinearSite(HEAD_DENSE, d, d, True)))
-    ctx.lm_head_and_loss(ln(h), upcast=False)
+    ctx.lm_head_and_loss(ln(h), upcast=False, shifted_labels=False)
 
 
 BERT = register_architecture(Architecture(

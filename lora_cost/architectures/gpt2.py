@@ -70,7 +70,7 @@ def _forward(ctx) -> None:
     shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, causal=True)
 
     tape.scope = "embeddings"
-    tok = ctx.stream_input(ctx.embedding(n, d))
+    tok = ctx.stream_input(ctx.embedding(None, d))
     pos = ctx.embedding(run.seq, d)  # position_ids of shape [1, s], broadcast over the batch
     x = ops.dropout(tape, ops.add(tape, tok, pos), ctx.model_dropout(spec.embedding_dropout))
     if run.attention == "eager":  # a [b, 1, s, s] additive causal mask, passed positionally to each block

@@ -72,7 +72,7 @@ def _forward(ctx) -> None:
     shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
 
     tape.scope = "embeddings"
-    x = ctx.stream_input(ctx.embedding(n, d))
+    x = ctx.stream_input(ctx.embedding(None, d))
     table = run.seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
 
