@@ -51,3 +51,23 @@ def gpus(as_json):
     for r in rows:
         table.add_row(r["name"], r["description"], fmt_bytes(r["memory_bytes"]), f"{r['bf16_tflops_dense']:g}", f"{r['fp32_tflops']:g}")
     Console().print(table)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def methods(as_json):
+    """List the fine-tuning methods, their papers and the library recipe modelled."""
+    from ..methods import all_methods
+    rows = [{"name": m.name, "title": m.title, "paper": m.paper, "recipe": m.recipe, "default_r": m.default_r,
+             "options": list(m.options)} for m in all_methods().values()]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title="Fine-tuning methods")
+    for col in ("name", "paper", "default r", "recipe modelled"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["paper"], str(r["default_r"] or "-"), r["recipe"])
+    Console().print(table)
