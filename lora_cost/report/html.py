@@ -57,6 +57,17 @@ def _gib(n: int | float) -> float:
     return n / GIB
 
 
+def _scale(values, kind: str) -> tuple[float, str]:
+    """A readable unit for a set of values: GiB or MiB for bytes, TFLOP/GFLOP/MFLOP for FLOPs."""
+    top = max([abs(v) for v in values if v] or [0])
+    if kind == "bytes":
+        return (GIB, "GiB") if top >= GIB else (2**20, "MiB")
+    for scale, unit in ((1e12, "TFLOP"), (1e9, "GFLOP"), (1e6, "MFLOP")):
+        if top >= scale:
+            return scale, unit
+    return 1.0, "FLOP"
+
+
 def plan_to_html(p: Plan) -> str:
     go, _, _ = _plotly()
     esc = html.escape
@@ -155,44 +166,88 @@ def plan_to_html(p: Plan) -> str:
 
 
 def profile_to_html(doc: dict, source: str) -> str:
-    """A measured profile (lora-cost profile's JSON) with the estimate for the same configuration."""
+    """A measured profile (`lora-cost profile --out`, schema lora-cost-profile/1) with the analytic
+    estimate for the same configuration beside it."""
     go, _, _ = _plotly()
     esc = html.escape
-    env = doc.get("environment") or {}
-    model = (doc.get("model") or {}).get("name") if isinstance(doc.get("model"), dict) else doc.get("model")
-    header = [f"profile <b>{esc(str(source))}</b>", f"model {esc(str(model or 'unknown'))}",
-              "environment: " + esc(", ".join(f"{k} {v}" for k, v in env.items() if v))]
-    figures = []
-    comparison = doc.get("comparison") or []
-    if comparison:
-        names = [esc(str(c.get("term"))) for c in comparison]
-        fig = go.Figure()
-        fig.add_trace(go.Bar(name="measured", x=names, y=[_gib(c.get("measured_bytes") or 0) for c in comparison],
-                             customdata=[c.get("measured_bytes") or 0 for c in comparison], marker_color="#1f77b4",
-                             hovertemplate="measured %{x}: %{y:.3f} GiB (%{customdata:,} B)<extra></extra>"))
-        fig.add_trace(go.Bar(name="estimated", x=names, y=[_gib(c.get("estimated_bytes") or 0) for c in comparison],
-                             customdata=[[c.get("estimated_bytes") or 0, 100 * (c.get("rel_error") or 0)] for c in comparison],
-                             marker_color="#ff7f0e",
-                             hovertemplate="estimated %{x}: %{y:.3f} GiB (%{customdata[0]:,} B), error %{customdata[1]:+.1f}%<extra></extra>"))
-        fig.update_layout(barmode="group", title="Measured against estimated, per term", xaxis=dict(title="term"),
-                          yaxis=dict(title="memory (GiB)"))
-        figures.append(fig)
-    steps = doc.get("steps") or []
-    if steps:
-        fig = go.Figure()
-        for phase, color in (("forward", "#2ca02c"), ("backward", "#d62728"), ("optimizer", "#9467bd")):
-            ys = [(s.get("peak_bytes") or {}).get(phase) for s in steps]
-            fig.add_trace(go.Bar(name=phase, x=[f"step {s.get('index', i)}" for i, s in enumerate(steps)],
-                                 y=[_gib(y or 0) for y in ys], customdata=[y or 0 for y in ys], marker_color=color,
-                                 hovertemplate=f"{phase} peak %{{y:.3f}} GiB (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
-        fig.update_layout(barmode="group", title="Peak allocated memory per phase of the measured steps",
-                          xaxis=dict(title="measured step"), yaxis=dict(title="peak allocated (GiB)"))
-        figures.append(fig)
-        flops = [(s.get("flops") or {}) for s in steps if s.get("flops")]
-        if flops:
-            f0 = flops[0]
-            header.append(f"FLOPs (sampled step): forward {fmt_flops(f0.get('forward', 0))}, backward {fmt_flops(f0.get('backward', 0))}")
-    if not figures:
+    if not isinstance(doc.get("measured"), list):
         from ..errors import LoraCostError
-        raise LoraCostError(f"{source}: no measured steps or comparison in this profile")
-    return _page(f"lora-cost profile: {model or source}", header, "", figures)
+        raise LoraCostError(f"{source}: not a lora-cost profile (no 'measured' steps; schema {doc.get('schema')!r})")
+    model = doc.get("model") or {}
+    env = doc.get("environment") or {}
+    steps = doc["measured"]
+    header = [f"profile of <b>{esc(str(doc.get('script', '?')))}</b> ({esc(str(source))}): status "
+              f"{esc(str(doc.get('status')))}, exit code {esc(str(doc.get('exit_code')))}, {len(steps)} measured step(s) "
+              f"after {esc(str(doc.get('warmup')))} warm-up, memory from {esc(str(doc.get('memory_source')))}"]
+    if model:
+        header.append("model " + esc(", ".join(f"{k} {v}" for k, v in model.items()
+                                             if k in ("class_name", "model_type", "method", "r", "batch", "seq",
+                                                      "precision", "optimizer", "grad_checkpointing", "attention")
+                                             and v is not None)))
+        if model.get("note"):
+            header.append(esc(str(model["note"])))
+    if env:
+        header.append("environment: " + esc(", ".join(f"{k} {v}" for k, v in env.items() if v and k != "cuda_context_bytes")))
+    oom = doc.get("oom")
+    if oom:
+        header.append(f"<b>out of memory</b> in step {esc(str(oom.get('step_index')))} ({esc(str(oom.get('phase')))}): "
+                      f"{esc(str(oom.get('message', ''))[:300])}")
+    header += [f"warning: {esc(str(w))}" for w in doc.get("warnings") or []]
+    figures = []
+
+    comparison = [c for c in doc.get("comparison") or [] if c.get("measured") is not None]
+    for unit, title, label in (("bytes", "Measured against estimated memory, per term", "memory"),
+                               ("flops", "Measured against estimated FLOPs", "FLOPs")):
+        rows = [c for c in comparison if c.get("unit") == unit]
+        if not rows:
+            continue
+        scale, unit_name = _scale([c["measured"] for c in rows] + [c.get("estimated") or 0 for c in rows], unit)
+        axis = f"{label} ({unit_name})"
+        names = [esc(str(c["term"])) for c in rows]
+        fig = go.Figure()
+        fig.add_trace(go.Bar(name="measured", x=names, y=[(c["measured"] or 0) / scale for c in rows],
+                             customdata=[c["measured"] or 0 for c in rows], marker_color="#1f77b4",
+                             hovertemplate="measured %{x}: %{customdata:,}<extra></extra>"))
+        fig.add_trace(go.Bar(name="estimated", x=names, y=[(c.get("estimated") or 0) / scale for c in rows],
+                             customdata=[[c.get("estimated") or 0, 100 * (c.get("rel_error") or 0)] for c in rows],
+                             marker_color="#ff7f0e",
+                             hovertemplate="estimated %{x}: %{customdata[0]:,} (%{customdata[1]:+.1f}%)<extra></extra>"))
+        fig.update_layout(barmode="group", title=title, xaxis=dict(title="term"), yaxis=dict(title=axis))
+        figures.append(fig)
+
+    fig = go.Figure()
+    peaks = [p.get("peak_bytes") or 0 for st in steps for p in st.get("phases", [])]
+    scale, unit_name = _scale(peaks, "bytes")
+    for phase, color in (("forward", "#2ca02c"), ("backward", "#d62728"), ("optimizer", "#9467bd")):
+        ys = [next((p.get("peak_bytes") for p in st.get("phases", []) if p.get("phase") == phase), None) for st in steps]
+        fig.add_trace(go.Bar(name=phase, x=[f"step {st.get('index')}" for st in steps], y=[(y or 0) / scale for y in ys],
+                             customdata=[y or 0 for y in ys], marker_color=color,
+                             hovertemplate=f"{phase} peak %{{y:.3f}} {unit_name} (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
+    fig.update_layout(barmode="group", title="Peak allocated memory per phase of each measured step",
+                      xaxis=dict(title="measured optimizer step"), yaxis=dict(title=f"peak allocated ({unit_name})"))
+    figures.append(fig)
+
+    bounds = steps[0].get("boundaries", []) if steps else []
+    if bounds:
+        cats = ("trainable_params", "frozen_params", "buffers", "gradients", "optimizer_state", "saved_activations",
+                "temporaries")
+        labels = [f"{b.get('name')} (micro-batch {b.get('micro_batch')})" for b in bounds]
+        scale, unit_name = _scale([(b.get("memory") or {}).get("live_total", 0) for b in bounds], "bytes")
+        fig = go.Figure()
+        for i, cat in enumerate(cats):
+            vals = [(b.get("memory") or {}).get(cat, 0) for b in bounds]
+            fig.add_trace(go.Bar(name=cat.replace("_", " "), x=labels, y=[v / scale for v in vals], customdata=vals,
+                                 marker_color=_PALETTE[i % len(_PALETTE)],
+                                 hovertemplate=f"{cat}: %{{y:.3f}} {unit_name} (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
+        fig.update_layout(barmode="stack", title=f"Live memory by category at the phase boundaries of step {steps[0].get('index')}",
+                          xaxis=dict(title="moment"), yaxis=dict(title=f"live memory ({unit_name})"))
+        figures.append(fig)
+    summary = ""
+    if comparison:
+        rows = "".join(f"<tr><td>{esc(str(c['term']))}</td><td>{esc(str(c.get('unit')))}</td><td>{c['measured']:,}</td>"
+                       f"<td>{'-' if c.get('estimated') is None else format(c['estimated'], ',')}</td>"
+                       f"<td>{'-' if c.get('rel_error') is None else format(100 * c['rel_error'], '+.1f') + '%'}</td></tr>"
+                       for c in comparison)
+        summary = ("<table class=\"summary\"><tr><th>term</th><th>unit</th><th>measured</th><th>estimated</th>"
+                   f"<th>error</th></tr>{rows}</table>")
+    return _page(f"lora-cost profile: {model.get('class_name') or doc.get('script') or source}", header, summary, figures)

@@ -1,0 +1,206 @@
+"""Read the configuration of the live model, adapters and optimizer, and map it to the estimator.
+
+Everything comes from the live objects: the Hugging Face `PretrainedConfig` (`config.to_dict()`,
+`config._attn_implementation`), `PreTrainedModel.is_gradient_checkpointing`, peft's
+`PeftModel.peft_config` (LoraConfig / VeraConfig), parameter dtypes and `requires_grad`, the
+autocast state seen at the model's forward, the input_ids shape and the optimizer's class.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LoraCostError
+from .results import ModelInfo
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_OPTIMIZERS = {  # class name -> estimator optimizer
+    "AdamW": "adamw", "Adam": "adamw", "AdamW8bit": "adamw-8bit", "Adam8bit": "adamw-8bit",
+    "PagedAdamW": "paged-adamw-32bit", "PagedAdamW32bit": "paged-adamw-32bit", "PagedAdam32bit": "paged-adamw-32bit",
+    "PagedAdamW8bit": "paged-adamw-8bit", "PagedAdam8bit": "paged-adamw-8bit", "SGD": "sgd",
+}
+
+
+@dataclass(frozen=True)
+class Observed:
+    """What the profiler saw at the model's forward."""
+
+    input_shape: tuple[int, ...] | None  # input_ids (or the first integer tensor) of one micro-batch
+    autocast_dtype: torch.dtype | None
+
+
+def pick_model(candidates, optimizers):
+    """The module whose parameters the optimizer holds: of the modules called at top level, the
+    one owning the most optimizer parameters (peft-wrapped or not)."""
+    wanted = {id(p) for opt in optimizers for g in opt.param_groups for p in g["params"]}
+    best, best_hits = None, 0
+    for module in candidates:
+        hits = sum(1 for p in module.parameters() if id(p) in wanted)
+        if hits > best_hits:
+            best, best_hits = module, hits
+    return best
+
+
+def _peft_config(model):
+    peft = sys.modules.get("peft")
+    if peft is None or not isinstance(model, peft.PeftModel):
+        return None, model
+    cfg = model.peft_config.get(getattr(model, "active_adapter", "default")) or next(iter(model.peft_config.values()))
+    return cfg, model.get_base_model()
+
+
+def _hf_model(model):
+    """The innermost module carrying a Hugging Face config."""
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and hasattr(cfg, "to_dict") and hasattr(cfg, "model_type"):
+            return m
+    return None
+
+
+def _is_4bit(model) -> bool:
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return False
+    linear4 = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
+    return linear4 is not None and any(isinstance(m, linear4) for m in model.modules())
+
+
+def _method(model, peft_cfg) -> tuple[str | None, str]:
+    if peft_cfg is None:
+        if all(p.requires_grad for p in model.parameters()):
+            return "full", ""
+        return None, "no peft adapters but only part of the model trains (the estimator knows full fine-tuning and peft methods)"
+    kind = type(peft_cfg).__name__
+    if kind == "VeraConfig":
+        return "vera", ""
+    if kind != "LoraConfig":
+        return None, f"peft {kind} is not a method the estimator knows"
+    if _is_4bit(model):
+        return "qlora", ""
+    if getattr(peft_cfg, "use_dora", False):
+        return "dora", ""
+    a = [p for n, p in model.named_parameters() if ".lora_A." in n]
+    if a and not any(p.requires_grad for p in a):
+        return "lora-fa", ""
+    return "lora", ""
+
+
+def _precision(model, method: str | None, autocast_dtype) -> str | None:
+    frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    pool = frozen if frozen and method != "full" else [p for p in model.parameters() if p.is_floating_point()]
+    if method == "qlora":
+        return "bf16"
+    if not pool:
+        return None
+    dtype = max(pool, key=lambda p: p.numel()).dtype
+    name = _DTYPES.get(dtype)
+    if name == "fp32" and autocast_dtype in (torch.bfloat16, torch.float16):
+        return "amp-bf16" if autocast_dtype == torch.bfloat16 else "amp-fp16"
+    return name
+
+
+def _optimizer(opt) -> tuple[str | None, str]:
+    name = type(opt).__name__
+    mapped = _OPTIMIZERS.get(name)
+    if mapped is None:
+        return None, f"optimizer {name} is not one the estimator knows"
+    note = ""
+    if name == "SGD" and not any(g.get("momentum", 0) for g in opt.param_groups):
+        note = "SGD without momentum keeps no state; the estimate assumes a momentum buffer"
+    if any(g.get("amsgrad") for g in opt.param_groups):
+        note = "amsgrad keeps a third state; the estimate assumes two"
+    return mapped, note
+
+
+def _targets(peft_cfg) -> tuple[str, ...]:
+    t = getattr(peft_cfg, "target_modules", None)
+    if t is None:
+        return ()
+    if isinstance(t, str):
+        return (t,)  # "all-linear" or a regex (the estimator rejects what it cannot match, with a message)
+    return tuple(sorted(t))
+
+
+def describe(model, optimizer, observed: Observed):
+    """(ModelInfo, ModelSpec | None, RunConfig | None): the estimator inputs for this run, or the
+    reason it cannot be estimated in ModelInfo.note."""
+    from ..profiles import spec_from_config
+    from ..spec import RunConfig
+
+    peft_cfg, base = _peft_config(model)
+    hf = _hf_model(base)
+    notes = []
+    method, why = _method(model, peft_cfg)
+    if why:
+        notes.append(why)
+    opt_name, why = _optimizer(optimizer)
+    if why:
+        notes.append(why)
+    precision = _precision(model, method, observed.autocast_dtype)
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    batch = seq = None
+    if observed.input_shape is not None and len(observed.input_shape) == 2:
+        batch, seq = observed.input_shape
+    elif observed.input_shape is None:
+        notes.append("no integer input_ids seen at the model's forward: batch and sequence length unknown")
+    cfg = hf.config if hf is not None else None
+    attention = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    est_attention = attention if attention in ("sdpa", "eager") else "sdpa"
+    if attention not in (None, "sdpa", "eager"):
+        notes.append(f"attention {attention!r} estimated as sdpa")
+    ckpt = _checkpointing(hf)
+    r = getattr(peft_cfg, "r", None) if peft_cfg is not None else None
+    dropout = float(getattr(peft_cfg, "lora_dropout", 0.0) or getattr(peft_cfg, "vera_dropout", 0.0) or 0.0) if peft_cfg is not None else 0.0
+    targets = _targets(peft_cfg)
+    info = dict(class_name=type(model).__name__, model_type=getattr(cfg, "model_type", None), method=method, r=r,
+                targets=targets, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
+                grad_checkpointing=ckpt, attention=attention, dropout=dropout, trainable_params=int(trainable),
+                total_params=int(total))
+    spec = run = None
+    if cfg is None:
+        notes.append("no Hugging Face config found on the model")
+    elif None in (method, opt_name, precision, batch, seq):
+        pass
+    else:
+        try:
+            spec = spec_from_config(type(hf).__name__ if not getattr(cfg, "name_or_path", "") else cfg.name_or_path,
+                                    cfg.to_dict(), "live model")
+            options = {}
+            if method == "qlora":
+                options = _qlora_options(model)
+            run = RunConfig(method=method, r=r if method != "full" else None,
+                            targets=targets or None, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
+                            grad_checkpointing=ckpt, attention=est_attention, dropout=dropout if method != "full" else 0.0,
+                            method_options=tuple(sorted(options.items())))
+        except LoraCostError as exc:
+            notes.append(str(exc))
+            spec = run = None
+    estimable = spec is not None and run is not None
+    if not estimable and not notes:
+        notes.append("the estimator cannot describe this run")
+    return ModelInfo(estimable=estimable, note="; ".join(notes), **info), spec, run
+
+
+def _checkpointing(hf) -> bool:
+    """`is_activation_checkpointing` (transformers >= 5) or `is_gradient_checkpointing` (older)."""
+    if hf is None:
+        return False
+    for attr in ("is_activation_checkpointing", "is_gradient_checkpointing"):
+        if attr in dir(type(hf)):
+            return bool(getattr(hf, attr))
+    return False
+
+
+def _qlora_options(model) -> dict:
+    for m in model.modules():
+        w = getattr(m, "weight", None)
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True))}
+    return {}
