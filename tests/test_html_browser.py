@@ -58,3 +58,16 @@ def test_nothing_fits_report_renders(tmp_path):
     assert r.exit_code == 0, r.output
     assert "Nothing fits" in out.read_text()
     render(tmp_path, out, figures=4)
+
+
+def test_profile_report_renders(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from pathlib import Path
+    example = Path(__file__).resolve().parent.parent / "examples" / "train_tiny.py"
+    run_json, out = tmp_path / "run.json", tmp_path / "run.html"
+    r = CliRunner().invoke(main, ["profile", str(example), "--steps", "2", "--out", str(run_json), "--", "--steps", "4"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["report", str(run_json), "--html", str(out)])
+    assert r.exit_code == 0, r.output
+    render(tmp_path, out, figures=4)
