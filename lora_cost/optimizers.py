@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .errors import LoraCostError
+from .registry import Registry, dashed
 from .methods.base import TensorGroup
 from .units import DTYPE_BYTES
 
@@ -55,25 +55,19 @@ class Optimizer:
     paged: bool = False  # states live in managed memory, outside torch's allocated counters
 
 
-_OPTIMIZERS: dict[str, Optimizer] = {}
+OPTIMIZERS: Registry[Optimizer] = Registry("optimizer", dashed)
 
 
 def register_optimizer(opt: Optimizer) -> Optimizer:
-    if opt.name in _OPTIMIZERS:
-        raise ValueError(f"optimizer {opt.name!r} registered twice")
-    _OPTIMIZERS[opt.name] = opt
-    return opt
+    return OPTIMIZERS.register(opt, [opt.name])
 
 
 def get_optimizer(name: str) -> Optimizer:
-    key = name.lower().replace("_", "-")
-    if key not in _OPTIMIZERS:
-        raise LoraCostError(f"unknown optimizer {name!r}; choose one of {', '.join(_OPTIMIZERS)}")
-    return _OPTIMIZERS[key]
+    return OPTIMIZERS.get(name)
 
 
 def all_optimizers() -> dict[str, Optimizer]:
-    return dict(_OPTIMIZERS)
+    return OPTIMIZERS.all()
 
 
 register_optimizer(Optimizer("adamw", "torch.optim.AdamW (foreach): exp_avg + exp_avg_sq in the parameter dtype",

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import LoraCostError
+from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..estimator import StepContext
@@ -40,26 +41,23 @@ class Architecture:
     head_sites: Callable[["ModelSpec"], tuple["LinearSite", ...]] = lambda spec: ()
 
 
-_ARCHITECTURES: dict[str, Architecture] = {}
+ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
 
 
 def register_architecture(arch: Architecture) -> Architecture:
-    for model_type in arch.model_types:
-        if model_type in _ARCHITECTURES:
-            raise ValueError(f"model_type {model_type!r} registered twice")
-        _ARCHITECTURES[model_type] = arch
-    return arch
+    return ARCHITECTURES.register(arch, arch.model_types)
 
 
 def get_architecture(model_type: str) -> Architecture:
-    if model_type not in _ARCHITECTURES:
-        raise LoraCostError(
-            f"unsupported architecture {model_type!r}; supported model_type values: {', '.join(sorted(_ARCHITECTURES))}")
-    return _ARCHITECTURES[model_type]
+    try:
+        return ARCHITECTURES.get(model_type)
+    except LoraCostError:
+        raise LoraCostError(f"unsupported architecture {model_type!r}; supported model_type values: "
+                            f"{', '.join(supported_model_types())}") from None
 
 
 def supported_model_types() -> list[str]:
-    return sorted(_ARCHITECTURES)
+    return sorted(ARCHITECTURES.all())
 
 
 def require(cfg: dict, key: str, name: str, *alternatives: str):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from ..errors import LoraCostError
+from ..registry import Registry, dashed
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..estimator import StepContext
@@ -59,26 +60,19 @@ class Method:
         return run.option(key, self.option_defaults.get(key))
 
 
-_METHODS: dict[str, Method] = {}
+METHODS: Registry[Method] = Registry("method", dashed)
 
 
 def register_method(method: Method) -> Method:
-    """Add a method to the registry; a second method of the same name is a programming error."""
-    if method.name in _METHODS:
-        raise ValueError(f"method {method.name!r} registered twice")
-    _METHODS[method.name] = method
-    return method
+    return METHODS.register(method, [method.name])
 
 
 def get_method(name: str) -> Method:
-    key = name.lower().replace("_", "-")
-    if key not in _METHODS:
-        raise LoraCostError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}")
-    return _METHODS[key]
+    return METHODS.get(name)
 
 
 def all_methods() -> dict[str, Method]:
-    return dict(_METHODS)
+    return METHODS.all()
 
 
 def check_rank(sites: list["LinearSite"], r: int, method: str) -> None:

@@ -1,0 +1,40 @@
+"""One small registry type, used once per concept (methods, optimizers, architectures)."""
+
+from __future__ import annotations
+
+from typing import Generic, Iterable, TypeVar
+
+from .errors import LoraCostError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names -> entries. Registering a name twice is a programming error; looking up an unknown
+    name is the user's error (LoraCostError naming the choices)."""
+
+    def __init__(self, kind: str, normalise=lambda name: name) -> None:
+        self.kind = kind
+        self._normalise = normalise
+        self._entries: dict[str, T] = {}
+
+    def register(self, entry: T, names: Iterable[str]) -> T:
+        for name in names:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} registered twice")
+            self._entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> T:
+        key = self._normalise(name)
+        if key not in self._entries:
+            raise LoraCostError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._entries)}")
+        return self._entries[key]
+
+    def all(self) -> dict[str, T]:
+        return dict(self._entries)
+
+
+def dashed(name: str) -> str:
+    """'lora_fa' and 'LoRA-FA' both name 'lora-fa'."""
+    return name.lower().replace("_", "-")
