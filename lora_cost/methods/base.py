@@ -14,7 +14,7 @@ from ..errors import LoraCostError
 from ..registry import Registry, dashed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..estimator import StepContext
+    from ..context import StepContext
     from ..spec import LinearSite, ModelSpec, RunConfig
     from ..tape import Tensor
 

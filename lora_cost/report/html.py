@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 
-from ..estimator import COMPONENTS
+from ..explain import COMPONENTS
 from ..planner import Plan
 from ..units import GIB, fmt_bytes, fmt_flops
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..estimator import COMPONENTS
+from ..explain import COMPONENTS
 from ..results import Estimate
 from ..units import fmt_bytes, fmt_count, fmt_flops
 

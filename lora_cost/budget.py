@@ -1,0 +1,94 @@
+"""Parameters, gradients and optimizer state of one run: what is stored, what trains, what the
+optimizer keeps. Pure arithmetic over the architecture's parameter groups and the method's tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from .architectures.base import Architecture
+from .methods.base import Method, TensorGroup
+from .methods.qlora import nf4_bytes
+from .optimizers import Optimizer
+from .spec import LinearSite, ModelSpec, RunConfig
+from .units import DTYPE_BYTES
+
+
+@dataclass(frozen=True)
+class ParameterBudget:
+    total_params: int
+    trainable_params: int
+    base_weight_bytes: int  # the pretrained weights as stored (NF4 + fp32 under QLoRA)
+    trainable_bytes: int  # = gradient bytes
+    frozen_adapter_bytes: int  # frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)
+    per_layer_trainable_bytes: int  # trainable bytes inside one block (gradients accumulate block by block)
+    state_bytes: int  # optimizer state
+    paged: bool  # state lives outside torch's allocator
+    optimizer_temporaries: int  # alive during opt.step()
+    base_trainable: bool
+
+    @property
+    def frozen_bytes(self) -> int:
+        return (0 if self.base_trainable else self.base_weight_bytes) + self.frozen_adapter_bytes
+
+    @property
+    def allocated_state_bytes(self) -> int:
+        return 0 if self.paged else self.state_bytes
+
+    @property
+    def steady_bytes(self) -> int:
+        """Allocated between steps: every weight and the optimizer state."""
+        return self.frozen_bytes + self.trainable_bytes + self.allocated_state_bytes
+
+
+@lru_cache(maxsize=512)
+def param_groups(arch: Architecture, spec: ModelSpec):
+    return tuple(arch.params(spec))
+
+
+@lru_cache(maxsize=2048)
+def base_weight_bytes(arch: Architecture, spec: ModelSpec, quantized: bool, dtype: str, double_quant: bool) -> int:
+    """The pretrained weights as stored: one dtype, or under QLoRA NF4 block linears and the rest in
+    fp32 (prepare_model_for_kbit_training casts every non-quantised parameter)."""
+    total = 0.0
+    for g in param_groups(arch, spec):
+        if quantized and g.kind == "linear":
+            total += g.count * nf4_bytes(g.numel, double_quant=double_quant)
+        elif quantized:
+            total += g.total * 4
+        else:
+            total += g.total * DTYPE_BYTES[dtype]
+    return int(total)
+
+
+def groups_bytes(groups: list[TensorGroup]) -> int:
+    return sum(g.total_numel * DTYPE_BYTES[g.dtype] for g in groups)
+
+
+def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig, opt: Optimizer,
+                     sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
+    L = spec.layers
+    dtype = run.weight_dtype
+    groups = param_groups(arch, spec)
+    stored = base_weight_bytes(arch, spec, method.quantized_base, dtype, bool(method.option(run, "double_quant")))
+    if method.base_trainable:
+        trainable = [TensorGroup(g.name, g.numel, g.count, dtype) for g in groups]
+        # groups named "...*..." repeat in every block (their count is a multiple of L)
+        per_layer = sum(g.total // L for g in groups if "*" in g.name) * DTYPE_BYTES[dtype]
+        frozen: list[TensorGroup] = []
+    else:
+        trainable, frozen = [], []
+        for s in sites:
+            trainable += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.trainable(s, run)]
+            frozen += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.frozen(s, run)]
+        per_layer = groups_bytes(trainable) // max(L, 1)
+        for s in head_sites:
+            trainable += method.trainable(s, run)
+            frozen += method.frozen(s, run)
+        if sites or head_sites:
+            frozen += method.shared_frozen(sites + head_sites, run)
+    return ParameterBudget(
+        total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
+        base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),
+        per_layer_trainable_bytes=per_layer, state_bytes=sum(opt.state_bytes(g) for g in trainable), paged=opt.paged,
+        optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable)
