@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from .architectures.base import Architecture
-from .methods.base import Method, TensorGroup
+from .methods.base import Method, TensorGroup, get_method
 from .methods.qlora import nf4_bytes
 from .optimizers import Optimizer
 from .spec import LinearSite, ModelSpec, RunConfig
@@ -67,6 +67,17 @@ def groups_bytes(groups: list[TensorGroup]) -> int:
 
 def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig, opt: Optimizer,
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
+    """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
+    key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
+                    method_options=run.method_options)
+    return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
+
+
+@lru_cache(maxsize=8192)
+def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: Optimizer,
+                      sites: tuple[LinearSite, ...], head_sites: tuple[LinearSite, ...]) -> ParameterBudget:
+    method = get_method(run.method)
+    sites, head_sites = list(sites), list(head_sites)
     L = spec.layers
     dtype = run.weight_dtype
     groups = param_groups(arch, spec)

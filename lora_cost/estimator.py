@@ -150,10 +150,10 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
         components=tuple(Term(t.name, t.value, *describe(t.name)) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
-        saved_by_kind=saved_by_kind(rec, reps, run, acts.kept),
+        saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
     flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
-                         backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, reps, run, recomputed))
+                         backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, run, recomputed))
     gpu_fit = None
     if gpu is not None:
         g = load_gpu(gpu)

@@ -79,23 +79,17 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
     )
 
 
-def flop_terms(rec: StepRecord, reps: dict, run: RunConfig, recomputed: int) -> tuple[Term, ...]:
-    by_kind: dict[tuple[str, str], int] = {}
-    for (scope, kind, phase), v in rec.flops_by_kind.items():
-        by_kind[(kind, phase)] = by_kind.get((kind, phase), 0) + v * reps.get(scope, 1)
-    terms = [Term(f"{kind} {phase}", int(v), _FLOP_KINDS.get(kind, ""), "") for (kind, phase), v in sorted(by_kind.items()) if v]
+def flop_terms(rec: StepRecord, run: RunConfig, recomputed: int) -> tuple[Term, ...]:
+    terms = [Term(f"{kind} {phase}", int(v), _FLOP_KINDS.get(kind, ""), "")
+             for (kind, phase), v in sorted(rec.flop_totals.items()) if v]
     if run.grad_checkpointing:
         terms.append(Term("recomputation bwd", int(recomputed), "forward of every block again, up to its last save",
                           "gradient checkpointing"))
     return tuple(terms)
 
 
-def saved_by_kind(rec: StepRecord, reps: dict, run: RunConfig, kept: tuple[int, ...]) -> tuple[Term, ...]:
-    totals: dict[str, int] = {}
-    for (scope, kind), v in rec.saved_by_kind.items():
-        if run.grad_checkpointing and scope.startswith("layer"):
-            continue
-        totals[kind] = totals.get(kind, 0) + v * reps.get(scope, 1)
+def saved_by_kind(rec: StepRecord, run: RunConfig, kept: tuple[int, ...]) -> tuple[Term, ...]:
+    totals = dict(rec.kind_totals)
     if run.grad_checkpointing:
         totals["checkpointed block inputs"] = sum(kept)
     return tuple(Term(k, int(v), "", "") for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))

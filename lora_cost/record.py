@@ -27,6 +27,8 @@ class StepRecord:
 
     saved: dict  # scope -> bytes autograd keeps
     saved_by_kind: dict  # (scope, kind) -> bytes
+    kind_totals: dict  # kind -> bytes autograd keeps over the whole model (blocks expanded; checkpointed blocks left out)
+    flop_totals: dict  # (kind, fwd|bwd) -> FLOPs over the whole model
     flops: dict  # (scope, fwd|bwd) -> FLOPs
     flops_by_kind: dict  # (scope, kind, fwd|bwd) -> FLOPs
     flops_after_last_save: dict  # scope -> forward FLOPs after the last save (not recomputed)
@@ -77,8 +79,8 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(kept)
 
 
-_FIELDS = ("saved", "saved_by_kind", "flops", "flops_by_kind", "flops_after_last_save", "uncounted",
-           "uncounted_after_last_save")
+_FIELDS = ("saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
+           "uncounted", "uncounted_after_last_save")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
 
 
@@ -108,7 +110,17 @@ def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
     tape = Tape(run.tokens, autocast=run.autocast_dtype)
     ctx = make_context(tape, spec, run, method, targets)
     arch.forward(ctx)
-    return _flatten(tape, ctx)
+    scalars, lists = _flatten(tape, ctx)
+    # whole-model totals per kind (block 1 stands for blocks 1..L-1), for the explanation
+    reps = {"layer0": 1, "layer1": spec.layers - 1}
+    for (scope, kind), v in tape.saved.items():
+        if not (run.grad_checkpointing and scope.startswith("layer")):
+            key = ("kind_totals", kind)
+            scalars[key] = scalars.get(key, 0) + v * reps.get(scope, 1)
+    for (scope, kind, phase), v in tape.flops.items():
+        key = ("flop_totals", (kind, phase))
+        scalars[key] = scalars.get(key, 0) + v * reps.get(scope, 1)
+    return scalars, lists
 
 
 @lru_cache(maxsize=4096)
