@@ -1,0 +1,66 @@
+"""Put an analytic Estimate and a TraceResult side by side, term by term (no torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .results import TraceResult
+
+# analytic component -> the trace category it falls in (the trace only knows what a storage is)
+COMPONENT_TO_CATEGORY = {
+    "weights": "weights", "trainable_weights": "trainable_weights", "optimizer_state": "optimizer_state",
+    "saved_activations": "saved_activations", "gradients": "gradients",
+    "recomputed_activations": "recomputed_activations",
+    "logits": "temporaries", "logits_fp32_copy": "temporaries", "loss_gradient_buffers": "temporaries",
+    "activation_gradient_buffers": "temporaries", "transient_buffers": "temporaries",
+    "optimizer_temporaries": "temporaries",
+}
+
+
+@dataclass(frozen=True)
+class Difference:
+    term: str
+    analytic: int
+    trace: int
+
+    @property
+    def diff(self) -> int:
+        return self.trace - self.analytic
+
+    @property
+    def rel(self) -> float | None:
+        return None if not self.analytic else (self.trace - self.analytic) / self.analytic
+
+
+def _categories(terms) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for t in terms:
+        key = COMPONENT_TO_CATEGORY.get(t.name, "temporaries")
+        out[key] = out.get(key, 0) + t.value
+    return out
+
+
+def differences(estimate, traced: TraceResult) -> list[Difference]:
+    e, m, f = estimate, estimate.memory, estimate.flops
+    rows = [
+        Difference("trainable_params", e.trainable_params, traced.trainable_params),
+        Difference("peak_bytes", m.peak_bytes, traced.peak_bytes),
+        Difference("saved_activation_bytes", m.saved_activation_bytes, traced.saved_activation_bytes),
+        Difference("steady_bytes", m.steady_bytes, traced.steady_bytes),
+    ]
+    analytic_phases = {p.phase: p for p in m.phases}
+    for p in traced.phases:
+        a = analytic_phases.get(p.phase)
+        if a is None:
+            continue
+        rows.append(Difference(f"{p.phase}.peak_bytes", a.peak_bytes, p.peak_bytes))
+        cats = _categories(a.terms)
+        trace_cats = {c.name: c.bytes for c in p.categories}
+        for key in sorted(set(cats) | set(trace_cats)):
+            rows.append(Difference(f"{p.phase}.{key}", cats.get(key, 0), trace_cats.get(key, 0)))
+    rows += [
+        Difference("flops.forward", f.forward, traced.flops_forward),
+        Difference("flops.backward", f.backward, traced.flops_backward),
+        Difference("flops.forward_uncounted", f.forward_uncounted, traced.flops_forward_uncounted),
+    ]
+    return rows

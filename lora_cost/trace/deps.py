@@ -1,0 +1,17 @@
+"""Import torch, transformers and peft for the trace engine, or fail with one actionable line."""
+
+from __future__ import annotations
+
+from ..errors import LoraCostError
+
+INSTALL_HINT = "pip install 'lora-cost[trace]'"
+
+
+def require() -> None:
+    """Raise LoraCostError naming the missing package when the trace extras are not installed."""
+    for name in ("torch", "transformers", "peft"):
+        try:
+            __import__(name)
+        except ImportError as exc:
+            raise LoraCostError(f"the trace engine needs {name}, which is not installed ({exc.msg}); "
+                                f"run `{INSTALL_HINT}`") from None

@@ -1,0 +1,172 @@
+"""`trace(...)`: validate like the analytic engine, build, run the step, summarise (imports torch)."""
+
+from __future__ import annotations
+
+import resource
+import time
+import warnings
+from dataclasses import replace
+
+from ..errors import LoraCostError
+from ..estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, _check_options, resolve_targets
+from ..architectures import get_architecture
+from ..methods import get_method
+from ..optimizers import get_optimizer
+from ..profiles import load_model
+from ..spec import ModelSpec, RunConfig
+from .results import Category, ModuleSaved, OpFlops, Peak, TraceResult
+
+CATEGORY_ORDER = ("weights", "trainable_weights", "optimizer_state", "saved_activations", "gradients",
+                  "recomputed_activations", "temporaries", "earlier_steps")
+
+
+def plan(model, method: str, **kwargs):
+    """The analytic engine's own validation and target resolution (same flags, same errors)."""
+    spec = model if isinstance(model, ModelSpec) else load_model(model)
+    targets = kwargs.pop("targets", None)
+    if isinstance(targets, str):
+        targets = tuple(targets.split(","))
+    options = kwargs.pop("method_options", None) or {}
+    run = RunConfig(method=method, targets=tuple(targets) if targets is not None else None,
+                    method_options=tuple(sorted(options.items())), **kwargs)
+    m = get_method(run.method)
+    run = replace(run, method=m.name)
+    arch = get_architecture(spec.model_type)
+    _check_options(m, run)
+    if m.base_trainable:
+        if run.r is not None:
+            raise LoraCostError("--r does not apply to full fine-tuning")
+        if run.dropout:
+            raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
+    else:
+        run = replace(run, r=m.rank(run))
+    run = replace(run, optimizer=get_optimizer(run.optimizer).name)
+    names, sites, head_sites = resolve_targets(arch, spec, m, run.targets)
+    m.validate(spec, sites + head_sites, run)
+    return spec, run, m, names
+
+
+def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, seq: int = 512, precision: str = "bf16",
+          optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
+          model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False) -> TraceResult:
+    """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
+
+    `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
+    off to describe an ordinary training step."""
+    from .deps import require
+
+    spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
+                               optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
+                               dropout=dropout, model_dropout=model_dropout, method_options=method_options)
+    require()
+    import torch  # noqa: F401
+    from .build import build, raw_config
+    from .step import run_step
+
+    import transformers
+
+    t0 = time.perf_counter()
+    cfg = raw_config(model if isinstance(model, str) else spec.name)
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built = build(spec, cfg, run, m, names)
+            total_params = sum(p.numel() for p in built.model.parameters())
+            trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
+            rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration)
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    elapsed = time.perf_counter() - t0
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss)
+
+
+def _category(blk, rec) -> str:
+    if blk.kind is not None:
+        return blk.kind
+    if blk.phase == "warmup":
+        return "earlier_steps"
+    if id(blk) in rec.grad_blocks:
+        return "gradients"
+    if blk.saved:
+        return "saved_activations"
+    if blk.recompute:
+        return "recomputed_activations"
+    return "temporaries"
+
+
+def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss) -> TraceResult:
+    sim = rec.sim
+    phases = []
+    for phase in ("forward", "backward", "optimizer"):
+        peak_bytes, event, op, module = sim.peaks[phase]
+        alive = sim.alive_at(event)
+        cats: dict[str, int] = {}
+        temps = []
+        for b in alive:
+            c = _category(b, rec)
+            cats[c] = cats.get(c, 0) + b.size
+            if c == "temporaries":
+                temps.append((b.op, b.module, b.size))
+        temps.sort(key=lambda t: -t[2])
+        phases.append(Peak(phase, int(peak_bytes), op, module,
+                           tuple(Category(k, cats[k]) for k in CATEGORY_ORDER if cats.get(k)), tuple(temps[:5])))
+    top = max(phases, key=lambda p: p.peak_bytes)
+    steady = sim.starts["forward"]  # allocated when the measured step starts
+    saved = sum(b.raw for b in sim.saved_blocks)
+    by_module: dict[str, list[int]] = {}
+    for mod, (nbytes, count) in sim.saved_module.items():
+        key = _pattern(mod)
+        e = by_module.setdefault(key, [0, 0])
+        e[0] += nbytes
+        e[1] += count
+    saved_by_module = tuple(ModuleSaved(k, v[0], v[1]) for k, v in sorted(by_module.items(), key=lambda kv: -kv[1][0]))
+    saved_by_op: dict[str, int] = {}
+    for b in sim.saved_blocks:
+        saved_by_op[b.op] = saved_by_op.get(b.op, 0) + b.raw
+    fwd, bwd = sum(rec.flops_fwd.values()), sum(rec.flops_bwd.values())
+    uncounted_fwd = rec.flops_fwd.get("gemm_4bit", 0)
+    uncounted_bwd = rec.flops_bwd.get("gemm_4bit", 0)
+    ops = tuple(OpFlops(k, "forward", v) for k, v in sorted(rec.flops_fwd.items())) + \
+        tuple(OpFlops(k, "backward", v) for k, v in sorted(rec.flops_bwd.items()))
+    zero = tuple(sorted(op for op in sim.ops_seen if op not in rec.counted_ops))
+    kernel = "eager" if run.attention == "eager" else "+".join(sorted(rec.backends)) or "none"
+    notes = list(built.notes)
+    notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
+                 "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
+    notes.append("not simulated: cuDNN attention and other kernels a library selects only on a real GPU, "
+                 "torch.compile, the caching allocator's block splitting and reserved (cached) memory, cuBLAS "
+                 "workspaces; CPU-side tensors of the real run (AdamW step counters) are excluded")
+    if run.autocast_dtype:
+        notes.append("autocast: CUDA's op lists emulated at the function level (lora_cost/trace/autocast.py); ops "
+                     "called inside other ops' C++ implementations are cast as their caller was")
+    warnings = []
+    if run.seq > spec.max_positions:
+        warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
+    device = int(top.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + rec.paged_bytes
+    if rec.paged_bytes:
+        notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
+                     f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
+    elif run.optimizer not in ("adamw", "sgd"):
+        notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage and an in-place update "
+                     "(lora_cost/trace/optim8bit.py)")
+    return TraceResult(
+        model=spec.name, family=spec.model_type, method=m.name, r=None if m.base_trainable else run.r, targets=names,
+        batch=run.batch, seq=run.seq, precision=run.precision, optimizer=run.optimizer,
+        grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
+        method_options={k: m.option(run, k) for k in m.options}, trainable_params=int(trainable_params),
+        total_params=int(total_params), adapted_modules=built.adapted, peak_bytes=top.peak_bytes, peak_phase=top.phase,
+        phases=tuple(phases), steady_bytes=int(steady), device_bytes=device, saved_activation_bytes=int(saved),
+        saved_by_module=saved_by_module,
+        saved_by_kind=tuple(Category(k, v) for k, v in sorted(saved_by_op.items(), key=lambda kv: -kv[1])),
+        flops_forward=int(fwd), flops_backward=int(bwd), flops_forward_uncounted=int(uncounted_fwd),
+        flops_backward_uncounted=int(uncounted_bwd), flops_by_op=ops, zero_flop_ops=zero, attention_kernel=kernel,
+        notes=tuple(notes), warnings=tuple(warnings), trace_seconds=round(elapsed, 3), trace_max_rss_bytes=int(rss),
+        paged_optimizer_bytes=int(rec.paged_bytes))
+
+
+def _pattern(module: str) -> str:
+    """'LlamaForCausalLM.model.layers.7.mlp' -> 'LlamaForCausalLM.model.layers.*.mlp'."""
+    return ".".join("*" if part.isdigit() else part for part in module.split(".")) if module else "(outside modules)"

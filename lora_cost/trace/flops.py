@@ -1,0 +1,90 @@
+"""FLOPs through torch.utils.flop_counter.FlopCounterMode, with formulas where it is wrong or silent.
+
+Registered here (FlopCounterMode(custom_mapping=...)), for every torch version the engine supports:
+  * the CUDA sdpa ops (flash, memory-efficient; forward and backward) with grouped-query shapes:
+    torch 2.11's formula asserted that k/v have as many heads as q (the calibration's GQA rows have
+    no FLOPs for that reason); 4*b*h*s_q*s_k*d forward, 10*b*h*s_q*s_k*d backward (the kernels
+    recompute the scores), causal masking not discounted (FlopCounterMode's convention);
+  * the QLoRA stand-in's 4-bit gemm (`lora_cost_trace::gemm_4bit`): bitsandbytes' forward gemm is
+    invisible to FlopCounterMode; the trace counts it and reports it as `forward_uncounted`.
+CPU attention (`_scaled_dot_product_flash_attention_for_cpu`, counted 0 in torch 2.13) never runs:
+attention.py redirects sdpa to the CUDA ops.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .qlora import gemm_4bit_flops
+
+aten = torch.ops.aten
+
+
+def _attn(q_shape, k_shape, v_shape) -> int:
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
+
+
+def _attn_bwd(q_shape, k_shape, v_shape) -> int:
+    b, h, s_q, d = q_shape
+    s_k, d_v = k_shape[-2], v_shape[-1]
+    return 2 * b * h * s_q * s_k * (3 * d + 2 * d_v)
+
+
+def sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return _attn(query_shape, key_shape, value_shape)
+
+
+def sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return _attn_bwd(query_shape, key_shape, value_shape)
+
+
+GEMM_4BIT = torch.ops.lora_cost_trace.gemm_4bit
+
+
+def custom_mapping() -> dict:
+    return {
+        aten._scaled_dot_product_flash_attention: sdpa_forward,
+        aten._scaled_dot_product_efficient_attention: sdpa_forward,
+        aten._scaled_dot_product_flash_attention_backward: sdpa_backward,
+        aten._scaled_dot_product_efficient_attention_backward: sdpa_backward,
+        GEMM_4BIT: gemm_4bit_flops,
+    }
+
+
+class _GlobalOnly:
+    """Stands in for FlopCounterMode's ModuleTracker: its per-module attribution registers grad hooks
+    on every module's inputs and outputs, and the handles keep checkpoint recomputation graphs (with
+    their tensors) alive until the mode exits, which would distort the simulated memory. The trace
+    only needs the global counts."""
+
+    parents = {"Global"}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return None
+
+
+def counter() -> FlopCounterMode:
+    mode = FlopCounterMode(display=False, custom_mapping=custom_mapping())
+    mode.mod_tracker = _GlobalOnly()
+    return mode
+
+
+def by_op(mode: FlopCounterMode) -> dict[str, int]:
+    counts = mode.get_flop_counts().get("Global", {})
+    return {str(getattr(op, "__name__", op)): int(v) for op, v in counts.items()}
+
+
+def difference(later: dict[str, int], earlier: dict[str, int]) -> dict[str, int]:
+    """Per-op FLOPs counted between two snapshots of one counter."""
+    out = {op: v - earlier.get(op, 0) for op, v in later.items()}
+    return {op: v for op, v in out.items() if v}
+
+
+def counted_op_names(mode: FlopCounterMode) -> set[str]:
+    return {str(getattr(op, "__name__", op)) for op in mode.flop_registry}

@@ -1,0 +1,59 @@
+"""JSON of a TraceResult: the keys of `estimate --json` (report/jsonout.py) plus the trace's detail."""
+
+from __future__ import annotations
+
+from .results import TraceResult
+
+
+def trace_to_json(t: TraceResult, gpu=None) -> dict:
+    top = next(p for p in t.phases if p.phase == t.peak_phase)
+    doc = {
+        "engine": "trace",
+        "inputs": {
+            "model": t.model, "method": t.method, "r": t.r, "targets": list(t.targets), "batch": t.batch, "seq": t.seq,
+            "precision": t.precision, "optimizer": t.optimizer, "grad_checkpointing": t.grad_checkpointing,
+            "attention": t.attention, "dropout": t.dropout, "method_options": t.method_options,
+        },
+        "model": t.model,
+        "family": t.family,
+        "method": t.method,
+        "trainable_params": t.trainable_params,
+        "total_params": t.total_params,
+        "trainable_percent": 100.0 * t.trainable_params / t.total_params if t.total_params else 0.0,
+        "adapted_modules": t.adapted_modules,
+        "memory": {
+            "peak_bytes": t.peak_bytes,
+            "peak_phase": t.peak_phase,
+            "device_bytes": t.device_bytes,
+            "steady_bytes": t.steady_bytes,
+            "saved_activation_bytes": t.saved_activation_bytes,
+            "paged_optimizer_bytes": t.paged_optimizer_bytes,
+            "components": {c.name: c.bytes for c in top.categories},
+            "phases": {p.phase: {"peak_bytes": p.peak_bytes, "moment": f"{p.op} in {p.module or '(no module)'}",
+                                 "terms": {c.name: c.bytes for c in p.categories}} for p in t.phases},
+            "saved_by_kind": {c.name: c.bytes for c in t.saved_by_kind},
+            "terms": [{"name": c.name, "bytes": c.bytes, "formula": "sum of allocator-rounded storages alive at the peak",
+                       "explanation": "simulated CUDA caching allocator over the traced step"} for c in top.categories],
+        },
+        "flops": {
+            "forward": t.flops_forward, "backward": t.flops_backward, "total": t.flops_forward + t.flops_backward,
+            "forward_uncounted_by_flopcounter": t.flops_forward_uncounted,
+            "backward_uncounted_by_flopcounter": t.flops_backward_uncounted,
+            "convention": "2 FLOPs per multiply-add (torch.utils.flop_counter); fvcore reports half",
+            "terms": [{"name": f"{o.op} {o.phase}", "flops": o.flops, "formula": "FlopCounterMode"} for o in t.flops_by_op],
+        },
+        "gpu": gpu,
+        "warnings": list(t.warnings),
+        "assumptions": list(t.notes),
+        "trace": {
+            "attention_kernel": t.attention_kernel,
+            "saved_by_module": [{"module": s.module, "bytes": s.bytes, "tensors": s.tensors} for s in t.saved_by_module],
+            "peaks": [{"phase": p.phase, "peak_bytes": p.peak_bytes, "op": p.op, "module": p.module,
+                       "largest_temporaries": [{"op": o, "module": m, "bytes": b} for o, m, b in p.largest_temporaries]}
+                      for p in t.phases],
+            "zero_flop_ops": list(t.zero_flop_ops),
+            "seconds": t.trace_seconds,
+            "max_rss_bytes": t.trace_max_rss_bytes,
+        },
+    }
+    return doc

@@ -1,0 +1,123 @@
+"""A stand-in for bitsandbytes' 4-bit linear layer (QLoRA), documented as such.
+
+bitsandbytes cannot run without its CUDA kernels, so the trace replaces every quantised linear by
+`Linear4bitStandIn`, which reproduces what matters for memory and FLOPs (bitsandbytes 0.4x-0.50,
+`nn/modules.py` Linear4bit and `autograd/_functions.py` MatMul4Bit; transformers' bnb integration):
+  * storage: the packed weight (uint8, two 4-bit values per byte, shape [ceil(n/2), 1]) as a frozen
+    parameter, and the quantisation state as buffers: with double quantisation a uint8 absmax per
+    block of 64, an fp32 absmax per 256 blocks, the 256-entry fp32 code of the second level and an
+    fp32 offset; without it one fp32 absmax per block of 64;
+  * forward (Linear4bit.forward): x.to(compute dtype), bias.to(compute dtype), then MatMul4Bit:
+    the weight is dequantised to a [d_out, d_in] compute-dtype transient and multiplied; the output
+    is cast back to the input dtype. The gemm is a custom op here (`lora_cost_trace::gemm_4bit`), as
+    bitsandbytes' is to FlopCounterMode, and its FLOPs are counted by a registered formula;
+  * MatMul4Bit saves no activation (ctx.tensors holds only the packed weight, a parameter); its
+    backward dequantises the weight again (a compute-dtype transient) and computes grad_A with a
+    matmul that FlopCounterMode sees. No weight gradient (the base is frozen).
+Every linear except the output embedding is quantised (transformers skips only lm_head).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NF4_BLOCK = 64
+DQ_BLOCK = 256
+
+
+@torch.library.custom_op("lora_cost_trace::dequantize_4bit", mutates_args=())
+def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, d_out: int, d_in: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(d_out, d_in, dtype=dtype, device=packed.device)
+
+
+@dequantize_4bit.register_fake
+def _(packed, absmax, d_out, d_in, dtype):
+    return packed.new_empty((d_out, d_in), dtype=dtype)
+
+
+@torch.library.custom_op("lora_cost_trace::gemm_4bit", mutates_args=())
+def gemm_4bit(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@gemm_4bit.register_fake
+def _(x, weight):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def gemm_4bit_flops(x_shape, w_shape, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode formula for the 4-bit gemm: 2 * rows * d_in * d_out."""
+    rows = 1
+    for s in x_shape[:-1]:
+        rows *= s
+    return 2 * rows * x_shape[-1] * w_shape[0]
+
+
+class MatMul4Bit(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, absmax, d_out, d_in, bias):
+        w = dequantize_4bit(packed, absmax, d_out, d_in, x.dtype)  # transient, freed after the gemm
+        out = gemm_4bit(x, w)
+        del w
+        if bias is not None:
+            out = out + bias
+        ctx.save_for_backward(packed)  # bnb: ctx.tensors = (None, B); the state rides on ctx
+        ctx.absmax, ctx.shape = absmax, (d_out, d_in)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            w = dequantize_4bit(packed, ctx.absmax, ctx.shape[0], ctx.shape[1], grad.dtype)
+            grad_x = torch.matmul(grad, w)
+        return grad_x, None, None, None, None, None
+
+
+class Linear4bitStandIn(nn.Linear):
+    """Same storage, saved tensors and transients as bitsandbytes' Linear4bit (see module doc)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, compute_dtype: torch.dtype, double_quant: bool = True) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = d_in, d_out
+        self.compute_dtype = compute_dtype
+        numel = d_in * d_out
+        blocks = -(-numel // NF4_BLOCK)
+        self.weight = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(d_out, dtype=compute_dtype), requires_grad=False) if bias else None
+        if double_quant:
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
+            self.register_buffer("absmax2", torch.empty(-(-blocks // DQ_BLOCK), dtype=torch.float32))
+            self.register_buffer("code2", torch.empty(256, dtype=torch.float32))
+            self.register_buffer("offset", torch.empty((), dtype=torch.float32))
+        else:
+            self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        return MatMul4Bit.apply(x, self.weight, self.absmax, self.out_features, self.in_features, bias).to(inp_dtype)
+
+
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
+    """Replace every nn.Linear / Conv1D except the output embedding, as transformers' bnb loader does."""
+    from transformers.pytorch_utils import Conv1D
+
+    skip = model.get_output_embeddings()
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if child is skip or isinstance(child, Linear4bitStandIn):
+                continue
+            if isinstance(child, nn.Linear):
+                d_in, d_out = child.in_features, child.out_features
+            elif isinstance(child, Conv1D):
+                d_in, d_out = child.weight.shape
+            else:
+                continue
+            setattr(parent, name, Linear4bitStandIn(d_in, d_out, child.bias is not None, compute_dtype, double_quant))
+            count += 1
+    return count

@@ -1,0 +1,84 @@
+"""Frozen results of the trace engine (no torch here: rendering and comparison only read them)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Category:
+    """Bytes of one kind alive at a moment (allocator-rounded)."""
+
+    name: str
+    bytes: int
+
+
+@dataclass(frozen=True)
+class Peak:
+    """The highest simulated allocated memory within one phase and what was alive then."""
+
+    phase: str  # forward | backward | optimizer
+    peak_bytes: int
+    op: str  # the aten op whose output allocation reached the peak
+    module: str  # innermost module running then ("" outside any module)
+    categories: tuple[Category, ...]
+    largest_temporaries: tuple[tuple[str, str, int], ...]  # (op, module, bytes) of the biggest non-categorised blocks
+
+
+@dataclass(frozen=True)
+class ModuleSaved:
+    """Saved-activation bytes attributed to one module (innermost module active when autograd saved)."""
+
+    module: str
+    bytes: int
+    tensors: int
+
+
+@dataclass(frozen=True)
+class OpFlops:
+    op: str
+    phase: str
+    flops: int
+
+
+@dataclass(frozen=True)
+class TraceResult:
+    model: str
+    family: str
+    method: str
+    r: int | None
+    targets: tuple[str, ...]
+    batch: int
+    seq: int
+    precision: str
+    optimizer: str
+    grad_checkpointing: bool
+    attention: str
+    dropout: float
+    method_options: dict
+    trainable_params: int
+    total_params: int  # parameter elements as model.parameters() counts them (a packed 4-bit weight: its bytes)
+    adapted_modules: int
+    peak_bytes: int
+    peak_phase: str
+    phases: tuple[Peak, ...]
+    steady_bytes: int  # parameters + buffers + optimizer state before the step
+    device_bytes: int
+    saved_activation_bytes: int  # distinct storages saved by autograd, parameters and buffers excluded
+    saved_by_module: tuple[ModuleSaved, ...]
+    saved_by_kind: tuple[Category, ...]  # by saving op (aten op name of the node that saved)
+    flops_forward: int
+    flops_backward: int
+    flops_forward_uncounted: int  # counted through a registered formula where FlopCounterMode is silent for CUDA
+    flops_backward_uncounted: int
+    flops_by_op: tuple[OpFlops, ...]
+    zero_flop_ops: tuple[str, ...]  # every op seen that FlopCounterMode counts as zero FLOPs
+    attention_kernel: str  # the CUDA sdpa backend the trace ran (flash | efficient | math | eager)
+    notes: tuple[str, ...]  # what the trace could not describe as CUDA would run it
+    warnings: tuple[str, ...]
+    trace_seconds: float
+    trace_max_rss_bytes: int
+    paged_optimizer_bytes: int = 0  # bitsandbytes paged optimizer state (CUDA managed memory, not allocated)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

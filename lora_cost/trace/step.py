@@ -1,0 +1,214 @@
+"""Run one training step on fake tensors under the trace's modes and collect what they saw.
+
+The step is the calibration's reference recipe: `out = model(input_ids=ids, labels=ids)`,
+`out.loss.backward()`, `opt.step()`, `opt.zero_grad(set_to_none=True)`, in steady state (the
+optimizer state exists before the step), with `out` (and so the logits) alive until the step ends.
+Modes, innermost first: FakeTensorMode (shapes via meta kernels), FlopCounterMode, the simulated
+allocator (dispatch level, below autograd); CUDA attention and CUDA autocast (function level, above
+autograd); saved_tensors_hooks for the saved set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from unittest import mock
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
+
+from . import flops as flopmod
+from .allocator import AllocatorSim
+from .attention import CudaAttention
+from .autocast import CudaAutocast
+from .fake import materialize
+
+
+@dataclass
+class StepRecord:
+    sim: AllocatorSim
+    flops_fwd: dict
+    flops_bwd: dict
+    counted_ops: set
+    backends: dict
+    trainable_ids: set
+    grad_blocks: set = field(default_factory=set)
+    paged_bytes: int = 0  # optimizer state in CUDA managed memory (bitsandbytes paged optimizers)
+
+
+class Where:
+    """Where an allocation happens: the innermost module whose forward (or checkpoint recomputation)
+    is running, else, in backward, the autograd node being executed. Forward hooks only: grad hooks
+    (torch.utils.module_tracker) would keep recomputation graphs alive and distort the memory."""
+
+    def __init__(self, model) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.stack: list[str] = []
+
+    def __call__(self) -> tuple[str, bool]:
+        if self.stack:
+            return self.stack[-1], True
+        node = torch._C._current_autograd_node()
+        return (f"backward: {node.name()}" if node is not None else ""), False
+
+    @contextlib.contextmanager
+    def hooks(self):
+        def pre(mod, args):
+            self.stack.append(self.names.get(id(mod), type(mod).__name__))
+
+        def post(mod, args, out):
+            if self.stack:
+                self.stack.pop()
+
+        # always_call: a non-reentrant checkpoint stops its recomputation early by raising inside
+        # the block's forward; the post hook must still pop the module
+        h1, h2 = register_module_forward_pre_hook(pre), register_module_forward_hook(post, always_call=True)
+        try:
+            yield
+        finally:
+            h1.remove()
+            h2.remove()
+
+
+def make_optimizer(name: str, params: list):
+    """torch.optim with foreach=True: what PyTorch defaults to for CUDA tensors (it defaults to
+    the per-tensor loop on CPU, whose temporaries differ)."""
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
+    from .optim8bit import BnbAdamStandIn
+
+    return BnbAdamStandIn(params, lr=1e-5, eight_bit="8bit" in name, paged=name.startswith("paged"))
+
+
+def init_state(opt, mode: FakeTensorMode) -> None:
+    """The state a first step creates (torch/optim/adamw.py, sgd.py `_init_group`): moments shaped
+    like the parameter in its dtype; AdamW's `step` counter is a CPU scalar (not device memory), kept
+    as a real tensor so that the update can read it."""
+    if hasattr(opt, "init_state"):  # the bitsandbytes stand-in
+        opt.init_state(mode)
+        return
+    for group in opt.param_groups:
+        for p in group["params"]:
+            state = opt.state[p]
+            with mode:
+                if isinstance(opt, torch.optim.AdamW):
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                else:
+                    state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if isinstance(opt, torch.optim.AdamW):
+                state["step"] = torch.tensor(1.0)
+
+
+def _recompute_under(model, attention: CudaAttention, autocast_dtype) -> None:
+    """Checkpoint recomputation runs inside backward, where function modes entered around the step
+    are not active: pass torch.utils.checkpoint a `context_fn` whose second context (the
+    recomputation's) re-enters CUDA attention and, like checkpoint does for torch.autocast, the
+    autocast state of the forward."""
+
+    @contextlib.contextmanager
+    def recompute_context():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(CudaAttention(attention.backends))
+            if autocast_dtype:
+                stack.enter_context(CudaAutocast({"bf16": torch.bfloat16, "fp16": torch.float16}[autocast_dtype]))
+            yield
+
+    def context_fn():
+        return contextlib.nullcontext(), recompute_context()
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
+
+
+def _get_value(x):
+    """torch.optim's `_get_value` for the CPU `step` counters: read the real scalar outside fake mode."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    if isinstance(x, torch.Tensor):
+        with unset_fake_temporarily():
+            return x.item()
+    return x
+
+
+def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) -> tuple[StepRecord, object]:
+    """Trace one step. `calibration=True` reproduces how the H100 calibration rows were measured:
+    an identity saved_tensors_hook active throughout and two full warm-up steps before the measured
+    one (so graphs leaked by that hook in the warm-ups are still allocated)."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    materialize(model, mode)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = make_optimizer(optimizer, trainable)
+    init_state(opt, mode)
+    where = Where(model)
+    sim = AllocatorSim(where, identity_pack=calibration)
+    attention = CudaAttention()
+    autocast = CudaAutocast({"bf16": torch.bfloat16, "fp16": torch.float16}[run.autocast_dtype]) if run.autocast_dtype else None
+    # One FlopCounterMode *below* the allocator: FlopCounterMode decomposes some ops to count them
+    # (e.g. silu_backward into sigmoid, mul, ...); seen from above, each op stays the single kernel
+    # CUDA runs, and the decomposition's intermediates stay invisible to the memory accounting.
+    counter = flopmod.counter()
+    if run.grad_checkpointing:
+        _recompute_under(model, attention, run.autocast_dtype)
+    # find_packed_sequence_indices reads position ids' values (a data-dependent branch fake tensors
+    # cannot take); for the step's unpacked rows it returns None, which lets sdpa run mask-free.
+    patch = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(patch)
+        stack.enter_context(mock.patch("torch.optim.adam._get_value", _get_value))
+        stack.enter_context(mode)
+        stack.enter_context(where.hooks())
+        stack.enter_context(attention)
+        if autocast is not None:
+            stack.enter_context(autocast)
+        stack.enter_context(counter)
+        stack.enter_context(sim)
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(sim.pack, sim.unpack))
+        for p in model.parameters():
+            sim.adopt(p, "trainable_weights" if p.requires_grad else "weights")
+        for b in model.buffers():
+            sim.adopt(b, "weights")
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor) and not getattr(opt, "paged", False):  # paged: managed memory
+                    sim.adopt(v, "optimizer_state")
+        ids = torch.randint(0, vocab, (run.batch, run.seq))
+        for _ in range(2 if calibration else 0):
+            sim.start_phase("warmup")
+            warm = model(input_ids=ids, labels=ids)
+            if autocast is not None:
+                autocast.end_forward()
+                autocast.enabled = False
+            warm.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            del warm
+            if autocast is not None:
+                autocast.enabled = True
+        sim.start_phase("forward")
+        before = flopmod.by_op(counter)
+        out = model(input_ids=ids, labels=ids)
+        after_forward = flopmod.by_op(counter)
+        if autocast is not None:
+            autocast.end_forward()
+            autocast.enabled = False  # backward and the optimizer step run outside the autocast region
+        loss = out.loss
+        sim.start_phase("backward")
+        loss.backward()
+        after_backward = flopmod.by_op(counter)
+        grad_keys = {p.grad.untyped_storage()._cdata for p in trainable if p.grad is not None}
+        grad_blocks = {id(sim.live[k]) for k in grad_keys if k in sim.live}
+        sim.start_phase("optimizer")
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sim.start_phase("end")
+        del out, loss
+    record = StepRecord(sim=sim, flops_fwd=flopmod.difference(after_forward, before),
+                        flops_bwd=flopmod.difference(after_backward, after_forward),
+                        counted_ops=flopmod.counted_op_names(counter), backends=dict(attention.backends),
+                        trainable_ids={id(p) for p in trainable}, grad_blocks=grad_blocks,
+                        paged_bytes=opt.state_bytes() if getattr(opt, "paged", False) else 0)
+    return record, opt

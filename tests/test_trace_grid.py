@@ -1,0 +1,140 @@
+"""Analytic engine vs trace engine on a grid of tiny configurations, disagreement reported per term.
+
+Run as a test (`pytest tests/test_trace_grid.py`) or as a script for the per-term summary:
+    python tests/test_trace_grid.py
+Each configuration is a tiny model of a supported family (written as a local config.json) under one
+method and run setting; both engines see the same flags. The test checks what both engines must
+agree on exactly (trainable parameters, forward FLOPs FlopCounterMode counts) and bounds the memory
+disagreement; the script prints, per term, the median and worst relative disagreement.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TINY = {
+    "llama": {"model_type": "llama", "hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 3072, "max_position_embeddings": 512,
+              "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 1, "vocab_size": 2560, "max_position_embeddings": 512,
+              "tie_word_embeddings": True},
+    "mistral": {"model_type": "mistral", "hidden_size": 256, "intermediate_size": 640, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512,
+                "sliding_window": 4096, "tie_word_embeddings": False},
+    "gpt2": {"model_type": "gpt2", "n_embd": 256, "n_layer": 2, "n_head": 4, "vocab_size": 2400, "n_positions": 512},
+    "roberta": {"model_type": "roberta", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+                "intermediate_size": 512, "vocab_size": 2048, "max_position_embeddings": 514, "type_vocab_size": 1},
+    "bert": {"model_type": "bert", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "intermediate_size": 512, "vocab_size": 2048, "max_position_embeddings": 512, "type_vocab_size": 2},
+}
+METHODS = ("full", "lora", "lora-fa", "dora", "vera", "nola", "qlora")
+SETTINGS = (  # (precision, grad_checkpointing, targets, attention, dropout, model_dropout, batch, seq)
+    ("bf16", False, None, "sdpa", 0.0, 0.0, 2, 128),
+    ("fp32", False, "all-linear", "sdpa", 0.0, 0.0, 1, 200),
+    ("bf16", True, "all-linear", "sdpa", 0.0, None, 2, 128),
+    ("amp-bf16", False, None, "eager", 0.1, None, 1, 128),
+)
+
+
+def grid() -> list[tuple[str, str, tuple]]:
+    """(family, method, setting) combinations that the method accepts (QLoRA computes in 16-bit;
+    full fine-tuning takes no adapter dropout)."""
+    out = []
+    for family, method, setting in itertools.product(TINY, METHODS, SETTINGS):
+        precision = setting[0]
+        if method == "qlora" and precision not in ("bf16", "fp16"):
+            precision = "bf16"
+            setting = (precision,) + setting[1:]
+        out.append((family, method, setting))
+    return out
+
+
+def kwargs_for(method: str, setting: tuple) -> dict:
+    precision, ckpt, targets, attention, dropout, model_dropout, batch, seq = setting
+    kw = dict(batch=batch, seq=seq, precision=precision, grad_checkpointing=ckpt, attention=attention,
+              model_dropout=model_dropout)
+    if method != "full":
+        kw.update(r=8, targets=targets, dropout=dropout)
+        if method == "vera":
+            kw["r"] = 32
+        if method == "nola":
+            kw["method_options"] = {"k": 128, "l": 128}
+    return kw
+
+
+def config_path(root: Path, family: str) -> str:
+    path = root / f"tiny-{family}" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY[family]))
+    return str(path)
+
+
+def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, float | None]:
+    from lora_cost import estimate
+    from lora_cost.trace import trace
+    from lora_cost.trace.compare import differences
+
+    model = config_path(root, family)
+    kw = kwargs_for(method, setting)
+    e = estimate(model, method, **kw)
+    t = trace(model, method, **kw)
+    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+
+
+CASES = grid()
+IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[3]}{'-drop' if s[4] else ''}" for f, m, s in CASES]
+
+
+@pytest.mark.parametrize("family,method,setting", CASES, ids=IDS)
+def test_engines_agree(tmp_path_factory, family, method, setting):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    root = tmp_path_factory.getbasetemp() / "grid-configs"
+    terms = compare(root, family, method, setting)
+    a, t = terms["trainable_params"]
+    assert a == t, f"trainable params: analytic {a} vs trace {t}"
+    a, t = terms["flops.forward"]
+    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
+    a, t = terms["peak_bytes"]
+    assert abs(t - a) <= 0.25 * a, f"peak: analytic {a} vs trace {t}"
+
+
+def summary() -> int:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-grid-"))
+    per_term: dict[str, list[tuple[float, str]]] = {}
+    for (family, method, setting), name in zip(CASES, IDS):
+        try:
+            terms = compare(root, family, method, setting)
+        except Exception as exc:  # report, keep going
+            print(f"{name}: ERROR {type(exc).__name__}: {exc}")
+            continue
+        for term, (a, t) in terms.items():
+            if a or t:
+                r = (t - a) / a if a else float("inf")
+                per_term.setdefault(term, []).append((r, name))
+    print(f"configurations: {len(CASES)}")
+    print(f"{'term':40s} {'n':>4s} {'median |rel|':>12s} {'max |rel|':>10s}  worst case")
+    for term, values in sorted(per_term.items()):
+        finite = [(abs(r), n) for r, n in values if r != float("inf")]
+        if not finite:
+            continue
+        worst = max(finite)
+        print(f"{term:40s} {len(values):4d} {100 * statistics.median(v for v, _ in finite):11.2f}% "
+              f"{100 * worst[0]:9.2f}%  {worst[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(summary())
