@@ -254,7 +254,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     if backend == "eager" and shape.causal:
         tape.transient(b * s * s * DTYPE_BYTES[dt])
     tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
-    tape.add_flops("attention", 4 * bhs2hd, 8 * bhs2hd if rg else 0)
+    # each batched matmul costs 2*b*h*s^2*hd per operand that needs a gradient (q, k; probs, v)
+    needed = int(q.rg) + int(k.rg) + int(probs.rg) + int(v.rg)
+    tape.add_flops("attention", 4 * bhs2hd, 2 * bhs2hd * needed)
     # [b, h, s, hd] -> transpose(1, 2).reshape: a copy, so the output projection sees a new storage
     return tape.new(out_numel, dt, rg)
 

@@ -67,7 +67,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         # moment decides the peak, are overestimated by 0.3-2.9%; with 2 they are within 1.7%.)
         grad_buffers = 2 * rec.largest.get(scope, 0) + 2 * residual + rec.backward_transient.get(scope, 0)
         return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
-                ("recomputed_activations", acts.body[i] if run.grad_checkpointing else 0),
+                ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 ("gradients", grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
                 ("logits", logits), ("activation_gradient_buffers", grad_buffers)]
 

@@ -34,6 +34,7 @@ class StepRecord:
     flops_after_last_save: dict  # scope -> forward FLOPs after the last save (not recomputed)
     uncounted: dict  # scope -> forward FLOPs FlopCounterMode misses
     uncounted_after_last_save: dict
+    orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
     largest: dict  # scope -> largest activation created
@@ -58,7 +59,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
         scalars[("flops", key)] = v
     for key, v in tape.flops.items():
         scalars[("flops_by_kind", key)] = v
-    for name in ("flops_after_last_save", "uncounted_after_last_save"):
+    for name in ("flops_after_last_save", "uncounted_after_last_save", "orphaned"):
         for scope, v in getattr(tape, name).items():
             scalars[(name, scope)] = v
     for scope, v in tape.uncounted_flops.items():
@@ -80,7 +81,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 _FIELDS = ("saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
-           "uncounted", "uncounted_after_last_save")
+           "uncounted", "uncounted_after_last_save", "orphaned")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
 
 

@@ -61,6 +61,7 @@ class Tape:
         # FLOPs run after the scope's last save: non-reentrant checkpointing stops recomputing there
         self.flops_after_last_save: dict[str, int] = defaultdict(int)
         self.uncounted_after_last_save: dict[str, int] = defaultdict(int)
+        self.orphaned: dict[str, int] = defaultdict(int)  # scope -> bytes saved for graphs dropped before backward
         self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
         self.backward_transient: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
@@ -103,6 +104,13 @@ class Tape:
         self.flops_by_scope[(scope, "fwd")] += fwd
         self.flops_by_scope[(scope, "bwd")] += bwd
         self.flops_after_last_save[scope] += fwd
+
+    def orphaned_save(self, nbytes: int) -> None:
+        """Tensors autograd saves for a graph that is dropped before backward (it dies with its
+        module in a plain step). Under non-reentrant checkpointing the recomputed copies are stashed
+        until the block's backward ends."""
+        self.mark_saved()
+        self.orphaned[self.scope] += nbytes
 
     def transient(self, nbytes: int, backward: bool = False) -> None:
         """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""

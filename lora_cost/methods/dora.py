@@ -12,10 +12,15 @@ Modelled library behaviour: peft `tuners/lora/dora.py` DoraLinearLayer.forward. 
   * the output is (m/||.|| - 1) * base_result + (m/||.||) * s * lora_result: the two products save
     base_result (the base layer's output, minus its bias when it has one) and lora_result (fp32).
   * with lora_dropout > 0 peft cannot reuse the base output and runs F.linear(x, W) again;
-  * for fan_in_fan_out layers (GPT-2's Conv1D) peft's `transpose()` wraps W.T in a new
-    nn.Parameter, which requires grad, so autograd records W + s B A and its norm: both are saved
-    (a [d_out, d_in] fp32 matrix and a d_out vector per module; seen in a saved_tensors_hooks count
-    on the CPU and in the H100 calibration's GPT-2 DoRA row).
+  * autograd saves eye(d_in) and A @ eye(d_in) for the graph of B A, which the detached norm drops
+    when the module returns; on fan_in_fan_out layers (GPT-2's Conv1D) peft's `transpose()` wraps W.T
+    in a new nn.Parameter, which requires grad, so W + s B A and its norm are saved too. In a plain
+    step all of these die with the module ("orphaned" saves); under non-reentrant checkpointing their
+    recomputed copies are stashed until the block's backward ends. (A saved_tensors_hooks pack
+    function that returns the tensor itself, as the H100 calibration's measuring hook does, keeps
+    such graphs alive: its GPT-2 DoRA row shows them at the peak and even between steps.)
+  * on fan_in_fan_out layers with lora_dropout > 0, F.linear(x, that Parameter) also computes a
+    throwaway weight gradient in backward (2 n d_in d_out FLOPs and a [d_in, d_out] buffer).
 """
 
 from __future__ import annotations
@@ -38,13 +43,18 @@ def dora_linear(ctx, x, site: LinearSite):
     dense = site.d_in * site.d_out
     base_is_fp32 = ctx.weight_dtype == "fp32" and not ctx.method.quantized_base
     tape.transient(4 * (site.d_in * site.d_in + 3 * dense) + (0 if base_is_fp32 else 4 * dense))
+    orphaned = 4 * (site.d_in * site.d_in + site.d_in * r)
     if site.fan_in_fan_out:
-        tape.save(tape.new(dense, ADAPTER_DTYPE, False), "adapter extras")  # W + s B A, kept by the norm
-        tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # the norm's output
+        orphaned += 4 * (dense + site.d_out)
+    tape.orphaned_save(orphaned)
     tape.save(tape.new(site.d_out, ADAPTER_DTYPE, False), "adapter extras")  # weight norm, saved by m / ||.||
     if ctx.run.dropout > 0:
-        base_result = ops.linear(tape, xa, site.d_in, site.d_out, w_trainable=False, w_dtype=ADAPTER_DTYPE)
+        # F.linear(dropout(x), W): W is the grad-requiring Parameter on fan_in_fan_out layers
+        base_result = ops.linear(tape, xa, site.d_in, site.d_out, w_trainable=site.fan_in_fan_out,
+                                 w_dtype=ADAPTER_DTYPE, kind="adapter")
         tape.transient(DTYPE_BYTES[ADAPTER_DTYPE] * dense)  # weight.to(x.dtype)
+        if site.fan_in_fan_out:
+            tape.transient(DTYPE_BYTES[ADAPTER_DTYPE] * dense, backward=True)  # its throwaway gradient
     elif site.bias:
         base_result = tape.new(base_out.numel, base_out.dtype, base_out.rg)  # result - bias
     else:
