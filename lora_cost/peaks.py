@@ -65,11 +65,25 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         # activation, and the residual stream's gradient in and out. (A product's backward briefly holds
         # three of the widest, but with 3 the checkpointed 7B rows of the H100 calibration, where this
         # moment decides the peak, are overestimated by 0.3-2.9%; with 2 they are within 1.7%.)
-        grad_buffers = 2 * rec.largest.get(scope, 0) + 2 * residual + rec.backward_transient.get(scope, 0)
+        # an op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
+        # while that op runs, not on top of the widest activation's gradients: the larger of the two
+        grad_buffers = 2 * residual + max(2 * rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0))
         return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
                 ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 ("gradients", grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
                 ("logits", logits), ("activation_gradient_buffers", grad_buffers)]
+
+    def recompute(i: int) -> list[tuple[str, int]]:
+        """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
+        (dequantised 4-bit weights, DoRA's weight norm, NoLA's bases) return, next to the
+        activations recomputed so far and the incoming residual gradient."""
+        scope = layer_scopes[min(i, len(layer_scopes) - 1)]
+        return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
+                ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0)),
+                ("gradients", grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
+                ("logits", logits), ("activation_gradient_buffers", residual),
+                # orphaned saves are among those buffers: count them once
+                ("transient_buffers", max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))]
 
     candidates = {
         "forward": [
@@ -83,6 +97,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
              [("saved_activations", saved), ("logits", logits), ("loss_gradient_buffers", 2 * ls)]),
             ("backward through the last block", in_block(L - 1)),
             ("backward through the first block", in_block(0)),
+            *([("recomputing the last block (checkpointing)", recompute(L - 1))] if run.grad_checkpointing else []),
             ("end of backward", [("gradients", grads_total), ("logits", logits)]),
         ],
         "optimizer": [

@@ -107,10 +107,10 @@ def test_engines_agree(tmp_path_factory, family, method, setting):
     assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
     a, t = terms["flops.backward"]
     assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
-    # the trace is the reference; on this grid the analytic peak is within 0.07% (median), 10% (worst:
-    # NoLA's regenerated bases under autocast and dropout)
+    # the trace is the reference; on this grid the analytic peak is within 0.07% (median) and 6.9%
+    # (worst: GPT-2 DoRA with checkpointing); 14 of 168 configurations differ by more than 2%
     a, t = terms["peak_bytes"]
-    assert abs(t - a) <= 0.12 * t, f"peak: analytic {a} vs trace {t}"
+    assert abs(t - a) <= 0.08 * t, f"peak: analytic {a} vs trace {t}"
 
 
 def summary() -> int:

@@ -28,7 +28,7 @@ def _mixed_factor(ctx, rows: int, cols: int, bases: int):
     tape.matmul("adapter", 1, bases, rows * cols, grad_a=False, grad_b=False)  # b,boi->oi
     tape.add_flops("adapter", 0, 2 * bases * rows * cols)  # d,dl->l in backward
     tape.transient(4 * bases * rows * cols)
-    # backward regenerates the bases and einsum's permute/reshape copies them: two basis-sized buffers
+    # backward regenerates the bases for the coefficients' gradient, and einsum copies them: two buffers
     tape.transient(2 * 4 * bases * rows * cols, backward=True)
     return tape.new(rows * cols, ADAPTER_DTYPE, True)
 
