@@ -103,11 +103,10 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
 
 
-def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
-                 utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+def validated_run(spec: ModelSpec, run: RunConfig):
+    """Check a run against the model and the method (both engines share this) and fill in the
+    method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
     method = get_method(run.method)
-    arch = get_architecture(spec.model_type)
-    opt = get_optimizer(run.optimizer)
     _check_options(method, run)
     if method.base_trainable:
         if run.r is not None:
@@ -116,8 +115,17 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
     if run.method != method.name or (not method.base_trainable and run.r is None):
         run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
-    target_names, sites, head_sites = resolve_targets(arch, spec, method, run.targets)
+    get_optimizer(run.optimizer)
+    target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
     method.validate(spec, sites + head_sites, run)
+    return run, method, target_names, sites, head_sites
+
+
+def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
+                 utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+    run, method, target_names, sites, head_sites = validated_run(spec, run)
+    arch = get_architecture(spec.model_type)
+    opt = get_optimizer(run.optimizer)
     warnings = []
     if run.seq > spec.max_positions:
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")

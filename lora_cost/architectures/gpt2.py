@@ -64,7 +64,7 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
-    d, n = spec.hidden, run.tokens
+    d = spec.hidden
     gpt2 = spec.family == "gpt2"
     sites = _gpt2_sites(spec) if gpt2 else _gpt3_sites(spec)
     shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, causal=True)

@@ -66,7 +66,7 @@ def _rope(tape, t, cos, sin):
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
-    d, n = spec.hidden, run.tokens
+    d = spec.hidden
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
     masked = spec.sliding_window is not None and run.seq > spec.sliding_window
     shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 
 from ..explain import COMPONENTS
 from ..planner import Plan
-from ..units import GIB, fmt_bytes, fmt_flops
+from ..units import GIB, fmt_bytes
 
 _STYLE = """
 body { font-family: system-ui, -apple-system, Segoe UI, sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }

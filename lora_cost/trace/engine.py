@@ -7,10 +7,7 @@ import time
 import warnings
 from dataclasses import replace
 
-from ..errors import LoraCostError
-from ..estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, _check_options, resolve_targets
-from ..architectures import get_architecture
-from ..methods import get_method
+from ..estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
 from ..optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
@@ -29,20 +26,8 @@ def plan(model, method: str, **kwargs):
     options = kwargs.pop("method_options", None) or {}
     run = RunConfig(method=method, targets=tuple(targets) if targets is not None else None,
                     method_options=tuple(sorted(options.items())), **kwargs)
-    m = get_method(run.method)
-    run = replace(run, method=m.name)
-    arch = get_architecture(spec.model_type)
-    _check_options(m, run)
-    if m.base_trainable:
-        if run.r is not None:
-            raise LoraCostError("--r does not apply to full fine-tuning")
-        if run.dropout:
-            raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
-    else:
-        run = replace(run, r=m.rank(run))
+    run, m, names, sites, head_sites = validated_run(spec, run)
     run = replace(run, optimizer=get_optimizer(run.optimizer).name)
-    names, sites, head_sites = resolve_targets(arch, spec, m, run.targets)
-    m.validate(spec, sites + head_sites, run)
     return spec, run, m, names
 
 
