@@ -230,7 +230,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         q = tape.new(full, dt, q.rg)
         k = tape.new(full, dt, k.rg)
         v = tape.new(full, dt, v.rg) if gqa else v
-    elif gqa:  # transformers' repeat_kv: an expand + reshape, i.e. a copy
+    elif gqa and not (kvh == 1 and b == 1):
+        # transformers' repeat_kv: expand + reshape, a copy (matmul's own reshape to [b*h, s, hd] too).
+        # With one key/value head and one sequence both reshapes are views: nothing is copied.
         k, v = tape.new(full, dt, k.rg), tape.new(full, dt, v.rg)
     # scores = q @ k^T: saves k if q needs a grad and q if k does
     if q.rg:
