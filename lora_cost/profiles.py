@@ -27,7 +27,8 @@ def profiles_dir() -> Path:
     raise LoraCostError("bundled profiles not found (expected profiles/models beside the package)")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object from a file, or a one-line LoraCostError (unreadable, not JSON, not an object)."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -53,7 +54,7 @@ class ModelProfile:
 def bundled_models() -> dict[str, ModelProfile]:
     out = {}
     for path in sorted((profiles_dir() / "models").glob("*.json")):
-        data = _read_json(path)
+        data = read_json(path)
         try:
             profile = ModelProfile(data["name"], tuple(data.get("aliases", ())), data.get("source", ""), data["config"])
         except KeyError as exc:
@@ -94,7 +95,7 @@ def load_model(name_or_path: str) -> ModelSpec:
         if not path.is_file():
             raise LoraCostError(f"{name_or_path}: directory has no config.json")
     if path.is_file():
-        return spec_from_config(str(name_or_path), _read_json(path), f"local file {path}")
+        return spec_from_config(str(name_or_path), read_json(path), f"local file {path}")
     close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
     raise LoraCostError(f"unknown model {name_or_path!r}: not a bundled profile, alias or config.json path{hint}")
@@ -114,7 +115,7 @@ class GpuProfile:
 def bundled_gpus() -> dict[str, GpuProfile]:
     out = {}
     for path in sorted((profiles_dir() / "gpus").glob("*.json")):
-        d = _read_json(path)
+        d = read_json(path)
         try:
             gpu = GpuProfile(d["name"], d["description"], int(d["memory_bytes"]), float(d["bf16_tflops_dense"]),
                              float(d["fp32_tflops"]), d.get("source", ""))

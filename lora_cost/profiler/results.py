@@ -254,14 +254,8 @@ def profile_from_dict(data: dict) -> ProfileResult:
 
 def load_profile(path: str | Path) -> ProfileResult:
     """Read a profile written by `lora-cost profile` (or `ProfileResult.to_json()`)."""
-    p = Path(path)
-    try:
-        data = json.loads(p.read_text())
-    except OSError as exc:
-        raise LoraCostError(f"cannot read {p}: {exc.strerror or exc}") from None
-    except json.JSONDecodeError as exc:
-        raise LoraCostError(f"{p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    return profile_from_dict(data)
+    from ..profiles import read_json
+    return profile_from_dict(read_json(Path(path)))
 
 
 def save_profile(result: ProfileResult, path: str | Path) -> Path:

@@ -9,21 +9,29 @@ def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
     return {t.name: t.value for t in terms}
 
 
+def run_header(r) -> dict:
+    """The inputs echoed back and the parameter counts: shared by both engines' JSON (an Estimate or
+    a TraceResult; they carry the same run fields)."""
+    return {
+        "inputs": {
+            "model": r.model, "method": r.method, "r": r.r, "targets": list(r.targets), "batch": r.batch, "seq": r.seq,
+            "precision": r.precision, "optimizer": r.optimizer, "grad_checkpointing": r.grad_checkpointing,
+            "attention": r.attention, "dropout": r.dropout, "method_options": r.method_options,
+        },
+        "model": r.model,
+        "family": r.family,
+        "method": r.method,
+        "trainable_params": r.trainable_params,
+        "total_params": r.total_params,
+        "trainable_percent": 100.0 * r.trainable_params / r.total_params if r.total_params else 0.0,
+        "adapted_modules": r.adapted_modules,
+    }
+
+
 def estimate_to_json(e: Estimate) -> dict:
     m, f = e.memory, e.flops
     doc = {
-        "inputs": {
-            "model": e.model, "method": e.method, "r": e.r, "targets": list(e.targets), "batch": e.batch, "seq": e.seq,
-            "precision": e.precision, "optimizer": e.optimizer, "grad_checkpointing": e.grad_checkpointing,
-            "attention": e.attention, "dropout": e.dropout, "method_options": e.method_options,
-        },
-        "model": e.model,
-        "family": e.family,
-        "method": e.method,
-        "trainable_params": e.trainable_params,
-        "total_params": e.total_params,
-        "trainable_percent": 100.0 * e.trainable_params / e.total_params if e.total_params else 0.0,
-        "adapted_modules": e.adapted_modules,
+        **run_header(e),
         "memory": {
             "peak_bytes": m.peak_bytes,
             "peak_phase": m.peak_phase,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraCostError
-from ..profiles import _alias_index, _read_json, bundled_models
+from ..profiles import _alias_index, read_json, bundled_models
 from .nola import NolaLinear
 from .qlora import quantize_linears
 
@@ -33,7 +33,7 @@ def raw_config(name_or_path: str) -> dict:
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         path = path / "config.json"
-    return _read_json(path)
+    return read_json(path)
 
 
 def hf_config(cfg: dict, run):

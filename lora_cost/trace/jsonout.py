@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..report.jsonout import run_header
 from .results import TraceResult
 
 
@@ -9,18 +10,7 @@ def trace_to_json(t: TraceResult, gpu=None) -> dict:
     top = next(p for p in t.phases if p.phase == t.peak_phase)
     doc = {
         "engine": "trace",
-        "inputs": {
-            "model": t.model, "method": t.method, "r": t.r, "targets": list(t.targets), "batch": t.batch, "seq": t.seq,
-            "precision": t.precision, "optimizer": t.optimizer, "grad_checkpointing": t.grad_checkpointing,
-            "attention": t.attention, "dropout": t.dropout, "method_options": t.method_options,
-        },
-        "model": t.model,
-        "family": t.family,
-        "method": t.method,
-        "trainable_params": t.trainable_params,
-        "total_params": t.total_params,
-        "trainable_percent": 100.0 * t.trainable_params / t.total_params if t.total_params else 0.0,
-        "adapted_modules": t.adapted_modules,
+        **run_header(t),
         "memory": {
             "peak_bytes": t.peak_bytes,
             "peak_phase": t.peak_phase,
