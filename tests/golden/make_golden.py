@@ -1,0 +1,103 @@
+"""Write `estimates.jsonl`: the analytic engine's numbers on a fixed set of configurations.
+
+    python tests/golden/make_golden.py          # rewrite the golden file (a deliberate change)
+
+The set: the 29 calibration runs (their flags, see benchmarks/score_calibration.py), the 168
+tiny-model configurations of the analytic-vs-trace grid, and every bundled model under every
+method at two settings plus the optimizers. `tests/test_golden.py` recomputes each one and demands
+the same numbers, so a refactor that changes any number fails, and a measured fix shows up as a
+diff of this file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+sys.path.insert(0, str(HERE.parent))
+
+GOLDEN = HERE / "estimates.jsonl"
+
+# the flags of the 29 H100 calibration rows (benchmarks/score_calibration.py row_to_kwargs), as inputs
+CALIBRATION_RUNS = HERE / "calibration_runs.json"
+
+
+def numbers(doc):
+    """The numeric skeleton of an estimate's JSON: every number and flag, keyed by its path; text dropped."""
+    if isinstance(doc, dict):
+        out = {}
+        for k, v in doc.items():
+            if k == "terms" and isinstance(v, list):
+                out[k] = {t["name"]: numbers({x: y for x, y in t.items() if x != "name"}) for t in v}
+            else:
+                n = numbers(v)
+                if n is not None:
+                    out[k] = n
+        return out or None
+    if isinstance(doc, list):
+        kept = [numbers(v) for v in doc]
+        return kept if any(v is not None for v in kept) else None
+    if isinstance(doc, bool) or isinstance(doc, (int, float)):
+        return doc
+    return None
+
+
+def cases() -> list[dict]:
+    from test_trace_grid import CASES, TINY, kwargs_for
+
+    out = [{"model": k.pop("model"), **k} for k in json.loads(CALIBRATION_RUNS.read_text())]
+    for family, method, setting in CASES:
+        out.append({"config": TINY[family], "method": method, **kwargs_for(method, setting)})
+    models = ["gpt2", "gpt2-xl", "llama-2-7b", "llama-3.1-8b", "llama-3.1-70b", "llama-3.2-1b", "mistral-7b",
+              "qwen2.5-0.5b", "qwen2.5-7b", "roberta-base", "roberta-large", "gpt3-175b", "llama-2-70b"]
+    for model in models:
+        for method in ("full", "lora", "lora-fa", "dora", "vera", "nola", "qlora"):
+            for ckpt, targets, seq in ((False, None, 512), (True, "all-linear", 2048)):
+                kw = dict(model=model, method=method, batch=2, seq=seq, grad_checkpointing=ckpt, gpu="h100-80gb")
+                if method != "full":
+                    kw["targets"] = targets
+                out.append(kw)
+    for opt in ("adamw", "sgd", "adamw-8bit", "paged-adamw-32bit", "paged-adamw-8bit"):
+        for method in ("full", "lora"):
+            out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
+    for precision in ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"):
+        for attention in ("sdpa", "eager"):
+            out.append(dict(model="qwen2.5-0.5b", method="lora", precision=precision, attention=attention, r=16,
+                            batch=2, seq=777))
+    for r in (1, 7, 64, 1000):
+        out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    return out
+
+
+def compute(case: dict, root: Path) -> dict:
+    from lora_cost import estimate
+    from lora_cost.report.jsonout import estimate_to_json
+
+    kw = dict(case)
+    if "config" in kw:
+        cfg = kw.pop("config")
+        path = root / f"{cfg['model_type']}-{hashlib.sha1(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:10]}" / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfg))
+        kw["model"] = str(path)
+    doc = estimate_to_json(estimate(**kw))
+    doc.pop("inputs", None)  # echoes the flags (a temporary path for config cases)
+    return numbers(doc)
+
+
+def main() -> int:
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-golden-"))
+    with GOLDEN.open("w") as f:
+        for case in cases():
+            f.write(json.dumps({"case": case, "numbers": compute(case, root)}, sort_keys=True) + "\n")
+    print(f"wrote {GOLDEN}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
