@@ -5,7 +5,7 @@ engine (which need torch) are imported only when asked for.
 """
 
 from .errors import LoraCostError
-from .estimator import estimate, estimate_run
+from .analytic.estimator import estimate, estimate_run
 from .results import Estimate
 
 __all__ = ["estimate", "estimate_run", "Estimate", "LoraCostError"]

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from lora_cost import estimate
 from lora_cost.cli import main
-from lora_cost.planner import parse_range, plan, rank_candidates
+from lora_cost.analytic.planner import parse_range, plan, rank_candidates
 
 
 def test_largest_rank_and_batch_are_the_boundary():

@@ -9,7 +9,7 @@ from ..errors import LoraCostError
 from ..registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import StepContext
+    from ..analytic.context import StepContext
     from ..spec import LinearSite, ModelSpec
 
 

@@ -10,7 +10,7 @@ upcast, unlike the causal-LM loss). Dropouts default to the config's 0.1.
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 

@@ -9,7 +9,7 @@ The LM head is tied to the token embedding.
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..units import DTYPE_BYTES
 from ..spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require

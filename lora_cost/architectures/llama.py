@@ -10,7 +10,7 @@ Mistral builds an explicit sliding-window mask once the sequence exceeds its win
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 

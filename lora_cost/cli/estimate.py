@@ -27,7 +27,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(nola_k, nola_l, quant_type, double_quant))
     if engine == "analytic":
-        from ..estimator import estimate as run_estimate
+        from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, **kwargs)
         for warning in result.warnings:
             click.echo(f"lora-cost: warning: {warning}", err=True)

@@ -42,7 +42,7 @@ def _write(path: str, text: str) -> Path:
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
          html_path, as_json):
     """Find the largest rank and batch per method that fit a GPU or a memory budget."""
-    from ..planner import parse_range, plan as run_plan, rank_candidates, sweep_size
+    from ..analytic.planner import parse_range, plan as run_plan, rank_candidates, sweep_size
     from ..units import parse_bytes
     budget_bytes = None
     if budget is not None:

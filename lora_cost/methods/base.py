@@ -14,9 +14,9 @@ from ..errors import LoraCostError
 from ..registry import Registry, dashed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..context import StepContext
+    from ..analytic.context import StepContext
     from ..spec import LinearSite, ModelSpec, RunConfig
-    from ..tape import Tensor
+    from ..analytic.tape import Tensor
 
 
 @dataclass(frozen=True)

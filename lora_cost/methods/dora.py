@@ -25,7 +25,7 @@ Modelled library behaviour: peft `tuners/lora/dora.py` DoraLinearLayer.forward. 
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..spec import LinearSite
 from ..units import DTYPE_BYTES
 from .base import Method, TensorGroup, register_method

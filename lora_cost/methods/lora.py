@@ -10,7 +10,7 @@ fp32 once per adapted module (`_cast_input_dtype`); lora_A saves that fp32 input
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..spec import LinearSite, RunConfig
 from .base import Method, TensorGroup, check_rank, register_method
 

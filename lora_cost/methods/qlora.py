@@ -18,7 +18,7 @@ MatMul4Bit; peft `utils/other.py` prepare_model_for_kbit_training, `tuners/lora/
 
 from __future__ import annotations
 
-from .. import ops
+from ..analytic import ops
 from ..errors import LoraCostError
 from ..spec import LinearSite
 from .base import Method, register_method

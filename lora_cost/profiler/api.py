@@ -127,7 +127,7 @@ class Profiler:
 
 
 def _estimate_json(spec, run, warnings: list[str]) -> dict | None:
-    from ..estimator import estimate_run
+    from ..analytic.estimator import estimate_run
     from ..report.jsonout import estimate_to_json
     try:
         return estimate_to_json(estimate_run(spec, run))

@@ -9,8 +9,8 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 
-from ..explain import COMPONENTS
-from ..planner import Plan
+from ..analytic.explain import COMPONENTS
+from ..analytic.planner import Plan
 from ..units import GIB, fmt_bytes
 
 _STYLE = """

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..planner import Plan
+from ..analytic.planner import Plan
 from ..units import fmt_bytes, fmt_count, fmt_flops
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..explain import COMPONENTS
+from ..analytic.explain import COMPONENTS
 from ..results import Estimate
 from ..units import fmt_bytes, fmt_count, fmt_flops
 

@@ -12,7 +12,7 @@ from ..units import fmt_bytes, fmt_count, fmt_flops
 def _gpu_fit(peak_device: int, flops: int, precision: str, gpu: str | None):
     if gpu is None:
         return None
-    from ..estimator import DEFAULT_UTILISATION
+    from ..analytic.estimator import DEFAULT_UTILISATION
     from ..profiles import load_gpu
 
     g = load_gpu(gpu)
@@ -36,7 +36,7 @@ def run_trace_engine(model, method, *, gpu, both, as_json, explain, r, targets, 
         load_gpu(gpu)
     analytic = None
     if both:
-        from ..estimator import estimate
+        from ..analytic.estimator import estimate
         analytic = estimate(model, method, gpu=gpu, **kwargs)  # validates the flags before torch loads
     t = trace(model, method, **kwargs)
     fit = _gpu_fit(t.device_bytes, t.flops_forward + t.flops_backward, t.precision, gpu)

@@ -7,7 +7,7 @@ import time
 import warnings
 from dataclasses import replace
 
-from ..estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
+from ..analytic.estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
 from ..optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig

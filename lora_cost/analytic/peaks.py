@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 from .budget import ParameterBudget
 from .record import StepRecord
-from .results import PhasePeak, Term
-from .spec import RunConfig
+from ..results import PhasePeak, Term
+from ..spec import RunConfig
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import defaultdict
 from itertools import count
 
-from .units import DTYPE_BYTES
+from ..units import DTYPE_BYTES
 
 _storage_ids = count()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .tape import Tape, Tensor
-from .units import DTYPE_BYTES
+from ..units import DTYPE_BYTES
 
 
 def promote(a: str, b: str) -> str:

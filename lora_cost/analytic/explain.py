@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from .budget import ParameterBudget
-from .methods.base import Method
-from .methods.qlora import bits_per_weight
-from .optimizers import Optimizer
+from ..methods.base import Method
+from ..methods.qlora import bits_per_weight
+from ..optimizers import Optimizer
 from .record import StepRecord
-from .results import Term
-from .spec import ModelSpec, RunConfig
-from .units import DTYPE_BYTES
+from ..results import Term
+from ..spec import ModelSpec, RunConfig
+from ..units import DTYPE_BYTES
 
 # key -> (label, formula, what it is); the keys are the JSON names of memory.components
 COMPONENTS = {

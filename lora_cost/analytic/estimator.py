@@ -16,20 +16,20 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from .architectures import get_architecture
-from .architectures.base import Architecture
-from .errors import LoraCostError
-from .methods import get_method
+from ..architectures import get_architecture
+from ..architectures.base import Architecture
+from ..errors import LoraCostError
+from ..methods import get_method
 from .budget import parameter_budget
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
-from .methods.base import Method
-from .optimizers import get_optimizer
+from ..methods.base import Method
+from ..optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
-from .profiles import load_gpu, load_model
+from ..profiles import load_gpu, load_model
 from .record import SCOPES, affine_record
-from .results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, Term
-from .spec import LinearSite, ModelSpec, RunConfig
-from .units import fmt_bytes
+from ..results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, Term
+from ..spec import LinearSite, ModelSpec, RunConfig
+from ..units import fmt_bytes
 
 # The caching allocator reserves more than it hands out: segments are rounded to 2 MiB (20 MiB for
 # requests of 1-10 MiB) and freed blocks stay cached for reuse, so fragments pile up. On the H100
