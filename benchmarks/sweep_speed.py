@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lora_cost import estimate  # noqa: E402
-from lora_cost.methods import all_methods  # noqa: E402
+from lora_cost.analytic.methods import all_methods  # noqa: E402
 
 
 def sweep(model: str = "llama-3.1-8b"):

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .architectures import get_architecture
+from .analytic.architectures import get_architecture
 from .errors import LoraCostError
 from .spec import ModelSpec
 

@@ -3,9 +3,9 @@
 import pytest
 
 from lora_cost import LoraCostError, estimate
-from lora_cost.methods.base import TensorGroup
-from lora_cost.methods.qlora import bits_per_weight, nf4_bytes
-from lora_cost.optimizers import get_optimizer
+from lora_cost.analytic.methods.base import TensorGroup
+from lora_cost.analytic.methods.qlora import bits_per_weight, nf4_bytes
+from lora_cost.analytic.optimizers import get_optimizer
 
 
 def test_nf4_double_quant_bits():

@@ -4,8 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from lora_cost.architectures import get_architecture
-from lora_cost.methods import get_method
+from lora_cost.analytic.architectures import get_architecture
+from lora_cost.analytic.methods import get_method
 from lora_cost.profiles import load_model
 from lora_cost.analytic.record import affine_record, simulate
 from lora_cost.spec import RunConfig

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import lru_cache
 
-from ..architectures.base import Architecture
-from ..methods.base import Method, TensorGroup, get_method
-from ..methods.qlora import nf4_bytes
-from ..optimizers import Optimizer
+from .architectures.base import Architecture
+from .methods.base import Method, TensorGroup, get_method
+from .methods.qlora import nf4_bytes
+from .optimizers import Optimizer
 from ..spec import LinearSite, ModelSpec, RunConfig
 from ..units import DTYPE_BYTES
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from . import ops
-from ..methods.base import Method
-from ..methods.qlora import linear_4bit
+from .methods.base import Method
+from .methods.qlora import linear_4bit
 from ..spec import LinearSite, ModelSpec, RunConfig
 from .tape import Tape, Tensor
 

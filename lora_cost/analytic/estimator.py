@@ -16,14 +16,14 @@ from __future__ import annotations
 from dataclasses import replace
 from functools import lru_cache
 
-from ..architectures import get_architecture
-from ..architectures.base import Architecture
+from .architectures import get_architecture
+from .architectures.base import Architecture
 from ..errors import LoraCostError
-from ..methods import get_method
+from .methods import get_method
 from .budget import parameter_budget
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
-from ..methods.base import Method
-from ..optimizers import get_optimizer
+from .methods.base import Method
+from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
 from ..profiles import load_gpu, load_model
 from .record import SCOPES, affine_record

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from .budget import ParameterBudget
-from ..methods.base import Method
-from ..methods.qlora import bits_per_weight
-from ..optimizers import Optimizer
+from .methods.base import Method
+from .methods.qlora import bits_per_weight
+from .optimizers import Optimizer
 from .record import StepRecord
 from ..results import Term
 from ..spec import ModelSpec, RunConfig

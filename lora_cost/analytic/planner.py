@@ -14,7 +14,7 @@ from typing import Callable
 
 from ..errors import LoraCostError
 from .estimator import DEFAULT_UTILISATION, estimate
-from ..methods import get_method
+from .methods import get_method
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term
 
@@ -216,7 +216,7 @@ def _max_rank(spec, method, targets) -> int | None:
     """The largest rank the adapted matrices allow (None: the method has no such limit, e.g. VeRA)."""
     if method.name == "vera":
         return None
-    from ..architectures import get_architecture
+    from .architectures import get_architecture
     from .estimator import resolve_targets
     _, sites, head = resolve_targets(get_architecture(spec.model_type), spec, method, targets)
     return min(min(s.d_in, s.d_out) for s in (*sites, *head)) if (sites or head) else None

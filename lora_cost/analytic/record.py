@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from functools import lru_cache
 
-from ..architectures import get_architecture
+from .architectures import get_architecture
 from .context import make_context
-from ..methods import get_method
+from .methods import get_method
 from .tape import Tape
 
 SCOPES = ("embeddings", "layer0", "layer1", "head", "loss")

@@ -13,7 +13,7 @@ from . import main
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json):
     """List the bundled model profiles."""
-    from ..architectures import get_architecture
+    from ..analytic.architectures import get_architecture
     from ..profiles import bundled_models, load_model
     rows = []
     for name, profile in bundled_models().items():
@@ -57,7 +57,7 @@ def gpus(as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def methods(as_json):
     """List the fine-tuning methods, their papers and the library recipe modelled."""
-    from ..methods import all_methods
+    from ..analytic.methods import all_methods
     rows = [{"name": m.name, "title": m.title, "paper": m.paper, "recipe": m.recipe, "default_r": m.default_r,
              "options": list(m.options)} for m in all_methods().values()]
     if as_json:

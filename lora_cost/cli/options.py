@@ -5,8 +5,8 @@ from __future__ import annotations
 import click
 
 from ..errors import LoraCostError
-from ..methods import all_methods
-from ..optimizers import all_optimizers
+from ..analytic.methods import all_methods
+from ..analytic.optimizers import all_optimizers
 from ..spec import ATTENTIONS, PRECISIONS
 
 

@@ -8,7 +8,7 @@ import warnings
 from dataclasses import replace
 
 from ..analytic.estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
-from ..optimizers import get_optimizer
+from ..analytic.optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
 from .results import Category, ModuleSaved, OpFlops, Peak, TraceResult

@@ -10,8 +10,8 @@ upcast, unlike the causal-LM loss). Dropouts default to the config's 0.1.
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..spec import LinearSite, ModelSpec
+from .. import ops
+from ...spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 
 

@@ -10,8 +10,8 @@ Mistral builds an explicit sliding-window mask once the sequence exceeds its win
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..spec import LinearSite, ModelSpec
+from .. import ops
+from ...spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 
 

@@ -9,9 +9,9 @@ The LM head is tied to the token embedding.
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..units import DTYPE_BYTES
-from ..spec import LinearSite, ModelSpec
+from .. import ops
+from ...units import DTYPE_BYTES
+from ...spec import LinearSite, ModelSpec
 from .base import Architecture, ParamGroup, prob, register_architecture, require
 
 
@@ -32,7 +32,7 @@ def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
 
 
 def raise_shape(name: str, d: int, heads: int):
-    from ..errors import LoraCostError
+    from ...errors import LoraCostError
     raise LoraCostError(f"{name}: hidden size {d} is not divisible by {heads} heads")
 
 

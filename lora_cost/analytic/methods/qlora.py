@@ -18,9 +18,9 @@ MatMul4Bit; peft `utils/other.py` prepare_model_for_kbit_training, `tuners/lora/
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..errors import LoraCostError
-from ..spec import LinearSite
+from .. import ops
+from ...errors import LoraCostError
+from ...spec import LinearSite
 from .base import Method, register_method
 from .lora import lora_linear, lora_trainable, validate_lora
 

@@ -10,8 +10,8 @@ fp32 once per adapted module (`_cast_input_dtype`); lora_A saves that fp32 input
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..spec import LinearSite, RunConfig
+from .. import ops
+from ...spec import LinearSite, RunConfig
 from .base import Method, TensorGroup, check_rank, register_method
 
 ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True

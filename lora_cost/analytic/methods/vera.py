@@ -14,7 +14,7 @@ lambda_b's; the frozen A and B keep nothing else. peft's default rank is 256.
 
 from __future__ import annotations
 
-from ..analytic import ops
+from .. import ops
 from .base import Method, TensorGroup, register_method
 from .lora import ADAPTER_DTYPE, merge_into_base
 

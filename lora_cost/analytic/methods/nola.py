@@ -16,8 +16,8 @@ matmul x @ W.T saves (with x) for backward.
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..errors import LoraCostError
+from .. import ops
+from ...errors import LoraCostError
 from .base import Method, TensorGroup, check_rank, register_method
 from .lora import ADAPTER_DTYPE, merge_into_base
 

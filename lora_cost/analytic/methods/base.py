@@ -10,13 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import LoraCostError
-from ..registry import Registry, dashed
+from ...errors import LoraCostError
+from ...registry import Registry, dashed
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..analytic.context import StepContext
-    from ..spec import LinearSite, ModelSpec, RunConfig
-    from ..analytic.tape import Tensor
+    from ..context import StepContext
+    from ...spec import LinearSite, ModelSpec, RunConfig
+    from ..tape import Tensor
 
 
 @dataclass(frozen=True)

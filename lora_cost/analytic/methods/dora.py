@@ -25,9 +25,9 @@ Modelled library behaviour: peft `tuners/lora/dora.py` DoraLinearLayer.forward. 
 
 from __future__ import annotations
 
-from ..analytic import ops
-from ..spec import LinearSite
-from ..units import DTYPE_BYTES
+from .. import ops
+from ...spec import LinearSite
+from ...units import DTYPE_BYTES
 from .base import Method, TensorGroup, register_method
 from .lora import ADAPTER_DTYPE, lora_branch, lora_trainable, merge_into_base, validate_lora
 

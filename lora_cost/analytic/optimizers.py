@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-from .registry import Registry, dashed
+from ..registry import Registry, dashed
 from .methods.base import TensorGroup
-from .units import DTYPE_BYTES
+from ..units import DTYPE_BYTES
 
 BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit min_8bit_size
 BNB_BLOCK = 256  # blockwise quantisation block of the 8-bit states

@@ -5,12 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ..errors import LoraCostError
-from ..registry import Registry
+from ...errors import LoraCostError
+from ...registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..analytic.context import StepContext
-    from ..spec import LinearSite, ModelSpec
+    from ..context import StepContext
+    from ...spec import LinearSite, ModelSpec
 
 
 @dataclass(frozen=True)
