@@ -8,6 +8,7 @@ from . import ops
 from .methods.base import Method
 from .methods.qlora import linear_4bit
 from ..spec import LinearSite, ModelSpec, RunConfig
+from .stack import Stack
 from .tape import Tape, Tensor
 
 
@@ -23,7 +24,8 @@ class StepContext:
     weight_dtype: str  # dtype the base linear weights compute in
     other_dtype: str  # dtype of embeddings, norms and LM head
     input_requires_grad: bool
-    layer_input_bytes: list[int] = field(default_factory=list)
+    stack: Stack  # the block plan the forward walks
+    block_input_bytes: dict[str, int] = field(default_factory=dict)  # scope -> bytes of the block's input
     # tensors passed positionally to every checkpointed block besides the hidden states (GPT-2's eager
     # causal mask): torch.utils.checkpoint keeps them once (one shared tensor)
     checkpoint_extra_bytes: int = 0
@@ -74,12 +76,13 @@ class StepContext:
         block linears (bitsandbytes skips only the output embedding), adapted when targeted by name."""
         return self.linear(x, site)
 
-    def layers(self, x: Tensor, block) -> Tensor:
-        """Run block 0 and block 1; blocks 2..L-1 repeat block 1 exactly (same shapes, same grad flags)."""
-        for i in range(min(self.spec.layers, 2)):
-            self.tape.scope = f"layer{i}"
-            self.layer_input_bytes.append(x.nbytes)
-            x = block(x)
+    def blocks(self, x: Tensor, builders: dict) -> Tensor:
+        """Run the stack's simulated blocks in layer order (stack.py: the first and the second block
+        of each kind; the later ones repeat the second). `builders` maps a kind to its block forward."""
+        for _, kind, scope in self.stack.simulated:
+            self.tape.scope = scope
+            self.block_input_bytes[scope] = x.nbytes
+            x = builders[kind](x)
         return x
 
     def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True) -> None:
@@ -98,7 +101,8 @@ class StepContext:
 
 
 
-def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, targets: frozenset[str]) -> StepContext:
+def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, targets: frozenset[str],
+                 stack: Stack) -> StepContext:
     """The dtypes follow the recipe: QLoRA computes its 4-bit linears in bf16 (fp16) and keeps every
     other parameter in fp32 (prepare_model_for_kbit_training); otherwise all weights share one dtype."""
     if method.quantized_base:
@@ -106,4 +110,5 @@ def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, ta
     else:
         linear_dtype = other_dtype = run.weight_dtype
     return StepContext(tape=tape, spec=spec, run=run, method=method, targets=targets, weight_dtype=linear_dtype,
-                       other_dtype=other_dtype, input_requires_grad=run.grad_checkpointing and not method.base_trainable)
+                       other_dtype=other_dtype, input_requires_grad=run.grad_checkpointing and not method.base_trainable,
+                       stack=stack)

@@ -17,7 +17,7 @@ from dataclasses import replace
 from functools import lru_cache
 
 from .architectures import get_architecture
-from .architectures.base import Architecture
+from .architectures.base import Architecture, stack_of
 from ..errors import LoraCostError
 from .methods import get_method
 from .budget import parameter_budget
@@ -26,7 +26,7 @@ from .methods.base import Method
 from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
 from ..profiles import load_gpu, load_model
-from .record import SCOPES, affine_record
+from .record import affine_record
 from ..results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, Term
 from ..spec import LinearSite, ModelSpec, RunConfig
 from ..units import fmt_bytes
@@ -131,19 +131,21 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
 
     L = spec.layers
-    reps = {"layer0": 1, "layer1": L - 1}  # block 1 stands for blocks 1..L-1
+    stack = stack_of(arch, spec)
+    reps = stack.repetitions  # each simulated block stands for this many layers (stack.py)
+    scopes = ("embeddings", *stack.block_scopes, "head", "loss")
     # the forward does not depend on the optimizer, and depends on the rank affinely (record.py)
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
-    acts = activation_budget(rec, run, L)
-    phases = phase_peaks(rec, acts, params, run, L, adapted_blocks=bool(sites))
+    acts = activation_budget(rec, run, stack)
+    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
     device = int(peak.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + paged
 
-    fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in SCOPES)
-    bwd = sum(rec.flops.get((s, "bwd"), 0) * reps.get(s, 1) for s in SCOPES)
-    layer_scopes = ("layer0", "layer1")[: min(L, 2)]
+    fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in scopes)
+    bwd = sum(rec.flops.get((s, "bwd"), 0) * reps.get(s, 1) for s in scopes)
+    layer_scopes = stack.block_scopes
     # Non-reentrant checkpointing reruns each block's forward inside backward, stopping as soon as
     # the last tensor the block saves has been recomputed (torch.utils.checkpoint early stop), so
     # the block's trailing kernels (usually the last projection's matmul) are not rerun.

@@ -20,6 +20,7 @@ from .budget import ParameterBudget
 from .record import StepRecord
 from ..results import PhasePeak, Term
 from ..spec import RunConfig
+from .stack import Stack
 
 
 @dataclass(frozen=True)
@@ -37,30 +38,32 @@ class ActivationBudget:
         return self.embeddings + sum(self.kept) + self.head + self.loss
 
 
-def activation_budget(rec: StepRecord, run: RunConfig, layers: int) -> ActivationBudget:
-    body = (rec.saved.get("layer0", 0),) + (rec.saved.get("layer1", 0),) * (layers - 1)
+def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> ActivationBudget:
+    scopes = stack.scopes
+    body = tuple(rec.saved.get(scope, 0) for scope in scopes)
     if run.grad_checkpointing:  # the checkpoint keeps each block's input (and shared positional args once)
-        inputs = rec.layer_input_bytes
-        kept = (inputs[0] + rec.checkpoint_extra_bytes,) + (inputs[-1],) * (layers - 1)
+        kept = tuple(rec.block_input.get(scope, 0) for scope in scopes)
+        kept = (kept[0] + rec.checkpoint_extra_bytes,) + kept[1:]
     else:
         kept = body
     return ActivationBudget(rec.saved.get("embeddings", 0), body, kept, rec.saved.get("head", 0), rec.saved.get("loss", 0))
 
 
 def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
-                layers: int, adapted_blocks: bool) -> tuple[PhasePeak, ...]:
-    L = layers
+                stack: Stack, adapted_blocks: bool) -> tuple[PhasePeak, ...]:
+    L = stack.layers
     logits, ls = rec.logits_bytes, rec.log_softmax_bytes
     saved = acts.total
-    layer_scopes = ["layer0", "layer1"][: min(L, 2)]
-    fwd_transient = max([rec.forward_transient.get(s, 0) for s in ("embeddings", *layer_scopes, "head")] + [0])
+    scopes = stack.scopes
+    fwd_transient = max([rec.forward_transient.get(s, 0) for s in ("embeddings", *stack.block_scopes, "head")] + [0])
     grads_total = params.trainable_bytes
     grads_blocks = params.per_layer_trainable_bytes * L if adapted_blocks or params.base_trainable else 0
     grads_head = max(grads_total - grads_blocks, 0)
-    residual = rec.layer_input_bytes[-1] if rec.layer_input_bytes else 0
+    # the residual stream's width: the input of the blocks that stand for most of the stack
+    residual = rec.block_input.get(stack.block_scopes[-1], 0)
 
     def in_block(i: int) -> list[tuple[str, int]]:
-        scope = layer_scopes[min(i, len(layer_scopes) - 1)]
+        scope = scopes[i]
         # activation gradients inside the block: an incoming and an outgoing gradient of the widest
         # activation, and the residual stream's gradient in and out. (A product's backward briefly holds
         # three of the widest, but with 3 the checkpointed 7B rows of the H100 calibration, where this
@@ -77,7 +80,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
         (dequantised 4-bit weights, DoRA's weight norm, NoLA's bases) return, next to the
         activations recomputed so far and the incoming residual gradient."""
-        scope = layer_scopes[min(i, len(layer_scopes) - 1)]
+        scope = scopes[i]
         return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
                 ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0)),
                 ("gradients", grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
@@ -95,9 +98,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         "backward": [
             ("start of backward: log-softmax gradient in and out",
              [("saved_activations", saved), ("logits", logits), ("loss_gradient_buffers", 2 * ls)]),
-            ("backward through the last block", in_block(L - 1)),
-            ("backward through the first block", in_block(0)),
-            *([("recomputing the last block (checkpointing)", recompute(L - 1))] if run.grad_checkpointing else []),
+            *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
             ("end of backward", [("gradients", grads_total), ("logits", logits)]),
         ],
         "optimizer": [
@@ -113,3 +114,19 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         terms = tuple(Term(name, int(v), "", "") for name, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
+
+
+def block_moments(stack: Stack, in_block, recompute) -> list[tuple[str, list]]:
+    """Backward through the last and the first block of each kind (and, under checkpointing, the
+    recomputation of each kind's last block): where saved activations, accumulated gradients and
+    the block's own buffers meet. Backward runs from the last layer down, so these bound the rest."""
+    single = len(stack.kinds) == 1
+    moments, recomputes = [], []
+    for kind, first, last in stack.first_and_last:
+        name = "" if single else f" {kind}"
+        moments.append((f"backward through the last{name} block", in_block(last)))
+        if first != last or single:
+            moments.append((f"backward through the first{name} block", in_block(first)))
+        if recompute is not None:
+            recomputes.append((f"recomputing the last{name} block (checkpointing)", recompute(last)))
+    return moments + recomputes

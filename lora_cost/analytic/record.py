@@ -14,16 +14,15 @@ from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .architectures import get_architecture
+from .architectures.base import stack_of
 from .context import make_context
 from .methods import get_method
 from .tape import Tape
 
-SCOPES = ("embeddings", "layer0", "layer1", "head", "loss")
-
-
 @dataclass(frozen=True)
 class StepRecord:
-    """What one forward pass keeps and computes, per scope (embeddings, layer0, layer1, head, loss)."""
+    """What one forward pass keeps and computes, per scope (embeddings, each simulated block of the
+    stack, head, loss)."""
 
     saved: dict  # scope -> bytes autograd keeps
     saved_by_kind: dict  # (scope, kind) -> bytes
@@ -38,7 +37,7 @@ class StepRecord:
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
     largest: dict  # scope -> largest activation created
-    layer_input_bytes: tuple
+    block_input: dict  # block scope -> bytes of its input (the residual stream)
     logits_bytes: int
     loss_copy_bytes: int
     log_softmax_bytes: int
@@ -49,8 +48,8 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
     scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
                ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
-    for i, b in enumerate(ctx.layer_input_bytes):
-        scalars[("layer_input", i)] = b
+    for scope, b in ctx.block_input_bytes.items():
+        scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
         scalars[("saved", scope)] = v
     for key, v in tape.saved.items():
@@ -80,7 +79,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     return tuple(kept)
 
 
-_FIELDS = ("saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
+_FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
 
@@ -92,7 +91,6 @@ class AffineRecord:
     fields: tuple  # ((field, ((subkey, value_at_1, slope), ...)), ...)
     maxima: tuple  # ((field, ((scope, lines), ...)), ...)
     singles: tuple  # ((name, value_at_1, slope), ...): logits, loss_copy, log_softmax, checkpoint_extra
-    inputs: tuple  # ((value_at_1, slope), ...) per simulated block
 
     def at(self, r: int | None) -> StepRecord:
         dr = (r or 1) - 1
@@ -102,20 +100,21 @@ class AffineRecord:
         for name in ("forward_transient", "backward_transient", "largest"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, a, b in self.singles}
-        return StepRecord(layer_input_bytes=tuple(a + b * dr for a, b in self.inputs), logits_bytes=single["logits"],
+        return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], **values)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
     tape = Tape(run.tokens, autocast=run.autocast_dtype)
-    ctx = make_context(tape, spec, run, method, targets)
+    stack = stack_of(arch, spec)
+    ctx = make_context(tape, spec, run, method, targets, stack)
     arch.forward(ctx)
     scalars, lists = _flatten(tape, ctx)
-    # whole-model totals per kind (block 1 stands for blocks 1..L-1), for the explanation
-    reps = {"layer0": 1, "layer1": spec.layers - 1}
+    # whole-model totals per kind (each simulated block counted for the layers it stands for), for the explanation
+    reps = stack.repetitions
     for (scope, kind), v in tape.saved.items():
-        if not (run.grad_checkpointing and scope.startswith("layer")):
+        if not (run.grad_checkpointing and scope in reps):
             key = ("kind_totals", kind)
             scalars[key] = scalars.get(key, 0) + v * reps.get(scope, 1)
     for (scope, kind, phase), v in tape.flops.items():
@@ -134,12 +133,10 @@ def affine_record(spec, run, targets) -> AffineRecord:
     else:
         s2, l2 = simulate(spec, replace(run, r=2), method, arch, targets)
     grouped: dict[str, list] = {name: [] for name in _FIELDS}
-    singles, inputs = [], []
+    singles = []
     for key, v in s1.items():
         slope = s2.get(key, 0) - v
-        if key[0] == "layer_input":
-            inputs.append((key[1], v, slope))
-        elif len(key) == 1:
+        if len(key) == 1:
             singles.append((key[0], v, slope))
         else:
             grouped[key[0]].append((key[1], v, slope))
@@ -148,4 +145,4 @@ def affine_record(spec, run, targets) -> AffineRecord:
         maxima.setdefault(_MAXIMA[name], []).append((scope, _envelope([(a, b - a) for a, b in zip(v, l2[(name, scope)])])))
     return AffineRecord(fields=tuple((k, tuple(v)) for k, v in grouped.items()),
                         maxima=tuple((k, tuple(v)) for k, v in maxima.items()),
-                        singles=tuple(singles), inputs=tuple((v, sl) for _, v, sl in sorted(inputs)))
+                        singles=tuple(singles))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
 from ...errors import LoraCostError
 from ...registry import Registry
+from ..stack import Stack
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import StepContext
@@ -39,6 +41,8 @@ class Architecture:
     forward: Callable[["StepContext"], None]  # simulates embeddings, blocks, head and loss on ctx.tape
     # linear layers outside the blocks that peft would adapt by name (RoBERTa's lm_head.dense)
     head_sites: Callable[["ModelSpec"], tuple["LinearSite", ...]] = lambda spec: ()
+    # the block plan (stack.py): which kinds of block, how many, in what order; one kind by default
+    stack: Callable[["ModelSpec"], Stack] = lambda spec: Stack.uniform(spec.layers)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
@@ -54,6 +58,15 @@ def get_architecture(model_type: str) -> Architecture:
     except LoraCostError:
         raise LoraCostError(f"unsupported architecture {model_type!r}; supported model_type values: "
                             f"{', '.join(supported_model_types())}") from None
+
+
+@lru_cache(maxsize=1024)
+def stack_of(arch: Architecture, spec: "ModelSpec") -> Stack:
+    """The architecture's block plan for these shapes (cached: its derived tables are reused)."""
+    stack = arch.stack(spec)
+    if stack.layers != spec.layers:
+        raise LoraCostError(f"{spec.name}: the block plan has {stack.layers} blocks, the config {spec.layers}")
+    return stack
 
 
 def supported_model_types() -> list[str]:

@@ -82,7 +82,7 @@ def _forward(ctx) -> None:
         f = ops.gelu(tape, ctx.linear(x, inter))
         return ln(ops.add(tape, ops.dropout(tape, ctx.linear(f, out), hidden_p), x))
 
-    x = ctx.layers(x, block)
+    x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
     h = ops.gelu(tape, ctx.head_site_linear(x, LinearSite(HEAD_DENSE, d, d, True)))
     ctx.lm_head_and_loss(ln(h), upcast=False, shifted_labels=False)

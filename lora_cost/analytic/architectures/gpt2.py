@@ -95,7 +95,7 @@ def _forward(ctx) -> None:
         p = ops.dropout(tape, ctx.linear(f, rest[2]), ctx.model_dropout(spec.hidden_dropout))
         return ops.add(tape, x, p)
 
-    x = ctx.layers(x, block)
+    x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
     x = ops.layer_norm(tape, x, d, w_trainable=ctx.base_trainable)
     ctx.lm_head_and_loss(x, upcast=True)

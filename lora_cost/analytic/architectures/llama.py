@@ -98,7 +98,7 @@ def _forward(ctx) -> None:
         h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
         return ops.add(tape, x, ctx.linear(h, down))
 
-    x = ctx.layers(x, block)
+    x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
     ctx.lm_head_and_loss(norm(x), upcast=True)
 
