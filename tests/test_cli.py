@@ -7,6 +7,8 @@ from click.testing import CliRunner
 
 from lora_cost.cli import main
 
+pytestmark = pytest.mark.fast
+
 
 def run(*args):
     return CliRunner().invoke(main, list(args))

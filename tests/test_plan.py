@@ -10,6 +10,8 @@ from lora_cost import estimate
 from lora_cost.cli import main
 from lora_cost.analytic.planner import parse_range, plan, rank_candidates
 
+pytestmark = pytest.mark.fast
+
 
 def test_largest_rank_and_batch_are_the_boundary():
     budget = 24 * 2**30

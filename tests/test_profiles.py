@@ -2,7 +2,11 @@
 
 import json
 
+import pytest
+
 from lora_cost.profiles import bundled_gpus, bundled_models, load_gpu, load_model, profiles_dir
+
+pytestmark = pytest.mark.fast
 
 
 def test_all_model_profiles_load():
