@@ -4,9 +4,13 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 from score_calibration import score  # noqa: E402
+
+pytestmark = pytest.mark.fast
 
 
 def test_calibration_accuracy(calibration_path):

@@ -1,6 +1,10 @@
 """The estimator against sums done by hand from the ops' autograd rules, and against measurement."""
 
+import pytest
+
 from lora_cost import estimate
+
+pytestmark = pytest.mark.fast
 
 B, S, D, H, V, L, R = 4, 512, 768, 12, 50257, 12, 4
 N = B * S

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 
 def test_api_and_cli_do_not_import_torch():
     code = (

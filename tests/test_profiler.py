@@ -113,15 +113,20 @@ def check_boundaries(result):
     for step in result.measured:
         names = [b.name for b in step.boundaries]
         assert names[0] == "step_start" and names[-1] == "optimizer_end"
-        for b in step.boundaries:
-            m = b.memory
-            assert m.temporaries >= 0
-            assert sum(getattr(m, c) for c in CATEGORIES) == m.live_total  # categories add up
+        # (the categories' sum and the step peak are not checked here: `temporaries` is the clamped
+        # residual of live_total, and peak_bytes the max of the phase peaks, so both hold by construction;
+        # the live total is checked against the live objects in the tests below)
         phases = {p.phase: p.peak_bytes for p in step.phases}
         bounds = {b.name: b.memory.live_total for b in step.boundaries}
         assert phases["forward"] >= bounds["forward_end"]
         assert phases["backward"] >= bounds["backward_end"]
-        assert step.peak_bytes == max(phases.values())
+
+
+def live_at_step_start(model, opt) -> int:
+    """What must be alive when a step starts, from the live objects: parameters, buffers and
+    optimizer state (distinct storages), plus the step's int64 [B, S] ids."""
+    state = [v for s in opt.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+    return distinct_bytes([*model.parameters(), *model.buffers(), *state]) + B * S * 8
 
 
 # ---- LoRA and full fine-tuning ---------------------------------------------------------------
@@ -147,8 +152,9 @@ def test_lora_step_split_matches_direct_counts():
         assert b["step_start"].gradients == 0 and b["backward_end"].gradients == trainable
         assert step.saved_activation_bytes == saved
         assert b["forward_end"].saved_activations == saved and b["backward_end"].saved_activations == 0
-        # at the start of a step nothing is alive beyond weights, state and the batch of int64 ids (+ the last loss)
-        assert b["step_start"].temporaries <= B * S * 8 + 64
+        # at the start of a step nothing is alive beyond weights, state and the batch of int64 ids (+ the
+        # previous step's fp32 scalar loss, once it was allocated while measuring)
+        assert b["step_start"].live_total - live_at_step_start(model, opt) in (0, 4)
     # the live model was read correctly and estimated for the same configuration
     m = r.model
     assert (m.method, m.r, m.targets, m.batch, m.seq, m.precision, m.optimizer) == ("lora", 4, ("c_attn",), B, S, "fp32", "adamw")
@@ -171,6 +177,7 @@ def test_full_finetuning_llama_gqa():
     everything = distinct_bytes(model.parameters())
     assert b["step_start"].trainable_params == everything and b["step_start"].frozen_params == 0
     assert b["step_start"].optimizer_state == opt_state_bytes(opt)
+    assert b["step_start"].live_total - live_at_step_start(model, opt) in (0, 4)
     assert b["backward_end"].gradients == everything
     assert step.saved_activation_bytes == direct_saved_bytes(model)
     assert r.model.method == "full" and r.model.model_type == "llama" and r.estimate is not None
@@ -200,7 +207,7 @@ def test_flops_equal_direct_flopcounter_count(build):
     attn_bwd = L * 5 * (2 * B * h * S * S * hd)
     assert f.forward == fwd.get_total_flops() + attn_fwd
     assert f.backward == bwd.get_total_flops() + attn_bwd
-    assert f.by_module[0].module == "Global" and (f.by_module[0].forward, f.by_module[0].backward) == (f.forward, f.backward)
+    assert f.by_module[0].module == "Global"  # (its numbers are the totals' own counter: not compared)
     assert any(row.module != "Global" and row.backward > 0 for row in f.by_module)  # backward attributed to modules
 
 

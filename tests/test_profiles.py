@@ -2,16 +2,45 @@
 
 import json
 
+import pytest
+
 from lora_cost.profiles import bundled_gpus, bundled_models, load_gpu, load_model, profiles_dir
+
+pytestmark = pytest.mark.fast
+
+
+def shapes_from_config(cfg: dict) -> tuple:
+    """(layers, hidden, heads, kv_heads, head_dim, intermediate, vocab, tied) as transformers builds
+    them from a config.json, written out here apart from lora_cost.profiles: GPT2Config names them
+    n_layer/n_embd/n_head and takes n_inner None as 4 * n_embd; LlamaConfig (Mistral, Qwen2 alike)
+    takes num_key_value_heads None as num_attention_heads and head_dim None as hidden // heads;
+    tie_word_embeddings defaults to True (PretrainedConfig)."""
+    hidden = cfg.get("hidden_size", cfg.get("n_embd"))
+    heads = cfg.get("num_attention_heads", cfg.get("n_head"))
+    intermediate = cfg.get("intermediate_size", cfg.get("n_inner")) or 4 * hidden
+    head_dim = cfg.get("head_dim") or hidden // heads
+    return (cfg.get("num_hidden_layers", cfg.get("n_layer")), hidden, heads, cfg.get("num_key_value_heads") or heads,
+            head_dim, intermediate, cfg["vocab_size"], cfg.get("tie_word_embeddings", True))
 
 
 def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
     assert len(files) == 17 == len(bundled_models())
     for path in files:
-        name = json.loads(path.read_text())["name"]
-        spec = load_model(name)
-        assert spec.layers > 0 and spec.hidden % spec.heads == 0 or spec.head_dim > 0
+        doc = json.loads(path.read_text())
+        spec = load_model(doc["name"])
+        got = (spec.layers, spec.hidden, spec.heads, spec.kv_heads, spec.head_dim, spec.intermediate, spec.vocab,
+               spec.tie_embeddings)
+        assert got == shapes_from_config(doc["config"]), doc["name"]
+
+
+def test_published_shapes():
+    # head_dim from the model cards: 4096 / 32 = 128 (Llama-2 7B), explicit 64 with 2048 / 32 (Llama-3.2 1B),
+    # 896 / 14 = 64 (Qwen2.5 0.5B, 2 key/value heads), 768 / 12 = 64 and 4 * 768 = 3072 (GPT-2)
+    assert (load_model("llama-2-7b").head_dim, load_model("llama-2-7b").kv_heads) == (128, 32)
+    assert (load_model("llama-3.2-1b").head_dim, load_model("llama-3.2-1b").kv_heads) == (64, 8)
+    assert (load_model("qwen2.5-0.5b").head_dim, load_model("qwen2.5-0.5b").kv_heads) == (64, 2)
+    assert (load_model("gpt2").head_dim, load_model("gpt2").intermediate) == (64, 3072)
 
 
 def test_all_gpu_profiles_load():

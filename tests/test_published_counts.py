@@ -4,6 +4,8 @@ import pytest
 
 from lora_cost import estimate
 
+pytestmark = pytest.mark.fast
+
 
 def test_lora_paper_gpt3_175b_rq_rv_4():
     # Hu et al. 2021, Sec. 7.1 / Table 4: r_q = r_v = 4 on GPT-3 175B -> 18.9M parameters.

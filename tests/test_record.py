@@ -10,6 +10,8 @@ from lora_cost.profiles import load_model
 from lora_cost.analytic.record import affine_record, simulate
 from lora_cost.spec import RunConfig
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("model,method,targets", [
     ("llama-3.2-1b", "lora", ("q_proj", "v_proj")), ("llama-3.2-1b", "dora", ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),

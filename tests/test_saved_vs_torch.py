@@ -128,4 +128,5 @@ def test_dora_transient_saves(tmp_path, family, targets, d_in, orphan_extra):
     modules = 3 * len(targets)
     per_module = (d_in * d_in + d_in * r + orphan_extra) * 4
     extra = measure(cfg, "dora", targets, r, False) - e.memory.saved_activation_bytes
-    assert 0 <= extra <= modules * per_module
+    # at least one module's worth: 0 would also pass if the estimator counted them as saved activations
+    assert per_module <= extra <= modules * per_module
