@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..results import Estimate, Term
+from ..results import Estimate, GpuFit, Term
 
 
 def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
@@ -50,12 +50,15 @@ def estimate_to_json(e: Estimate) -> dict:
             "convention": "2 FLOPs per multiply-add (torch.utils.flop_counter); fvcore reports half",
             "terms": [{"name": t.name, "flops": t.value, "formula": t.formula} for t in f.terms],
         },
-        "gpu": None,
+        "gpu": gpu_fit_json(e.gpu),
         "warnings": list(e.warnings),
         "assumptions": list(e.assumptions),
     }
-    if e.gpu is not None:
-        g = e.gpu
-        doc["gpu"] = {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
-                      "step_time_s": g.step_time_s, "utilisation": g.utilisation}
     return doc
+
+
+def gpu_fit_json(g: GpuFit | None) -> dict | None:
+    if g is None:
+        return None
+    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
+            "step_time_s": g.step_time_s, "utilisation": g.utilisation}

@@ -7,7 +7,8 @@ import time
 import warnings
 from dataclasses import replace
 
-from ..analytic.estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
+from ..analytic.device import device_bytes
+from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
@@ -130,7 +131,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     warnings = []
     if run.seq > spec.max_positions:
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
-    device = int(top.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + rec.paged_bytes
+    device = device_bytes(top.peak_bytes, rec.paged_bytes)
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
                      f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
