@@ -62,11 +62,15 @@ class GpuFit:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class RunHeader:
+    """The run as both engines describe it: the inputs after defaults are filled in, and the
+    parameter counts. An `Estimate` and a `TraceResult` are each a header plus their engine's
+    numbers (report/jsonout.py `run_header` writes it, once for both)."""
+
     model: str
     family: str
     method: str
-    r: int | None
+    r: int | None  # None for full fine-tuning
     targets: tuple[str, ...]
     batch: int
     seq: int
@@ -79,6 +83,12 @@ class Estimate:
     trainable_params: int
     total_params: int
     adapted_modules: int
+
+
+@dataclass(frozen=True)
+class Estimate(RunHeader):
+    """The analytic engine's answer for one run."""
+
     memory: MemoryEstimate
     flops: FlopEstimate
     gpu: GpuFit | None

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from ..results import Estimate, GpuFit, Term
+from ..results import Estimate, GpuFit, RunHeader, Term
 
 
 def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
     return {t.name: t.value for t in terms}
 
 
-def run_header(r) -> dict:
-    """The inputs echoed back and the parameter counts: shared by both engines' JSON (an Estimate or
-    a TraceResult; they carry the same run fields)."""
+def run_header(r: RunHeader) -> dict:
+    """The inputs echoed back and the parameter counts: the head of both engines' JSON (an Estimate
+    and a TraceResult are each a RunHeader)."""
     return {
         "inputs": {
             "model": r.model, "method": r.method, "r": r.r, "targets": list(r.targets), "batch": r.batch, "seq": r.seq,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..results import RunHeader
+
 
 @dataclass(frozen=True)
 class Category:
@@ -42,23 +44,10 @@ class OpFlops:
 
 
 @dataclass(frozen=True)
-class TraceResult:
-    model: str
-    family: str
-    method: str
-    r: int | None
-    targets: tuple[str, ...]
-    batch: int
-    seq: int
-    precision: str
-    optimizer: str
-    grad_checkpointing: bool
-    attention: str
-    dropout: float
-    method_options: dict
-    trainable_params: int
-    total_params: int  # parameter elements as model.parameters() counts them (a packed 4-bit weight: its bytes)
-    adapted_modules: int
+class TraceResult(RunHeader):
+    """The trace engine's answer for one run. Its `total_params` counts parameter elements as
+    model.parameters() does (a packed 4-bit weight: its bytes)."""
+
     peak_bytes: int
     peak_phase: str
     phases: tuple[Peak, ...]
