@@ -4,12 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..results import RunHeader
+from ..results import MemoryCategory, RunHeader
 
 
 @dataclass(frozen=True)
 class Category:
-    """Bytes of one kind alive at a moment (allocator-rounded)."""
+    """Bytes of one memory category alive at a moment (allocator-rounded)."""
+
+    name: MemoryCategory
+    bytes: int
+
+
+@dataclass(frozen=True)
+class OpBytes:
+    """Bytes saved for backward by one aten op."""
 
     name: str
     bytes: int
@@ -55,7 +63,7 @@ class TraceResult(RunHeader):
     device_bytes: int
     saved_activation_bytes: int  # distinct storages saved by autograd, parameters and buffers excluded
     saved_by_module: tuple[ModuleSaved, ...]
-    saved_by_kind: tuple[Category, ...]  # by saving op (aten op name of the node that saved)
+    saved_by_kind: tuple[OpBytes, ...]  # by saving op (aten op name of the node that saved)
     flops_forward: int
     flops_backward: int
     flops_forward_uncounted: int  # counted through a registered formula where FlopCounterMode is silent for CUDA
