@@ -16,7 +16,6 @@ from ..results import MemoryCategory
 from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
 
 
-
 def plan(model, method: str, **kwargs):
     """The analytic engine's own validation and target resolution (same flags, same errors)."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
