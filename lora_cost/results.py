@@ -3,16 +3,81 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import Enum
+
+
+class MemoryCategory(str, Enum):
+    """What a piece of allocated memory holds: one vocabulary for the analytic engine's terms, the
+    trace engine's categories, the profiler's measurements, their comparisons and every report.
+
+    The values are the JSON names (`memory.components`, phase terms, trace categories); a member is a
+    `str` equal to its value, so it is written and looked up as one. Each carries the label reports
+    print and a sentence on what it is. Not every engine sees every category: the analytic engine
+    names the parts of an activation peak (logits, loss and activation-gradient buffers, ...), the
+    trace and the profiler only know what a storage is and call the unnamed rest `TEMPORARIES`.
+    """
+
+    label: str
+    meaning: str
+
+    def __new__(cls, value: str, label: str, meaning: str) -> "MemoryCategory":
+        member = str.__new__(cls, value)
+        member._value_ = value
+        member.label = label
+        member.meaning = meaning
+        return member
+
+    def __str__(self) -> str:  # the JSON name, also in f-strings (a mixed-in Enum would print its class)
+        return self.value
+
+    __format__ = str.__format__
+
+    @classmethod
+    def label_of(cls, name: str) -> str:
+        """The label of a category's JSON name; any other name is its own label."""
+        try:
+            return cls(name).label
+        except ValueError:
+            return name
+
+    # -- parameters and optimizer state (steady between steps)
+    WEIGHTS = ("weights", "frozen weights",
+               "parameters that do not train; under QLoRA NF4 linears plus fp32 embeddings, norms and head")
+    TRAINABLE_WEIGHTS = ("trainable_weights", "trainable weights", "the parameters the optimizer updates")
+    BUFFERS = ("buffers", "buffers", "module buffers that are not parameters (rotary tables, position ids)")
+    OPTIMIZER_STATE = ("optimizer_state", "optimizer state",
+                       "optimizer buffers in torch's allocator (paged states are outside it)")
+    # -- what the step adds
+    SAVED_ACTIVATIONS = ("saved_activations", "saved activations",
+                         "what backward needs, kept from forward (those not yet freed at this moment)")
+    LOGITS = ("logits", "logits", "the LM head output, alive until the step ends")
+    LOGITS_FP32_COPY = ("logits_fp32_copy", "logits fp32 copy", "transformers' causal-LM loss calls logits.float()")
+    LOSS_GRADIENT_BUFFERS = ("loss_gradient_buffers", "loss gradient buffers",
+                             "log-softmax backward holds its incoming and outgoing gradient")
+    GRADIENTS = ("gradients", "gradients", "parameter gradients accumulated so far")
+    RECOMPUTED_ACTIVATIONS = ("recomputed_activations", "recomputed block activations",
+                              "gradient checkpointing reruns the block inside backward")
+    ACTIVATION_GRADIENT_BUFFERS = ("activation_gradient_buffers", "activation gradients",
+                                   "gradients flowing through the block being differentiated")
+    TRANSIENT_BUFFERS = ("transient_buffers", "transient buffers",
+                         "dequantised 4-bit weight, DoRA's weight-norm inputs, NoLA's bases, attention mask")
+    OPTIMIZER_TEMPORARIES = ("optimizer_temporaries", "optimizer temporaries",
+                             "torch._foreach_sqrt(exp_avg_sq) for all tensors at once")
+    TEMPORARIES = ("temporaries", "temporaries",
+                   "everything else alive: op outputs not saved for backward, workspaces (the profiler's residual)")
+    EARLIER_STEPS = ("earlier_steps", "earlier steps", "storages left alive by an earlier step")
 
 
 @dataclass(frozen=True)
 class Term:
-    """One named quantity with the formula that produced it and a sentence on what it is."""
+    """One named quantity with the formula that produced it and a sentence on what it is; a stored
+    quantity also says which memory category it belongs to."""
 
     name: str
     value: int
     formula: str
     explanation: str
+    category: MemoryCategory | None = None
 
 
 @dataclass(frozen=True)
@@ -36,6 +101,11 @@ class MemoryEstimate:
     saved_activation_bytes: int  # what autograd keeps for backward (saved_tensors_hooks' count)
     saved_by_kind: tuple[Term, ...]
     terms: tuple[Term, ...]  # every stored quantity (weights, grads, states, ...), peak or not
+
+    def stored_bytes(self, category: MemoryCategory) -> int | None:
+        """Bytes of the stored quantities of one category (None when no term has it)."""
+        values = [t.value for t in self.terms if t.category == category]
+        return sum(values) if values else None
 
 
 @dataclass(frozen=True)
@@ -62,11 +132,15 @@ class GpuFit:
 
 
 @dataclass(frozen=True)
-class Estimate:
+class RunHeader:
+    """The run as both engines describe it: the inputs after defaults are filled in, and the
+    parameter counts. An `Estimate` and a `TraceResult` are each a header plus their engine's
+    numbers (report/jsonout.py `run_header` writes it, once for both)."""
+
     model: str
     family: str
     method: str
-    r: int | None
+    r: int | None  # None for full fine-tuning
     targets: tuple[str, ...]
     batch: int
     seq: int
@@ -79,6 +153,12 @@ class Estimate:
     trainable_params: int
     total_params: int
     adapted_modules: int
+
+
+@dataclass(frozen=True)
+class Estimate(RunHeader):
+    """The analytic engine's answer for one run."""
+
     memory: MemoryEstimate
     flops: FlopEstimate
     gpu: GpuFit | None

@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ def test_lora_step_split_matches_direct_counts():
     # the live model was read correctly and estimated for the same configuration
     m = r.model
     assert (m.method, m.r, m.targets, m.batch, m.seq, m.precision, m.optimizer) == ("lora", 4, ("c_attn",), B, S, "fp32", "adamw")
-    assert m.estimable and r.estimate is not None and r.estimate["method"] == "lora"
+    assert m.estimable and r.estimate is not None and r.estimate.method == "lora"
     terms = {c.term: c for c in r.comparison}
     assert terms["saved activations"].measured == saved
     assert terms["trainable weights"].estimated == trainable  # fp32 adapters: exact
@@ -253,7 +254,10 @@ def test_json_round_trip(tmp_path):
         train(model, opt, steps=2)
     path = save_profile(p.result, tmp_path / "p.json")
     back = load_profile(path)
-    assert back == p.result
+    # the estimate is kept as an Estimate; its JSON holds values, not every formula: compare documents
+    assert back.to_dict() == p.result.to_dict()
+    assert replace(back, estimate=None) == replace(p.result, estimate=None)
+    assert back.estimate.memory.peak_bytes == p.result.estimate.memory.peak_bytes > 0
     doc = json.loads(path.read_text())
     assert doc["schema"] == "lora-cost-profile/1"
     assert set(doc["measured"][0]["boundaries"][0]["memory"]) == set(CATEGORIES) | {"live_total"}
@@ -469,7 +473,7 @@ def test_method_read_from_live_adapters(kind):
     with profile(warmup=1, steps=1, flops=False) as p:
         train(model, opt, steps=2)
     r = p.result
-    assert r.model.method == kind and r.estimate is not None and r.estimate["method"] == kind
+    assert r.model.method == kind and r.estimate is not None and r.estimate.method == kind
     (step,) = r.measured
     start = step.boundaries[0].memory
     assert start.trainable_params == distinct_bytes(q for q in model.parameters() if q.requires_grad)

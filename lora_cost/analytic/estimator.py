@@ -21,25 +21,16 @@ from .architectures.base import Architecture, stack_of
 from ..errors import LoraCostError
 from .methods import get_method
 from .budget import parameter_budget
+from .device import DEFAULT_UTILISATION, device_bytes, device_formula, gpu_fit
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
 from .methods.base import Method
 from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
 from ..profiles import load_gpu, load_model
 from .record import affine_record
-from ..results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, Term
+from ..results import Estimate, FlopEstimate, MemoryEstimate, Term
 from ..spec import LinearSite, ModelSpec, RunConfig
-from ..units import fmt_bytes
 
-# The caching allocator reserves more than it hands out: segments are rounded to 2 MiB (20 MiB for
-# requests of 1-10 MiB) and freed blocks stay cached for reuse, so fragments pile up. On the H100
-# calibration set the reserved peak exceeded the allocated peak by a median 10% (3% to 51%).
-ALLOCATOR_SLACK = 0.10
-# The CUDA context (driver state, kernels, cuBLAS workspaces) is outside torch's counters: 0.73 to
-# 0.76 GiB on the calibration H100 (device used minus reserved, torch 2.11).
-CUDA_CONTEXT_BYTES = 3 * (1 << 28)  # 0.75 GiB
-# Sustained fraction of peak tensor throughput assumed for a step-time estimate (typical training MFU).
-DEFAULT_UTILISATION = 0.4
 ALL_LINEAR = "all-linear"
 
 
@@ -141,7 +132,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
-    device = int(peak.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + paged
+    device = device_bytes(peak.peak_bytes, paged)
 
     fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in scopes)
     bwd = sum(rec.flops.get((s, "bwd"), 0) * reps.get(s, 1) for s in scopes)
@@ -164,20 +155,14 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
     flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
                          backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, run, recomputed))
-    gpu_fit = None
-    if gpu is not None:
-        g = load_gpu(gpu)
-        tflops = g.fp32_tflops if run.precision == "fp32" else g.bf16_tflops_dense
-        gpu_fit = GpuFit(gpu=g.name, memory_bytes=g.memory_bytes, fits=device <= g.memory_bytes,
-                         headroom_bytes=g.memory_bytes - device,
-                         step_time_s=(fwd + bwd) / (tflops * 1e12 * utilisation), utilisation=utilisation)
+    fit = gpu_fit(load_gpu(gpu), device, fwd + bwd, run.precision, utilisation) if gpu is not None else None
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options={k: method.option(run, k) for k in method.options}, trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=gpu_fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
+        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
@@ -186,6 +171,5 @@ def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
     return (
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({kernel})",
-        f"device memory = peak x {1 + ALLOCATOR_SLACK:.2f} (caching-allocator slack) + {fmt_bytes(CUDA_CONTEXT_BYTES)} "
-        "CUDA context" + (" + paged optimizer state" if opt.paged else ""),
+        device_formula(opt.paged),
     )

@@ -7,32 +7,24 @@ from .methods.base import Method
 from .methods.qlora import bits_per_weight
 from .optimizers import Optimizer
 from .record import StepRecord
-from ..results import Term
+from ..results import MemoryCategory, Term
 from ..spec import ModelSpec, RunConfig
 from ..units import DTYPE_BYTES
 
-# key -> (label, formula, what it is); the keys are the JSON names of memory.components
+# the analytic formula of each memory category at a peak (labels and meanings: results.MemoryCategory)
 COMPONENTS = {
-    "weights": ("frozen weights", "base weights (+ frozen adapter tensors) x storage dtype",
-                "parameters that do not train; under QLoRA NF4 linears plus fp32 embeddings, norms and head"),
-    "trainable_weights": ("trainable weights", "trainable elements x dtype bytes", "the parameters the optimizer updates"),
-    "optimizer_state": ("optimizer state", "AdamW 2 x, SGD 1 x trainable bytes; 8-bit: 2 B + 8 B/256 per element",
-                        "optimizer buffers in torch's allocator (paged states are outside it)"),
-    "saved_activations": ("saved activations", "sum over ops of the tensors autograd keeps",
-                          "what backward needs, kept from forward (those not yet freed at this moment)"),
-    "logits": ("logits", "batch x seq x vocab x dtype", "the LM head output, alive until the step ends"),
-    "logits_fp32_copy": ("logits fp32 copy", "batch x seq x vocab x 4", "transformers' causal-LM loss calls logits.float()"),
-    "loss_gradient_buffers": ("loss gradient buffers", "2 x batch x seq x vocab x log-softmax dtype",
-                              "log-softmax backward holds its incoming and outgoing gradient"),
-    "gradients": ("gradients", "trainable elements x dtype bytes", "parameter gradients accumulated so far"),
-    "recomputed_activations": ("recomputed block activations", "one block's saved tensors",
-                               "gradient checkpointing reruns the block inside backward"),
-    "activation_gradient_buffers": ("activation gradients", "2 x widest block activation + 2 x residual stream",
-                                    "gradients flowing through the block being differentiated"),
-    "transient_buffers": ("transient buffers", "largest short-lived buffer of one op",
-                          "dequantised 4-bit weight, DoRA's weight-norm inputs, NoLA's bases, attention mask"),
-    "optimizer_temporaries": ("optimizer temporaries", "foreach AdamW: one state-sized buffer per dtype group",
-                              "torch._foreach_sqrt(exp_avg_sq) for all tensors at once"),
+    MemoryCategory.WEIGHTS: "base weights (+ frozen adapter tensors) x storage dtype",
+    MemoryCategory.TRAINABLE_WEIGHTS: "trainable elements x dtype bytes",
+    MemoryCategory.OPTIMIZER_STATE: "AdamW 2 x, SGD 1 x trainable bytes; 8-bit: 2 B + 8 B/256 per element",
+    MemoryCategory.SAVED_ACTIVATIONS: "sum over ops of the tensors autograd keeps",
+    MemoryCategory.LOGITS: "batch x seq x vocab x dtype",
+    MemoryCategory.LOGITS_FP32_COPY: "batch x seq x vocab x 4",
+    MemoryCategory.LOSS_GRADIENT_BUFFERS: "2 x batch x seq x vocab x log-softmax dtype",
+    MemoryCategory.GRADIENTS: "trainable elements x dtype bytes",
+    MemoryCategory.RECOMPUTED_ACTIVATIONS: "one block's saved tensors",
+    MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",
+    MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op",
+    MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group",
 }
 
 _FLOP_KINDS = {
@@ -44,8 +36,9 @@ _FLOP_KINDS = {
 
 
 def describe(key: str) -> tuple[str, str]:
-    _, formula, explanation = COMPONENTS[key]
-    return formula, explanation
+    """(formula, what it is) of a memory category at a peak."""
+    category = MemoryCategory(key)
+    return COMPONENTS[category], category.meaning
 
 
 def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer, params: ParameterBudget,
@@ -57,25 +50,31 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
     else:
         dtype = run.weight_dtype
         weights_formula = f"{params.total_params:,} parameters x {DTYPE_BYTES[dtype]} B ({dtype})"
+    C = MemoryCategory
     return (
-        Term("base weights", params.base_weight_bytes, weights_formula, "the pretrained model as stored during training"),
+        # under full fine-tuning the base weights are the trainable weights: filed there, not twice
+        Term("base weights", params.base_weight_bytes, weights_formula, "the pretrained model as stored during training",
+             None if method.base_trainable else C.WEIGHTS),
         Term("trainable weights", params.trainable_bytes, f"{params.trainable_params:,} trainable parameters x their dtype",
-             "full fine-tuning: all weights; adapters: fp32 (peft autocast_adapter_dtype)"),
+             "full fine-tuning: all weights; adapters: fp32 (peft autocast_adapter_dtype)", C.TRAINABLE_WEIGHTS),
         Term("frozen adapter tensors", params.frozen_adapter_bytes,
-             "frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)", "adapter tensors that do not train"),
+             "frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)", "adapter tensors that do not train",
+             C.WEIGHTS),
         Term("gradients", params.trainable_bytes, "one gradient per trainable tensor, same dtype",
-             "allocated in backward, freed by zero_grad(set_to_none=True)"),
+             "allocated in backward, freed by zero_grad(set_to_none=True)", C.GRADIENTS),
         Term("optimizer state", params.state_bytes, opt.description,
-             "outside torch's allocator (paged)" if opt.paged else "allocated on the GPU"),
+             "outside torch's allocator (paged)" if opt.paged else "allocated on the GPU", C.OPTIMIZER_STATE),
         Term("optimizer temporaries", params.optimizer_temporaries,
              "foreach AdamW sqrt(exp_avg_sq) buffer" if params.optimizer_temporaries else "in-place update",
-             "alive during opt.step()"),
+             "alive during opt.step()", C.OPTIMIZER_TEMPORARIES),
         Term("saved activations", saved_total, "per-op autograd rules over one forward pass"
              + (" (checkpointed: block inputs only)" if run.grad_checkpointing else ""),
-             "tensors kept for backward, as saved_tensors_hooks count them"),
-        Term("logits", rec.logits_bytes, f"{n:,} tokens x {V:,} vocab x dtype", "the LM head output"),
-        Term("logits fp32 copy", rec.loss_copy_bytes, "logits.float() in the causal-LM loss", "short-lived during the loss"),
-        Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward"),
+             "tensors kept for backward, as saved_tensors_hooks count them", C.SAVED_ACTIVATIONS),
+        Term("logits", rec.logits_bytes, f"{n:,} tokens x {V:,} vocab x dtype", "the LM head output", C.LOGITS),
+        Term("logits fp32 copy", rec.loss_copy_bytes, "logits.float() in the causal-LM loss", "short-lived during the loss",
+             C.LOGITS_FP32_COPY),
+        Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward",
+             C.LOSS_GRADIENT_BUFFERS),
     )
 
 

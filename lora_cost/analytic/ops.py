@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .formulas.attention import matmul_attention_backward_flops, sdpa_backward_flops, sdpa_forward_flops
 from .tape import Tape, Tensor
 from ..units import DTYPE_BYTES
 
@@ -199,7 +200,6 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         q, k, v = (cast(tape, t, tape.autocast) for t in (q, k, v))
     dt = q.dtype
     rg = q.rg or k.rg or v.rg
-    bhs2hd = b * h * s * s * hd
     score_numel = b * h * s * s
     gqa = kvh != h
     if implementation == "sdpa":
@@ -217,7 +217,8 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
                 # sdpa turns a bool mask into an additive one in q's dtype (convert_boolean_attn_mask),
                 # padded to a multiple of 16 along the keys, and the efficient kernel saves it
                 tape.save(tape.new(b * s * (-(-s // 16) * 16), dt, False), "attention mask")
-        tape.add_flops("attention", 4 * bhs2hd, 10 * bhs2hd if rg else 0)
+        tape.add_flops("attention", sdpa_forward_flops(b, h, s, s, hd, hd),
+                       sdpa_backward_flops(b, h, s, s, hd, hd) if rg else 0)
         out = tape.new(out_numel, dt, rg)
         if rg:
             tape.save(out, "attention output")
@@ -257,8 +258,8 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         tape.transient(b * s * s * DTYPE_BYTES[dt])
     tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
     # each batched matmul costs 2*b*h*s^2*hd per operand that needs a gradient (q, k; probs, v)
-    needed = int(q.rg) + int(k.rg) + int(probs.rg) + int(v.rg)
-    tape.add_flops("attention", 4 * bhs2hd, 2 * bhs2hd * needed)
+    tape.add_flops("attention", sdpa_forward_flops(b, h, s, s, hd, hd),
+                   matmul_attention_backward_flops(b, h, s, s, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))
     # [b, h, s, hd] -> transpose(1, 2).reshape: a copy, so the output projection sees a new storage
     return tape.new(out_numel, dt, rg)
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import LoraCostError
-from .estimator import DEFAULT_UTILISATION, estimate
+from .device import DEFAULT_UTILISATION
+from .estimator import estimate
 from .methods import get_method
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term

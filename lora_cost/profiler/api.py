@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraCostError
+from ..results import Estimate
 from .compare import compare
 from .env import environment
 from .flops import fvcore_forward, parameter_table
@@ -103,7 +104,7 @@ class Profiler:
             params = parameter_table(m.model)
             info, spec, run = describe(m.model, m.optimizer, Observed(m.input_shape, m.autocast_dtype))
             if spec is not None:
-                estimate = _estimate_json(spec, run, warnings)
+                estimate = _estimate(spec, run, warnings)
         last = m.measured[-1] if m.measured else None
         device_bytes = None
         if last is not None and last.peak_reserved_bytes is not None and context is not None:
@@ -126,11 +127,10 @@ class Profiler:
         return self.result
 
 
-def _estimate_json(spec, run, warnings: list[str]) -> dict | None:
+def _estimate(spec, run, warnings: list[str]) -> Estimate | None:
     from ..analytic.estimator import estimate_run
-    from ..report.jsonout import estimate_to_json
     try:
-        return estimate_to_json(estimate_run(spec, run))
+        return estimate_run(spec, run)
     except LoraCostError as exc:
         warnings.append(f"no estimate for this configuration: {exc}")
         return None

@@ -7,9 +7,8 @@ shapes instead of tensors):
 - `aten._scaled_dot_product_flash_attention_for_cpu` (+ backward): the CPU sdpa kernel has no
   formula (torch 2.13 counts 0);
 - grouped-query attention: before torch 2.13, `sdpa_flop_count` asserted equal query and key/value
-  heads and raised; the formulas below broadcast key/value heads as the kernels do.
-The counts follow torch's own convention (2 FLOPs per multiply-add; the backward recomputes the
-scores: 5 bmm-sized products).
+  heads and raised; lora_cost/analytic/formulas/attention.py (the formulas the analytic and trace
+  engines use too) broadcasts key/value heads as the kernels do.
 """
 
 from __future__ import annotations
@@ -20,36 +19,10 @@ from collections import defaultdict
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..analytic.formulas.attention import sdpa_backward_from_shapes, sdpa_forward_from_shapes
 from .results import FlopMeasurement, ModuleFlops, ParamRow
 
 aten = torch.ops.aten
-
-
-def _bmm(b: int, m: int, k: int, n: int) -> int:
-    return 2 * b * m * k * n
-
-
-def sdpa_forward_flops(q, k, v) -> int:
-    """QK^T and PV for [b, h_q, s_q, d] queries against [b, h_kv, s_k, d] keys/values (h_kv | h_q)."""
-    b, h, s_q, d = q
-    s_k, d_v = k[-2], v[-1]
-    return _bmm(b * h, s_q, d, s_k) + _bmm(b * h, s_q, s_k, d_v)
-
-
-def sdpa_backward_flops(q, k, v) -> int:
-    """Recompute QK^T, then dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q."""
-    b, h, s_q, d = q
-    s_k, d_v = k[-2], v[-1]
-    return (_bmm(b * h, s_q, d, s_k) + _bmm(b * h, s_q, d_v, s_k) + _bmm(b * h, s_k, s_q, d_v)
-            + _bmm(b * h, s_q, s_k, d) + _bmm(b * h, d, s_q, s_k))
-
-
-def _fwd(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_forward_flops(query_shape, key_shape, value_shape)
-
-
-def _bwd(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_backward_flops(query_shape, key_shape, value_shape)
 
 
 def _torch_handles_gqa() -> bool:
@@ -66,16 +39,16 @@ def extra_formulas() -> dict:
     mapping = {}
     for fwd, bwd in (("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention_for_cpu_backward"),):
         if hasattr(aten, fwd):
-            mapping[getattr(aten, fwd)] = _fwd
+            mapping[getattr(aten, fwd)] = sdpa_forward_from_shapes
         if hasattr(aten, bwd):
-            mapping[getattr(aten, bwd)] = _bwd
+            mapping[getattr(aten, bwd)] = sdpa_backward_from_shapes
     if not _torch_handles_gqa():
         for name in ("_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention",
                      "_scaled_dot_product_cudnn_attention"):
             if hasattr(aten, name):
-                mapping[getattr(aten, name)] = _fwd
+                mapping[getattr(aten, name)] = sdpa_forward_from_shapes
             if hasattr(aten, name + "_backward"):
-                mapping[getattr(aten, name + "_backward")] = _bwd
+                mapping[getattr(aten, name + "_backward")] = sdpa_backward_from_shapes
     return mapping
 
 

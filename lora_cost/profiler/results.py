@@ -19,7 +19,8 @@ bytes are integers, times are seconds:
   model: {class_name, model_type, method, r, targets, batch, seq, precision, optimizer,
           grad_checkpointing, attention, dropout, trainable_params, total_params, estimable, note} | null,
   estimate: the analytic estimate for the same configuration, exactly as
-            lora_cost.report.jsonout.estimate_to_json writes it | null,
+            lora_cost.report.jsonout.estimate_to_json writes it | null (an `Estimate` in
+            ProfileResult; read back with estimate_from_json),
   comparison: [{term, unit: bytes|flops, measured, estimated, rel_error}]  rel_error = (est - meas) / meas,
   environment: {python, platform, torch, transformers, peft, bitsandbytes, fvcore, device, device_type,
                 cuda_context_bytes},
@@ -39,10 +40,15 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from ..errors import LoraCostError
+from ..results import Estimate, MemoryCategory
 
 SCHEMA = "lora-cost-profile/1"
-CATEGORIES = ("trainable_params", "frozen_params", "buffers", "gradients", "optimizer_state", "saved_activations",
-              "temporaries")
+# the memory categories the profiler measures, and the field (JSON name) each is stored under
+MEASURED = {MemoryCategory.TRAINABLE_WEIGHTS: "trainable_params", MemoryCategory.WEIGHTS: "frozen_params",
+            MemoryCategory.BUFFERS: "buffers", MemoryCategory.GRADIENTS: "gradients",
+            MemoryCategory.OPTIMIZER_STATE: "optimizer_state", MemoryCategory.SAVED_ACTIVATIONS: "saved_activations",
+            MemoryCategory.TEMPORARIES: "temporaries"}
+CATEGORIES = tuple(MEASURED.values())  # the field names, in order
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,11 @@ class Categories:
     @property
     def named_total(self) -> int:
         return sum(getattr(self, c) for c in CATEGORIES)
+
+    def bytes_of(self, category: MemoryCategory) -> int | None:
+        """Measured bytes of a category (None for one the profiler does not measure)."""
+        field = MEASURED.get(category)
+        return None if field is None else getattr(self, field)
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,7 @@ class ProfileResult:
     flops: FlopMeasurement | None
     params: tuple[ParamRow, ...]
     model: ModelInfo | None
-    estimate: dict | None
+    estimate: Estimate | None
     comparison: tuple[TermComparison, ...]
     environment: Environment
     oom: OomEvent | None
@@ -212,9 +223,12 @@ class ProfileResult:
     warnings: tuple[str, ...]
 
     def to_dict(self) -> dict:
+        from ..report.jsonout import estimate_to_json
+
         d = asdict(self)
         if self.flops is not None:
             d["flops"]["total"] = self.flops.total
+        d["estimate"] = None if self.estimate is None else estimate_to_json(self.estimate)
         return d
 
     def to_json(self) -> str:
@@ -240,6 +254,9 @@ def _build(cls, data):
         elif isinstance(value, list):
             value = tuple(value)
         kwargs[f.name] = value
+    if cls is ProfileResult and kwargs.get("estimate") is not None:
+        from ..report.jsonout import estimate_from_json
+        kwargs["estimate"] = estimate_from_json(kwargs["estimate"])
     return cls(**kwargs)
 
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import html
 from datetime import datetime, timezone
 
-from ..analytic.explain import COMPONENTS
 from ..analytic.planner import Plan
+from ..results import MemoryCategory
 from ..units import GIB, fmt_bytes
 
 _STYLE = """
@@ -116,7 +116,7 @@ def plan_to_html(p: Plan) -> str:
     fig2 = go.Figure()
     for i, key in enumerate(keys):
         vals = [next((t.value for t in pt.components if t.name == key), 0) for _, pt in chosen]
-        label = COMPONENTS.get(key, (key,))[0]
+        label = MemoryCategory.label_of(key)
         fig2.add_trace(go.Bar(name=label, x=labels, y=[_gib(v) for v in vals], marker_color=_PALETTE[i % len(_PALETTE)],
                               customdata=vals, hovertemplate=f"{esc(label)}: %{{y:.3f}} GiB (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
     fig2.add_hline(y=_gib(p.usable_bytes), line=dict(color="#c00", dash="dash"), annotation_text="usable budget")

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from ..results import Estimate, Term
+from ..results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, Term
 
 
 def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
     return {t.name: t.value for t in terms}
 
 
-def run_header(r) -> dict:
-    """The inputs echoed back and the parameter counts: shared by both engines' JSON (an Estimate or
-    a TraceResult; they carry the same run fields)."""
+def run_header(r: RunHeader) -> dict:
+    """The inputs echoed back and the parameter counts: the head of both engines' JSON (an Estimate
+    and a TraceResult are each a RunHeader)."""
     return {
         "inputs": {
             "model": r.model, "method": r.method, "r": r.r, "targets": list(r.targets), "batch": r.batch, "seq": r.seq,
@@ -50,12 +50,48 @@ def estimate_to_json(e: Estimate) -> dict:
             "convention": "2 FLOPs per multiply-add (torch.utils.flop_counter); fvcore reports half",
             "terms": [{"name": t.name, "flops": t.value, "formula": t.formula} for t in f.terms],
         },
-        "gpu": None,
+        "gpu": gpu_fit_json(e.gpu),
         "warnings": list(e.warnings),
         "assumptions": list(e.assumptions),
     }
-    if e.gpu is not None:
-        g = e.gpu
-        doc["gpu"] = {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
-                      "step_time_s": g.step_time_s, "utilisation": g.utilisation}
     return doc
+
+
+def gpu_fit_json(g: GpuFit | None) -> dict | None:
+    if g is None:
+        return None
+    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
+            "step_time_s": g.step_time_s, "utilisation": g.utilisation}
+
+
+def estimate_from_json(doc: dict) -> Estimate:
+    """An `Estimate` back from `estimate_to_json`'s document (a saved profile holds one), such that
+    `estimate_to_json(estimate_from_json(doc)) == doc`. What the document does not hold comes back
+    empty: the formulas and explanations of components, phase and saved-by-kind terms, the
+    explanations of FLOP terms, and the categories of the stored quantities."""
+    inputs, mem, fl = doc["inputs"], doc["memory"], doc["flops"]
+
+    def terms(values: dict) -> tuple[Term, ...]:
+        return tuple(Term(name, int(value), "", "") for name, value in values.items())
+
+    memory = MemoryEstimate(
+        peak_bytes=mem["peak_bytes"], peak_phase=mem["peak_phase"], components=terms(mem["components"]),
+        phases=tuple(PhasePeak(phase, p["peak_bytes"], p["moment"], terms(p["terms"])) for phase, p in mem["phases"].items()),
+        device_bytes=mem["device_bytes"], steady_bytes=mem["steady_bytes"],
+        saved_activation_bytes=mem["saved_activation_bytes"], saved_by_kind=terms(mem["saved_by_kind"]),
+        terms=tuple(Term(t["name"], t["bytes"], t["formula"], t["explanation"]) for t in mem["terms"]))
+    flops = FlopEstimate(forward=fl["forward"], backward=fl["backward"],
+                         forward_uncounted=fl["forward_uncounted_by_flopcounter"],
+                         backward_uncounted=fl["backward_uncounted_by_flopcounter"],
+                         terms=tuple(Term(t["name"], t["flops"], t["formula"], "") for t in fl["terms"]))
+    g = doc["gpu"]
+    gpu = None if g is None else GpuFit(gpu=g["name"], memory_bytes=g["memory_bytes"], fits=g["fits"],
+                                        headroom_bytes=g["headroom_bytes"], step_time_s=g["step_time_s"],
+                                        utilisation=g["utilisation"])
+    return Estimate(
+        model=doc["model"], family=doc["family"], method=doc["method"], r=inputs["r"], targets=tuple(inputs["targets"]),
+        batch=inputs["batch"], seq=inputs["seq"], precision=inputs["precision"], optimizer=inputs["optimizer"],
+        grad_checkpointing=inputs["grad_checkpointing"], attention=inputs["attention"], dropout=inputs["dropout"],
+        method_options=inputs["method_options"], trainable_params=doc["trainable_params"],
+        total_params=doc["total_params"], adapted_modules=doc["adapted_modules"], memory=memory, flops=flops, gpu=gpu,
+        warnings=tuple(doc["warnings"]), assumptions=tuple(doc["assumptions"]))

@@ -5,13 +5,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..analytic.explain import COMPONENTS
-from ..results import Estimate
+from ..results import Estimate, MemoryCategory
 from ..units import fmt_bytes, fmt_count, fmt_flops
-
-
-def _label(key: str) -> str:
-    return COMPONENTS[key][0] if key in COMPONENTS else key
 
 
 def render_estimate(console: Console, e: Estimate, explain: bool = False) -> None:
@@ -31,7 +26,7 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
     if explain:
         table.add_column("formula")
     for t in m.components:
-        row = [_label(t.name), fmt_bytes(t.value), f"{100.0 * t.value / m.peak_bytes:.1f}%"]
+        row = [MemoryCategory.label_of(t.name), fmt_bytes(t.value), f"{100.0 * t.value / m.peak_bytes:.1f}%"]
         if explain:
             row.append(t.formula)
         table.add_row(*row)

@@ -9,17 +9,14 @@ import click
 from ..units import fmt_bytes, fmt_count, fmt_flops
 
 
-def _gpu_fit(peak_device: int, flops: int, precision: str, gpu: str | None):
+def _gpu_fit(device: int, flops: int, precision: str, gpu: str | None):
     if gpu is None:
         return None
-    from ..analytic.estimator import DEFAULT_UTILISATION
+    from ..analytic.device import gpu_fit
     from ..profiles import load_gpu
+    from ..report.jsonout import gpu_fit_json
 
-    g = load_gpu(gpu)
-    tflops = g.fp32_tflops if precision == "fp32" else g.bf16_tflops_dense
-    return {"name": g.name, "memory_bytes": g.memory_bytes, "fits": peak_device <= g.memory_bytes,
-            "headroom_bytes": g.memory_bytes - peak_device,
-            "step_time_s": flops / (tflops * 1e12 * DEFAULT_UTILISATION), "utilisation": DEFAULT_UTILISATION}
+    return gpu_fit_json(gpu_fit(load_gpu(gpu), device, flops, precision))
 
 
 def run_trace_engine(model, method, *, gpu, both, as_json, explain, r, targets, batch, seq, precision, optimizer,

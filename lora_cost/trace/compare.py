@@ -4,17 +4,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..results import MemoryCategory
 from .results import TraceResult
 
-# analytic component -> the trace category it falls in (the trace only knows what a storage is)
-COMPONENT_TO_CATEGORY = {
-    "weights": "weights", "trainable_weights": "trainable_weights", "optimizer_state": "optimizer_state",
-    "saved_activations": "saved_activations", "gradients": "gradients",
-    "recomputed_activations": "recomputed_activations",
-    "logits": "temporaries", "logits_fp32_copy": "temporaries", "loss_gradient_buffers": "temporaries",
-    "activation_gradient_buffers": "temporaries", "transient_buffers": "temporaries",
-    "optimizer_temporaries": "temporaries",
-}
+# The trace only knows what a storage is: the parts of a peak the analytic engine names by what
+# they are for (logits, loss and activation-gradient buffers, ...) are temporaries to it.
+_C = MemoryCategory
+SAME_IN_TRACE = {_C.WEIGHTS, _C.TRAINABLE_WEIGHTS, _C.OPTIMIZER_STATE, _C.SAVED_ACTIVATIONS, _C.GRADIENTS,
+                 _C.RECOMPUTED_ACTIVATIONS}
+
+
+def trace_category(name: str) -> MemoryCategory:
+    """The trace category an analytic peak term falls in."""
+    return MemoryCategory(name) if name in SAME_IN_TRACE else MemoryCategory.TEMPORARIES
 
 
 @dataclass(frozen=True)
@@ -32,10 +34,10 @@ class Difference:
         return None if not self.analytic else (self.trace - self.analytic) / self.analytic
 
 
-def _categories(terms) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _categories(terms) -> dict[MemoryCategory, int]:
+    out: dict[MemoryCategory, int] = {}
     for t in terms:
-        key = COMPONENT_TO_CATEGORY.get(t.name, "temporaries")
+        key = trace_category(t.name)
         out[key] = out.get(key, 0) + t.value
     return out
 

@@ -7,14 +7,13 @@ import time
 import warnings
 from dataclasses import replace
 
-from ..analytic.estimator import ALLOCATOR_SLACK, CUDA_CONTEXT_BYTES, validated_run
+from ..analytic.device import device_bytes
+from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
-from .results import Category, ModuleSaved, OpFlops, Peak, TraceResult
-
-CATEGORY_ORDER = ("weights", "trainable_weights", "optimizer_state", "saved_activations", "gradients",
-                  "recomputed_activations", "temporaries", "earlier_steps")
+from ..results import MemoryCategory
+from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
 
 
 def plan(model, method: str, **kwargs):
@@ -68,18 +67,18 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
     return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss)
 
 
-def _category(blk, rec) -> str:
-    if blk.kind is not None:
-        return blk.kind
+def _category(blk, rec) -> MemoryCategory:
+    if blk.kind is not None:  # parameters and optimizer state, named when the step adopted them
+        return MemoryCategory(blk.kind)
     if blk.phase == "warmup":
-        return "earlier_steps"
+        return MemoryCategory.EARLIER_STEPS
     if id(blk) in rec.grad_blocks:
-        return "gradients"
+        return MemoryCategory.GRADIENTS
     if blk.saved:
-        return "saved_activations"
+        return MemoryCategory.SAVED_ACTIVATIONS
     if blk.recompute:
-        return "recomputed_activations"
-    return "temporaries"
+        return MemoryCategory.RECOMPUTED_ACTIVATIONS
+    return MemoryCategory.TEMPORARIES
 
 
 def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss) -> TraceResult:
@@ -88,16 +87,16 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     for phase in ("forward", "backward", "optimizer"):
         peak_bytes, event, op, module = sim.peaks[phase]
         alive = sim.alive_at(event)
-        cats: dict[str, int] = {}
+        cats: dict[MemoryCategory, int] = {}
         temps = []
         for b in alive:
             c = _category(b, rec)
             cats[c] = cats.get(c, 0) + b.size
-            if c == "temporaries":
+            if c is MemoryCategory.TEMPORARIES:
                 temps.append((b.op, b.module, b.size))
         temps.sort(key=lambda t: -t[2])
         phases.append(Peak(phase, int(peak_bytes), op, module,
-                           tuple(Category(k, cats[k]) for k in CATEGORY_ORDER if cats.get(k)), tuple(temps[:5])))
+                           tuple(Category(k, cats[k]) for k in MemoryCategory if cats.get(k)), tuple(temps[:5])))
     top = max(phases, key=lambda p: p.peak_bytes)
     steady = sim.starts["forward"]  # allocated when the measured step starts
     saved = sum(b.raw for b in sim.saved_blocks)
@@ -130,7 +129,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     warnings = []
     if run.seq > spec.max_positions:
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
-    device = int(top.peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + rec.paged_bytes
+    device = device_bytes(top.peak_bytes, rec.paged_bytes)
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
                      f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
@@ -145,7 +144,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
         total_params=int(total_params), adapted_modules=built.adapted, peak_bytes=top.peak_bytes, peak_phase=top.phase,
         phases=tuple(phases), steady_bytes=int(steady), device_bytes=device, saved_activation_bytes=int(saved),
         saved_by_module=saved_by_module,
-        saved_by_kind=tuple(Category(k, v) for k, v in sorted(saved_by_op.items(), key=lambda kv: -kv[1])),
+        saved_by_kind=tuple(OpBytes(k, v) for k, v in sorted(saved_by_op.items(), key=lambda kv: -kv[1])),
         flops_forward=int(fwd), flops_backward=int(bwd), flops_forward_uncounted=int(uncounted_fwd),
         flops_backward_uncounted=int(uncounted_bwd), flops_by_op=ops, zero_flop_ops=zero, attention_kernel=kernel,
         notes=tuple(notes), warnings=tuple(warnings), trace_seconds=round(elapsed, 3), trace_max_rss_bytes=int(rss),

@@ -3,8 +3,8 @@
 Registered here (FlopCounterMode(custom_mapping=...)), for every torch version the engine supports:
   * the CUDA sdpa ops (flash, memory-efficient; forward and backward) with grouped-query shapes:
     torch 2.11's formula asserted that k/v have as many heads as q (the calibration's GQA rows have
-    no FLOPs for that reason); 4*b*h*s_q*s_k*d forward, 10*b*h*s_q*s_k*d backward (the kernels
-    recompute the scores), causal masking not discounted (FlopCounterMode's convention);
+    no FLOPs for that reason); the formulas are lora_cost/analytic/formulas/attention.py's, which
+    the analytic engine and the profiler use too;
   * the QLoRA stand-in's 4-bit gemm (`lora_cost_trace::gemm_4bit`): bitsandbytes' forward gemm is
     invisible to FlopCounterMode; the trace counts it and reports it as `forward_uncounted`.
 CPU attention (`_scaled_dot_product_flash_attention_for_cpu`, counted 0 in torch 2.13) never runs:
@@ -16,29 +16,10 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..analytic.formulas.attention import sdpa_backward_from_shapes, sdpa_forward_from_shapes
 from .qlora import gemm_4bit_flops
 
 aten = torch.ops.aten
-
-
-def _attn(q_shape, k_shape, v_shape) -> int:
-    b, h, s_q, d = q_shape
-    s_k, d_v = k_shape[-2], v_shape[-1]
-    return 2 * b * h * s_q * s_k * d + 2 * b * h * s_q * s_k * d_v
-
-
-def _attn_bwd(q_shape, k_shape, v_shape) -> int:
-    b, h, s_q, d = q_shape
-    s_k, d_v = k_shape[-2], v_shape[-1]
-    return 2 * b * h * s_q * s_k * (3 * d + 2 * d_v)
-
-
-def sdpa_forward(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return _attn(query_shape, key_shape, value_shape)
-
-
-def sdpa_backward(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return _attn_bwd(query_shape, key_shape, value_shape)
 
 
 GEMM_4BIT = torch.ops.lora_cost_trace.gemm_4bit
@@ -46,10 +27,10 @@ GEMM_4BIT = torch.ops.lora_cost_trace.gemm_4bit
 
 def custom_mapping() -> dict:
     return {
-        aten._scaled_dot_product_flash_attention: sdpa_forward,
-        aten._scaled_dot_product_efficient_attention: sdpa_forward,
-        aten._scaled_dot_product_flash_attention_backward: sdpa_backward,
-        aten._scaled_dot_product_efficient_attention_backward: sdpa_backward,
+        aten._scaled_dot_product_flash_attention: sdpa_forward_from_shapes,
+        aten._scaled_dot_product_efficient_attention: sdpa_forward_from_shapes,
+        aten._scaled_dot_product_flash_attention_backward: sdpa_backward_from_shapes,
+        aten._scaled_dot_product_efficient_attention_backward: sdpa_backward_from_shapes,
         GEMM_4BIT: gemm_4bit_flops,
     }
 

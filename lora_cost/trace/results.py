@@ -4,10 +4,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from ..results import MemoryCategory, RunHeader
+
 
 @dataclass(frozen=True)
 class Category:
-    """Bytes of one kind alive at a moment (allocator-rounded)."""
+    """Bytes of one memory category alive at a moment (allocator-rounded)."""
+
+    name: MemoryCategory
+    bytes: int
+
+
+@dataclass(frozen=True)
+class OpBytes:
+    """Bytes saved for backward by one aten op."""
 
     name: str
     bytes: int
@@ -42,23 +52,10 @@ class OpFlops:
 
 
 @dataclass(frozen=True)
-class TraceResult:
-    model: str
-    family: str
-    method: str
-    r: int | None
-    targets: tuple[str, ...]
-    batch: int
-    seq: int
-    precision: str
-    optimizer: str
-    grad_checkpointing: bool
-    attention: str
-    dropout: float
-    method_options: dict
-    trainable_params: int
-    total_params: int  # parameter elements as model.parameters() counts them (a packed 4-bit weight: its bytes)
-    adapted_modules: int
+class TraceResult(RunHeader):
+    """The trace engine's answer for one run. Its `total_params` counts parameter elements as
+    model.parameters() does (a packed 4-bit weight: its bytes)."""
+
     peak_bytes: int
     peak_phase: str
     phases: tuple[Peak, ...]
@@ -66,7 +63,7 @@ class TraceResult:
     device_bytes: int
     saved_activation_bytes: int  # distinct storages saved by autograd, parameters and buffers excluded
     saved_by_module: tuple[ModuleSaved, ...]
-    saved_by_kind: tuple[Category, ...]  # by saving op (aten op name of the node that saved)
+    saved_by_kind: tuple[OpBytes, ...]  # by saving op (aten op name of the node that saved)
     flops_forward: int
     flops_backward: int
     flops_forward_uncounted: int  # counted through a registered formula where FlopCounterMode is silent for CUDA
