@@ -135,9 +135,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     if not methods:
         raise LoraCostError("--methods is empty")
     skipped = []
-    if precision not in ("bf16", "fp16") and "qlora" in methods:
-        skipped.append(f"qlora: needs --precision bf16 or fp16 (asked {precision})")
-        methods = tuple(m for m in methods if m != "qlora")
+    for m in (get_method(name) for name in methods):
+        if m.precisions is not None and precision not in m.precisions:
+            skipped.append(f"{m.name}: needs --precision {' or '.join(m.precisions)} (asked {precision})")
+            methods = tuple(name for name in methods if name != m.name)
     cache: dict[tuple, Estimate] = {}
     count = [0]
 
@@ -214,12 +215,11 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
 
 def _max_rank(spec, method, targets) -> int | None:
     """The largest rank the adapted matrices allow (None: the method has no such limit, e.g. VeRA)."""
-    if method.name == "vera":
-        return None
     from .architectures import get_architecture
     from .estimator import resolve_targets
     _, sites, head = resolve_targets(get_architecture(spec.model_type), spec, method, targets)
-    return min(min(s.d_in, s.d_out) for s in (*sites, *head)) if (sites or head) else None
+    limits = [limit for limit in (method.max_rank(s) for s in (*sites, *head)) if limit is not None]
+    return min(limits) if limits else None
 
 
 def sweep_size(plan_methods: int, ranks: int, seqs: int) -> int:
