@@ -175,3 +175,17 @@ def test_a_new_method_is_one_module(tmp_path):
     assert doc["trainable_params"] == 12 * 3 * 2304  # 12 blocks x c_attn (d_out 2304) x 3 columns = 82,944
     bad = cli("estimate", "--model", "gpt2", "--method", "scale-test", "--scale-width", "0")
     assert bad.returncode == 2 and "--scale-width must be at least 1" in bad.stderr
+
+
+def test_plan_passes_method_options_to_the_methods_declaring_them():
+    args = ["plan", "--model", "gpt2", "--budget", "80GiB", "--methods", "lora,qlora", "--r", "8-8", "--batch", "1-2",
+            "--seq", "256", "--json"]
+    on, off = (CliRunner().invoke(main, args + extra) for extra in ([], ["--no-double-quant"]))
+    assert on.exit_code == 0 and off.exit_code == 0, off.output
+    plans = [{p["method"]: p for p in json.loads(out.output)["methods"] if not p["grad_checkpointing"]} for out in (on, off)]
+    assert json.loads(off.output)["method_options"] == {"double_quant": False}
+    # qlora's peak grows by the block constants (3,911,232 B, hand arithmetic above); lora ignores the flag
+    assert plans[1]["qlora"]["max_batch"]["peak_bytes"] - plans[0]["qlora"]["max_batch"]["peak_bytes"] == 3_911_232
+    assert plans[1]["lora"]["max_batch"]["peak_bytes"] == plans[0]["lora"]["max_batch"]["peak_bytes"]
+    bad = CliRunner().invoke(main, args + ["--nola-k", "4"])
+    assert bad.exit_code == 2 and "--nola-k does not apply to any method planned (lora, qlora)" in bad.output

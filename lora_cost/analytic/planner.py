@@ -9,12 +9,13 @@ at most the budget less the user's margin.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import LoraCostError
 from .estimator import DEFAULT_UTILISATION, estimate
 from .methods import get_method
+from .methods.base import flag_of
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term
 
@@ -73,6 +74,7 @@ class Plan:
     assumptions: tuple[str, ...]
     estimates: int
     seconds: float
+    method_options: dict = field(default_factory=dict)  # given options, each passed to the methods declaring it
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -117,8 +119,9 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
          methods: tuple[str, ...] = DEFAULT_METHODS, seq: int = 2048, batch_range: tuple[int, int] = (1, 64),
          rank_range: tuple[int, int] = (1, 1024), precision: str = "bf16", optimizer: str = "adamw",
          targets: tuple[str, ...] | None = None, attention: str = "sdpa", utilisation: float = DEFAULT_UTILISATION,
-         progress: Callable[[int], None] | None = None) -> Plan:
-    """Sweep methods x checkpointing x rank x batch and keep what fits the budget."""
+         method_options: dict | None = None, progress: Callable[[int], None] | None = None) -> Plan:
+    """Sweep methods x checkpointing x rank x batch and keep what fits the budget. Each method gets
+    the `method_options` it declares; an option none of the planned methods takes is an error."""
     t0 = time.perf_counter()
     spec = load_model(model)
     gpu_profile = load_gpu(gpu) if gpu else None
@@ -139,6 +142,11 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if m.precisions is not None and precision not in m.precisions:
             skipped.append(f"{m.name}: needs --precision {' or '.join(m.precisions)} (asked {precision})")
             methods = tuple(name for name in methods if name != m.name)
+    method_options = dict(method_options or {})
+    own_options = {name: {o.name for o in get_method(name).options} for name in methods}
+    for key in method_options:
+        if not any(key in names for names in own_options.values()):
+            raise LoraCostError(f"{flag_of(key)} does not apply to any method planned ({', '.join(methods) or 'none'})")
     cache: dict[tuple, Estimate] = {}
     count = [0]
 
@@ -147,6 +155,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if key not in cache:
             cache[key] = estimate(spec, method, r=r, targets=targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
+                                  method_options={k: v for k, v in method_options.items() if k in own_options[method]},
                                   gpu=gpu, utilisation=utilisation)
             count[0] += 1
             if progress:
@@ -210,7 +219,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 ranks=tuple(rank_candidates(*rank_range)), precision=precision, optimizer=optimizer, targets=targets,
                 attention=attention, utilisation=utilisation, methods=tuple(out), smallest=smallest,
                 skipped=tuple(skipped), assumptions=assumptions, estimates=count[0],
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, method_options=method_options)
 
 
 def _max_rank(spec, method, targets) -> int | None:

@@ -25,7 +25,7 @@ def common_run_options(f):
         click.option("--attention", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True, help="transformers attention implementation."),
         click.option("--dropout", type=float, default=0.0, show_default=True, help="Adapter dropout (peft lora_dropout)."),
         click.option("--model-dropout", type=float, default=None, help="Override the model's own dropout probabilities (default: its config's)."),
-        *_method_option_flags(),
+        method_option_flags,
         click.option("--gpu", default=None, help="A bundled GPU profile (lora-cost gpus): say whether it fits and how long a step takes."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
@@ -38,7 +38,7 @@ def common_run_options(f):
 _OPTION_PARAM = "method_option_"
 
 
-def _method_option_flags() -> list:
+def method_option_flags(f):
     """One flag per method option, generated from each method's typed options (`MethodOption`).
     Unset flags stay None, so only the options a user gives reach the run (and its checks)."""
     flags = []
@@ -50,7 +50,9 @@ def _method_option_flags() -> list:
         else:
             kind = click.Choice(list(opt.choices)) if opt.choices else opt.type
             flags.append(click.option(opt.flag, param, type=kind, default=None, help=text))
-    return flags
+    for flag in reversed(flags):
+        f = flag(f)
+    return f
 
 
 def method_options(params: dict) -> dict:

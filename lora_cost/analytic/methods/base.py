@@ -97,7 +97,7 @@ class Method:
         own = {o.name: o for o in self.options}
         for key, value in run.method_options:
             if key not in own:
-                raise LoraCostError(f"{_flag_of(key)} does not apply to method {self.name}")
+                raise LoraCostError(f"{flag_of(key)} does not apply to method {self.name}")
             own[key].check(value)
 
     def check(self, spec: "ModelSpec", sites: list["LinearSite"], run: "RunConfig") -> None:
@@ -151,5 +151,6 @@ def recognisers() -> list[Method]:
     return sorted(found, key=lambda m: (-m.recognise_priority, m.name))
 
 
-def _flag_of(key: str) -> str:
+def flag_of(key: str) -> str:
+    """The CLI flag of the option named `key` (the key itself when no method declares it)."""
     return next((o.flag for o in all_options() if o.name == key), key)
