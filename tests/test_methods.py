@@ -7,6 +7,8 @@ from lora_cost.analytic.methods.base import TensorGroup
 from lora_cost.analytic.formulas.storage import nf4_bits_per_weight, nf4_bytes
 from lora_cost.analytic.optimizers import get_optimizer
 
+pytestmark = pytest.mark.fast
+
 
 def test_nf4_double_quant_bits():
     # 4 bits + 8 bits per 64 + 32 bits per 64*256 = 4.127 bits (QLoRA paper Sec. 3)

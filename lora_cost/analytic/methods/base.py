@@ -85,9 +85,6 @@ class Method:
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
 
-    def option(self, run: "RunConfig", key: str):
-        return next(o for o in self.options if o.name == key).value(run)
-
     def option_values(self, run: "RunConfig") -> dict:
         """Every option of the method with the run's value or its default (the JSON `method_options`)."""
         return {o.name: o.value(run) for o in self.options}

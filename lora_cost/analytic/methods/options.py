@@ -26,7 +26,10 @@ class MethodOption:
             raise TypeError(f"option {self.name}: type must be one of bool, int, str")
         if not self.flag.startswith("--"):
             raise ValueError(f"option {self.name}: flag {self.flag!r} must start with --")
-        self.check(self.default)
+        try:
+            self.check(self.default)
+        except LoraCostError as exc:  # a programming error in the method's declaration, not bad input
+            raise ValueError(f"option {self.name}: its default fails its own check: {exc}") from None
 
     def check(self, value: object) -> object:
         """The value if it is of the declared type, within range and among the choices; else LoraCostError."""
