@@ -50,7 +50,8 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
                  saved_total: int, rec: StepRecord) -> tuple[Term, ...]:
     n, V, ls = run.tokens, spec.vocab, rec.log_softmax_bytes
     return (
-        Term("base weights", params.base_weight_bytes, method.storage(run).formula(params.total_params), "the pretrained model as stored during training"),
+        Term("base weights", params.base_weight_bytes, method.storage(run).formula(params.total_params),
+             "the pretrained model as stored during training"),
         Term("trainable weights", params.trainable_bytes, f"{params.trainable_params:,} trainable parameters x their dtype",
              "full fine-tuning: all weights; adapters: fp32 (peft autocast_adapter_dtype)"),
         Term("frozen adapter tensors", params.frozen_adapter_bytes,
