@@ -4,7 +4,7 @@ import pytest
 
 from lora_cost import LoraCostError, estimate
 from lora_cost.analytic.methods.base import TensorGroup
-from lora_cost.analytic.methods.qlora import bits_per_weight, nf4_bytes
+from lora_cost.analytic.formulas.storage import nf4_bits_per_weight, nf4_bytes
 from lora_cost.analytic.optimizers import get_optimizer
 
 pytestmark = pytest.mark.fast
@@ -12,8 +12,8 @@ pytestmark = pytest.mark.fast
 
 def test_nf4_double_quant_bits():
     # 4 bits + 8 bits per 64 + 32 bits per 64*256 = 4.127 bits (QLoRA paper Sec. 3)
-    assert bits_per_weight(True) == pytest.approx(4 + 0.125 + 32 / 16384)
-    assert round(bits_per_weight(True), 3) == 4.127
+    assert nf4_bits_per_weight(True) == pytest.approx(4 + 0.125 + 32 / 16384)
+    assert round(nf4_bits_per_weight(True), 3) == 4.127
     # one 4096 x 4096 matrix: 8 MiB packed + 262144 uint8 block constants + 1024 fp32 second-level
     # constants + the 256-entry fp32 code + one fp32 offset
     assert nf4_bytes(4096 * 4096) == 8 * 2**20 + 262_144 + 4 * 1024 + 1024 + 4

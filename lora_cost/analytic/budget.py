@@ -8,7 +8,7 @@ from functools import lru_cache
 
 from .architectures.base import Architecture
 from .methods.base import Method, TensorGroup, get_method
-from .methods.qlora import nf4_bytes
+from .methods.storage import BaseStorage
 from .optimizers import Optimizer
 from ..spec import LinearSite, ModelSpec, RunConfig
 from ..units import DTYPE_BYTES
@@ -18,7 +18,7 @@ from ..units import DTYPE_BYTES
 class ParameterBudget:
     total_params: int
     trainable_params: int
-    base_weight_bytes: int  # the pretrained weights as stored (NF4 + fp32 under QLoRA)
+    base_weight_bytes: int  # the pretrained weights as stored (the method's BaseStorage: NF4 + fp32 under QLoRA)
     trainable_bytes: int  # = gradient bytes
     frozen_adapter_bytes: int  # frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)
     per_layer_trainable_bytes: int  # trainable bytes inside one block (gradients accumulate block by block)
@@ -47,17 +47,15 @@ def param_groups(arch: Architecture, spec: ModelSpec):
 
 
 @lru_cache(maxsize=2048)
-def base_weight_bytes(arch: Architecture, spec: ModelSpec, quantized: bool, dtype: str, double_quant: bool) -> int:
-    """The pretrained weights as stored: one dtype, or under QLoRA NF4 block linears and the rest in
-    fp32 (prepare_model_for_kbit_training casts every non-quantised parameter)."""
+def base_weight_bytes(arch: Architecture, spec: ModelSpec, storage: BaseStorage) -> int:
+    """The pretrained weights as the method stores them: each block linear as its storage says (4-bit
+    under QLoRA), every other parameter (embeddings, norms, biases, head) in the storage's other dtype."""
     total = 0.0
     for g in param_groups(arch, spec):
-        if quantized and g.kind == "linear":
-            total += g.count * nf4_bytes(g.numel, double_quant=double_quant)
-        elif quantized:
-            total += g.total * 4
+        if g.kind == "linear":
+            total += g.count * storage.linear_bytes(g.numel)
         else:
-            total += g.total * DTYPE_BYTES[dtype]
+            total += g.total * DTYPE_BYTES[storage.other_dtype]
     return int(total)
 
 
@@ -81,7 +79,7 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     L = spec.layers
     dtype = run.weight_dtype
     groups = param_groups(arch, spec)
-    stored = base_weight_bytes(arch, spec, method.quantized_base, dtype, bool(method.option(run, "double_quant")))
+    stored = base_weight_bytes(arch, spec, method.storage(run))
     if method.base_trainable:
         trainable = [TensorGroup(g.name, g.numel, g.count, dtype) for g in groups]
         # groups named "...*..." repeat in every block (their count is a multiple of L)

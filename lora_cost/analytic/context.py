@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from . import ops
 from .methods.base import Method
-from .methods.qlora import linear_4bit
+from .methods.storage import BaseStorage
 from ..spec import LinearSite, ModelSpec, RunConfig
 from .stack import Stack
 from .tape import Tape, Tensor
@@ -20,6 +20,7 @@ class StepContext:
     spec: ModelSpec
     run: RunConfig
     method: Method
+    storage: BaseStorage  # how the base weights are stored and run (the method's)
     targets: frozenset[str]
     weight_dtype: str  # dtype the base linear weights compute in
     other_dtype: str  # dtype of embeddings, norms and LM head
@@ -62,9 +63,7 @@ class StepContext:
         return ops.embedding(self.tape, indices, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
 
     def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if self.method.quantized_base:
-            return linear_4bit(self, x, site)
-        return ops.linear(self.tape, x, site.d_in, site.d_out, w_trainable=self.base_trainable, w_dtype=self.weight_dtype)
+        return self.storage.linear(self, x, site)
 
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
         if site.name in self.targets and not self.base_trainable:
@@ -103,12 +102,9 @@ class StepContext:
 
 def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, targets: frozenset[str],
                  stack: Stack) -> StepContext:
-    """The dtypes follow the recipe: QLoRA computes its 4-bit linears in bf16 (fp16) and keeps every
-    other parameter in fp32 (prepare_model_for_kbit_training); otherwise all weights share one dtype."""
-    if method.quantized_base:
-        linear_dtype, other_dtype = ("fp16" if run.precision == "fp16" else "bf16"), "fp32"
-    else:
-        linear_dtype = other_dtype = run.weight_dtype
-    return StepContext(tape=tape, spec=spec, run=run, method=method, targets=targets, weight_dtype=linear_dtype,
-                       other_dtype=other_dtype, input_requires_grad=run.grad_checkpointing and not method.base_trainable,
-                       stack=stack)
+    """The dtypes follow the method's storage of the base weights (QLoRA: 4-bit linears computing in
+    bf16 or fp16, every other parameter fp32; otherwise all weights share the run's dtype)."""
+    storage = method.storage(run)
+    return StepContext(tape=tape, spec=spec, run=run, method=method, storage=storage, targets=targets,
+                       weight_dtype=storage.linear_dtype, other_dtype=storage.other_dtype,
+                       input_requires_grad=run.grad_checkpointing and not method.base_trainable, stack=stack)

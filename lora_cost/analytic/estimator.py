@@ -64,13 +64,6 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
     return wanted, tuple(s for s in block_sites if s.name in chosen), tuple(s for s in head_sites if s.name in chosen)
 
 
-def _check_options(method: Method, run: RunConfig) -> None:
-    for key, _ in run.method_options:
-        if key not in method.options:
-            flag = {"k": "--nola-k", "l": "--nola-l", "quant_type": "--quant-type", "double_quant": "--double-quant"}.get(key, key)
-            raise LoraCostError(f"{flag} does not apply to method {method.name}")
-
-
 @lru_cache(maxsize=4096)
 def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r)
@@ -98,7 +91,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     """Check a run against the model and the method (both engines share this) and fill in the
     method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
     method = get_method(run.method)
-    _check_options(method, run)
+    method.check_options(run)
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")
@@ -108,7 +101,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
         run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
-    method.validate(spec, sites + head_sites, run)
+    method.check(spec, sites + head_sites, run)
     return run, method, target_names, sites, head_sites
 
 
@@ -160,7 +153,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
-        method_options={k: method.option(run, k) for k in method.options}, trainable_params=params.trainable_params,
+        method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
         gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
 

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from .budget import ParameterBudget
 from .methods.base import Method
-from .methods.qlora import bits_per_weight
 from .optimizers import Optimizer
 from .record import StepRecord
 from ..results import MemoryCategory, Term
 from ..spec import ModelSpec, RunConfig
-from ..units import DTYPE_BYTES
 
 # the analytic formula of each memory category at a peak (labels and meanings: results.MemoryCategory)
 COMPONENTS = {
@@ -44,17 +42,11 @@ def describe(key: str) -> tuple[str, str]:
 def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer, params: ParameterBudget,
                  saved_total: int, rec: StepRecord) -> tuple[Term, ...]:
     n, V, ls = run.tokens, spec.vocab, rec.log_softmax_bytes
-    if method.quantized_base:
-        bits = bits_per_weight(bool(method.option(run, "double_quant")))
-        weights_formula = f"linear weights in NF4 ({bits:.3f} bits each, blocksize 64) + embeddings, norms, biases, LM head in fp32"
-    else:
-        dtype = run.weight_dtype
-        weights_formula = f"{params.total_params:,} parameters x {DTYPE_BYTES[dtype]} B ({dtype})"
     C = MemoryCategory
     return (
         # under full fine-tuning the base weights are the trainable weights: filed there, not twice
-        Term("base weights", params.base_weight_bytes, weights_formula, "the pretrained model as stored during training",
-             None if method.base_trainable else C.WEIGHTS),
+        Term("base weights", params.base_weight_bytes, method.storage(run).formula(params.total_params),
+             "the pretrained model as stored during training", None if method.base_trainable else C.WEIGHTS),
         Term("trainable weights", params.trainable_bytes, f"{params.trainable_params:,} trainable parameters x their dtype",
              "full fine-tuning: all weights; adapters: fp32 (peft autocast_adapter_dtype)", C.TRAINABLE_WEIGHTS),
         Term("frozen adapter tensors", params.frozen_adapter_bytes,

@@ -4,7 +4,7 @@ State sizes follow the implementations: torch.optim.AdamW keeps exp_avg and exp_
 typed like the parameter (its `step` counters are CPU scalars); SGD with momentum one buffer; the
 bitsandbytes 8-bit optimizers (`bitsandbytes/optim/optimizer.py`, Optimizer8bit) keep uint8 states
 plus one fp32 absmax per block of 256 for every tensor of at least 4096 elements
-(`min_8bit_size`) and fp32 states for smaller ones; paged variants allocate their states in CUDA
+(`min_8bit_size`) and fp32 states for smaller ones (constants in `formulas/storage.py`); paged variants allocate their states in CUDA
 managed memory, outside PyTorch's caching allocator.
 """
 
@@ -14,11 +14,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..registry import Registry, dashed
+from .formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, blocks
 from .methods.base import TensorGroup
 from ..units import DTYPE_BYTES
-
-BNB_MIN_8BIT_SIZE = 4096  # bitsandbytes Optimizer8bit min_8bit_size
-BNB_BLOCK = 256  # blockwise quantisation block of the 8-bit states
 
 
 def _adam32(g: TensorGroup) -> int:
@@ -26,10 +24,9 @@ def _adam32(g: TensorGroup) -> int:
 
 
 def _adam8(g: TensorGroup) -> int:
-    if g.numel < BNB_MIN_8BIT_SIZE:
+    if g.numel < BNB_8BIT_MIN_SIZE:
         return 2 * g.total_numel * 4
-    blocks = -(-g.numel // BNB_BLOCK)
-    return 2 * g.count * (g.numel + 4 * blocks)
+    return 2 * g.count * (g.numel + 4 * blocks(g.numel, BNB_8BIT_BLOCK))
 
 
 def _sgd(g: TensorGroup) -> int:

@@ -9,13 +9,14 @@ at most the budget less the user's margin.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import LoraCostError
 from .device import DEFAULT_UTILISATION
 from .estimator import estimate
 from .methods import get_method
+from .methods.base import flag_of
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term
 
@@ -74,6 +75,7 @@ class Plan:
     assumptions: tuple[str, ...]
     estimates: int
     seconds: float
+    method_options: dict = field(default_factory=dict)  # given options, each passed to the methods declaring it
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
@@ -118,8 +120,9 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
          methods: tuple[str, ...] = DEFAULT_METHODS, seq: int = 2048, batch_range: tuple[int, int] = (1, 64),
          rank_range: tuple[int, int] = (1, 1024), precision: str = "bf16", optimizer: str = "adamw",
          targets: tuple[str, ...] | None = None, attention: str = "sdpa", utilisation: float = DEFAULT_UTILISATION,
-         progress: Callable[[int], None] | None = None) -> Plan:
-    """Sweep methods x checkpointing x rank x batch and keep what fits the budget."""
+         method_options: dict | None = None, progress: Callable[[int], None] | None = None) -> Plan:
+    """Sweep methods x checkpointing x rank x batch and keep what fits the budget. Each method gets
+    the `method_options` it declares; an option none of the planned methods takes is an error."""
     t0 = time.perf_counter()
     spec = load_model(model)
     gpu_profile = load_gpu(gpu) if gpu else None
@@ -136,9 +139,15 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     if not methods:
         raise LoraCostError("--methods is empty")
     skipped = []
-    if precision not in ("bf16", "fp16") and "qlora" in methods:
-        skipped.append(f"qlora: needs --precision bf16 or fp16 (asked {precision})")
-        methods = tuple(m for m in methods if m != "qlora")
+    for m in (get_method(name) for name in methods):
+        if m.precisions is not None and precision not in m.precisions:
+            skipped.append(f"{m.name}: needs --precision {' or '.join(m.precisions)} (asked {precision})")
+            methods = tuple(name for name in methods if name != m.name)
+    method_options = dict(method_options or {})
+    own_options = {name: {o.name for o in get_method(name).options} for name in methods}
+    for key in method_options:
+        if not any(key in names for names in own_options.values()):
+            raise LoraCostError(f"{flag_of(key)} does not apply to any method planned ({', '.join(methods) or 'none'})")
     cache: dict[tuple, Estimate] = {}
     count = [0]
 
@@ -147,6 +156,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if key not in cache:
             cache[key] = estimate(spec, method, r=r, targets=targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
+                                  method_options={k: v for k, v in method_options.items() if k in own_options[method]},
                                   gpu=gpu, utilisation=utilisation)
             count[0] += 1
             if progress:
@@ -210,17 +220,16 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 ranks=tuple(rank_candidates(*rank_range)), precision=precision, optimizer=optimizer, targets=targets,
                 attention=attention, utilisation=utilisation, methods=tuple(out), smallest=smallest,
                 skipped=tuple(skipped), assumptions=assumptions, estimates=count[0],
-                seconds=time.perf_counter() - t0)
+                seconds=time.perf_counter() - t0, method_options=method_options)
 
 
 def _max_rank(spec, method, targets) -> int | None:
     """The largest rank the adapted matrices allow (None: the method has no such limit, e.g. VeRA)."""
-    if method.name == "vera":
-        return None
     from .architectures import get_architecture
     from .estimator import resolve_targets
     _, sites, head = resolve_targets(get_architecture(spec.model_type), spec, method, targets)
-    return min(min(s.d_in, s.d_out) for s in (*sites, *head)) if (sites or head) else None
+    limits = [limit for limit in (method.max_rank(s) for s in (*sites, *head)) if limit is not None]
+    return min(limits) if limits else None
 
 
 def sweep_size(plan_methods: int, ranks: int, seqs: int) -> int:

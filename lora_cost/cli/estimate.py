@@ -20,12 +20,12 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--explain", is_flag=True, help="Show every term with its formula and value.")
 @click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
               help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
-def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, nola_k, nola_l, quant_type,
-             double_quant, gpu, as_json, method, rank, batch, seq, grad_checkpointing, explain, engine):
+def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
+             seq, grad_checkpointing, explain, engine, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
-                  model_dropout=model_dropout, method_options=method_options(nola_k, nola_l, quant_type, double_quant))
+                  model_dropout=model_dropout, method_options=method_options(option_flags))
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, **kwargs)

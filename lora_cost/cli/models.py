@@ -59,7 +59,7 @@ def methods(as_json):
     """List the fine-tuning methods, their papers and the library recipe modelled."""
     from ..analytic.methods import all_methods
     rows = [{"name": m.name, "title": m.title, "paper": m.paper, "recipe": m.recipe, "default_r": m.default_r,
-             "options": list(m.options)} for m in all_methods().values()]
+             "options": [o.name for o in m.options]} for m in all_methods().values()]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return

@@ -6,6 +6,7 @@ import click
 
 from ..errors import LoraCostError
 from ..analytic.methods import all_methods
+from ..analytic.methods.base import all_options
 from ..analytic.optimizers import all_optimizers
 from ..spec import ATTENTIONS, PRECISIONS
 
@@ -24,10 +25,7 @@ def common_run_options(f):
         click.option("--attention", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True, help="transformers attention implementation."),
         click.option("--dropout", type=float, default=0.0, show_default=True, help="Adapter dropout (peft lora_dropout)."),
         click.option("--model-dropout", type=float, default=None, help="Override the model's own dropout probabilities (default: its config's)."),
-        click.option("--nola-k", type=int, default=None, help="NoLA: number of random bases for A (default 1024)."),
-        click.option("--nola-l", type=int, default=None, help="NoLA: number of random bases for B (default 1024)."),
-        click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default=None, help="QLoRA: 4-bit data type (default nf4)."),
-        click.option("--double-quant/--no-double-quant", default=None, help="QLoRA: double quantisation of the block constants (default on)."),
+        method_option_flags,
         click.option("--gpu", default=None, help="A bundled GPU profile (lora-cost gpus): say whether it fits and how long a step takes."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
@@ -36,17 +34,31 @@ def common_run_options(f):
     return f
 
 
-def method_options(nola_k, nola_l, quant_type, double_quant) -> dict:
-    options = {}
-    if nola_k is not None:
-        options["k"] = nola_k
-    if nola_l is not None:
-        options["l"] = nola_l
-    if quant_type is not None:
-        options["quant_type"] = quant_type
-    if double_quant is not None:
-        options["double_quant"] = double_quant
-    return options
+# the Python name of a generated flag's parameter: prefix + the option's name
+_OPTION_PARAM = "method_option_"
+
+
+def method_option_flags(f):
+    """One flag per method option, generated from each method's typed options (`MethodOption`).
+    Unset flags stay None, so only the options a user gives reach the run (and its checks)."""
+    flags = []
+    for opt, owners in all_options().items():
+        param = _OPTION_PARAM + opt.name
+        text = f"{', '.join(owners)}: {opt.help} (default {opt.describe_default()})."
+        if opt.type is bool:
+            flags.append(click.option(f"{opt.flag}/--no-{opt.flag[2:]}", param, default=None, help=text))
+        else:
+            kind = click.Choice(list(opt.choices)) if opt.choices else opt.type
+            flags.append(click.option(opt.flag, param, type=kind, default=None, help=text))
+    for flag in reversed(flags):
+        f = flag(f)
+    return f
+
+
+def method_options(params: dict) -> dict:
+    """The method options among a command's parameters that were given ({option name: value})."""
+    return {key[len(_OPTION_PARAM):]: value for key, value in params.items()
+            if key.startswith(_OPTION_PARAM) and value is not None}
 
 
 def parse_targets(targets: str | None):

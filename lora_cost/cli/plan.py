@@ -10,7 +10,7 @@ import click
 
 from ..errors import LoraCostError
 from . import main
-from .options import parse_targets
+from .options import method_option_flags, method_options, parse_targets
 
 
 def _write(path: str, text: str) -> Path:
@@ -37,10 +37,11 @@ def _write(path: str, text: str) -> Path:
 @click.option("--optimizer", default="adamw", show_default=True)
 @click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
 @click.option("--utilisation", type=float, default=0.4, show_default=True, help="Fraction of the GPU's peak throughput assumed for step times.")
+@method_option_flags
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
-         html_path, as_json):
+         html_path, as_json, **option_flags):
     """Find the largest rank and batch per method that fit a GPU or a memory budget."""
     from ..analytic.planner import parse_range, plan as run_plan, rank_candidates, sweep_size
     from ..units import parse_bytes
@@ -58,7 +59,8 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
     rank_range, batch_range = parse_range(ranks, "r"), parse_range(batches, "batch")
     kwargs = dict(budget_bytes=budget_bytes, gpu=gpu, margin=margin_value, methods=method_list, seq=seq,
                   batch_range=batch_range, rank_range=rank_range, precision=precision, optimizer=optimizer,
-                  targets=parse_targets(targets), attention=attention, utilisation=utilisation)
+                  targets=parse_targets(targets), attention=attention, utilisation=utilisation,
+                  method_options=method_options(option_flags))
     total = sweep_size(len(method_list), len(rank_candidates(*rank_range)), 8)
     if as_json or total < 2000:
         result = run_plan(model, **kwargs)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..analytic.methods import get_method
 from ..errors import LoraCostError
 from .results import ModelInfo
 
@@ -61,39 +62,25 @@ def _hf_model(model):
     return None
 
 
-def _is_4bit(model) -> bool:
-    bnb = sys.modules.get("bitsandbytes")
-    if bnb is None:
-        return False
-    linear4 = getattr(getattr(bnb, "nn", None), "Linear4bit", None)
-    return linear4 is not None and any(isinstance(m, linear4) for m in model.modules())
-
-
 def _method(model, peft_cfg) -> tuple[str | None, str]:
+    """The first method, in the registry's recognition order, that recognises the live model."""
+    from ..analytic.methods.base import recognisers
+
+    for method in recognisers():
+        if method.recognise(model, peft_cfg):
+            return method.name, ""
     if peft_cfg is None:
-        if all(p.requires_grad for p in model.parameters()):
-            return "full", ""
         return None, "no peft adapters but only part of the model trains (the estimator knows full fine-tuning and peft methods)"
-    kind = type(peft_cfg).__name__
-    if kind == "VeraConfig":
-        return "vera", ""
-    if kind != "LoraConfig":
-        return None, f"peft {kind} is not a method the estimator knows"
-    if _is_4bit(model):
-        return "qlora", ""
-    if getattr(peft_cfg, "use_dora", False):
-        return "dora", ""
-    a = [p for n, p in model.named_parameters() if ".lora_A." in n]
-    if a and not any(p.requires_grad for p in a):
-        return "lora-fa", ""
-    return "lora", ""
+    return None, f"peft {type(peft_cfg).__name__} is not a method the estimator knows"
 
 
 def _precision(model, method: str | None, autocast_dtype) -> str | None:
     frozen = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
-    pool = frozen if frozen and method != "full" else [p for p in model.parameters() if p.is_floating_point()]
-    if method == "qlora":
-        return "bf16"
+    m = get_method(method) if method is not None else None
+    pool = frozen if frozen and not (m and m.base_trainable) else [p for p in model.parameters() if p.is_floating_point()]
+    observed = m.observed_precision if m is not None else None
+    if observed is not None:  # QLoRA: the 4-bit layers' compute dtype
+        return observed(model)
     if not pool:
         return None
     dtype = max(pool, key=lambda p: p.numel()).dtype
@@ -171,12 +158,11 @@ def describe(model, optimizer, observed: Observed):
         try:
             spec = spec_from_config(type(hf).__name__ if not getattr(cfg, "name_or_path", "") else cfg.name_or_path,
                                     cfg.to_dict(), "live model")
-            options = {}
-            if method == "qlora":
-                options = _qlora_options(model)
-            run = RunConfig(method=method, r=r if method != "full" else None,
+            m = get_method(method)
+            options = m.observed_options(model)
+            run = RunConfig(method=method, r=None if m.base_trainable else r,
                             targets=targets or None, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
-                            grad_checkpointing=ckpt, attention=est_attention, dropout=dropout if method != "full" else 0.0,
+                            grad_checkpointing=ckpt, attention=est_attention, dropout=0.0 if m.base_trainable else dropout,
                             method_options=tuple(sorted(options.items())))
         except LoraCostError as exc:
             notes.append(str(exc))
@@ -195,12 +181,3 @@ def _checkpointing(hf) -> bool:
         if attr in dir(type(hf)):
             return bool(getattr(hf, attr))
     return False
-
-
-def _qlora_options(model) -> dict:
-    for m in model.modules():
-        w = getattr(m, "weight", None)
-        qs = getattr(w, "quant_state", None)
-        if qs is not None:
-            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True))}
-    return {}

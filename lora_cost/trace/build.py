@@ -1,10 +1,10 @@
 """Build the real model and apply the method as a user would, on the meta device (no memory).
 
 transformers builds the model from its config (`AutoModelForCausalLM.from_config`, the masked-LM
-class for BERT/RoBERTa) under `torch.device("meta")`; peft applies LoRA, LoRA-FA, DoRA and VeRA
-(`get_peft_model`); NoLA uses the project's reference layer (nola.py); QLoRA swaps in the 4-bit
-stand-in (qlora.py) and then runs peft's own `prepare_model_for_kbit_training`. `fake.py` later
-turns every meta tensor into a fake tensor.
+class for BERT/RoBERTa) under `torch.device("meta")`; each method applies itself through its trace
+hook (`Method.apply_to_model` in lora_cost/analytic/methods/: peft's `get_peft_model` for LoRA,
+LoRA-FA, DoRA and VeRA, the reference layer nola.py for NoLA, the 4-bit stand-in qlora.py and peft's
+`prepare_model_for_kbit_training` for QLoRA). `fake.py` later turns every meta tensor into a fake tensor.
 """
 
 from __future__ import annotations
@@ -16,8 +16,6 @@ from torch import nn
 
 from ..errors import LoraCostError
 from ..profiles import _alias_index, read_json, bundled_models
-from .nola import NolaLinear
-from .qlora import quantize_linears
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASKED_LM = ("bert", "roberta")
@@ -84,85 +82,8 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
     return Built(model=model, adapted=adapted, notes=notes)
 
 
-def _ckpt(model) -> None:
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-
-
-def _apply_method(model, run, method, targets, notes) -> int:
-    import peft
-
-    name = method.name
-    if name == "full":
-        for p in model.parameters():
-            p.requires_grad_(True)
-        if run.grad_checkpointing:
-            _ckpt(model)
-        return model, 0
-    r = run.r
-    if name == "qlora":
-        compute = torch.float16 if run.precision == "fp16" else torch.bfloat16
-        quantize_linears(model, compute, bool(method.option(run, "double_quant")))
-        model.is_loaded_in_4bit = True  # what transformers sets after a bitsandbytes 4-bit load
-        peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
-                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-        notes.append("QLoRA: bitsandbytes Linear4bit replaced by a stand-in with the same storage, saved tensors "
-                     "and dequantised transients (lora_cost/trace/qlora.py)")
-    elif run.grad_checkpointing:
-        _ckpt(model)
-    fan_in_fan_out = model.config.model_type == "gpt2" and name != "qlora"
-    if name == "nola":
-        for p in model.parameters():
-            p.requires_grad_(False)
-        adapted = _apply_nola(model, run, method, targets)
-    elif name == "vera":
-        cfg = peft.VeraConfig(r=r, target_modules=list(targets), vera_dropout=run.dropout, fan_in_fan_out=fan_in_fan_out)
-        model = _peft(model, cfg)
-        adapted = _count(model, "vera_lambda_b")
-    else:
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=run.dropout, target_modules=list(targets),
-                              use_dora=name == "dora", fan_in_fan_out=fan_in_fan_out)
-        model = _peft(model, cfg)
-        if name == "lora-fa":
-            for n, p in model.named_parameters():
-                if ".lora_A." in n:
-                    p.requires_grad_(False)
-        adapted = _count(model, "lora_A")
-    if run.grad_checkpointing and name != "qlora":  # prepare_model_for_kbit_training already did it
-        _base(model).enable_input_require_grads()
-    return model, adapted
-
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def _peft(model, cfg):
-    import peft
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return peft.get_peft_model(model, cfg)
-        except ValueError as exc:
-            raise LoraCostError(f"peft rejected the configuration: {exc}") from None
-
-
-def _count(model, attr: str) -> int:
-    return sum(1 for m in model.modules() if hasattr(m, attr) and len(getattr(m, attr)) > 0)
-
-
-def _apply_nola(model, run, method, targets) -> int:
-    from transformers.pytorch_utils import Conv1D
-
-    k, l_ = method.option(run, "k"), method.option(run, "l")
-    wanted = set(targets)
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if name not in wanted or not isinstance(child, (nn.Linear, Conv1D)) or child is model.get_output_embeddings():
-                continue
-            d_in, d_out = (child.in_features, child.out_features) if isinstance(child, nn.Linear) else tuple(child.weight.shape)
-            setattr(parent, name, NolaLinear(child, d_in, d_out, run.r, k, l_, run.dropout, seed=count))
-            count += 1
-    return count
+def _apply_method(model, run, method, targets, notes):
+    """The method's own trace hook (`Method.apply_to_model`): (model, adapted modules)."""
+    if method.apply_to_model is None:
+        raise LoraCostError(f"the trace engine cannot apply {method.name}; use --engine analytic")
+    return method.apply_to_model(model, run, tuple(targets), notes)

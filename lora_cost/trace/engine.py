@@ -140,7 +140,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
         model=spec.name, family=spec.model_type, method=m.name, r=None if m.base_trainable else run.r, targets=names,
         batch=run.batch, seq=run.seq, precision=run.precision, optimizer=run.optimizer,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
-        method_options={k: m.option(run, k) for k in m.options}, trainable_params=int(trainable_params),
+        method_options=m.option_values(run), trainable_params=int(trainable_params),
         total_params=int(total_params), adapted_modules=built.adapted, peak_bytes=top.peak_bytes, peak_phase=top.phase,
         phases=tuple(phases), steady_bytes=int(steady), device_bytes=device, saved_activation_bytes=int(saved),
         saved_by_module=saved_by_module,

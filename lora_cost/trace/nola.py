@@ -75,3 +75,22 @@ class NolaLinear(nn.Module):
         xa = x.to(torch.float32)  # peft _cast_input_dtype to the adapter dtype
         result = result + self.nola_B(self.nola_A(self.dropout(xa))) * self.scaling
         return result.to(dtype)
+
+
+def attach_nola(model: nn.Module, targets, r: int, k: int, l: int, dropout: float) -> int:
+    """Freeze the model and wrap every targeted nn.Linear / Conv1D (not the output embedding) in a
+    NolaLinear; returns how many were wrapped."""
+    from transformers.pytorch_utils import Conv1D
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wanted = set(targets)
+    count = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if name not in wanted or not isinstance(child, (nn.Linear, Conv1D)) or child is model.get_output_embeddings():
+                continue
+            d_in, d_out = (child.in_features, child.out_features) if isinstance(child, nn.Linear) else tuple(child.weight.shape)
+            setattr(parent, name, NolaLinear(child, d_in, d_out, r, k, l, dropout, seed=count))
+            count += 1
+    return count

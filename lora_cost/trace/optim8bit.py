@@ -1,7 +1,8 @@
 """Stand-ins for bitsandbytes' 8-bit and paged AdamW (no CUDA kernels here), documented as such.
 
 State, as bitsandbytes `optim/optimizer.py` Optimizer2State.init_state allocates it:
-  * AdamW8bit: for a parameter of at least `min_8bit_size` (4096) elements, two uint8 states shaped
+  * AdamW8bit (constants in lora_cost/analytic/formulas/storage.py): for a parameter of at least
+    `min_8bit_size` (4096) elements, two uint8 states shaped
     like the parameter and, blockwise (256), two fp32 absmax vectors of ceil(n / 256); smaller
     parameters keep two fp32 states. The quantisation maps are shared by all parameters (counted once).
   * paged variants: the same states in CUDA managed memory (`F.get_paged`), outside PyTorch's
@@ -16,8 +17,7 @@ from __future__ import annotations
 
 import torch
 
-MIN_8BIT_SIZE = 4096
-BLOCK = 256
+from ..analytic.formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, blocks as n_blocks
 
 
 class BnbAdamStandIn(torch.optim.Optimizer):
@@ -31,8 +31,8 @@ class BnbAdamStandIn(torch.optim.Optimizer):
                 for p in group["params"]:
                     st = self.state[p]
                     st["step"] = 1
-                    if self.eight_bit and p.numel() >= MIN_8BIT_SIZE:
-                        blocks = -(-p.numel() // BLOCK)
+                    if self.eight_bit and p.numel() >= BNB_8BIT_MIN_SIZE:
+                        blocks = n_blocks(p.numel(), BNB_8BIT_BLOCK)
                         st["state1"] = torch.zeros_like(p, dtype=torch.uint8)
                         st["state2"] = torch.zeros_like(p, dtype=torch.uint8)
                         st["absmax1"] = torch.zeros(blocks, dtype=torch.float32)

@@ -22,8 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-NF4_BLOCK = 64
-DQ_BLOCK = 256
+from ..analytic.formulas.storage import DQ_CODE_BYTES, NF4_BLOCK, NF4_DQ_BLOCK, blocks as n_blocks
 
 
 @torch.library.custom_op("lora_cost_trace::dequantize_4bit", mutates_args=())
@@ -84,13 +83,13 @@ class Linear4bitStandIn(nn.Linear):
         self.in_features, self.out_features = d_in, d_out
         self.compute_dtype = compute_dtype
         numel = d_in * d_out
-        blocks = -(-numel // NF4_BLOCK)
+        blocks = n_blocks(numel, NF4_BLOCK)
         self.weight = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(d_out, dtype=compute_dtype), requires_grad=False) if bias else None
         if double_quant:
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
-            self.register_buffer("absmax2", torch.empty(-(-blocks // DQ_BLOCK), dtype=torch.float32))
-            self.register_buffer("code2", torch.empty(256, dtype=torch.float32))
+            self.register_buffer("absmax2", torch.empty(n_blocks(blocks, NF4_DQ_BLOCK), dtype=torch.float32))
+            self.register_buffer("code2", torch.empty(DQ_CODE_BYTES // 4, dtype=torch.float32))
             self.register_buffer("offset", torch.empty((), dtype=torch.float32))
         else:
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.float32))

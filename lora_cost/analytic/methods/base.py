@@ -1,17 +1,23 @@
 """The contract every fine-tuning method fulfils, and the one registry of methods.
 
-A method is a small set of pure functions of shapes: which tensors train, what its adapter
-stores, how a targeted linear layer runs (what it saves for backward, its FLOPs), and how the
-base weights are stored. The estimator composes a method with an architecture.
+A method is one module owning everything about it: which tensors train, what its adapter stores,
+how a targeted linear layer runs (what it saves for backward, its FLOPs), how the base weights are
+stored (`storage.py`), its typed options (`options.py`; the CLI generates its flags from them), its
+rank limit, how the trace engine applies it to a real model and how the profiler recognises a live
+one. The analytic parts are pure functions of shapes; the trace and profiler hooks import torch and
+peft inside the function, so the estimate path never does. Every module of this package is imported
+by `__init__.py`, so adding a method is adding its module.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
 
 from ...errors import LoraCostError
 from ...registry import Registry, dashed
+from .options import MethodOption
+from .storage import BaseStorage, dense
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..context import StepContext
@@ -33,6 +39,20 @@ class TensorGroup:
         return self.numel * self.count
 
 
+def matrix_rank(site: "LinearSite") -> int:
+    """A rank above min(d_in, d_out) of the adapted matrix adds no expressiveness, and peft would build
+    a factor larger than the matrix: the limit of every method with low-rank factors."""
+    return min(site.d_in, site.d_out)
+
+
+def no_rank_limit(site: "LinearSite") -> None:
+    return None
+
+
+# trace hook: (meta-device model, run, target module names, notes to append to) -> (model, adapted modules)
+ApplyToModel = Callable[[Any, "RunConfig", tuple, list], tuple]
+
+
 @dataclass(frozen=True)
 class Method:
     name: str
@@ -48,22 +68,58 @@ class Method:
     # tensors shared by all adapted layers (VeRA's projections); gets every targeted site
     shared_frozen: Callable[[list["LinearSite"], "RunConfig"], list[TensorGroup]] = lambda sites, run: []
     base_trainable: bool = False  # full fine-tuning trains the base weights
-    quantized_base: bool = False  # QLoRA: linear weights in NF4, the rest cast to fp32
-    options: tuple[str, ...] = ()  # method option names this method accepts
-    option_defaults: dict = field(default_factory=dict)
+    storage: Callable[["RunConfig"], BaseStorage] = dense  # how the pretrained weights are stored
+    options: tuple[MethodOption, ...] = ()
+    max_rank: Callable[["LinearSite"], int | None] = matrix_rank  # None: no limit
+    precisions: tuple[str, ...] | None = None  # the --precision values it runs at (None: all)
     validate: Callable[["ModelSpec", list["LinearSite"], "RunConfig"], None] = lambda spec, sites, run: None
+    # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
+    apply_to_model: ApplyToModel | None = None
+    # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
+    # asked first, so a method refining another (QLoRA, DoRA, LoRA-FA refine LoRA) claims the model first.
+    recognise: Callable[[Any, Any], bool] | None = None
+    recognise_priority: int = 0
+    observed_options: Callable[[Any], dict] = lambda model: {}  # its options as read from a live model
+    observed_precision: Callable[[Any], str | None] | None = None  # when parameter dtypes do not tell
 
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
 
-    def option(self, run: "RunConfig", key: str):
-        return run.option(key, self.option_defaults.get(key))
+    def option_values(self, run: "RunConfig") -> dict:
+        """Every option of the method with the run's value or its default (the JSON `method_options`)."""
+        return {o.name: o.value(run) for o in self.options}
+
+    def check_options(self, run: "RunConfig") -> None:
+        """Each given option must be one of this method's, of its type, range and choices."""
+        own = {o.name: o for o in self.options}
+        for key, value in run.method_options:
+            if key not in own:
+                raise LoraCostError(f"{flag_of(key)} does not apply to method {self.name}")
+            own[key].check(value)
+
+    def check(self, spec: "ModelSpec", sites: list["LinearSite"], run: "RunConfig") -> None:
+        """The run's precision and rank against what the method allows, then its own checks."""
+        if self.precisions is not None and run.precision not in self.precisions:
+            raise LoraCostError(f"{self.name} needs --precision {' or '.join(self.precisions)}, not {run.precision}")
+        if not self.base_trainable:
+            for site in sites:
+                limit = self.max_rank(site)
+                if limit is not None and run.r > limit:
+                    raise LoraCostError(f"rank {run.r} is larger than {site.name} allows for {self.name} "
+                                        f"(at most {limit} for a {site.d_in} x {site.d_out} matrix)")
+        self.validate(spec, sites, run)
 
 
 METHODS: Registry[Method] = Registry("method", dashed)
 
 
 def register_method(method: Method) -> Method:
+    """Add a method; its options must agree with any other method's option of the same name or flag
+    (one option name means one thing, and one flag sets one option)."""
+    for opt in method.options:
+        for other in (o for m in METHODS.all().values() for o in m.options):
+            if (other.name == opt.name or other.flag == opt.flag) and other != opt:
+                raise ValueError(f"method {method.name}: option {opt.name} ({opt.flag}) clashes with {other}")
     return METHODS.register(method, [method.name])
 
 
@@ -72,14 +128,26 @@ def get_method(name: str) -> Method:
 
 
 def all_methods() -> dict[str, Method]:
-    return METHODS.all()
+    """Full fine-tuning (the baseline) first, then the methods by name: an order that does not depend on
+    which module happened to be imported first."""
+    return dict(sorted(METHODS.all().items(), key=lambda kv: (not kv[1].base_trainable, kv[0])))
 
 
-def check_rank(sites: list["LinearSite"], r: int, method: str) -> None:
-    """A rank above min(d_in, d_out) of an adapted matrix cannot add expressiveness and peft would
-    build a factor larger than the matrix: reject it."""
-    for site in sites:
-        limit = min(site.d_in, site.d_out)
-        if r > limit:
-            raise LoraCostError(
-                f"rank {r} is larger than {site.name} allows for {method} (min(d_in, d_out) = min({site.d_in}, {site.d_out}) = {limit})")
+def all_options() -> dict[MethodOption, tuple[str, ...]]:
+    """Every distinct option with the methods that take it, in registration order (the CLI's flags)."""
+    out: dict[MethodOption, tuple[str, ...]] = {}
+    for method in all_methods().values():
+        for opt in method.options:
+            out[opt] = out.get(opt, ()) + (method.name,)
+    return out
+
+
+def recognisers() -> list[Method]:
+    """The methods the profiler can recognise on a live model, in the order it asks them."""
+    found = [m for m in METHODS.all().values() if m.recognise is not None]
+    return sorted(found, key=lambda m: (-m.recognise_priority, m.name))
+
+
+def flag_of(key: str) -> str:
+    """The CLI flag of the option named `key` (the key itself when no method declares it)."""
+    return next((o.flag for o in all_options() if o.name == key), key)

@@ -29,7 +29,7 @@ from .. import ops
 from ...spec import LinearSite
 from ...units import DTYPE_BYTES
 from .base import Method, TensorGroup, register_method
-from .lora import ADAPTER_DTYPE, lora_branch, lora_trainable, merge_into_base, validate_lora
+from .lora import ADAPTER_DTYPE, apply_lora, is_lora_config, lora_branch, lora_trainable, merge_into_base
 
 
 def dora_linear(ctx, x, site: LinearSite):
@@ -41,7 +41,7 @@ def dora_linear(ctx, x, site: LinearSite):
     tape.matmul("adapter", site.d_in, site.d_in, r, grad_a=False, grad_b=False)
     tape.matmul("adapter", site.d_in, r, site.d_out, grad_a=False, grad_b=False)
     dense = site.d_in * site.d_out
-    base_is_fp32 = ctx.weight_dtype == "fp32" and not ctx.method.quantized_base
+    base_is_fp32 = ctx.weight_dtype == "fp32"
     tape.transient(4 * (site.d_in * site.d_in + 3 * dense) + (0 if base_is_fp32 else 4 * dense))
     orphaned = 4 * (site.d_in * site.d_in + site.d_in * r)
     if site.fan_in_fan_out:
@@ -83,5 +83,7 @@ DORA = register_method(Method(
     trainable=dora_trainable,
     frozen=lambda site, run: [],
     adapted_linear=dora_linear,
-    validate=validate_lora,
+    apply_to_model=lambda model, run, targets, notes: apply_lora(model, run, targets, notes, use_dora=True),
+    recognise=lambda model, peft_config: is_lora_config(peft_config) and bool(getattr(peft_config, "use_dora", False)),
+    recognise_priority=20,
 ))

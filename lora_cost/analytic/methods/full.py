@@ -4,6 +4,23 @@ from __future__ import annotations
 
 from .base import Method, register_method
 
+
+def apply_full(model, run, targets, notes):
+    """Trace hook: every parameter requires grad (no adapter, nothing adapted)."""
+    from ...trace.adapters import enable_checkpointing
+
+    for p in model.parameters():
+        p.requires_grad_(True)
+    if run.grad_checkpointing:
+        enable_checkpointing(model)
+    return model, 0
+
+
+def recognise_full(model, peft_config) -> bool:
+    """Profiler: no peft adapters and every parameter trains."""
+    return peft_config is None and all(p.requires_grad for p in model.parameters())
+
+
 FULL = register_method(Method(
     name="full",
     title="Full fine-tuning",
@@ -14,4 +31,6 @@ FULL = register_method(Method(
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
     base_trainable=True,
+    apply_to_model=apply_full,
+    recognise=recognise_full,
 ))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .. import ops
 from ...spec import LinearSite, RunConfig
-from .base import Method, TensorGroup, check_rank, register_method
+from .base import Method, TensorGroup, register_method
 
 ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True
 
@@ -49,8 +49,31 @@ def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
     return merge_into_base(ctx, base_out, b)
 
 
-def validate_lora(spec, sites, run) -> None:
-    check_rank(sites, run.r, run.method)
+def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False, freeze_a: bool = False,
+               prepared: bool = False):
+    """Trace hook: peft LoraConfig(r, lora_alpha=2r, lora_dropout, target_modules) on the model.
+    `prepared`: prepare_model_for_kbit_training already enabled checkpointing and input gradients."""
+    import peft
+
+    from ...trace.adapters import count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model
+
+    if run.grad_checkpointing and not prepared:
+        enable_checkpointing(model)
+    cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=list(targets),
+                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets))
+    model = peft_model(model, cfg)
+    if freeze_a:
+        for name, p in model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    if run.grad_checkpointing and not prepared:
+        enable_input_grads(model)
+    return model, count_adapted(model, "lora_A")
+
+
+def is_lora_config(peft_config) -> bool:
+    """Profiler: a peft LoraConfig (LoRA and the methods built on it)."""
+    return type(peft_config).__name__ == "LoraConfig"
 
 
 LORA = register_method(Method(
@@ -62,5 +85,6 @@ LORA = register_method(Method(
     trainable=lora_trainable,
     frozen=lambda site, run: [],
     adapted_linear=lora_linear,
-    validate=validate_lora,
+    apply_to_model=apply_lora,
+    recognise=lambda model, peft_config: is_lora_config(peft_config),  # asked after its variants
 ))

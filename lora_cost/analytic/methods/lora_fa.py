@@ -9,7 +9,16 @@ Modelled recipe: a peft LoRA model with every lora_A weight set to requires_grad
 from __future__ import annotations
 
 from .base import Method, TensorGroup, register_method
-from .lora import ADAPTER_DTYPE, lora_linear, lora_trainable, validate_lora
+from .lora import ADAPTER_DTYPE, apply_lora, is_lora_config, lora_linear, lora_trainable
+
+
+def recognise_lora_fa(model, peft_config) -> bool:
+    """A peft LoRA model whose lora_A weights are all frozen."""
+    if not is_lora_config(peft_config):
+        return False
+    a = [p for name, p in model.named_parameters() if ".lora_A." in name]
+    return bool(a) and not any(p.requires_grad for p in a)
+
 
 LORA_FA = register_method(Method(
     name="lora-fa",
@@ -20,5 +29,7 @@ LORA_FA = register_method(Method(
     trainable=lambda site, run: lora_trainable(site, run, freeze_a=True),
     frozen=lambda site, run: [TensorGroup(f"{site.name}.lora_A", run.r * site.d_in, 1, ADAPTER_DTYPE)],
     adapted_linear=lambda ctx, x, site: lora_linear(ctx, x, site, freeze_a=True),
-    validate=validate_lora,
+    apply_to_model=lambda model, run, targets, notes: apply_lora(model, run, targets, notes, freeze_a=True),
+    recognise=recognise_lora_fa,
+    recognise_priority=10,
 ))

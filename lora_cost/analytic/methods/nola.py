@@ -17,9 +17,12 @@ matmul x @ W.T saves (with x) for backward.
 from __future__ import annotations
 
 from .. import ops
-from ...errors import LoraCostError
-from .base import Method, TensorGroup, check_rank, register_method
+from .base import Method, TensorGroup, register_method
 from .lora import ADAPTER_DTYPE, merge_into_base
+from .options import MethodOption
+
+K = MethodOption("k", "--nola-k", int, 1024, "number of random bases for A", minimum=1)
+L = MethodOption("l", "--nola-l", int, 1024, "number of random bases for B", minimum=1)
 
 
 def _mixed_factor(ctx, rows: int, cols: int, bases: int):
@@ -36,8 +39,8 @@ def _mixed_factor(ctx, rows: int, cols: int, bases: int):
 def nola_linear(ctx, x, site):
     tape = ctx.tape
     r = ctx.rank
-    k = ctx.method.option(ctx.run, "k")
-    l_ = ctx.method.option(ctx.run, "l")
+    k = K.value(ctx.run)
+    l_ = L.value(ctx.run)
     base_out = ctx.base_linear(x, site)
     xa = ops.cast(tape, x, ADAPTER_DTYPE) if not tape.autocast else x
     xa = ops.dropout(tape, xa, ctx.run.dropout)
@@ -51,12 +54,17 @@ def nola_linear(ctx, x, site):
     return merge_into_base(ctx, base_out, b)
 
 
-def nola_validate(spec, sites, run) -> None:
-    check_rank(sites, run.r, "nola")
-    for key in ("k", "l"):
-        value = run.option(key, 1024)
-        if not isinstance(value, int) or value <= 0:
-            raise LoraCostError(f"--nola-{key} must be a positive integer, got {value!r}")
+def apply_nola(model, run, targets, notes):
+    """Trace hook: the project's reference NOLALinear (lora_cost/trace/nola.py) on every targeted linear."""
+    from ...trace.adapters import enable_checkpointing, enable_input_grads
+    from ...trace.nola import attach_nola
+
+    if run.grad_checkpointing:
+        enable_checkpointing(model)
+    adapted = attach_nola(model, targets, run.r, K.value(run), L.value(run), run.dropout)
+    if run.grad_checkpointing:
+        enable_input_grads(model)
+    return model, adapted
 
 
 NOLA = register_method(Method(
@@ -65,12 +73,11 @@ NOLA = register_method(Method(
     paper="Koohpayegani et al. 2024, arXiv:2310.02556 (ICLR 2024)",
     recipe="the authors' NOLALinear factors (seeded random bases regenerated each pass); coefficients in fp32",
     default_r=8,
-    trainable=lambda site, run: [TensorGroup(f"{site.name}.nola_alpha", run.option("k", 1024), 1, ADAPTER_DTYPE),
-                                 TensorGroup(f"{site.name}.nola_beta", run.option("l", 1024), 1, ADAPTER_DTYPE)],
+    trainable=lambda site, run: [TensorGroup(f"{site.name}.nola_alpha", K.value(run), 1, ADAPTER_DTYPE),
+                                 TensorGroup(f"{site.name}.nola_beta", L.value(run), 1, ADAPTER_DTYPE)],
     frozen=lambda site, run: [TensorGroup(f"{site.name}.nola_A0", run.r * site.d_in, 1, ADAPTER_DTYPE),
                               TensorGroup(f"{site.name}.nola_B0", site.d_out * run.r, 1, ADAPTER_DTYPE)],
     adapted_linear=nola_linear,
-    options=("k", "l"),
-    option_defaults={"k": 1024, "l": 1024},
-    validate=nola_validate,
+    options=(K, L),
+    apply_to_model=apply_nola,
 ))

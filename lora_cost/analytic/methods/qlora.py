@@ -2,72 +2,79 @@
 
 Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", arXiv:2305.14314, Sec. 3:
 NF4 with blocksize 64; double quantisation stores the fp32 block constants as 8-bit values with
-one fp32 constant per 256 of them, 0.5 + 8/64 + 32/(64*256) = 4.127 bits per weight.
+one fp32 constant per 256 of them, 0.5 + 8/64 + 32/(64*256) = 4.127 bits per weight
+(`formulas/storage.py`).
 
-Modelled library behaviour (bitsandbytes `nn/modules.py` Linear4bit, `autograd/_functions.py`
-MatMul4Bit; peft `utils/other.py` prepare_model_for_kbit_training, `tuners/lora/bnb.py`):
-  * every linear layer of the blocks is quantised, targeted or not; embeddings, norms, biases and
-    the LM head are not, and prepare_model_for_kbit_training casts them all to fp32, so the
-    residual stream and most activations are fp32;
-  * Linear4bit casts its input to the compute dtype (bf16), runs bitsandbytes' gemm_4bit and casts
-    the output back to the input dtype; MatMul4Bit saves only the packed weight for backward
-    (no activation), and its backward dequantises the weight (a d_out x d_in bf16 transient) and
-    multiplies; the forward gemm is a custom op FlopCounterMode does not count;
-  * LoRA on top as in peft (fp32 adapters; the input is already fp32, so no cast).
+The base weights are a `FourBitStorage` (`storage.py`: every block linear quantised, the rest fp32
+after peft's prepare_model_for_kbit_training, the 4-bit forward and its dequantised transients);
+LoRA on top as in peft (`tuners/lora/bnb.py`: fp32 adapters; the input is already fp32, so no cast).
 """
 
 from __future__ import annotations
 
-from .. import ops
-from ...errors import LoraCostError
-from ...spec import LinearSite
+import sys
+
 from .base import Method, register_method
-from .lora import lora_linear, lora_trainable, validate_lora
+from .lora import apply_lora, is_lora_config, lora_linear, lora_trainable
+from .options import MethodOption
+from .storage import FourBitStorage
 
-NF4_BLOCK = 64  # bnb_4bit blocksize
-DQ_BLOCK = 256  # second-level block of the double quantisation
-CODE_BYTES = 256 * 4  # the fp32 code table of the 8-bit quantised block constants
-
-
-def nf4_bytes(numel: int, double_quant: bool = True, quant_type: str = "nf4") -> float:
-    """Bytes of one quantised weight matrix: packed 4-bit values plus its quantisation state."""
-    blocks = -(-numel // NF4_BLOCK)
-    packed = (numel + 1) // 2
-    if not double_quant:
-        return packed + 4 * blocks  # one fp32 absmax per block
-    blocks2 = -(-blocks // DQ_BLOCK)
-    return packed + blocks + 4 * blocks2 + CODE_BYTES + 4  # uint8 absmax, fp32 absmax2, code, offset
+QUANT_TYPE = MethodOption("quant_type", "--quant-type", str, "nf4", "4-bit data type (bnb_4bit_quant_type)",
+                          choices=("nf4", "fp4"))
+DOUBLE_QUANT = MethodOption("double_quant", "--double-quant", bool, True,
+                            "double quantisation of the block constants (bnb_4bit_use_double_quant)")
 
 
-def bits_per_weight(double_quant: bool = True) -> float:
-    """0.5 B + block constants, in bits: 4.127 with double quantisation, 4.5 without."""
-    if double_quant:
-        return 4 + 8 / NF4_BLOCK + 32 / (NF4_BLOCK * DQ_BLOCK)
-    return 4 + 32 / NF4_BLOCK
+def four_bit_storage(run) -> FourBitStorage:
+    """bnb_4bit_compute_dtype follows --precision (bf16, or fp16)."""
+    return FourBitStorage(compute_dtype="fp16" if run.precision == "fp16" else "bf16",
+                          double_quant=DOUBLE_QUANT.value(run), quant_type=QUANT_TYPE.value(run))
 
 
-def linear_4bit(ctx, x, site: LinearSite):
-    """bnb Linear4bit forward: x.to(bf16) -> gemm_4bit -> .to(x.dtype); saves no activation."""
-    tape = ctx.tape
-    compute = "bf16" if ctx.run.precision != "fp16" else "fp16"
-    xc = ops.cast(tape, x, compute)
-    n = xc.numel // site.d_in
-    # forward gemm (not counted by FlopCounterMode) and, when x needs a grad, the dequantised matmul
-    tape.matmul("base", n, site.d_in, site.d_out, grad_a=x.rg, grad_b=False, counted=False)
-    tape.transient(2 * site.d_in * site.d_out)  # dequantised weight inside gemm_4bit
-    if x.rg:
-        tape.transient(2 * site.d_in * site.d_out, backward=True)
-    out = tape.new(n * site.d_out, compute, x.rg)
-    return ops.cast(tape, out, x.dtype)
+def apply_qlora(model, run, targets, notes):
+    """Trace hook: the 4-bit stand-in for every linear (lora_cost/trace/qlora.py), peft's own
+    prepare_model_for_kbit_training (fp32 casts, checkpointing, input gradients), then LoRA."""
+    import peft
+    import torch
+
+    from ...trace.qlora import quantize_linears
+
+    compute = torch.float16 if run.precision == "fp16" else torch.bfloat16
+    quantize_linears(model, compute, DOUBLE_QUANT.value(run))
+    model.is_loaded_in_4bit = True  # what transformers sets after a bitsandbytes 4-bit load
+    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
+                                         gradient_checkpointing_kwargs={"use_reentrant": False})
+    notes.append("QLoRA: bitsandbytes Linear4bit replaced by a stand-in with the same storage, saved tensors "
+                 "and dequantised transients (lora_cost/trace/qlora.py)")
+    return apply_lora(model, run, targets, notes, prepared=True)
 
 
-def validate_qlora(spec, sites, run) -> None:
-    validate_lora(spec, sites, run)
-    if run.precision not in ("bf16", "fp16"):
-        raise LoraCostError(f"qlora computes in 16-bit (bnb_4bit_compute_dtype): use --precision bf16 or fp16, not {run.precision}")
-    quant_type = run.option("quant_type", "nf4")
-    if quant_type not in ("nf4", "fp4"):
-        raise LoraCostError(f"--quant-type must be nf4 or fp4, got {quant_type!r}")
+def _linear4bit_modules(model):
+    bnb = sys.modules.get("bitsandbytes")
+    linear4 = getattr(getattr(bnb, "nn", None), "Linear4bit", None) if bnb is not None else None
+    return [m for m in model.modules() if isinstance(m, linear4)] if linear4 is not None else []
+
+
+def recognise_qlora(model, peft_config) -> bool:
+    """Profiler: a peft LoRA model with bitsandbytes Linear4bit layers."""
+    return is_lora_config(peft_config) and bool(_linear4bit_modules(model))
+
+
+def observed_options(model) -> dict:
+    """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState."""
+    for m in model.modules():
+        qs = getattr(getattr(m, "weight", None), "quant_state", None)
+        if qs is not None:
+            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True))}
+    return {}
+
+
+def observed_precision(model) -> str:
+    """The 4-bit layers' compute dtype (bnb_4bit_compute_dtype): fp16, else bf16."""
+    import torch
+
+    compute = next((getattr(m, "compute_dtype", None) for m in _linear4bit_modules(model)), None)
+    return "fp16" if compute == torch.float16 else "bf16"
 
 
 QLORA = register_method(Method(
@@ -79,8 +86,12 @@ QLORA = register_method(Method(
     trainable=lora_trainable,
     frozen=lambda site, run: [],
     adapted_linear=lora_linear,
-    quantized_base=True,
-    options=("quant_type", "double_quant"),
-    option_defaults={"quant_type": "nf4", "double_quant": True},
-    validate=validate_qlora,
+    storage=four_bit_storage,
+    options=(QUANT_TYPE, DOUBLE_QUANT),
+    precisions=("bf16", "fp16"),  # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype)
+    apply_to_model=apply_qlora,
+    recognise=recognise_qlora,
+    recognise_priority=30,
+    observed_options=observed_options,
+    observed_precision=observed_precision,
 ))

@@ -15,7 +15,7 @@ lambda_b's; the frozen A and B keep nothing else. peft's default rank is 256.
 from __future__ import annotations
 
 from .. import ops
-from .base import Method, TensorGroup, register_method
+from .base import Method, TensorGroup, no_rank_limit, register_method
 from .lora import ADAPTER_DTYPE, merge_into_base
 
 
@@ -39,6 +39,22 @@ def vera_shared(sites, run):
     return [TensorGroup("vera_A", r * max_in, 1, ADAPTER_DTYPE), TensorGroup("vera_B", max_out * r, 1, ADAPTER_DTYPE)]
 
 
+def apply_vera(model, run, targets, notes):
+    """Trace hook: peft VeraConfig(r, target_modules, vera_dropout)."""
+    import peft
+
+    from ...trace.adapters import count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model
+
+    if run.grad_checkpointing:
+        enable_checkpointing(model)
+    cfg = peft.VeraConfig(r=run.r, target_modules=list(targets), vera_dropout=run.dropout,
+                          fan_in_fan_out=fan_in_fan_out(model, targets))
+    model = peft_model(model, cfg)
+    if run.grad_checkpointing:
+        enable_input_grads(model)
+    return model, count_adapted(model, "vera_lambda_b")
+
+
 VERA = register_method(Method(
     name="vera",
     title="VeRA",
@@ -50,4 +66,8 @@ VERA = register_method(Method(
     frozen=lambda site, run: [],
     shared_frozen=vera_shared,
     adapted_linear=vera_linear,
+    # the shared projections are sized to the largest adapted layer and sliced: any rank builds
+    max_rank=no_rank_limit,
+    apply_to_model=apply_vera,
+    recognise=lambda model, peft_config: type(peft_config).__name__ == "VeraConfig",
 ))

@@ -1,0 +1,112 @@
+"""How a method stores the pretrained weights: dense in the run's dtype, or 4-bit (QLoRA).
+
+A method names its storage (`Method.storage(run)`); the context runs base linears through it, the
+parameter budget counts its bytes and `--explain` prints its formula, none of them asking which
+method it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from .. import ops
+from ..formulas.storage import NF4_BLOCK, nf4_bits_per_weight, nf4_bytes
+from ...units import DTYPE_BYTES
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..context import StepContext
+    from ...spec import LinearSite, RunConfig
+    from ..tape import Tensor
+
+
+class BaseStorage(Protocol):
+    """What a storage answers; implementations are frozen (hashable) dataclasses."""
+
+    @property
+    def linear_dtype(self) -> str: ...  # what base linears compute in
+
+    @property
+    def other_dtype(self) -> str: ...  # embeddings, norms, biases, LM head
+
+    def linear_bytes(self, numel: int) -> int: ...  # one stored linear weight of `numel` elements
+
+    def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor": ...  # forward on the tape
+
+    def formula(self, total_params: int) -> str: ...  # the "base weights" line of --explain
+
+
+@dataclass(frozen=True)
+class DenseStorage:
+    """Every parameter in one dtype (the run's weight dtype: fp32 master weights under AMP)."""
+
+    dtype: str
+
+    @property
+    def linear_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def other_dtype(self) -> str:
+        return self.dtype
+
+    def linear_bytes(self, numel: int) -> int:
+        return numel * DTYPE_BYTES[self.dtype]
+
+    def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
+        return ops.linear(ctx.tape, x, site.d_in, site.d_out, w_trainable=ctx.base_trainable, w_dtype=ctx.weight_dtype)
+
+    def formula(self, total_params: int) -> str:
+        return f"{total_params:,} parameters x {DTYPE_BYTES[self.dtype]} B ({self.dtype})"
+
+
+@dataclass(frozen=True)
+class FourBitStorage:
+    """bitsandbytes 4-bit linears (NF4 or FP4), everything else fp32.
+
+    Modelled library behaviour (bitsandbytes `nn/modules.py` Linear4bit, `autograd/_functions.py`
+    MatMul4Bit; peft `utils/other.py` prepare_model_for_kbit_training): every linear layer of the
+    blocks is quantised, targeted or not; embeddings, norms, biases and the LM head are not, and
+    prepare_model_for_kbit_training casts them all to fp32. Linear4bit casts its input to the compute
+    dtype, runs gemm_4bit (a custom op FlopCounterMode does not count) and casts the output back;
+    MatMul4Bit saves only the packed weight, and its backward dequantises the weight (a d_out x d_in
+    compute-dtype transient) to multiply the incoming gradient."""
+
+    compute_dtype: str  # bnb_4bit_compute_dtype
+    double_quant: bool
+    quant_type: str = "nf4"
+
+    @property
+    def linear_dtype(self) -> str:
+        return self.compute_dtype
+
+    @property
+    def other_dtype(self) -> str:
+        return "fp32"
+
+    def linear_bytes(self, numel: int) -> int:
+        return nf4_bytes(numel, double_quant=self.double_quant)
+
+    def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
+        """Linear4bit forward: x.to(compute) -> gemm_4bit -> .to(x.dtype); saves no activation."""
+        tape = ctx.tape
+        xc = ops.cast(tape, x, self.compute_dtype)
+        n = xc.numel // site.d_in
+        # forward gemm (not counted by FlopCounterMode) and, when x needs a grad, the dequantised matmul
+        tape.matmul("base", n, site.d_in, site.d_out, grad_a=x.rg, grad_b=False, counted=False)
+        dequantised = DTYPE_BYTES[self.compute_dtype] * site.d_in * site.d_out
+        tape.transient(dequantised)  # dequantised weight inside gemm_4bit
+        if x.rg:
+            tape.transient(dequantised, backward=True)
+        out = tape.new(n * site.d_out, self.compute_dtype, x.rg)
+        return ops.cast(tape, out, x.dtype)
+
+    def formula(self, total_params: int) -> str:
+        bits = nf4_bits_per_weight(self.double_quant)
+        return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}) + embeddings, "
+                "norms, biases, LM head in fp32")
+
+
+def dense(run: "RunConfig") -> DenseStorage:
+    """The storage of every method that leaves the base weights as they are."""
+    return DenseStorage(run.weight_dtype)

@@ -1,0 +1,46 @@
+"""Shared steps of the methods' trace hooks (`Method.apply_to_model`): what a user's script does
+around applying an adapter to a transformers model, on the meta device."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..errors import LoraCostError
+
+
+def enable_checkpointing(model) -> None:
+    """Non-reentrant gradient checkpointing, as the calibration runs used it."""
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def enable_input_grads(model) -> None:
+    """transformers' enable_input_require_grads(): with checkpointing and a frozen embedding the
+    block inputs must require grad, or the checkpointed blocks get no gradient."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.enable_input_require_grads()
+
+
+def peft_model(model, cfg):
+    """peft.get_peft_model, its warnings silenced and its ValueError turned into bad input."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return peft.get_peft_model(model, cfg)
+        except ValueError as exc:
+            raise LoraCostError(f"peft rejected the configuration: {exc}") from None
+
+
+def count_adapted(model, attr: str) -> int:
+    """Modules holding a non-empty adapter dict `attr` (peft's lora_A, vera_lambda_b, ...)."""
+    return sum(1 for m in model.modules() if hasattr(m, attr) and len(getattr(m, attr)) > 0)
+
+
+def fan_in_fan_out(model, targets) -> bool:
+    """Whether the targeted modules store their weight [d_in, d_out] (GPT-2's Conv1D), as peft's
+    `fan_in_fan_out` must then say."""
+    from transformers.pytorch_utils import Conv1D
+
+    wanted = set(targets)
+    return any(isinstance(m, Conv1D) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in wanted)
