@@ -151,7 +151,7 @@ class StepDetector:
         self.listener.backward_started(step)
 
     def _backward_end(self) -> None:
-        if self.step is not None:
+        if self.enabled and self.step is not None:  # not after a failure in _backward_start
             self.listener.backward_ended(self.step)
 
     def _optimizer_start(self, optimizer) -> None:
