@@ -504,7 +504,7 @@ def test_precision_from_dtypes_and_autocast():
 def test_cuda_counter_plumbing_with_fake_allocator(monkeypatch):
     """No GPU here: drive the CUDA branches (allocator counters, reserved memory) with counters that
     read the CPU tracker, to check the plumbing. The real CUDA behaviour is unverified."""
-    from lora_cost.profiler import session
+    from lora_cost.profiler import measure
     from lora_cost.profiler.memory import CudaCounters
 
     slack = 2 << 20
@@ -525,13 +525,13 @@ def test_cuda_counter_plumbing_with_fake_allocator(monkeypatch):
         def peak_reserved(self):
             return self.tracker.peak + slack
 
-    original = session.StepMonitor._start_measuring
+    original = measure.Measurement.start
 
-    def start(self):
-        original(self)
+    def start(self, device):
+        original(self, device)
         self.counters = FakeAllocator(self.tracker)
 
-    monkeypatch.setattr(session.StepMonitor, "_start_measuring", start)
+    monkeypatch.setattr(measure.Measurement, "start", start)
     model = gpt2()
     opt = make_opt(model)
     with profile(warmup=1, steps=2, flops=False) as p:

@@ -39,5 +39,5 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
             from ..report.terminal import render_estimate
             render_estimate(Console(), result, explain=explain)
         return
-    from ..trace.cli import run_trace_engine  # imports torch: only on request
+    from .trace_engine import run_trace_engine  # imports torch: only on request
     run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import click
@@ -75,7 +74,8 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
         if not as_json:
             click.echo(f"wrote {written}", err=True)
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        from ..report.plan_json import plan_to_json
+        click.echo(json.dumps(plan_to_json(result), indent=2))
         return
     from rich.console import Console
     from ..report.plan_terminal import render_plan

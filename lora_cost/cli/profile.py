@@ -43,7 +43,7 @@ def profile(ctx: click.Context, script, warmup, steps, out, no_flops, as_json):
         click.echo(json.dumps(result.to_dict(), indent=2))
     else:
         from rich.console import Console
-        from ..profiler.render import render_profile
+        from ..report.profile_terminal import render_profile
         console = Console(stderr=False)
         render_profile(console, result)
         console.print(f"profile written to {path}")

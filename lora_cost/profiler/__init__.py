@@ -11,7 +11,6 @@ _LAZY = {
     "Profiler": ("api", "Profiler"),
     "ProfilerCallback": ("callback", "ProfilerCallback"),
     "run_script": ("runner", "run_script"),
-    "render_profile": ("render", "render_profile"),
     "load_profile": ("results", "load_profile"),
     "save_profile": ("results", "save_profile"),
     "profile_from_dict": ("results", "profile_from_dict"),

@@ -14,38 +14,11 @@ from ..errors import LoraCostError
 from ..results import Estimate
 from .compare import compare
 from .env import environment
+from .faults import exit_status
 from .flops import fvcore_forward, parameter_table
 from .memory import CudaCounters
 from .results import SCHEMA, Overhead, ProfileResult
 from .session import StepMonitor
-
-
-def is_oom(exc: BaseException | None) -> bool:
-    if exc is None:
-        return False
-    oom_type = getattr(torch.cuda, "OutOfMemoryError", None)
-    if oom_type is not None and isinstance(exc, oom_type) or isinstance(exc, MemoryError):
-        return True
-    text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
-
-
-def exit_status(exc: BaseException | None) -> tuple[str, int]:
-    """(status, exit code) as `python script.py` would end."""
-    if exc is None:
-        return "ok", 0
-    if isinstance(exc, SystemExit):
-        code = exc.code
-        if code is None:
-            return "ok", 0
-        if isinstance(code, int):
-            return ("ok" if code == 0 else "error"), code
-        return "error", 1  # sys.exit("message") prints the message and exits 1
-    if isinstance(exc, KeyboardInterrupt):
-        return "interrupted", 130
-    if is_oom(exc):
-        return "oom", 1
-    return "error", 1
 
 
 class Profiler:

@@ -14,6 +14,7 @@ import traceback
 
 from ..errors import LoraCostError
 from .api import Profiler
+from .faults import exit_status
 from .results import ProfileResult
 
 
@@ -50,7 +51,7 @@ def run_script(path: str, args: tuple[str, ...] = (), *, warmup: int = 1, steps:
             runpy.run_path(script, run_name="__main__")
         except BaseException as e:  # noqa: BLE001 - the script's fault, reported as python would
             exc = e
-        status, code = _status(exc)
+        status, code = exit_status(exc)
         if exc is not None and not isinstance(exc, (SystemExit, KeyboardInterrupt)):
             _print_script_traceback(exc, script)
         elif isinstance(exc, SystemExit) and exc.code not in (None, 0) and not isinstance(exc.code, int):
@@ -62,7 +63,3 @@ def run_script(path: str, args: tuple[str, ...] = (), *, warmup: int = 1, steps:
         sys.path[:] = saved_path
         exc = None  # drop the traceback (and the tensors its frames hold)
 
-
-def _status(exc):
-    from .api import exit_status
-    return exit_status(exc)

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..results import Estimate, MemoryCategory
-from ..units import fmt_bytes, fmt_count, fmt_flops
+from ..units import fmt_bytes, fmt_flops
 
 
 def render_estimate(console: Console, e: Estimate, explain: bool = False) -> None:
@@ -80,14 +80,3 @@ def _render_explain(console: Console, e: Estimate) -> None:
     for a in e.assumptions:
         console.print(f"[dim]assumed: {a}[/]")
 
-
-def render_models(console: Console, rows: list[dict]) -> None:
-    table = Table(title="Bundled model profiles")
-    for col in ("name", "family", "params", "layers", "hidden", "heads (kv)", "vocab", "max seq"):
-        table.add_column(col, justify="right" if col in ("params", "layers", "hidden", "vocab", "max seq") else "left",
-                         no_wrap=True)
-    for r in rows:
-        table.add_row(r["name"], r["model_type"], fmt_count(r["params"]), str(r["layers"]), str(r["hidden"]),
-                      f"{r['heads']} ({r['kv_heads']})", f"{r['vocab']:,}", f"{r['max_positions']:,}")
-    console.print(table)
-    console.print("[dim]Hugging Face ids work as aliases (lora-cost models --json lists them).[/]")

@@ -1,4 +1,4 @@
-"""Rich terminal summary of a profile (reads only the result dataclasses)."""
+"""Rich terminal summary of a profile (`lora-cost profile`); reads only the result dataclasses."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.table import Table
 
 from ..units import fmt_bytes, fmt_flops
-from .results import CATEGORIES, ProfileResult
+from ..profiler.results import CATEGORIES, ProfileResult
 
 
 def _err(rel: float | None) -> str:

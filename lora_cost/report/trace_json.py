@@ -1,12 +1,21 @@
-"""JSON of a TraceResult: the keys of `estimate --json` (report/jsonout.py) plus the trace's detail."""
+"""JSON of `estimate --engine trace|both --json`: a TraceResult under the keys of `estimate --json`
+(report/jsonout.py) plus the trace's detail; with `both`, the analytic estimate and the differences."""
 
 from __future__ import annotations
 
-from ..report.jsonout import run_header
-from .results import TraceResult
+from ..results import GpuFit
+from ..trace.results import TraceResult
+from .jsonout import estimate_to_json, run_header
 
 
-def trace_to_json(t: TraceResult, gpu=None) -> dict:
+def _gpu(g: GpuFit | None) -> dict | None:
+    if g is None:
+        return None
+    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
+            "step_time_s": g.step_time_s, "utilisation": g.utilisation}
+
+
+def trace_to_json(t: TraceResult, gpu: GpuFit | None = None) -> dict:
     top = next(p for p in t.phases if p.phase == t.peak_phase)
     doc = {
         "engine": "trace",
@@ -32,7 +41,7 @@ def trace_to_json(t: TraceResult, gpu=None) -> dict:
             "convention": "2 FLOPs per multiply-add (torch.utils.flop_counter); fvcore reports half",
             "terms": [{"name": f"{o.op} {o.phase}", "flops": o.flops, "formula": "FlopCounterMode"} for o in t.flops_by_op],
         },
-        "gpu": gpu,
+        "gpu": _gpu(gpu),
         "warnings": list(t.warnings),
         "assumptions": list(t.notes),
         "trace": {
@@ -47,3 +56,14 @@ def trace_to_json(t: TraceResult, gpu=None) -> dict:
         },
     }
     return doc
+
+
+def engines_to_json(run) -> dict:
+    """An `EngineRun` (trace/run.py): the trace document alone, or with `both` the analytic one beside
+    it and the differences term by term."""
+    doc = trace_to_json(run.trace, run.gpu)
+    if run.analytic is None:
+        return doc
+    return {"analytic": estimate_to_json(run.analytic), "trace": doc,
+            "differences": [{"term": d.term, "analytic": d.analytic, "trace": d.trace, "diff": d.diff, "rel": d.rel}
+                            for d in run.differences]}

@@ -1,0 +1,19 @@
+"""`lora-cost estimate --engine trace|both` (called by cli/estimate.py; torch loads only here)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def run_trace_engine(model, method, *, gpu, both, as_json, explain, **kwargs) -> None:
+    from ..trace.run import run_engines
+    run = run_engines(model, method, gpu=gpu, both=both, **kwargs)
+    if as_json:
+        from ..report.trace_json import engines_to_json
+        click.echo(json.dumps(engines_to_json(run), indent=2))
+        return
+    from rich.console import Console
+    from ..report.trace_terminal import render_engines
+    render_engines(Console(), run, explain=explain)
