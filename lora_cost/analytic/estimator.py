@@ -142,7 +142,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
 
     memory = MemoryEstimate(
         peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
-        components=tuple(Term(t.name, t.value, *describe(t.name)) for t in peak.terms),
+        components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec))

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .budget import ParameterBudget
 from .record import StepRecord
-from ..results import PhasePeak, Term
+from ..results import MemoryCategory as C, PhasePeak, Term
 from ..spec import RunConfig
 from .stack import Stack
 
@@ -71,47 +71,47 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         # an op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
         # while that op runs, not on top of the widest activation's gradients: the larger of the two
         grad_buffers = 2 * residual + max(2 * rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0))
-        return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
-                ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
-                ("gradients", grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
-                ("logits", logits), ("activation_gradient_buffers", grad_buffers)]
+        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
+                (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
+                (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
         (dequantised 4-bit weights, DoRA's weight norm, NoLA's bases) return, next to the
         activations recomputed so far and the incoming residual gradient."""
         scope = scopes[i]
-        return [("saved_activations", acts.embeddings + sum(acts.kept[: i + 1])),
-                ("recomputed_activations", acts.body[i] + rec.orphaned.get(scope, 0)),
-                ("gradients", grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
-                ("logits", logits), ("activation_gradient_buffers", residual),
+        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
+                (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0)),
+                (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual),
                 # orphaned saves are among those buffers: count them once
-                ("transient_buffers", max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))]
+                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))]
 
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [("saved_activations", saved), ("logits", logits), ("logits_fp32_copy", rec.loss_copy_bytes)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]),
             ("inside a block (largest short-lived buffer)",
-             [("saved_activations", acts.embeddings + sum(acts.kept)), ("transient_buffers", fwd_transient)]),
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]),
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
-             [("saved_activations", saved), ("logits", logits), ("loss_gradient_buffers", 2 * ls)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls)]),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
-            ("end of backward", [("gradients", grads_total), ("logits", logits)]),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
         ],
         "optimizer": [
-            ("optimizer step", [("gradients", grads_total), ("logits", logits),
-                                ("optimizer_temporaries", params.optimizer_temporaries)]),
+            ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
+                                (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries)]),
         ],
     }
-    steady = [("weights", params.frozen_bytes), ("trainable_weights", params.trainable_bytes),
-              ("optimizer_state", params.allocated_state_bytes)]
+    steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
+              (C.OPTIMIZER_STATE, params.allocated_state_bytes)]
     phases = []
     for phase, options in candidates.items():
         where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))
-        terms = tuple(Term(name, int(v), "", "") for name, v in steady + extra if v)
+        terms = tuple(Term(str(category), int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
 
