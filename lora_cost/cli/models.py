@@ -9,18 +9,22 @@ import click
 from . import main
 
 
+def _show(entries, kind: str, as_json: bool) -> None:
+    """Print a catalogue listing (`kind`: models, gpus or methods) as JSON or as a rich table."""
+    from ..report import catalogue
+    if as_json:
+        click.echo(json.dumps(getattr(catalogue, f"{kind}_to_json")(entries), indent=2))
+        return
+    from rich.console import Console
+    getattr(catalogue, f"render_{kind}")(Console(), entries)
+
+
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def models(as_json):
     """List the bundled model profiles."""
     from ..analytic.catalogue import bundled_model_entries
-    from ..report import catalogue
-    entries = bundled_model_entries()
-    if as_json:
-        click.echo(json.dumps(catalogue.models_to_json(entries), indent=2))
-        return
-    from rich.console import Console
-    catalogue.render_models(Console(), entries)
+    _show(bundled_model_entries(), "models", as_json)
 
 
 @main.command()
@@ -28,13 +32,7 @@ def models(as_json):
 def gpus(as_json):
     """List the bundled GPU profiles."""
     from ..profiles import bundled_gpus
-    from ..report import catalogue
-    gpus = tuple(bundled_gpus().values())
-    if as_json:
-        click.echo(json.dumps(catalogue.gpus_to_json(gpus), indent=2))
-        return
-    from rich.console import Console
-    catalogue.render_gpus(Console(), gpus)
+    _show(tuple(bundled_gpus().values()), "gpus", as_json)
 
 
 @main.command()
@@ -42,10 +40,4 @@ def gpus(as_json):
 def methods(as_json):
     """List the fine-tuning methods, their papers and the library recipe modelled."""
     from ..analytic.methods import all_methods
-    from ..report import catalogue
-    methods = tuple(all_methods().values())
-    if as_json:
-        click.echo(json.dumps(catalogue.methods_to_json(methods), indent=2))
-        return
-    from rich.console import Console
-    catalogue.render_methods(Console(), methods)
+    _show(tuple(all_methods().values()), "methods", as_json)
