@@ -232,3 +232,9 @@ def test_replay_reports_peaks_retries_and_oom():
     # with b alive, c (5 MiB) needs a 20 MiB segment: 40 + 20 > 45 -> out of memory, reported, not raised
     oom = replay([alloc("b", 40 * MIB), alloc("c", 5 * MIB)], capacity_bytes=45 * MIB)
     assert (oom.out_of_memory, oom.oom_request_bytes, oom.reserved_after_bytes) == (True, 20 * MIB, 40 * MIB)
+
+
+def test_replay_rejects_a_free_without_its_allocation():
+    assert replay([alloc("e", 0), free("e")]).reserved_peak_bytes == 0  # an empty tensor: nothing reserved
+    with pytest.raises(KeyError):
+        replay([free("never")])

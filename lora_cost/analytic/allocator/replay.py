@@ -44,6 +44,7 @@ def replay(events: Iterable[tuple], config: AllocatorConfig | None = None, capac
            memory_fraction: float | None = None) -> ReplayResult:
     allocator = CachingAllocator(config, capacity_bytes, memory_fraction)
     live: dict = {}
+    empty: set = set()  # keys of zero-byte allocations (nothing to free)
     peak_allocated, reserved_at_peak = -1, 0
     count = 0
     oom = 0
@@ -51,11 +52,13 @@ def replay(events: Iterable[tuple], config: AllocatorConfig | None = None, capac
         for key, nbytes in events:
             count += 1
             if nbytes is None:
-                ptr = live.pop(key, None)
-                if ptr is not None:
-                    allocator.free(ptr)
+                if key in empty:
+                    empty.discard(key)
+                else:
+                    allocator.free(live.pop(key))  # KeyError: a free without its allocation
                 continue
             if nbytes <= 0:  # an empty tensor allocates nothing
+                empty.add(key)
                 continue
             if key in live:
                 raise ValueError(f"allocation {key!r} is already live")
