@@ -56,6 +56,7 @@ class AllocatorSim(TorchDispatchMode):
         self.saved_module: dict[str, list[int]] = {}
         self.ops_seen: dict[str, int] = {}
         self.starts: dict[str, int] = {}
+        self.marks: list[tuple[str, int]] = []  # (phase or label, last event before it): for the allocator replay
 
     # -- storages ---------------------------------------------------------------------------
     def _register(self, t: torch.Tensor, kind: str | None, op: str) -> Block | None:
@@ -92,7 +93,12 @@ class AllocatorSim(TorchDispatchMode):
         """A storage that exists before tracking starts (a parameter, buffer or optimizer state)."""
         self._register(t, kind, "(existing)")
 
+    def mark(self, label: str) -> None:
+        """Note a point of the step (e.g. a warm-up's optimizer step) for the allocator replay."""
+        self.marks.append((label, self.event))
+
     def start_phase(self, phase: str) -> None:
+        self.mark(phase)
         self.phase = phase
         self.starts[phase] = self.current
         self.peaks[phase] = (self.current, self.event, "(phase start)", "")

@@ -13,6 +13,7 @@ from ..analytic.optimizers import get_optimizer
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
 from ..results import MemoryCategory
+from .replay import replay_step
 from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
 
 
@@ -121,8 +122,11 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
                  "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
     notes.append("not simulated: cuDNN attention and other kernels a library selects only on a real GPU, "
-                 "torch.compile, the caching allocator's block splitting and reserved (cached) memory, cuBLAS "
-                 "workspaces; CPU-side tensors of the real run (AdamW step counters) are excluded")
+                 "torch.compile, cuBLAS workspaces; CPU-side tensors of the real run (AdamW step counters) are "
+                 "excluded")
+    reserved = replay_step(sim)
+    notes.append("reserved memory: the step's allocations and frees replayed through a model of PyTorch's caching "
+                 "allocator (lora_cost/analytic/allocator), default settings, one stream, cache warm")
     if run.autocast_dtype:
         notes.append("autocast: CUDA's op lists emulated at the function level (lora_cost/trace/autocast.py); ops "
                      "called inside other ops' C++ implementations are cast as their caller was")
@@ -148,7 +152,9 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
         flops_forward=int(fwd), flops_backward=int(bwd), flops_forward_uncounted=int(uncounted_fwd),
         flops_backward_uncounted=int(uncounted_bwd), flops_by_op=ops, zero_flop_ops=zero, attention_kernel=kernel,
         notes=tuple(notes), warnings=tuple(warnings), trace_seconds=round(elapsed, 3), trace_max_rss_bytes=int(rss),
-        paged_optimizer_bytes=int(rec.paged_bytes))
+        paged_optimizer_bytes=int(rec.paged_bytes), reserved_peak_bytes=reserved.reserved_peak_bytes,
+        reserved_after_step_bytes=reserved.reserved_after_bytes, fragmentation_bytes=reserved.fragmentation_at_peak_bytes,
+        allocator_retries=reserved.alloc_retries)
 
 
 def _pattern(module: str) -> str:

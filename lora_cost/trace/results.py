@@ -76,6 +76,11 @@ class TraceResult(RunHeader):
     trace_seconds: float
     trace_max_rss_bytes: int
     paged_optimizer_bytes: int = 0  # bitsandbytes paged optimizer state (CUDA managed memory, not allocated)
+    # The step's allocations replayed through the caching-allocator model (lora_cost/trace/replay.py):
+    reserved_peak_bytes: int = 0  # max_memory_reserved() in steady state (cache warm)
+    reserved_after_step_bytes: int = 0  # memory_reserved() after the measured step
+    fragmentation_bytes: int = 0  # reserved but unallocated bytes at the allocated peak
+    allocator_retries: int = 0  # > 0: the step fits only because the cache was emptied and the allocation retried
 
     def to_dict(self) -> dict:
         return asdict(self)

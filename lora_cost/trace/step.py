@@ -183,6 +183,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) 
                 autocast.end_forward()
                 autocast.enabled = False
             warm.loss.backward()
+            sim.mark("warmup_optimizer")
             opt.step()
             opt.zero_grad(set_to_none=True)
             del warm

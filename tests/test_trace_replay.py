@@ -1,0 +1,123 @@
+"""The trace engine's allocation sequence and its replay through the allocator model.
+
+`step_events` is checked on a hand-made simulator record (the sequence follows from the rules in
+lora_cost/trace/replay.py: setup storages first, the optimizer state inside the first optimizer
+step, the step repeated with its own keys). On a real (tiny) trace, the replay's allocated counter
+must reproduce the trace's own allocated peak exactly: every request there is <= 1 MiB, so the small
+pool splits blocks down to the 512-byte rounding the trace applies, and the replay allocates what
+the trace counted.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from lora_cost.trace.replay import step_events  # noqa: E402
+
+MIB = 1 << 20
+
+
+class FakeBlock:
+    def __init__(self, name, raw, alloc, free=None, kind=None):
+        self.name, self.raw, self.size, self.alloc, self.free, self.kind = name, raw, raw, alloc, free, kind
+
+
+class FakeSim:
+    """What step_events reads from an AllocatorSim: blocks with event numbers, and the phase marks."""
+
+    def __init__(self, blocks, marks, event):
+        self.blocks, self.marks, self.event = blocks, marks, event
+
+
+def _named(sim, events):
+    names = {id(b): b.name for b in sim.blocks}
+    return [(key[0], names[key[1]], "free" if n is None else n) for key, n in events]
+
+
+@pytest.mark.fast
+def test_plain_trace_replays_the_step_twice_with_the_state_created_in_the_first_optimizer_step():
+    w = FakeBlock("w", 100, 1, kind="weights")
+    m = FakeBlock("m", 100, 2, kind="optimizer_state")
+    act = FakeBlock("act", 50, 3, 5)  # forward activation, freed in backward
+    grad = FakeBlock("grad", 100, 4, 7)  # gradient, freed by zero_grad in the optimizer phase
+    tmp = FakeBlock("tmp", 10, 6, 6 + 0)  # an optimizer temporary: allocated and freed...
+    tmp.free = 8
+    sim = FakeSim([w, m, act, grad, tmp], [("forward", 2), ("backward", 4), ("optimizer", 5), ("end", 8)], 8)
+    events = _named(sim, step_events(sim, steps=2))
+    assert events == [
+        ("setup", "w", 100),
+        (0, "act", 50), (0, "grad", 100), (0, "act", "free"),
+        ("setup", "m", 100),  # created lazily by the first optimizer.step()
+        (0, "tmp", 10), (0, "grad", "free"), (0, "tmp", "free"),
+        (1, "act", 50), (1, "grad", 100), (1, "act", "free"), (1, "tmp", 10), (1, "grad", "free"), (1, "tmp", "free"),
+    ]
+
+
+@pytest.mark.fast
+def test_calibration_trace_is_replayed_once_with_the_state_in_the_first_warmup():
+    w = FakeBlock("w", 100, 1)
+    m = FakeBlock("m", 100, 2, kind="optimizer_state")
+    a1 = FakeBlock("a1", 50, 3, 4)  # warm-up activation
+    a2 = FakeBlock("a2", 50, 6, 7)  # measured-step activation
+    marks = [("warmup", 2), ("warmup_optimizer", 4), ("forward", 5), ("optimizer", 7)]
+    sim = FakeSim([w, m, a1, a2], marks, 7)
+    events = _named(sim, step_events(sim, steps=2))
+    assert events == [("setup", "w", 100), (0, "a1", 50), (0, "a1", "free"), ("setup", "m", 100),
+                      (0, "a2", 50), (0, "a2", "free")]
+
+
+LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 256,
+         "tie_word_embeddings": False}
+
+
+@pytest.fixture()
+def llama(tmp_path) -> str:
+    path = tmp_path / "llama" / "config.json"
+    path.parent.mkdir()
+    path.write_text(json.dumps(LLAMA))
+    return str(path)
+
+
+@pytest.mark.parametrize("calibration", [False, True])
+def test_replay_reproduces_the_traced_allocated_peak(llama, calibration):
+    pytest.importorskip("torch")
+    from lora_cost.trace import trace
+
+    t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", calibration=calibration)
+    # every storage here is <= 1 MiB (the largest, the logits, is 2 x 32 x 256 x 4 B = 64 KiB): small-pool
+    # segments of 2 MiB only, and since they are split down to 512 B, no more of them than the peak needs
+    assert t.reserved_peak_bytes % (2 * MIB) == 0
+    assert t.peak_bytes <= t.reserved_peak_bytes < t.peak_bytes + 4 * MIB
+    assert t.reserved_after_step_bytes == t.reserved_peak_bytes  # nothing is ever released (no OOM)
+    assert t.allocator_retries == 0
+
+
+def test_replayed_allocated_peak_equals_the_trace(llama):
+    pytest.importorskip("torch")
+    import warnings
+
+    import transformers
+
+    from lora_cost.analytic.allocator import replay
+    from lora_cost.trace.build import build, raw_config
+    from lora_cost.trace.engine import plan
+    from lora_cost.trace.replay import step_events
+    from lora_cost.trace.step import run_step
+
+    spec, run, m, names = plan(llama, "lora", r=4, batch=2, seq=32, precision="fp32")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.logging.set_verbosity_error()
+        built = build(spec, raw_config(llama), run, m, names)
+        rec, _ = run_step(built.model, run, run.optimizer, spec.vocab)
+    traced_peak = max(p[0] for phase, p in rec.sim.peaks.items() if phase in ("forward", "backward", "optimizer"))
+    result = replay(step_events(rec.sim, steps=2))
+    assert result.allocated_peak_bytes == traced_peak
