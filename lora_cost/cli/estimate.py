@@ -33,7 +33,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
             click.echo(f"lora-cost: warning: {warning}", err=True)
         if as_json:
             from ..report.jsonout import estimate_to_json
-            click.echo(json.dumps(estimate_to_json(result), indent=2))
+            click.echo(json.dumps(estimate_to_json(result), indent=2, allow_nan=False))
         else:
             from rich.console import Console
             from ..report.terminal import render_estimate

@@ -24,7 +24,7 @@ def models(as_json):
                      "intermediate": spec.intermediate, "vocab": spec.vocab, "max_positions": spec.max_positions,
                      "source": profile.source})
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return
     from rich.console import Console
     from ..report.terminal import render_models
@@ -40,7 +40,7 @@ def gpus(as_json):
              "bf16_tflops_dense": g.bf16_tflops_dense, "fp32_tflops": g.fp32_tflops, "source": g.source}
             for g in bundled_gpus().values()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return
     from rich.console import Console
     from rich.table import Table
@@ -61,7 +61,7 @@ def methods(as_json):
     rows = [{"name": m.name, "title": m.title, "paper": m.paper, "recipe": m.recipe, "default_r": m.default_r,
              "options": list(m.options)} for m in all_methods().values()]
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, allow_nan=False))
         return
     from rich.console import Console
     from rich.table import Table

@@ -49,7 +49,7 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
         try:
             budget_bytes = parse_bytes(budget)
         except ValueError as exc:
-            raise LoraCostError(str(exc)) from None
+            raise LoraCostError(f"--budget: {exc}") from None
     try:
         margin_value = float(margin.rstrip("%")) / (100 if margin.endswith("%") else 1)
     except ValueError:
@@ -73,7 +73,7 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
         if not as_json:
             click.echo(f"wrote {written}", err=True)
     if as_json:
-        click.echo(json.dumps(asdict(result), indent=2))
+        click.echo(json.dumps(asdict(result), indent=2, allow_nan=False))
         return
     from rich.console import Console
     from ..report.plan_terminal import render_plan
