@@ -113,15 +113,16 @@ def find_config(name_or_path: str) -> tuple[str, dict, str]:
         return profile.name, profile.config, profile.source
     path = Path(key).expanduser()
     try:
-        if path.is_dir():
-            path = path / "config.json"
-            if not path.is_file():
-                raise LoraCostError(f"{_cut(name_or_path)}: directory has no config.json")
-        found = path.is_file()
+        is_dir = path.is_dir()
+        found = (path / "config.json").is_file() if is_dir else path.is_file()
     except (OSError, ValueError) as exc:  # a name longer than a file name may be, a NUL byte, ...
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise LoraCostError(f"unknown model {_cut(name_or_path)!r}: not a bundled profile, alias or readable path "
                             f"({reason})") from None
+    if is_dir:
+        if not found:
+            raise LoraCostError(f"{_cut(name_or_path)}: directory has no config.json")
+        path = path / "config.json"
     if found:
         return str(name_or_path), read_json(path), f"local file {path}"
     close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5) if len(key) <= 200 else []

@@ -18,8 +18,9 @@ def _write(path: str, text: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-    except OSError as exc:
-        raise LoraCostError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LoraCostError(f"cannot write {path[:120]!r}: {reason}") from None
     return out
 
 
