@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -166,14 +170,15 @@ def test_json_is_strict_and_byte_counts_are_integers():
     assert isinstance(doc["memory"]["peak_bytes"], int) and isinstance(doc["gpu"]["headroom_bytes"], int)
 
 
-def test_profile_checks_the_script_before_importing_torch(tmp_path):
-    import subprocess
-    import sys
+@pytest.mark.parametrize("args,needle", [(["profile", "missing.py"], "script not found"),
+                                         (["estimate", "--model", "missing", "--engine", "trace"], "unknown model")])
+def test_bad_input_is_refused_before_torch_is_imported(tmp_path, args, needle):
     code = ("import sys; from lora_cost.cli import main\n"
-            "try: main(['profile', sys.argv[1]])\n"
+            "try: main(sys.argv[1:])\n"
             "except SystemExit as e: print('torch' in sys.modules, e.code)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "missing.py")], capture_output=True, text=True)
-    assert out.stdout.split() == ["False", "2"] and "script not found" in out.stderr
+    out = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert out.stdout.split() == ["False", "2"] and needle in out.stderr and out.stderr.count("\n") == 1
 
 
 def test_parse_range_bounds():

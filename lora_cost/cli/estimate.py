@@ -39,5 +39,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
             from ..report.terminal import render_estimate
             render_estimate(Console(), result, explain=explain)
         return
+    from ..profiles import load_model
+    load_model(model)  # a bad --model is refused before torch is imported
     from ..trace.cli import run_trace_engine  # imports torch: only on request
     run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)
