@@ -186,7 +186,7 @@ def _problems(args: list[str], result) -> list[str]:
         out.append(f"exit code {result.exit_code}: {result.stderr.strip()[:300]}")
     if "Traceback" in result.output or "Traceback" in result.stderr:
         out.append("printed a traceback")
-    if result.exit_code == 2 and args[0] != "plan" and len(result.stderr.strip().splitlines()) != 1 \
+    if result.exit_code == 2 and len(result.stderr.strip().splitlines()) != 1 \
             and "Usage:" not in result.stderr:  # click's own usage errors keep click's form
         out.append(f"error is not one line: {result.stderr.strip()[:300]}")
     if result.exit_code != 0 or "--json" not in args:
