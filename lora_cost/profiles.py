@@ -14,8 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from .analytic.architectures import get_architecture
-from .analytic.architectures.base import shown
-from .errors import LoraCostError
+from .errors import LoraCostError, shown
 from .spec import ModelSpec
 
 
@@ -36,7 +35,7 @@ def read_json(path: Path) -> dict:
         raw = path.read_bytes()
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise LoraCostError(f"cannot read {_cut(str(path))!r}: {reason}") from None
+        raise LoraCostError(f"cannot read {shown(str(path), 120)}: {reason}") from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -52,11 +51,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(data, dict):
         raise LoraCostError(f"{path} must hold a JSON object")
     return data
-
-
-def _cut(text: str, limit: int = 120) -> str:
-    """A user-given name as an error message may quote it."""
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -117,17 +111,17 @@ def find_config(name_or_path: str) -> tuple[str, dict, str]:
         found = (path / "config.json").is_file() if is_dir else path.is_file()
     except (OSError, ValueError) as exc:  # a name longer than a file name may be, a NUL byte, ...
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise LoraCostError(f"unknown model {_cut(name_or_path)!r}: not a bundled profile, alias or readable path "
+        raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or readable path "
                             f"({reason})") from None
     if is_dir:
         if not found:
-            raise LoraCostError(f"{_cut(name_or_path)}: directory has no config.json")
+            raise LoraCostError(f"{name_or_path}: directory has no config.json")
         path = path / "config.json"
     if found:
         return str(name_or_path), read_json(path), f"local file {path}"
     close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5) if len(key) <= 200 else []
     hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
-    raise LoraCostError(f"unknown model {_cut(name_or_path)!r}: not a bundled profile, alias or config.json path{hint}")
+    raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or config.json path{hint}")
 
 
 @lru_cache(maxsize=256)
@@ -169,4 +163,4 @@ def load_gpu(name: str) -> GpuProfile:
         return gpus[key]
     close = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.4) if len(key) <= 200 else []
     hint = f"; did you mean {', '.join(close)}?" if close else f"; bundled: {', '.join(gpus)}"
-    raise LoraCostError(f"unknown GPU {_cut(name)!r}{hint}")
+    raise LoraCostError(f"unknown GPU {shown(name, 120)}{hint}")

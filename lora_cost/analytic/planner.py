@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-from ..errors import LoraCostError
+from ..errors import LoraCostError, shown
 from .estimator import DEFAULT_UTILISATION, estimate
 from .methods import get_method
 from ..profiles import load_gpu, load_model
@@ -91,16 +91,12 @@ def parse_range(text: str, name: str) -> tuple[int, int]:
         else:
             lo = hi = int(text)
     except ValueError:  # not an integer, or one of more than 4,300 digits
-        raise LoraCostError(f"--{name} must be an integer or a range like 4-256, got {_cut(text)!r}") from None
+        raise LoraCostError(f"--{name} must be an integer or a range like 4-256, got {shown(text, 60)}") from None
     if lo <= 0 or hi < lo:
-        raise LoraCostError(f"--{name} range must be positive and increasing, got {_cut(text)!r}")
+        raise LoraCostError(f"--{name} range must be positive and increasing, got {shown(text, 60)}")
     if hi > maximum:
-        raise LoraCostError(f"--{name} must be at most {maximum:,}, got {_cut(text)!r}")
+        raise LoraCostError(f"--{name} must be at most {maximum:,}, got {shown(text, 60)}")
     return lo, hi
-
-
-def _cut(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def rank_candidates(lo: int, hi: int) -> tuple[int, ...]:

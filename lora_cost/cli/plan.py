@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import LoraCostError
+from ..errors import LoraCostError, shown
 from . import main
 from .options import parse_targets
 
@@ -20,7 +20,7 @@ def _write(path: str, text: str) -> Path:
         out.write_text(text)
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise LoraCostError(f"cannot write {path[:120]!r}: {reason}") from None
+        raise LoraCostError(f"cannot write {shown(path, 120)}: {reason}") from None
     return out
 
 

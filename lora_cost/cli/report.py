@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import LoraCostError
+from ..errors import LoraCostError, shown
 from . import main
 
 
@@ -29,7 +29,6 @@ def report(path, html_path):
 # field: a saved file may have been edited or cut short, so each is checked once here, where it is read.
 def check_profile(doc: dict, path: str) -> None:
     """A one-line LoraCostError naming the first field of `doc` the report cannot read."""
-    from ..analytic.architectures.base import shown
     from ..profiler.results import SCHEMA
     if doc.get("schema") != SCHEMA or not isinstance(doc.get("measured"), list):
         raise LoraCostError(f"{path}: not a lora-cost profile (expected schema {SCHEMA!r} with 'measured' steps)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from ...errors import LoraCostError
+from ...errors import LoraCostError, shown
 from ...registry import Registry
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,15 +71,6 @@ MAX_WIDTH = 1 << 20  # hidden, MLP and head sizes, head counts: the widest publi
 MAX_VOCAB = 1 << 24  # the largest published vocabularies hold about 256K tokens (Gemma: 262,144)
 MAX_POSITIONS = 1 << 30  # the longest published contexts hold 10M tokens (Llama 4 Scout)
 _REQUIRED = object()
-
-
-def shown(value: object, limit: int = 40) -> str:
-    """A value as an error message may quote it: repr, cut to `limit` characters."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print (sys.get_int_max_str_digits)
-        text = f"<integer of about {value.bit_length() * 30103 // 100000} digits>" if isinstance(value, int) else "<value>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: object) -> bool:
