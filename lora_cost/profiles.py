@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from .analytic.architectures import get_architecture
-from .errors import LoraCostError
+from .errors import LoraCostError, shown
 from .spec import ModelSpec
 
 
@@ -28,15 +29,25 @@ def profiles_dir() -> Path:
 
 
 def read_json(path: Path) -> dict:
-    """A JSON object from a file, or a one-line LoraCostError (unreadable, not JSON, not an object)."""
+    """A JSON object from a file, or a one-line LoraCostError naming the file and what is wrong
+    (unreadable, not UTF-8, not JSON, nested too deep, an integer too long, not an object)."""
     try:
-        text = path.read_text()
-    except OSError as exc:
-        raise LoraCostError(f"cannot read {path}: {exc.strerror or exc}") from None
+        raw = path.read_bytes()
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LoraCostError(f"cannot read {shown(str(path), 120)}: {reason}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise LoraCostError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise LoraCostError(f"{path} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+    except RecursionError:
+        raise LoraCostError(f"{path}: JSON nested too deep to read") from None
+    except ValueError as exc:  # an integer of more than sys.get_int_max_str_digits() digits
+        raise LoraCostError(f"{path}: unreadable JSON value ({exc})") from None
     if not isinstance(data, dict):
         raise LoraCostError(f"{path} must hold a JSON object")
     return data
@@ -75,30 +86,48 @@ def _alias_index() -> dict[str, str]:
 
 def spec_from_config(name: str, cfg: dict, source: str = "") -> ModelSpec:
     model_type = cfg.get("model_type")
-    if not model_type:
+    if model_type is None:
         raise LoraCostError(f"{name}: config has no model_type")
-    arch = get_architecture(model_type)
+    if not isinstance(model_type, str):
+        raise LoraCostError(f"{name}: config field 'model_type' must be a string, got {shown(model_type)}")
+    try:
+        arch = get_architecture(model_type)
+    except LoraCostError as exc:
+        raise LoraCostError(f"{name}: {exc}") from None
     return arch.from_config(name, cfg, source)
+
+
+def find_config(name_or_path: str) -> tuple[str, dict, str]:
+    """(name, config.json fields, source) of a bundled name, a Hub id alias, a config.json path or a
+    directory holding one; the one lookup both engines use."""
+    key = name_or_path.strip()
+    hit = _alias_index().get(key.lower())
+    if hit is not None:
+        profile = bundled_models()[hit]
+        return profile.name, profile.config, profile.source
+    path = Path(key).expanduser()
+    try:
+        is_dir = path.is_dir()
+        found = (path / "config.json").is_file() if is_dir else path.is_file()
+    except (OSError, ValueError) as exc:  # a name longer than a file name may be, a NUL byte, ...
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or readable path "
+                            f"({reason})") from None
+    if is_dir:
+        if not found:
+            raise LoraCostError(f"{name_or_path}: directory has no config.json")
+        path = path / "config.json"
+    if found:
+        return str(name_or_path), read_json(path), f"local file {path}"
+    close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5) if len(key) <= 200 else []
+    hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
+    raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or config.json path{hint}")
 
 
 @lru_cache(maxsize=256)
 def load_model(name_or_path: str) -> ModelSpec:
     """A ModelSpec from a bundled name, a Hub id alias, a config.json path or a directory."""
-    key = name_or_path.strip()
-    hit = _alias_index().get(key.lower())
-    if hit is not None:
-        profile = bundled_models()[hit]
-        return spec_from_config(profile.name, profile.config, profile.source)
-    path = Path(key).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-        if not path.is_file():
-            raise LoraCostError(f"{name_or_path}: directory has no config.json")
-    if path.is_file():
-        return spec_from_config(str(name_or_path), read_json(path), f"local file {path}")
-    close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5)
-    hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
-    raise LoraCostError(f"unknown model {name_or_path!r}: not a bundled profile, alias or config.json path{hint}")
+    return spec_from_config(*find_config(name_or_path))
 
 
 @dataclass(frozen=True)
@@ -121,8 +150,8 @@ def bundled_gpus() -> dict[str, GpuProfile]:
                              float(d["fp32_tflops"]), d.get("source", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise LoraCostError(f"{path}: malformed GPU profile ({exc})") from None
-        if gpu.memory_bytes <= 0 or gpu.bf16_tflops_dense <= 0:
-            raise LoraCostError(f"{path}: memory and throughput must be positive")
+        if not (gpu.memory_bytes > 0 and 0 < gpu.bf16_tflops_dense < math.inf and 0 < gpu.fp32_tflops < math.inf):
+            raise LoraCostError(f"{path}: memory and throughput must be positive and finite")
         out[gpu.name] = gpu
     return out
 
@@ -132,6 +161,6 @@ def load_gpu(name: str) -> GpuProfile:
     key = name.strip().lower()
     if key in gpus:
         return gpus[key]
-    close = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.4)
+    close = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.4) if len(key) <= 200 else []
     hint = f"; did you mean {', '.join(close)}?" if close else f"; bundled: {', '.join(gpus)}"
-    raise LoraCostError(f"unknown GPU {name!r}{hint}")
+    raise LoraCostError(f"unknown GPU {shown(name, 120)}{hint}")

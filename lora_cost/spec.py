@@ -54,6 +54,23 @@ class ModelSpec:
             raise LoraCostError(f"model {self.name}: {self.heads} attention heads are not a multiple of {self.kv_heads} key/value heads")
 
 
+# Upper bounds of a run's sizes, far above any single training step people run; past them the
+# numbers stop describing a step that could be taken (and a plan's bisection stays short).
+MAX_BATCH = 1 << 30  # sequences per step
+MAX_SEQ = 1 << 30  # tokens per sequence: the longest published contexts hold 10M tokens
+MAX_RANK = 1 << 20  # an adapter's rank: at most a matrix side, and config widths stop at 2**20 (architectures/base.py)
+
+
+def _bounded_int(flag: str, value: object, maximum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= maximum:
+        raise LoraCostError(f"{flag} must be a positive integer of at most {maximum:,}, got {value!r}")
+
+
+def _probability(flag: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value < 1.0:  # NaN fails too
+        raise LoraCostError(f"{flag} must be in [0, 1), got {value!r}")
+
+
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 ATTENTIONS = ("sdpa", "eager")
 
@@ -76,20 +93,17 @@ class RunConfig:
     method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
-        if self.batch <= 0:
-            raise LoraCostError(f"--batch must be a positive integer, got {self.batch}")
-        if self.seq <= 0:
-            raise LoraCostError(f"--seq must be a positive integer, got {self.seq}")
+        _bounded_int("--batch", self.batch, MAX_BATCH)
+        _bounded_int("--seq", self.seq, MAX_SEQ)
+        if self.r is not None:
+            _bounded_int("--r", self.r, MAX_RANK)
         if self.precision not in PRECISIONS:
             raise LoraCostError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
         if self.attention not in ATTENTIONS:
             raise LoraCostError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise LoraCostError(f"--dropout must be in [0, 1), got {self.dropout}")
-        if self.model_dropout is not None and not 0.0 <= self.model_dropout < 1.0:
-            raise LoraCostError(f"--model-dropout must be in [0, 1), got {self.model_dropout}")
-        if self.r is not None and self.r <= 0:
-            raise LoraCostError(f"--r must be a positive integer, got {self.r}")
+        _probability("--dropout", self.dropout)
+        if self.model_dropout is not None:
+            _probability("--model-dropout", self.model_dropout)
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.method_options).get(key, default)

@@ -63,6 +63,8 @@ def parse_bytes(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"cannot read a memory size from {text!r} (try 24GiB, 40GB or a byte count)") from None
-    if value <= 0:
-        raise ValueError(f"memory size must be positive, got {text!r}")
+    if not 0 < value < float("inf") or value * scale < 1:  # NaN fails too; 1e-9 is not a budget of 0 bytes
+        raise ValueError(f"memory size must be a finite number of at least one byte, got {text!r}")
+    if value * scale == float("inf"):
+        raise ValueError(f"memory size too large, got {text!r}")
     return int(value * scale)

@@ -97,6 +97,8 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--r does not apply to full fine-tuning")
         if run.dropout:
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
+        if run.targets is not None:
+            raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
     if run.method != method.name or (not method.base_trainable and run.r is None):
         run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
     get_optimizer(run.optimizer)

@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
-from ..errors import LoraCostError
+from ..errors import LoraCostError, shown
 from .device import DEFAULT_UTILISATION
 from .estimator import estimate
 from .methods import get_method
 from .methods.base import flag_of
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term
+from ..spec import MAX_BATCH, MAX_RANK, RunConfig
 
 DEFAULT_METHODS = ("lora", "lora-fa", "dora", "vera", "qlora", "full")
+MAX_BUDGET_BYTES = 1 << 60  # 1 EiB: a million times the memory of the largest GPU (H200, 141 GB)
+# Below this a step time is no longer a measure of anything (1e-6 of peak turns 1 s into 11 days); it
+# also keeps FLOPs / (peak x utilisation) finite for the tiniest floats (5e-324).
+MIN_UTILISATION = 1e-6
 SEQ_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
@@ -79,17 +84,21 @@ class Plan:
 
 
 def parse_range(text: str, name: str) -> tuple[int, int]:
-    """'4-256' -> (4, 256); '8' -> (8, 8)."""
+    """'4-256' -> (4, 256); '8' -> (8, 8) for --r or --batch, within the run's bounds (spec.py).
+    The range is bisected by the planner, never listed."""
+    maximum = {"r": MAX_RANK, "batch": MAX_BATCH}[name]
     try:
         if "-" in text.strip("-"):
             lo, hi = text.split("-", 1)
             lo, hi = int(lo), int(hi)
         else:
             lo = hi = int(text)
-    except ValueError:
-        raise LoraCostError(f"--{name} must be an integer or a range like 4-256, got {text!r}") from None
+    except ValueError:  # not an integer, or one of more than 4,300 digits
+        raise LoraCostError(f"--{name} must be an integer or a range like 4-256, got {shown(text, 60)}") from None
     if lo <= 0 or hi < lo:
-        raise LoraCostError(f"--{name} range must be positive and increasing, got {text!r}")
+        raise LoraCostError(f"--{name} range must be positive and increasing, got {shown(text, 60)}")
+    if hi > maximum:
+        raise LoraCostError(f"--{name} must be at most {maximum:,}, got {shown(text, 60)}")
     return lo, hi
 
 
@@ -104,7 +113,7 @@ def rank_candidates(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _largest(candidates: list[int], fits: Callable[[int], bool]) -> int | None:
+def _largest(candidates: Sequence[int], fits: Callable[[int], bool]) -> int | None:
     """The largest candidate for which `fits` holds, assuming it is monotone (true then false)."""
     lo, hi, best = 0, len(candidates) - 1, None
     while lo <= hi:
@@ -130,10 +139,13 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if gpu_profile is None:
             raise LoraCostError("give a --budget or a --gpu")
         budget_bytes = gpu_profile.memory_bytes
-    if not 0.0 <= margin < 1.0:
+    if not isinstance(budget_bytes, int) or not 1 <= budget_bytes <= MAX_BUDGET_BYTES:
+        raise LoraCostError(f"--budget must be from 1 byte to {MAX_BUDGET_BYTES:,} bytes (1 EiB), got {budget_bytes!r}")
+    if not 0.0 <= margin < 1.0:  # NaN fails too
         raise LoraCostError(f"--margin must be in [0, 1), got {margin}")
-    if seq <= 0:
-        raise LoraCostError(f"--seq must be positive, got {seq}")
+    if not MIN_UTILISATION <= utilisation <= 1.0:  # a fraction of the GPU's peak throughput; NaN fails too
+        raise LoraCostError(f"--utilisation must be a fraction in [{MIN_UTILISATION:g}, 1], got {utilisation}")
+    RunConfig(batch=batch_range[1], seq=seq, r=rank_range[1])  # the largest values asked for, checked once
     usable = int(budget_bytes * (1 - margin))
     methods = tuple(get_method(m).name for m in methods)
     if not methods:
@@ -154,7 +166,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            cache[key] = estimate(spec, method, r=r, targets=targets, batch=batch, seq=s, precision=precision,
+            adapter_targets = None if get_method(method).base_trainable else targets  # full trains every weight
+            cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
                                   gpu=gpu, utilisation=utilisation)
@@ -171,7 +184,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                          flops_per_step=e.flops.total, step_time_s=step,
                          tokens_per_s=(e.batch * e.seq / step) if step else None, components=e.memory.components)
 
-    batches = list(range(batch_range[0], batch_range[1] + 1))
+    batches = range(batch_range[0], batch_range[1] + 1)  # bisected, never listed
     seqs = sorted({s for s in SEQ_LADDER if s <= spec.max_positions} | {seq})
     out = []
     for method in methods:

@@ -33,11 +33,13 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
             click.echo(f"lora-cost: warning: {warning}", err=True)
         if as_json:
             from ..report.jsonout import estimate_to_json
-            click.echo(json.dumps(estimate_to_json(result), indent=2))
+            click.echo(json.dumps(estimate_to_json(result), indent=2, allow_nan=False))
         else:
             from rich.console import Console
             from ..report.terminal import render_estimate
             render_estimate(Console(), result, explain=explain)
         return
+    from ..profiles import load_model
+    load_model(model)  # a bad --model is refused before torch is imported
     from .trace_engine import run_trace_engine  # imports torch: only on request
     run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)

@@ -13,7 +13,7 @@ def _show(entries, kind: str, as_json: bool) -> None:
     """Print a catalogue listing (`kind`: models, gpus or methods) as JSON or as a rich table."""
     from ..report import catalogue
     if as_json:
-        click.echo(json.dumps(getattr(catalogue, f"{kind}_to_json")(entries), indent=2))
+        click.echo(json.dumps(getattr(catalogue, f"{kind}_to_json")(entries), indent=2, allow_nan=False))
         return
     from rich.console import Console
     getattr(catalogue, f"render_{kind}")(Console(), entries)

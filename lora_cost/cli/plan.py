@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import LoraCostError
+from ..errors import LoraCostError, shown
 from . import main
 from .options import method_option_flags, method_options, parse_targets
 
@@ -17,8 +17,9 @@ def _write(path: str, text: str) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text)
-    except OSError as exc:
-        raise LoraCostError(f"cannot write {path}: {exc.strerror or exc}") from None
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the name
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise LoraCostError(f"cannot write {shown(path, 120)}: {reason}") from None
     return out
 
 
@@ -49,7 +50,7 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
         try:
             budget_bytes = parse_bytes(budget)
         except ValueError as exc:
-            raise LoraCostError(str(exc)) from None
+            raise LoraCostError(f"--budget: {exc}") from None
     try:
         margin_value = float(margin.rstrip("%")) / (100 if margin.endswith("%") else 1)
     except ValueError:
@@ -75,7 +76,7 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
             click.echo(f"wrote {written}", err=True)
     if as_json:
         from ..report.plan_json import plan_to_json
-        click.echo(json.dumps(plan_to_json(result), indent=2))
+        click.echo(json.dumps(plan_to_json(result), indent=2, allow_nan=False))
         return
     from rich.console import Console
     from ..report.plan_terminal import render_plan

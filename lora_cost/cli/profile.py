@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 
 import click
@@ -23,6 +24,8 @@ def profile(ctx: click.Context, script, warmup, steps, out, no_flops, as_json):
     """Run SCRIPT as `python SCRIPT ARGS...` would (arguments after `--`), measure its training steps
     and compare them with the estimate for the same configuration."""
     from ..errors import LoraCostError
+    if not os.path.exists(script):  # before torch is imported (seconds, and its warnings)
+        raise LoraCostError(f"script not found: {script}")
     try:
         from ..profiler.runner import run_script
         from ..profiler.results import save_profile

@@ -12,7 +12,7 @@ def run_trace_engine(model, method, *, gpu, both, as_json, explain, **kwargs) ->
     run = run_engines(model, method, gpu=gpu, both=both, **kwargs)
     if as_json:
         from ..report.trace_json import engines_to_json
-        click.echo(json.dumps(engines_to_json(run), indent=2))
+        click.echo(json.dumps(engines_to_json(run), indent=2, allow_nan=False))
         return
     from rich.console import Console
     from ..report.trace_terminal import render_engines

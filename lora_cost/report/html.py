@@ -35,7 +35,7 @@ def _plotly():
         from plotly.offline import get_plotlyjs
     except ImportError:  # pragma: no cover - exercised only without the extra
         from ..errors import LoraCostError
-        raise LoraCostError("HTML reports need plotly: pip install 'lora-cost[report]'") from None
+        raise LoraCostError("HTML reports need plotly, a dependency of lora-cost: pip install plotly") from None
     return go, pio, get_plotlyjs
 
 

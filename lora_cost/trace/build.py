@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import LoraCostError
-from ..profiles import _alias_index, read_json, bundled_models
+from ..profiles import find_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASKED_LM = ("bert", "roberta")
@@ -23,15 +23,7 @@ MASKED_LM = ("bert", "roberta")
 
 def raw_config(name_or_path: str) -> dict:
     """The config.json fields of a bundled profile or of a local file (the analytic lookup's sources)."""
-    from pathlib import Path
-
-    hit = _alias_index().get(name_or_path.strip().lower())
-    if hit is not None:
-        return dict(bundled_models()[hit].config)
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        path = path / "config.json"
-    return read_json(path)
+    return dict(find_config(name_or_path)[1])
 
 
 def hf_config(cfg: dict, run):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
 
-from ...errors import LoraCostError
+from ...errors import LoraCostError, shown
 from ...registry import Registry
 from ..stack import Stack
 
@@ -56,7 +56,7 @@ def get_architecture(model_type: str) -> Architecture:
     try:
         return ARCHITECTURES.get(model_type)
     except LoraCostError:
-        raise LoraCostError(f"unsupported architecture {model_type!r}; supported model_type values: "
+        raise LoraCostError(f"unsupported architecture {shown(model_type)}; supported model_type values: "
                             f"{', '.join(supported_model_types())}") from None
 
 
@@ -73,21 +73,65 @@ def supported_model_types() -> list[str]:
     return sorted(ARCHITECTURES.all())
 
 
-def require(cfg: dict, key: str, name: str, *alternatives: str):
-    """A positive integer field of config.json, or a clear error naming the file's model."""
+# ---- reading config.json -----------------------------------------------------------------------
+# Each field is checked once, here, where the config is read: its JSON type (an integer field takes a
+# JSON integer: not 16.0, "16", [16], true or NaN), its range and its consistency with the others.
+# The upper bounds sit orders of magnitude above every published transformer, so no real config
+# meets one; past them a file describes no model that could be trained, byte counts stop meaning
+# anything, and per-layer structures would not fit in memory (10^12 layers).
+MAX_LAYERS = 100_000  # the deepest published transformers have a few hundred layers (PaLM 540B: 118)
+MAX_WIDTH = 1 << 20  # hidden, MLP and head sizes, head counts: the widest published MLP is PaLM's, 73,728
+MAX_VOCAB = 1 << 24  # the largest published vocabularies hold about 256K tokens (Gemma: 262,144)
+MAX_POSITIONS = 1 << 30  # the longest published contexts hold 10M tokens (Llama 4 Scout)
+_REQUIRED = object()
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def integer(cfg: dict, key: str, name: str, *alternatives: str, default: object = _REQUIRED, minimum: int = 1,
+            maximum: int = MAX_WIDTH) -> int:
+    """An integer field of config.json in [minimum, maximum] (the first of key, *alternatives that is
+    set and not null), else `default`; a missing field without a default is an error."""
     for k in (key, *alternatives):
-        if k in cfg and cfg[k] is not None:
+        if cfg.get(k) is not None:
             value = cfg[k]
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise LoraCostError(f"{name}: config field {k!r} must be a positive integer, got {value!r}")
+            if not _is_int(value) or not minimum <= value <= maximum:
+                raise LoraCostError(f"{name}: config field {k!r} must be an integer from {minimum:,} to {maximum:,}, "
+                                    f"got {shown(value)}")
             return value
-    raise LoraCostError(f"{name}: config.json lacks {key!r}")
+    if default is _REQUIRED:
+        raise LoraCostError(f"{name}: config.json lacks {key!r}")
+    return default  # type: ignore[return-value]
 
 
-def prob(cfg: dict, key: str, default: float) -> float:
-    value = cfg.get(key, default)
+def require(cfg: dict, key: str, name: str, *alternatives: str, maximum: int = MAX_WIDTH) -> int:
+    """A positive integer field that must be there."""
+    return integer(cfg, key, name, *alternatives, maximum=maximum)
+
+
+def flag(cfg: dict, key: str, name: str, default: bool) -> bool:
+    """A true/false field (null or absent: the default)."""
+    value = cfg.get(key)
     if value is None:
         return default
-    if not isinstance(value, (int, float)) or not 0 <= value < 1:
-        raise LoraCostError(f"config field {key!r} must be a probability in [0, 1), got {value!r}")
+    if not isinstance(value, bool):
+        raise LoraCostError(f"{name}: config field {key!r} must be true or false, got {shown(value)}")
+    return value
+
+
+def prob(cfg: dict, key: str, name: str, default: float) -> float:
+    """A dropout probability in [0, 1) (null or absent: the default)."""
+    value = cfg.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < 1:  # NaN fails 0 <= v
+        raise LoraCostError(f"{name}: config field {key!r} must be a probability in [0, 1), got {shown(value)}")
     return float(value)
+
+
+def divisible(name: str, what: str, value: int, by_what: str, by: int) -> None:
+    """A consistency rule between two fields (e.g. the hidden size splits evenly over the heads)."""
+    if value % by:
+        raise LoraCostError(f"{name}: {what} {value:,} is not divisible by {by_what} {by:,}")

@@ -12,20 +12,27 @@ from __future__ import annotations
 
 from .. import ops
 from ...spec import LinearSite, ModelSpec
-from .base import Architecture, ParamGroup, prob, register_architecture, require
+from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, integer, prob,
+                   register_architecture, require)
 
 
 def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
     d = require(cfg, "hidden_size", name)
     heads = require(cfg, "num_attention_heads", name)
+    divisible(name, "hidden_size", d, "num_attention_heads", heads)  # as BertSelfAttention.__init__ checks
+    hidden_dropout = prob(cfg, "hidden_dropout_prob", name, 0.1)
+    # null means no token-type embedding (transformers skips a 0-row table the same way)
+    types = 0 if "type_vocab_size" in cfg and cfg["type_vocab_size"] is None else \
+        integer(cfg, "type_vocab_size", name, default=2, minimum=0, maximum=MAX_VOCAB)
     return ModelSpec(
         name=name, family="bert", model_type=cfg["model_type"], hidden=d,
-        layers=require(cfg, "num_hidden_layers", name), heads=heads, kv_heads=heads, head_dim=d // heads,
-        intermediate=require(cfg, "intermediate_size", name), vocab=require(cfg, "vocab_size", name),
-        max_positions=require(cfg, "max_position_embeddings", name), tie_embeddings=True, qkv_bias=True, mlp_bias=True,
-        hidden_dropout=prob(cfg, "hidden_dropout_prob", 0.1), attention_dropout=prob(cfg, "attention_probs_dropout_prob", 0.1),
-        embedding_dropout=prob(cfg, "hidden_dropout_prob", 0.1), type_vocab_size=int(cfg.get("type_vocab_size", 2) or 0),
-        source=source)
+        layers=require(cfg, "num_hidden_layers", name, maximum=MAX_LAYERS), heads=heads, kv_heads=heads,
+        head_dim=d // heads, intermediate=require(cfg, "intermediate_size", name),
+        vocab=require(cfg, "vocab_size", name, maximum=MAX_VOCAB),
+        max_positions=require(cfg, "max_position_embeddings", name, maximum=MAX_POSITIONS), tie_embeddings=True,
+        qkv_bias=True, mlp_bias=True, hidden_dropout=hidden_dropout,
+        attention_dropout=prob(cfg, "attention_probs_dropout_prob", name, 0.1), embedding_dropout=hidden_dropout,
+        type_vocab_size=types, source=source)
 
 
 def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:

@@ -12,28 +12,24 @@ from __future__ import annotations
 from .. import ops
 from ...units import DTYPE_BYTES
 from ...spec import LinearSite, ModelSpec
-from .base import Architecture, ParamGroup, prob, register_architecture, require
+from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, flag, integer, prob,
+                   register_architecture, require)
 
 
 def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
     d = require(cfg, "n_embd", name, "hidden_size")
     heads = require(cfg, "n_head", name, "num_attention_heads")
-    inner = cfg.get("n_inner") or 4 * d
-    if d % heads:
-        raise_shape(name, d, heads)
-    dropout = lambda key: prob(cfg, key, 0.1 if cfg.get("model_type") == "gpt2" else 0.0)  # noqa: E731
+    divisible(name, "n_embd", d, "n_head", heads)  # as GPT2Attention.__init__ checks
+    inner = integer(cfg, "n_inner", name, default=4 * d)
+    dropout = lambda key: prob(cfg, key, name, 0.1 if cfg["model_type"] == "gpt2" else 0.0)  # noqa: E731
     return ModelSpec(
         name=name, family=cfg["model_type"], model_type=cfg["model_type"], hidden=d,
-        layers=require(cfg, "n_layer", name, "num_hidden_layers"), heads=heads, kv_heads=heads, head_dim=d // heads,
-        intermediate=inner, vocab=require(cfg, "vocab_size", name), max_positions=require(cfg, "n_positions", name),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)), qkv_bias=True, mlp_bias=True,
+        layers=require(cfg, "n_layer", name, "num_hidden_layers", maximum=MAX_LAYERS), heads=heads, kv_heads=heads,
+        head_dim=d // heads, intermediate=inner, vocab=require(cfg, "vocab_size", name, maximum=MAX_VOCAB),
+        max_positions=require(cfg, "n_positions", name, maximum=MAX_POSITIONS),
+        tie_embeddings=flag(cfg, "tie_word_embeddings", name, True), qkv_bias=True, mlp_bias=True,
         hidden_dropout=dropout("resid_pdrop"), attention_dropout=dropout("attn_pdrop"),
         embedding_dropout=dropout("embd_pdrop"), source=source)
-
-
-def raise_shape(name: str, d: int, heads: int):
-    from ...errors import LoraCostError
-    raise LoraCostError(f"{name}: hidden size {d} is not divisible by {heads} heads")
 
 
 def _gpt2_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:

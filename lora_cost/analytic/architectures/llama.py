@@ -12,26 +12,33 @@ from __future__ import annotations
 
 from .. import ops
 from ...spec import LinearSite, ModelSpec
-from .base import Architecture, ParamGroup, prob, register_architecture, require
+from ...errors import LoraCostError
+from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, flag, integer, prob,
+                   register_architecture, require)
 
 
 def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
     d = require(cfg, "hidden_size", name)
     heads = require(cfg, "num_attention_heads", name)
-    kv = cfg.get("num_key_value_heads") or heads
-    head_dim = cfg.get("head_dim") or d // heads
+    kv = integer(cfg, "num_key_value_heads", name, default=heads, maximum=heads)
+    divisible(name, "num_attention_heads", heads, "num_key_value_heads", kv)
+    if cfg.get("head_dim") is None and d < heads:
+        raise LoraCostError(f"{name}: hidden_size {d:,} is smaller than num_attention_heads {heads:,} (no head_dim given)")
+    head_dim = integer(cfg, "head_dim", name, default=d // heads)
     model_type = cfg["model_type"]
-    window = cfg.get("sliding_window") if model_type == "mistral" else None
-    if model_type == "qwen2" and cfg.get("use_sliding_window"):
-        window = cfg.get("sliding_window")
+    window = integer(cfg, "sliding_window", name, default=None, maximum=MAX_POSITIONS)
+    use_window = flag(cfg, "use_sliding_window", name, False)
+    if model_type == "llama" or (model_type == "qwen2" and not use_window):
+        window = None
     return ModelSpec(
         name=name, family="llama", model_type=model_type, hidden=d,
-        layers=require(cfg, "num_hidden_layers", name), heads=heads, kv_heads=kv, head_dim=head_dim,
-        intermediate=require(cfg, "intermediate_size", name), vocab=require(cfg, "vocab_size", name),
-        max_positions=require(cfg, "max_position_embeddings", name),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        qkv_bias=bool(cfg.get("attention_bias", model_type == "qwen2")), mlp_bias=bool(cfg.get("mlp_bias", False)),
-        attention_dropout=prob(cfg, "attention_dropout", 0.0), sliding_window=window, source=source)
+        layers=require(cfg, "num_hidden_layers", name, maximum=MAX_LAYERS), heads=heads, kv_heads=kv,
+        head_dim=head_dim, intermediate=require(cfg, "intermediate_size", name),
+        vocab=require(cfg, "vocab_size", name, maximum=MAX_VOCAB),
+        max_positions=require(cfg, "max_position_embeddings", name, maximum=MAX_POSITIONS),
+        tie_embeddings=flag(cfg, "tie_word_embeddings", name, False),
+        qkv_bias=flag(cfg, "attention_bias", name, model_type == "qwen2"), mlp_bias=flag(cfg, "mlp_bias", name, False),
+        attention_dropout=prob(cfg, "attention_dropout", name, 0.0), sliding_window=window, source=source)
 
 
 def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
