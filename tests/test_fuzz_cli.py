@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from lora_cost.cli import main
 from lora_cost.profiles import bundled_models
 
-pytestmark = pytest.mark.fast
+# torch-free but ~15 s: left out of the `-m fast` editing subset (it runs in the full suite and CI)
 
 SEED = 20261130
 CASES = {"estimate": 3000, "plan": 150, "report": 60, "listing": 12}
