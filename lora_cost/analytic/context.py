@@ -43,6 +43,20 @@ class StepContext:
     def rank(self) -> int:
         return self.run.r or 0
 
+    @property
+    def seq(self) -> int:
+        """The length the model runs at: the run's tokens plus any virtual tokens the method prepends."""
+        return self.run.seq + self.method.virtual_tokens(self.run)
+
+    @property
+    def batch(self) -> int:
+        return self.run.batch
+
+    @property
+    def tokens(self) -> int:
+        """Positions the model computes: batch x `seq`."""
+        return self.run.batch * self.seq
+
     def model_dropout(self, p: float) -> float:
         return self.run.model_dropout if self.run.model_dropout is not None else p
 
@@ -61,6 +75,26 @@ class StepContext:
         """Look up `rows` new int64 indices (position or token-type ids), or the input ids when None."""
         indices = self.input_ids() if rows is None else self.tape.new(rows, "int64", False)
         return ops.embedding(self.tape, indices, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+
+    def word_embeddings(self, width: int) -> Tensor:
+        """The token embeddings of the input ids, as the method hands them to the first block (prompt
+        tuning prepends its virtual tokens here)."""
+        return self.method.input_embeddings(self, self.embedding(None, width))
+
+    def layer_norm(self, x: Tensor, width: int) -> Tensor:
+        return ops.layer_norm(self.tape, x, width, w_trainable=self.base_trainable)
+
+    def rms_norm(self, x: Tensor, width: int) -> Tensor:
+        return ops.rms_norm(self.tape, x, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+
+    def attention(self, q: Tensor, k: Tensor, v: Tensor, shape, **kwargs) -> Tensor:
+        """The attention core, as the method runs it (prefix tuning extends the keys and values)."""
+        return self.method.attention(self, q, k, v, shape, **kwargs)
+
+    def residual(self, point: str, out: Tensor, x: Tensor, norm=None) -> Tensor:
+        """A sublayer's output `out` joining the residual stream `x` at `point` ("attention" or "ffn"),
+        followed by `norm` in post-norm models: where bottleneck adapters insert themselves."""
+        return self.method.residual(self, point, out, x, norm)
 
     def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
         return self.storage.linear(self, x, site)
@@ -93,7 +127,7 @@ class StepContext:
                             w_dtype=self.other_dtype, kind="lm_head")
         self.logits_bytes = logits.nbytes
         tape.scope = "loss"
-        targets = tape.new(self.run.tokens, "int64", False) if shifted_labels else self.input_ids()
+        targets = tape.new(self.tokens, "int64", False) if shifted_labels else self.input_ids()
         self.loss_copy_bytes = ops.cross_entropy(tape, logits, targets, upcast=upcast)
         self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
 

@@ -62,32 +62,32 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
-    d, n = spec.hidden, run.tokens
+    d, n, seq = spec.hidden, ctx.tokens, ctx.seq
     query, key, value, attn_out, inter, out = _sites(spec)
-    shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, causal=False)
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, causal=False)
     hidden_p = ctx.model_dropout(spec.hidden_dropout)
 
     def ln(t):
-        return ops.layer_norm(tape, t, d, w_trainable=ctx.base_trainable)
+        return ctx.layer_norm(t, d)
 
     tape.scope = "embeddings"
-    word = ctx.stream_input(ctx.embedding(None, d))
+    word = ctx.stream_input(ctx.word_embeddings(d))
     if spec.model_type == "roberta":  # position ids computed from the input ids: an int64 [b, s] tensor
         positions = ctx.embedding(n, d)
     else:  # BERT slices a registered position_ids buffer: never counted as an activation
-        positions = tape.new(run.seq * d, ctx.other_dtype, ctx.base_trainable)
+        positions = tape.new(seq * d, ctx.other_dtype, ctx.base_trainable)
     e = ops.add(tape, word, positions)
     if spec.type_vocab_size:  # token_type_ids: BERT expands a [1, s] int64 tensor, RoBERTa builds a [b, s] one
-        e = ops.add(tape, e, ctx.embedding(run.seq if spec.model_type == "bert" else n, d))
+        e = ops.add(tape, e, ctx.embedding(seq if spec.model_type == "bert" else n, d))
     x = ops.dropout(tape, ln(e), ctx.model_dropout(spec.embedding_dropout))
 
     def block(x):
         q, k, v = ctx.linear(x, query), ctx.linear(x, key), ctx.linear(x, value)
-        a = ops.attention(tape, q, k, v, shape, implementation=run.attention,
+        a = ctx.attention(q, k, v, shape, implementation=run.attention,
                           dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=False)
-        x = ln(ops.add(tape, ops.dropout(tape, ctx.linear(a, attn_out), hidden_p), x))
+        x = ctx.residual("attention", ops.dropout(tape, ctx.linear(a, attn_out), hidden_p), x, ln)
         f = ops.gelu(tape, ctx.linear(x, inter))
-        return ln(ops.add(tape, ops.dropout(tape, ctx.linear(f, out), hidden_p), x))
+        return ctx.residual("ffn", ops.dropout(tape, ctx.linear(f, out), hidden_p), x, ln)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"

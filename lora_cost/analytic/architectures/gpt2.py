@@ -63,17 +63,18 @@ def _forward(ctx) -> None:
     d = spec.hidden
     gpt2 = spec.family == "gpt2"
     sites = _gpt2_sites(spec) if gpt2 else _gpt3_sites(spec)
-    shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, causal=True)
+    seq = ctx.seq
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, causal=True)
 
     tape.scope = "embeddings"
-    tok = ctx.stream_input(ctx.embedding(None, d))
-    pos = ctx.embedding(run.seq, d)  # position_ids of shape [1, s], broadcast over the batch
+    tok = ctx.stream_input(ctx.word_embeddings(d))
+    pos = ctx.embedding(seq, d)  # position_ids of shape [1, s], broadcast over the batch
     x = ops.dropout(tape, ops.add(tape, tok, pos), ctx.model_dropout(spec.embedding_dropout))
     if run.attention == "eager":  # a [b, 1, s, s] additive causal mask, passed positionally to each block
-        ctx.checkpoint_extra_bytes = run.batch * run.seq * run.seq * DTYPE_BYTES[x.dtype]
+        ctx.checkpoint_extra_bytes = ctx.batch * seq * seq * DTYPE_BYTES[x.dtype]
 
     def block(x):
-        a = ops.layer_norm(tape, x, d, w_trainable=ctx.base_trainable)
+        a = ctx.layer_norm(x, d)
         if gpt2:
             qkv = ctx.linear(a, sites[0])
             q = k = v = qkv.view()  # split + view + transpose of one storage
@@ -81,19 +82,19 @@ def _forward(ctx) -> None:
         else:
             q, k, v = (ctx.linear(a, s) for s in sites[:3])
             rest = sites[3:]
-        attn = ops.attention(tape, q, k, v, shape, implementation=run.attention,
+        attn = ctx.attention(q, k, v, shape, implementation=run.attention,
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=False)
         o = ops.dropout(tape, ctx.linear(attn, rest[0]), ctx.model_dropout(spec.hidden_dropout))
-        x = ops.add(tape, x, o)
-        m = ops.layer_norm(tape, x, d, w_trainable=ctx.base_trainable)
+        x = ctx.residual("attention", o, x)
+        m = ctx.layer_norm(x, d)
         f = ctx.linear(m, rest[1])
         f = ops.gelu_tanh_python(tape, f) if gpt2 else ops.gelu(tape, f)
         p = ops.dropout(tape, ctx.linear(f, rest[2]), ctx.model_dropout(spec.hidden_dropout))
-        return ops.add(tape, x, p)
+        return ctx.residual("ffn", p, x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
-    x = ops.layer_norm(tape, x, d, w_trainable=ctx.base_trainable)
+    x = ctx.layer_norm(x, d)
     ctx.lm_head_and_loss(x, upcast=True)
 
 

@@ -75,16 +75,17 @@ def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
     d = spec.hidden
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
-    masked = spec.sliding_window is not None and run.seq > spec.sliding_window
-    shape = ops.AttentionShape(run.batch, run.seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
+    seq = ctx.seq
+    masked = spec.sliding_window is not None and seq > spec.sliding_window
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
 
     tape.scope = "embeddings"
-    x = ctx.stream_input(ctx.embedding(None, d))
-    table = run.seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
+    x = ctx.stream_input(ctx.word_embeddings(d))
+    table = seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
 
     def norm(t):
-        return ops.rms_norm(tape, t, d, w_trainable=ctx.base_trainable, w_dtype=ctx.other_dtype)
+        return ctx.rms_norm(t, d)
 
     def block(x):
         a = norm(x)
@@ -94,16 +95,16 @@ def _forward(ctx) -> None:
             if spec.kv_heads != spec.heads:
                 k = tape.new(q.numel, k.dtype, k.rg)
                 v = tape.new(q.numel, v.dtype, v.rg)
-            tape.transient(run.batch * run.seq * run.seq)  # the [b, 1, s, s] bool mask
-        attn = ops.attention(tape, q, k, v, shape if not masked else
-                             ops.AttentionShape(run.batch, run.seq, spec.heads, spec.heads, spec.head_dim, True),
+            tape.transient(ctx.batch * seq * seq)  # the [b, 1, s, s] bool mask
+        attn = ctx.attention(q, k, v, shape if not masked else
+                             ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True),
                              implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
-        x = ops.add(tape, x, ctx.linear(attn, o_site))
+        x = ctx.residual("attention", ctx.linear(attn, o_site), x)
         m = norm(x)
         act = ops.silu(tape, ctx.linear(m, gate))
         h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
-        return ops.add(tape, x, ctx.linear(h, down))
+        return ctx.residual("ffn", ctx.linear(h, down), x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"

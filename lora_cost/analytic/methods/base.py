@@ -49,6 +49,18 @@ def no_rank_limit(site: "LinearSite") -> None:
     return None
 
 
+def plain_attention(ctx: "StepContext", q, k, v, shape, **kwargs):
+    from .. import ops
+    return ops.attention(ctx.tape, q, k, v, shape, **kwargs)
+
+
+def plain_residual(ctx: "StepContext", point: str, out, x, norm):
+    """x + sublayer output, then the post-norm if the family has one."""
+    from .. import ops
+    y = ops.add(ctx.tape, out, x)
+    return norm(y) if norm is not None else y
+
+
 # trace hook: (meta-device model, run, target module names, notes to append to) -> (model, adapted modules)
 ApplyToModel = Callable[[Any, "RunConfig", tuple, list], tuple]
 
@@ -73,6 +85,13 @@ class Method:
     max_rank: Callable[["LinearSite"], int | None] = matrix_rank  # None: no limit
     precisions: tuple[str, ...] | None = None  # the --precision values it runs at (None: all)
     validate: Callable[["ModelSpec", list["LinearSite"], "RunConfig"], None] = lambda spec, sites, run: None
+    # where a method reaches beyond linear layers (the defaults change nothing): virtual tokens prepended
+    # to the sequence, the embeddings handed to the first block, the attention core, a sublayer's output
+    # joining the residual stream
+    virtual_tokens: Callable[["RunConfig"], int] = lambda run: 0
+    input_embeddings: Callable[["StepContext", "Tensor"], "Tensor"] = lambda ctx, x: x
+    attention: Callable[..., "Tensor"] = plain_attention
+    residual: Callable[..., "Tensor"] = plain_residual
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
