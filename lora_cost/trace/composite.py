@@ -12,6 +12,8 @@ allocated and freed where the body allocates and frees it.
     the scores), `masked_rows = all(masked, dim, keepdim)`, `where_out(out, masked_rows, 0, out)`.
     The bool mask is alive while the probabilities are written: [b, h, s, s] bytes on top of the
     scores and the probabilities, in the forward and again in a checkpointed block's recomputation.
+    (Older bodies used `eq` and an out-of-place `where`, a second [b, h, s, s] probabilities tensor
+    for a moment; the replay runs whichever body the installed torch has.)
 
 Only ops whose registration lists no device kernel belong here (native_functions.yaml: `_safe_softmax`
 dispatches CompositeExplicitAutograd and NestedTensor only); an op with a CUDA kernel (e.g. the
