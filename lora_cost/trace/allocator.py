@@ -21,6 +21,8 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from . import composite
+
 BLOCK = 512
 
 
@@ -104,9 +106,18 @@ class AllocatorSim(TorchDispatchMode):
         self.peaks[phase] = (self.current, self.event, "(phase start)", "")
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
         name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
         self.ops_seen[name] = self.ops_seen.get(name, 0) + 1
+        if composite.replays(func):
+            # CUDA runs this op's composite body: replay it through this mode (composite.py)
+            start = self.event
+            out = composite.replay(self, func, args, kwargs or {})
+            for t in tree_leaves(out):
+                blk = self._register(t, None, name) if isinstance(t, torch.Tensor) else None
+                if blk is not None and blk.alloc > start:
+                    blk.op = name  # the storage it returns is its output, whichever inner op made it
+            return out
+        out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self._register(t, None, name)
