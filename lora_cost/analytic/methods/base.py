@@ -88,6 +88,9 @@ class Method:
     # where a method reaches beyond linear layers (the defaults change nothing): virtual tokens prepended
     # to the sequence, the embeddings handed to the first block, the attention core, a sublayer's output
     # joining the residual stream
+    # inference: (model shapes, adapted block sites, adapted head sites, run) -> ServingCost (serving.py);
+    # None: not described yet
+    serving: Callable[..., Any] | None = None
     virtual_tokens: Callable[["RunConfig"], int] = lambda run: 0
     input_embeddings: Callable[["StepContext", "Tensor"], "Tensor"] = lambda ctx, x: x
     attention: Callable[..., "Tensor"] = plain_attention
