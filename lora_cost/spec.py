@@ -44,6 +44,7 @@ class ModelSpec:
     embedding_dropout: float = 0.0
     type_vocab_size: int = 0  # BERT/RoBERTa token-type embeddings
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
     source: str = ""
 
     def __post_init__(self) -> None:
