@@ -73,13 +73,13 @@ def one_token(model, family: str) -> tuple[int, int]:
     torch.manual_seed(1)
     with torch.no_grad():
         if family == "roberta":
-            ids, past = torch.randint(3, 500, (1, CONTEXT)), None
+            kwargs = dict(input_ids=torch.randint(3, 500, (1, CONTEXT)))
         else:
-            past = model(input_ids=torch.randint(3, 500, (1, CONTEXT - 1)), use_cache=True).past_key_values
-            ids = torch.randint(3, 500, (1, 1))
+            cache = model(input_ids=torch.randint(3, 500, (1, CONTEXT - 1)), use_cache=True).cache
+            kwargs = dict(input_ids=torch.randint(3, 500, (1, 1)), cache=cache, use_cache=True)
         flops, kernels = FlopCounterMode(display=False), KernelCount()
         with flops, kernels:
-            model(input_ids=ids, past_key_values=past, use_cache=past is not None)
+            model(**kwargs)
     return flops.get_total_flops(), kernels.count
 
 
