@@ -75,8 +75,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
-             utilisation: float = DEFAULT_UTILISATION) -> Estimate:
-    """Estimate memory and FLOPs of one training step. Raises LoraCostError on bad input."""
+             utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+    """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
+    inference cost at a context of `seq` positions). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -84,7 +85,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())))
-    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
@@ -108,7 +109,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
-                 utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
     run, method, target_names, sites, head_sites = validated_run(spec, run)
     arch = get_architecture(spec.model_type)
     opt = get_optimizer(run.optimizer)
@@ -157,7 +158,13 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
+        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt),
+        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
+
+
+def _serving(arch, spec, method, sites, head_sites, run):
+    from .serving import serving_estimate  # only when asked: the estimate path stays as it was
+    return serving_estimate(arch, spec, method, sites, head_sites, run)
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
