@@ -94,6 +94,10 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         for s in head_sites:
             trainable += method.trainable(s, run)
             frozen += method.frozen(s, run)
+        # trainable tensors outside the adapted linears (BitFit's biases); "*" groups repeat per block
+        beyond = method.model_trainable(spec, groups, run)
+        trainable += beyond
+        per_layer += sum(g.total_numel // L * DTYPE_BYTES[g.dtype] for g in beyond if "*" in g.name)
         if sites or head_sites:
             frozen += method.shared_frozen(sites + head_sites, run)
     return ParameterBudget(
