@@ -67,7 +67,7 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
-                    method_options=run.method_options)
+                    method_options=run.method_options, targets=run.targets)  # (IA)3's vectors depend on the targets
     return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
 
 
