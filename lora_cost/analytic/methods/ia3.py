@@ -47,7 +47,12 @@ def feedforward_targets(targets) -> list[str]:
 def is_feedforward(site, targets) -> bool:
     """A targeted module scales its input (l_ff) when a feed-forward name among the targets matches it
     (peft `_check_target_module_exists` on feedforward_modules); None targets: the family defaults."""
-    names = FEEDFORWARD if targets is None else feedforward_targets(targets)
+    if targets is None:
+        names = FEEDFORWARD
+    elif tuple(targets) == ("all-linear",):  # every linear by its name: the feed-forward names that are plain names
+        names = [f for f in FEEDFORWARD if "." not in f]
+    else:
+        names = feedforward_targets(targets)
     return any(site.matches(f) for f in names)
 
 
