@@ -166,7 +166,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            adapter_targets = None if get_method(method).base_trainable else targets  # full trains every weight
+            m = get_method(method)  # full trains every weight, BitFit every bias: no targets
+            adapter_targets = None if m.base_trainable or m.trains_biases else targets
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
