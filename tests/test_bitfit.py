@@ -100,3 +100,17 @@ def test_profiler_recognises_bitfit():
 
     assert _method(_bitfit(build("gpt2")), None) == ("bitfit", "")
     assert _method(build("gpt2"), None)[0] == "full"
+
+
+def test_profiler_describes_a_bitfit_run():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from lora_cost.analytic.estimator import estimate_run
+    from lora_cost.profiler.introspect import Observed, describe
+    from tiny_models import build
+
+    model = _bitfit(build("gpt2"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    info, spec, run = describe(model, opt, Observed(input_shape=(2, 24), autocast_dtype=None))
+    # 3 blocks x (c_attn 192 + c_proj 64 + c_fc 256 + c_proj 64 + ln_1, ln_2 betas 128) + ln_f beta 64
+    assert info.method == "bitfit" and estimate_run(spec, run).trainable_params == info.trainable_params == 2176

@@ -111,3 +111,17 @@ def test_trainable_params_match_peft():
     model = _lora(("c_attn",))(build("gpt2"))
     real = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert estimate("gpt2", "lora-plus", r=4, targets="c_attn").trainable_params == real
+
+
+def test_profiler_describe_carries_the_ratio():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lora_cost.profiler.introspect import Observed, describe
+    from tiny_models import build
+
+    model = _lora(("q_proj", "v_proj"))(build("llama"))
+    opt = create_loraplus_optimizer(model, torch.optim.AdamW, lr=1e-4, loraplus_lr_ratio=8.0)
+    info, spec, run = describe(model, opt, Observed(input_shape=(2, 24), autocast_dtype=None))
+    assert info.method == "lora-plus" and info.estimable and run.method_options == (("lora_plus_ratio", 8.0),)
