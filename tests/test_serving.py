@@ -6,6 +6,8 @@ import json
 from dataclasses import replace
 
 import pytest
+
+from lora_cost.errors import LoraCostError
 from click.testing import CliRunner
 from rich.console import Console
 
@@ -150,7 +152,11 @@ def test_extra_positions_add_attention_and_cannot_merge():
 @pytest.mark.parametrize("model", ["gpt2", "llama-3.2-1b", "roberta-base", "qwen2.5-0.5b"])
 def test_every_method_describes_its_serving(model):
     for name, method in all_methods().items():
-        e = estimate(model, name, precision="bf16" if name == "qlora" else "fp32", serving=True)
+        try:
+            e = estimate(model, name, precision="bf16" if name == "qlora" else "fp32", serving=True)
+        except LoraCostError:  # a method may refuse a model (BitFit needs biases); GPT-2 takes every method
+            assert model != "gpt2", name
+            continue
         s = e.serving
         if method.serving is None:
             assert s.merged is None and s.note

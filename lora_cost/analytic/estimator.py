@@ -37,19 +37,21 @@ ALL_LINEAR = "all-linear"
 # ---------------------------------------------------------------------------------------------
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
-    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None)
+    defaults = method.default_targets(spec) if method.default_targets is not None and targets is None else None
+    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None,
+                                          defaults)
     return names, list(sites), list(head)
 
 
 @lru_cache(maxsize=4096)
-def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, targets):
+def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, targets, defaults=None):
     block_sites = arch.linear_sites(spec)
     head_sites = arch.head_sites(spec)
     names = {s.name for s in block_sites} | {s.name for s in head_sites}
     if base_trainable:
         return (), (), ()
     if targets is None:
-        wanted = tuple(arch.default_targets)
+        wanted = tuple(arch.default_targets) if defaults is None else tuple(defaults)
     elif tuple(targets) == (ALL_LINEAR,):
         wanted = tuple(dict.fromkeys(s.name for s in (*block_sites, *head_sites)))
     else:
@@ -57,11 +59,12 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
         if not wanted:
             raise LoraCostError("--targets is empty")
         for t in wanted:
-            if t not in names:
+            if t not in names and not any(s.matches(t) for s in (*block_sites, *head_sites)):
                 raise LoraCostError(f"target module {t!r} matches nothing in {spec.name}; its linear modules are "
                                     f"{', '.join(sorted(names))} (or use all-linear)")
     chosen = set(wanted)
-    return wanted, tuple(s for s in block_sites if s.name in chosen), tuple(s for s in head_sites if s.name in chosen)
+    picked = lambda site: site.name in chosen or any(site.matches(t) for t in chosen)  # noqa: E731
+    return wanted, tuple(s for s in block_sites if picked(s)), tuple(s for s in head_sites if picked(s))
 
 
 @lru_cache(maxsize=4096)
@@ -100,8 +103,10 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
-    if run.method != method.name or (not method.base_trainable and run.r is None):
-        run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
+    if not method.uses_rank and not method.base_trainable and run.r is not None:
+        raise LoraCostError(f"--r does not apply to {method.name} (it has no rank)")
+    if run.method != method.name or (method.uses_rank and not method.base_trainable and run.r is None):
+        run = replace(run, method=method.name, r=None if method.base_trainable or not method.uses_rank else method.rank(run))
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
     method.check(spec, sites + head_sites, run)
@@ -158,7 +163,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt),
+        gpu=fit, warnings=tuple(warnings),
+        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ()),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 

@@ -166,7 +166,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            adapter_targets = None if get_method(method).base_trainable else targets  # full trains every weight
+            m = get_method(method)  # full trains every weight, BitFit every bias: no targets
+            adapter_targets = None if m.base_trainable or m.trains_biases else targets
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -190,7 +191,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     for method in methods:
         m = get_method(method)
         ranks: list[int | None]
-        if m.base_trainable:
+        rankless = m.base_trainable or not m.uses_rank  # BitFit, (IA)3: one configuration, like full
+        if rankless:
             ranks = [None]
         else:
             cap = _max_rank(spec, m, targets)
@@ -199,10 +201,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
                 continue
         default = m.default_r
-        reference = None if m.base_trainable else (default if default in ranks else ranks[0])
+        reference = None if rankless else (default if default in ranks else ranks[0])
         for ckpt in (False, True):
             curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
-            if m.base_trainable:  # no rank to choose: the one configuration fits or not
+            if rankless:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
             else:
                 best_r = _largest(ranks, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
@@ -227,7 +229,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "
         f"{','.join(targets) if targets else 'query and value projections'}",
         "largest batch searched at each method's default rank (VeRA 256, others 8) or the smallest rank asked for",
-    )
+    ) + tuple(f"{m.name}: {m.note}" for m in map(get_method, methods) if m.note)
     return Plan(model=spec.name, budget_bytes=int(budget_bytes), margin=margin, usable_bytes=usable,
                 gpu=gpu_profile.name if gpu_profile else None, seq=seq, batch_range=batch_range,
                 ranks=tuple(rank_candidates(*rank_range)), precision=precision, optimizer=optimizer, targets=targets,
