@@ -37,7 +37,7 @@ ALL_LINEAR = "all-linear"
 # ---------------------------------------------------------------------------------------------
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
-    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None)
+    names, sites, head = _resolve_targets(arch, spec, not method.takes_rank, tuple(targets) if targets is not None else None)
     return names, list(sites), list(head)
 
 
@@ -99,8 +99,13 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
-    if run.method != method.name or (not method.base_trainable and run.r is None):
-        run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
+    elif not method.adapts_linears:  # bottleneck adapters: no rank, no targeted linear layers
+        if run.r is not None:
+            raise LoraCostError(f"--r does not apply to {method.name} (it adapts no linear layer with a rank)")
+        if run.targets is not None:
+            raise LoraCostError(f"--targets does not apply to {method.name} (it adapts every block, not linear layers)")
+    if run.method != method.name or (method.takes_rank and run.r is None):
+        run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
     method.check(spec, sites + head_sites, run)
@@ -124,7 +129,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
     acts = activation_budget(rec, run, stack)
-    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites))
+    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
     device = device_bytes(peak.peak_bytes, paged)

@@ -166,7 +166,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            adapter_targets = None if get_method(method).base_trainable else targets  # full trains every weight
+            adapter_targets = targets if get_method(method).takes_rank else None  # full trains every weight
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -190,7 +190,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     for method in methods:
         m = get_method(method)
         ranks: list[int | None]
-        if m.base_trainable:
+        if not m.takes_rank:  # full fine-tuning, bottleneck adapters
             ranks = [None]
         else:
             cap = _max_rank(spec, m, targets)
@@ -199,10 +199,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
                 continue
         default = m.default_r
-        reference = None if m.base_trainable else (default if default in ranks else ranks[0])
+        reference = (default if default in ranks else ranks[0]) if m.takes_rank else None
         for ckpt in (False, True):
             curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
-            if m.base_trainable:  # no rank to choose: the one configuration fits or not
+            if not m.takes_rank:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
             else:
                 best_r = _largest(ranks, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)

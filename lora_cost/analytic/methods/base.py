@@ -95,6 +95,10 @@ class Method:
     input_embeddings: Callable[["StepContext", "Tensor"], "Tensor"] = lambda ctx, x: x
     attention: Callable[..., "Tensor"] = plain_attention
     residual: Callable[..., "Tensor"] = plain_residual
+    # a method that adapts no targeted linear layer and has no rank (bottleneck adapters): --r and
+    # --targets do not apply, and its trainable tensors are per block (`block_trainable`, count per block)
+    adapts_linears: bool = True
+    block_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
@@ -103,6 +107,11 @@ class Method:
     recognise_priority: int = 0
     observed_options: Callable[[Any], dict] = lambda model: {}  # its options as read from a live model
     observed_precision: Callable[[Any], str | None] | None = None  # when parameter dtypes do not tell
+
+    @property
+    def takes_rank(self) -> bool:
+        """Whether --r and --targets apply (an adapter on targeted linear layers)."""
+        return self.adapts_linears and not self.base_trainable
 
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
