@@ -120,6 +120,7 @@ def attach_bottleneck(model: nn.Module, *, points, non_linearity: str, original_
                 else:
                     host, pre = getattr(block, ffn), getattr(block, pre_ffn)
                     block.output_adapters = adapter
+                if original_ln_before and pre is not None:  # only Pfeiffer's pre_forward reads the residual stream
                     pre.register_forward_pre_hook(lambda mod, args, holder=holder: holder.__setitem__("x", args[0]))
                 host.register_forward_hook(_sublayer_hook(adapter, holder, point == "attention"))
             count += 1
@@ -131,7 +132,9 @@ def _sublayer_hook(adapter: Adapter, holder: dict, returns_tuple: bool):
     the block's own residual add, as in the library's hooked mode)."""
     def hook(module, args, output):
         h = output[0] if returns_tuple else output
-        out = adapter.layer(h, holder.get("x"), None, original_ln_after=False)
+        # pop: the stream is the block's to keep, as in the library's model integrations (GPT2BlockWithAdapters,
+        # LlamaDecoderLayerWithAdapters pass it as an argument); holding it here would outlive the forward
+        out = adapter.layer(h, holder.pop("x", None), None, original_ln_after=False)
         return (out,) + tuple(output[1:]) if returns_tuple else out
     return hook
 
