@@ -206,3 +206,27 @@ def test_plan_lists_adapters_without_a_rank():
     assert by["adapter-houlsby"]["max_batch"]["r"] is None
     assert by["adapter-houlsby"]["max_batch"]["trainable_params"] == 1_789_056
     assert by["adapter-pfeiffer"]["max_batch"]["trainable_params"] == 12 * 74_544
+
+
+# --- profiler recognition -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,factor", [("adapter-houlsby", 16), ("adapter-pfeiffer", 8)])
+def test_profiler_recognises_the_adapters(method, factor):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from lora_cost.analytic.methods.base import recognisers
+    from lora_cost.trace.bottleneck import attach_bottleneck
+
+    cfg = CONFIGS["llama"]
+    config = transformers.AutoConfig.for_model("llama", **{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+        points, act, ln_before = METHODS[method]
+        attach_bottleneck(model, points=points, non_linearity=act, original_ln_before=ln_before,
+                          reduction_factor=factor, dropout=0.0)
+    found = next(m for m in recognisers() if m.recognise(model, None))
+    assert found.name == method
+    assert found.observed_options(model) == {"reduction_factor": factor}
+    for p in model.parameters():  # the base training as well is not an adapter run
+        p.requires_grad_(True)
+    assert not any(m.recognise(model, None) for m in recognisers() if m.name.startswith("adapter-"))
