@@ -230,3 +230,12 @@ def test_profiler_recognises_the_adapters(method, factor):
     for p in model.parameters():  # the base training as well is not an adapter run
         p.requires_grad_(True)
     assert not any(m.recognise(model, None) for m in recognisers() if m.name.startswith("adapter-"))
+
+
+@pytest.mark.fast
+def test_methods_lists_the_adapters_with_their_papers():
+    out = CliRunner().invoke(main, ["methods", "--json"])
+    listed = {m["name"]: m for m in json.loads(out.output)}
+    assert listed["adapter-houlsby"]["paper"].startswith("Houlsby et al. 2019, arXiv:1902.00751")
+    assert listed["adapter-pfeiffer"]["paper"].startswith("Pfeiffer et al. 2021, arXiv:2005.00247")
+    assert listed["adapter-houlsby"]["options"] == ["reduction_factor"] and listed["adapter-houlsby"]["default_r"] is None
