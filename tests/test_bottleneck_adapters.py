@@ -256,3 +256,19 @@ def test_methods_lists_the_adapters_with_their_papers():
     assert listed["adapter-houlsby"]["paper"].startswith("Houlsby et al. 2019, arXiv:1902.00751")
     assert listed["adapter-pfeiffer"]["paper"].startswith("Pfeiffer et al. 2021, arXiv:2005.00247")
     assert listed["adapter-houlsby"]["options"] == ["reduction_factor"] and listed["adapter-houlsby"]["default_r"] is None
+
+
+@pytest.mark.parametrize("targets", [("v_proj",), ("gate_proj", "up_proj")])
+def test_rope_tables_kept_once_when_the_first_block_saves_none(tmp_path, targets):
+    """The tape fix the adapters needed (tape.py `repeated_scopes`), seen with peft LoRA: when no adapted
+    module feeds q or k, block 0 saves nothing of the shared RoPE tables, and their first save in the block
+    that stands for layers 1..L-1 was counted L-1 times (3,072 B too many on this 3-layer model)."""
+    pytest.importorskip("peft")
+    from test_saved_vs_torch import CONFIGS as PEFT_CONFIGS, measure as peft_measure
+
+    cfg = PEFT_CONFIGS["llama"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    e = estimate(str(path), "lora", r=4, targets=",".join(targets), batch=2, seq=24, precision="fp32",
+                 attention="eager", model_dropout=0.0)
+    assert e.memory.saved_activation_bytes == peft_measure(cfg, "lora", targets, 4, False)
