@@ -131,6 +131,7 @@ def test_estimate_counts_follow_the_lora_paper_formula(method, adapters_per_bloc
     # GPT-2 small: d = 768, 12 blocks, default reduction factor 16 -> bottleneck 48
     e = estimate("gpt2", method, seq=128)
     assert e.trainable_params == lora_paper_formula(12 * adapters_per_block, 768, 48)
+    assert e.adapted_modules == 12 * adapters_per_block
     assert lora_paper_formula(24, 768, 48) == 24 * (2 * 768 * 48 + 48 + 768) == 1_789_056
 
 

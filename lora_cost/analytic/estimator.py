@@ -161,7 +161,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
-        total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
+        total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites), memory=memory, flops=flops,
         gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
 
 

@@ -19,6 +19,7 @@ ADAPTER_HOULSBY = register_method(Method(
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
     adapts_linears=False,
+    modules_per_block=2,
     block_trainable=block_trainable(HOULSBY),
     residual=residual_with(HOULSBY),
     options=(REDUCTION_FACTOR,),

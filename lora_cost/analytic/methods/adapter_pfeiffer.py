@@ -20,6 +20,7 @@ ADAPTER_PFEIFFER = register_method(Method(
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
     adapts_linears=False,
+    modules_per_block=1,
     block_trainable=block_trainable(PFEIFFER),
     residual=residual_with(PFEIFFER),
     options=(REDUCTION_FACTOR,),

@@ -99,6 +99,7 @@ class Method:
     # --targets do not apply, and its trainable tensors are per block (`block_trainable`, count per block)
     adapts_linears: bool = True
     block_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
+    modules_per_block: int = 0  # adapter modules it adds to every block (counted in `adapted_modules`)
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
