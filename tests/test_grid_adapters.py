@@ -24,6 +24,8 @@ SETTINGS = (  # (precision, grad_checkpointing, attention, dropout, model_dropou
     ("fp32", False, "sdpa", 0.0, 0.0, 1, 200, 4),
     ("bf16", True, "sdpa", 0.0, None, 2, 128, 16),
     ("amp-bf16", False, "eager", 0.1, None, 1, 128, 8),
+    ("fp16", False, "sdpa", 0.0, 0.0, 2, 96, 32),
+    ("fp32", True, "eager", 0.1, None, 1, 160, 2),
 )
 CASES = list(itertools.product(TINY, METHODS, SETTINGS))
 IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[2]}{'-drop' if s[3] else ''}-rf{s[7]}" for f, m, s in CASES]
@@ -59,8 +61,10 @@ def test_engines_agree(tmp_path_factory, family, method, setting):
     assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
     a, t = terms["flops.backward"]
     assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
-    # the trace is the reference; on this grid of 48 the analytic peak is within 0.08% (median) and
-    # 1.67% (worst: RoBERTa Houlsby, bf16, checkpointing) of it (python tests/test_grid_adapters.py)
+    # the trace is the reference; on this grid of 72 the analytic peak is within 0.09% (median) and
+    # 2.88% (worst: BERT Houlsby, fp32, checkpointing, eager, dropout, factor 2, where the analytic
+    # engine puts the peak in the first block's backward and the trace at the loss) of it
+    # (python tests/test_grid_adapters.py)
     a, t = terms["peak_bytes"]
     assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
 
