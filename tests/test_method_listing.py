@@ -22,6 +22,6 @@ def test_methods_listing_has_every_registered_method_and_its_paper():
 
 
 def test_plan_help_names_every_registered_method():
-    out = CliRunner().invoke(main, ["plan", "--help"])
+    out = CliRunner().invoke(main, ["plan", "--help"], terminal_width=1000)  # no wrapping inside a hyphenated name
     assert out.exit_code == 0
     assert f"any of {', '.join(all_methods())} (lora-cost methods" in " ".join(out.output.split())

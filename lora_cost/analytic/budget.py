@@ -90,6 +90,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         for s in sites:
             trainable += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.trainable(s, run)]
             frozen += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.frozen(s, run)]
+        # tensors of every block that no targeted linear owns (bottleneck adapters)
+        trainable += [TensorGroup(g.name, g.numel, g.count * L, g.dtype) for g in method.block_trainable(spec, run)]
         per_layer = groups_bytes(trainable) // max(L, 1)
         for s in head_sites:
             trainable += method.trainable(s, run)

@@ -112,6 +112,9 @@ class StepContext:
     def blocks(self, x: Tensor, builders: dict) -> Tensor:
         """Run the stack's simulated blocks in layer order (stack.py: the first and the second block
         of each kind; the later ones repeat the second). `builders` maps a kind to its block forward."""
+        if not self.run.grad_checkpointing:
+            self.tape.repeated_scopes = frozenset(s for s, n in self.stack.repetitions.items() if n > 1)
+            self.tape.block_scopes = frozenset(self.stack.block_scopes)
         for _, kind, scope in self.stack.simulated:
             self.tape.scope = scope
             self.block_input_bytes[scope] = x.nbytes

@@ -38,8 +38,8 @@ ALL_LINEAR = "all-linear"
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
     defaults = method.default_targets(spec) if method.default_targets is not None and targets is None else None
-    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None,
-                                          defaults)
+    names, sites, head = _resolve_targets(arch, spec, not method.takes_targets,
+                                          tuple(targets) if targets is not None else None, defaults)
     return names, list(sites), list(head)
 
 
@@ -103,10 +103,15 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
-    if not method.uses_rank and not method.base_trainable and run.r is not None:
+    elif not method.adapts_linears:  # bottleneck adapters: no rank, no targeted linear layers
+        if run.r is not None:
+            raise LoraCostError(f"--r does not apply to {method.name} (it adapts no linear layer with a rank)")
+        if run.targets is not None:
+            raise LoraCostError(f"--targets does not apply to {method.name} (it adapts every block, not linear layers)")
+    elif not method.uses_rank and run.r is not None:
         raise LoraCostError(f"--r does not apply to {method.name} (it has no rank)")
-    if run.method != method.name or (method.uses_rank and not method.base_trainable and run.r is None):
-        run = replace(run, method=method.name, r=None if method.base_trainable or not method.uses_rank else method.rank(run))
+    if run.method != method.name or (method.takes_rank and run.r is None):
+        run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
     method.check(spec, sites + head_sites, run)
@@ -130,7 +135,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
     acts = activation_budget(rec, run, stack)
-    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites))
+    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
     device = device_bytes(peak.peak_bytes, paged)
@@ -162,8 +167,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
-        total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=fit, warnings=tuple(warnings),
+        total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
+        memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
         assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ()),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 

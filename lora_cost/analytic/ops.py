@@ -138,6 +138,19 @@ def silu(tape: Tape, x: Tensor) -> Tensor:
     return tape.new(x.numel, x.dtype, x.rg)
 
 
+def relu(tape: Tape, x: Tensor, kind: str = "activation function") -> Tensor:
+    """aten.relu: saves its output (derivatives.yaml: threshold_backward(grad, result, 0))."""
+    out = tape.new(x.numel, x.dtype, x.rg)
+    if x.rg:
+        tape.save(out, kind)
+    return out
+
+
+def scale(tape: Tape, x: Tensor) -> Tensor:
+    """x * a Python float: a new tensor, nothing saved (mul by a Scalar keeps only the number)."""
+    return tape.new(x.numel, x.dtype, x.rg)
+
+
 def mul(tape: Tape, a: Tensor, b: Tensor, kind: str = "elementwise products") -> Tensor:
     """Elementwise a * b: saves b if a needs a grad, a if b does."""
     if a.rg:

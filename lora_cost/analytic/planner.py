@@ -166,8 +166,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            m = get_method(method)  # full trains every weight, BitFit every bias: no targets
-            adapter_targets = None if m.base_trainable or m.trains_biases else targets
+            # full trains every weight, BitFit every bias, adapters every block: no targets
+            adapter_targets = targets if get_method(method).takes_targets else None
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -191,7 +191,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     for method in methods:
         m = get_method(method)
         ranks: list[int | None]
-        rankless = m.base_trainable or not m.uses_rank  # BitFit, (IA)3: one configuration, like full
+        rankless = not m.takes_rank  # full, BitFit, (IA)3, bottleneck adapters: one configuration
         if rankless:
             ranks = [None]
         else:

@@ -65,11 +65,19 @@ class Tape:
         self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
         self.backward_transient: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
+        # scopes that stand for several layers (stack.py), set by the context when blocks are not
+        # checkpointed: a tensor made outside the blocks (RoPE tables) and first saved inside such a
+        # scope (the first block saved nothing of it: its inputs needed no gradient, as under
+        # bottleneck adapters) is one storage for all those layers, so it is counted where it was made
+        self.repeated_scopes: frozenset[str] = frozenset()
+        self.block_scopes: frozenset[str] = frozenset()
+        self._made_in: dict[int, str] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
         t = Tensor(numel, dtype, rg)
         self.created[self.scope].append(numel * DTYPE_BYTES[dtype])
+        self._made_in[t.sid] = self.scope
         return t
 
     def mark_saved(self) -> None:
@@ -85,8 +93,12 @@ class Tape:
             return
         self._saved_ids.add(t.sid)
         nbytes = t.nbytes
-        self.saved[(self.scope, kind)] += nbytes
-        self.saved_by_scope[self.scope] += nbytes
+        scope = self.scope
+        made_in = self._made_in.get(t.sid, scope)
+        if scope in self.repeated_scopes and made_in not in self.block_scopes:
+            scope = made_in  # shared by the layers this scope stands for: kept once
+        self.saved[(scope, kind)] += nbytes
+        self.saved_by_scope[scope] += nbytes
 
     def matmul(self, kind: str, m: int, k: int, n: int, *, grad_a: bool, grad_b: bool, counted: bool = True) -> None:
         """[m, k] @ [k, n]: 2mkn forward; backward 2mkn for each operand that needs a gradient."""

@@ -3,7 +3,8 @@
 transformers builds the model from its config (`AutoModelForCausalLM.from_config`, the masked-LM
 class for BERT/RoBERTa) under `torch.device("meta")`; each method applies itself through its trace
 hook (`Method.apply_to_model` in lora_cost/analytic/methods/: peft's `get_peft_model` for LoRA,
-LoRA-FA, DoRA and VeRA, the reference layer nola.py for NoLA, the 4-bit stand-in qlora.py and peft's
+LoRA-FA, DoRA and VeRA, the reference layers nola.py for NoLA and bottleneck.py for the `adapters` library's
+bottleneck adapters, the 4-bit stand-in qlora.py and peft's
 `prepare_model_for_kbit_training` for QLoRA). `fake.py` later turns every meta tensor into a fake tensor.
 """
 

@@ -95,6 +95,11 @@ class Method:
     input_embeddings: Callable[["StepContext", "Tensor"], "Tensor"] = lambda ctx, x: x
     attention: Callable[..., "Tensor"] = plain_attention
     residual: Callable[..., "Tensor"] = plain_residual
+    # a method that adapts no targeted linear layer and has no rank (bottleneck adapters): --r and
+    # --targets do not apply, and its trainable tensors are per block (`block_trainable`, count per block)
+    adapts_linears: bool = True
+    block_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
+    modules_per_block: int = 0  # adapter modules it adds to every block (counted in `adapted_modules`)
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
@@ -117,6 +122,16 @@ class Method:
     default_targets: Callable[["ModelSpec"], tuple[str, ...]] | None = None
     uses_rank: bool = True  # False: the method has no rank (BitFit, (IA)3); --r is refused
     note: str = ""  # shown beside the method's estimates and plan rows (LoRA+: costs equal LoRA's)
+
+    @property
+    def takes_targets(self) -> bool:
+        """Whether --targets applies (the method adapts linear layers chosen by name)."""
+        return self.adapts_linears and not self.base_trainable
+
+    @property
+    def takes_rank(self) -> bool:
+        """Whether --r applies (a low-rank adapter on targeted linear layers; not BitFit, (IA)3, adapters)."""
+        return self.takes_targets and self.uses_rank
 
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
