@@ -66,9 +66,10 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
 
 @lru_cache(maxsize=4096)
 def _forward_key(run: RunConfig) -> RunConfig:
-    """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r)
-    and no optimizer."""
-    return replace(run, r=1 if run.r is not None else None, optimizer="adamw")
+    """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
+    a method whose sizes are not keeps its rank) and no optimizer."""
+    affine = get_method(run.method).rank_affine
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw")
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -99,6 +100,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
+    run = method.resolve(run)
     if run.method != method.name or (not method.base_trainable and run.r is None):
         run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
     get_optimizer(run.optimizer)
@@ -157,7 +159,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
+        gpu=fit, warnings=tuple(warnings),
+        assumptions=_assumptions(run, opt) + tuple(method.notes(spec, sites, head_sites, run)))
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
