@@ -183,6 +183,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
                     sim.adopt(v, "optimizer_state")
         for v in loop_state:
             sim.adopt(v, "loop_state")
+        del loop_state  # the loop's own tables hold them; a reference here would outlive their update
         ids = torch.randint(0, vocab, (run.batch, run.seq))
         for _ in range(2 if calibration else 0):
             sim.start_phase("warmup")

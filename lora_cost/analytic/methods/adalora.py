@@ -57,6 +57,9 @@ UPDATE_TEMPORARIES = 3  # beta * avg, the |ipt - avg| chain and the sum, of one 
 # kernels of one adapted module's branch, in order: A * E, x @ (A E)^T, @ B^T, * scaling,
 # ranknum + 1e-5, division, in-place add (and the input cast when the base is 16-bit)
 BRANCH_KERNELS = 7
+# DivBackward0 for ranknum: the fp32 incoming gradient, grad / other, (self / other) / other, -grad and
+# their product, of which this many [n, d_out] buffers are alive at once beyond the block's usual two
+DIV_BACKWARD_BUFFERS = 3
 
 
 def resolve(run: RunConfig) -> RunConfig:
@@ -106,6 +109,8 @@ def svd_linear(ctx, x, site: LinearSite):
     # / (ranknum + 1e-5): ranknum trains, so div saves the numerator and the divisor
     tape.save(scaled, "adapter extras")
     tape.save(tape.new(1, ADAPTER_DTYPE, True), "adapter extras")
+    # its backward: grad / other for the numerator, -grad * ((self / other) / other) summed for ranknum
+    tape.transient(DIV_BACKWARD_BUFFERS * scaled.nbytes, backward=True)
     tape.new(up.numel, ops.promote(up.dtype, ADAPTER_DTYPE), True)  # the quotient, added in place
     return base_out.view(rg=True)
 
