@@ -106,4 +106,4 @@ def test_models_and_gpus_listing():
     assert out.exit_code == 0 and any(g["name"] == "rtx-4090-24gb" for g in json.loads(out.output))
     out = run("methods", "--json")
     assert out.exit_code == 0
-    assert {m["name"] for m in json.loads(out.output)} == {"full", "lora", "lora-fa", "vera", "nola", "qlora", "dora"}
+    assert {m["name"] for m in json.loads(out.output)} == {"full", "lora", "lora-fa", "vera", "nola", "qlora", "dora", "adalora"}
