@@ -47,6 +47,8 @@ class MemoryCategory(str, Enum):
     BUFFERS = ("buffers", "buffers", "module buffers that are not parameters (rotary tables, position ids)")
     OPTIMIZER_STATE = ("optimizer_state", "optimizer state",
                        "optimizer buffers in torch's allocator (paged states are outside it)")
+    LOOP_STATE = ("loop_state", "training-loop state",
+                  "kept between steps by the training loop outside the optimizer (AdaLoRA's rank allocator averages)")
     # -- what the step adds
     SAVED_ACTIVATIONS = ("saved_activations", "saved activations",
                          "what backward needs, kept from forward (those not yet freed at this moment)")

@@ -108,4 +108,4 @@ def test_models_and_gpus_listing():
     assert out.exit_code == 0
     assert {m["name"] for m in json.loads(out.output)} >= {"full", "lora", "lora-fa", "vera", "nola", "qlora", "dora",
                                                            "lora-plus", "bitfit", "ia3", "adapter-houlsby",
-                                                           "adapter-pfeiffer"}
+                                                           "adapter-pfeiffer", "adalora"}

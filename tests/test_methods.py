@@ -76,6 +76,6 @@ def test_dora_adds_magnitude_and_saved_products():
 
 def test_unknown_method_option_and_method():
     with pytest.raises(LoraCostError):
-        estimate("gpt2", "adalora")
+        estimate("gpt2", "no-such-method")
     with pytest.raises(LoraCostError):
         estimate("gpt2", "lora", method_options={"k": 3})

@@ -3,7 +3,7 @@ optimizer keeps. Pure arithmetic over the architecture's parameter groups and th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 
 from .architectures.base import Architecture
@@ -26,6 +26,9 @@ class ParameterBudget:
     paged: bool  # state lives outside torch's allocator
     optimizer_temporaries: int  # alive during opt.step()
     base_trainable: bool
+    early_gradient_bytes: int = 0  # gradients that exist from the start of backward (AdaLoRA's regulariser)
+    loop_state_bytes: int = 0  # kept by the training loop outside the optimizer (AdaLoRA's rank allocator)
+    loop_temporaries: int = 0  # that state's update after opt.step()
 
     @property
     def frozen_bytes(self) -> int:
@@ -37,8 +40,8 @@ class ParameterBudget:
 
     @property
     def steady_bytes(self) -> int:
-        """Allocated between steps: every weight and the optimizer state."""
-        return self.frozen_bytes + self.trainable_bytes + self.allocated_state_bytes
+        """Allocated between steps: every weight, the optimizer state and the training loop's own state."""
+        return self.frozen_bytes + self.trainable_bytes + self.allocated_state_bytes + self.loop_state_bytes
 
 
 @lru_cache(maxsize=512)
@@ -88,11 +91,12 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     else:
         trainable, frozen = [], []
         for s in sites:
-            trainable += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.trainable(s, run)]
-            frozen += [TensorGroup(g.name, g.numel, L, g.dtype) for g in method.frozen(s, run)]
+            trainable += [replace(g, count=L) for g in method.trainable(s, run)]
+            frozen += [replace(g, count=L) for g in method.frozen(s, run)]
         # tensors of every block that no targeted linear owns (bottleneck adapters)
-        trainable += [TensorGroup(g.name, g.numel, g.count * L, g.dtype) for g in method.block_trainable(spec, run)]
-        per_layer = groups_bytes(trainable) // max(L, 1)
+        trainable += [replace(g, count=g.count * L) for g in method.block_trainable(spec, run)]
+        # gradients arrive block by block in backward, except those present from its start
+        per_layer = groups_bytes([g for g in trainable if not g.grad_at_backward_start]) // max(L, 1)
         for s in head_sites:
             trainable += method.trainable(s, run)
             frozen += method.frozen(s, run)
@@ -102,8 +106,11 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         per_layer += sum(g.total_numel // L * DTYPE_BYTES[g.dtype] for g in beyond if "*" in g.name)
         if sites or head_sites:
             frozen += method.shared_frozen(sites + head_sites, run)
+    loop_state, loop_temporaries = method.loop_state(trainable)
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
         base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),
         per_layer_trainable_bytes=per_layer, state_bytes=sum(opt.state_bytes(g) for g in trainable), paged=opt.paged,
-        optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable)
+        optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable,
+        early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
+        loop_state_bytes=loop_state, loop_temporaries=loop_temporaries)

@@ -133,6 +133,7 @@ class StepContext:
         targets = tape.new(self.tokens, "int64", False) if shifted_labels else self.input_ids()
         self.loss_copy_bytes = ops.cross_entropy(tape, logits, targets, upcast=upcast)
         self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
+        self.method.after_loss(self)  # still the "loss" scope
 
 
 

@@ -69,9 +69,10 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
 
 @lru_cache(maxsize=4096)
 def _forward_key(run: RunConfig) -> RunConfig:
-    """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r)
-    and no optimizer."""
-    return replace(run, r=1 if run.r is not None else None, optimizer="adamw")
+    """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
+    a method whose sizes are not keeps its rank) and no optimizer."""
+    affine = get_method(run.method).rank_affine
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw")
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -110,6 +111,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError(f"--targets does not apply to {method.name} (it adapts every block, not linear layers)")
     elif not method.uses_rank and run.r is not None:
         raise LoraCostError(f"--r does not apply to {method.name} (it has no rank)")
+    run = method.resolve(run)
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
     get_optimizer(run.optimizer)
@@ -169,7 +171,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
-        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ()),
+        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        + tuple(method.notes(spec, sites, head_sites, run)),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 

@@ -23,6 +23,7 @@ COMPONENTS = {
     MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",
     MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op",
     MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group",
+    MemoryCategory.LOOP_STATE: "AdaLoRA: 3 x the adapter tensors (importance, its average, its uncertainty)",
 }
 
 _FLOP_KINDS = {
@@ -30,6 +31,7 @@ _FLOP_KINDS = {
     "adapter": "adapter matmuls (A, B, bases)",
     "attention": "sdpa: 4*b*h*s^2*hd forward, 10*b*h*s^2*hd backward (fused kernels recompute scores)",
     "lm_head": "2*n*d*vocab forward; input gradient (and weight gradient when it trains)",
+    "orthogonal regulariser": "AdaLoRA: 2*r^2*d forward per lora_A (d = d_in) and lora_B (d = d_out), twice that backward",
 }
 
 
@@ -68,7 +70,9 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
              C.LOGITS_FP32_COPY),
         Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward",
              C.LOSS_GRADIENT_BUFFERS),
-    )
+    ) + ((Term("rank allocator state", params.loop_state_bytes, COMPONENTS[C.LOOP_STATE],
+               "peft RankAllocator's ipt, exp_avg_ipt and exp_avg_unc, kept outside the optimizer", C.LOOP_STATE),)
+         if params.loop_state_bytes else ())
 
 
 def flop_terms(rec: StepRecord, run: RunConfig, recomputed: int) -> tuple[Term, ...]:

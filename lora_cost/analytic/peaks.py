@@ -99,17 +99,21 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
+              (C.GRADIENTS, params.early_gradient_bytes)]),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
         ],
         "optimizer": [
             ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
                                 (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries)]),
+            # the training loop's own update before zero_grad (AdaLoRA's rank allocator); ties go to the step
+            ("the training loop's update after the optimizer step",
+             [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.TRANSIENT_BUFFERS, params.loop_temporaries)]),
         ],
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
-              (C.OPTIMIZER_STATE, params.allocated_state_bytes)]
+              (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
     phases = []
     for phase, options in candidates.items():
         where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))

@@ -196,7 +196,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             ranks = [None]
         else:
             cap = _max_rank(spec, m, targets)
-            ranks = [r for r in rank_candidates(*rank_range) if cap is None or r <= cap] or [None]
+            candidates = set(rank_candidates(*rank_range))
+            if m.default_r is not None and rank_range[0] <= m.default_r <= rank_range[1]:
+                candidates.add(m.default_r)  # searched at it (below): AdaLoRA's 12 is no power of two
+            ranks = [r for r in sorted(candidates) if cap is None or r <= cap] or [None]
             if ranks == [None]:
                 skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
                 continue
@@ -228,7 +231,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         f"step time: FLOPs / ({'GPU peak' if gpu_profile else 'no GPU given'} x {100 * utilisation:.0f}% utilisation)",
         f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "
         f"{','.join(targets) if targets else 'query and value projections'}",
-        "largest batch searched at each method's default rank (VeRA 256, others 8) or the smallest rank asked for",
+        "largest batch searched at each method's default rank (VeRA 256, AdaLoRA 12, others 8) or the smallest rank asked for",
     ) + tuple(f"{m.name}: {m.note}" for m in map(get_method, methods) if m.note)
     return Plan(model=spec.name, budget_bytes=int(budget_bytes), margin=margin, usable_bytes=usable,
                 gpu=gpu_profile.name if gpu_profile else None, seq=seq, batch_range=batch_range,

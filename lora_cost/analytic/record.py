@@ -128,7 +128,7 @@ def affine_record(spec, run, targets) -> AffineRecord:
     """Simulate at r = 1 and r = 2 (once when the method has no rank) and keep the affine form."""
     method, arch = get_method(run.method), get_architecture(spec.model_type)
     s1, l1 = simulate(spec, run, method, arch, targets)
-    if run.r is None:
+    if run.r is None or not method.rank_affine:  # no rank, or simulated at the run's own rank
         s2, l2 = s1, l1
     else:
         s2, l2 = simulate(spec, replace(run, r=2), method, arch, targets)

@@ -147,7 +147,8 @@ def describe(model, optimizer, observed: Observed):
     if attention not in (None, "sdpa", "eager"):
         notes.append(f"attention {attention!r} estimated as sdpa")
     ckpt = _checkpointing(hf)
-    r = getattr(peft_cfg, "r", None) if peft_cfg is not None else None
+    # the rank the adapters carry: AdaLoRA's init_r (its config's `r` is LoraConfig's unused field), else r
+    r = (getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)) if peft_cfg is not None else None
     dropout = float(getattr(peft_cfg, "lora_dropout", 0.0) or getattr(peft_cfg, "vera_dropout", 0.0) or 0.0) if peft_cfg is not None else 0.0
     targets = _targets(peft_cfg)
     info = dict(class_name=type(model).__name__, model_type=getattr(cfg, "model_type", None), method=method, r=r,

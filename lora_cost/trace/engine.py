@@ -60,7 +60,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             built = build(spec, cfg, run, m, names)
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
-            rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration)
+            rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration, loop=m.trace_loop)
     finally:
         transformers.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - t0

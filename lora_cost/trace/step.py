@@ -134,15 +134,21 @@ def _get_value(x):
     return x
 
 
-def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) -> tuple[StepRecord, object]:
+def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
+             loop=None) -> tuple[StepRecord, object]:
     """Trace one step. `calibration=True` reproduces how the H100 calibration rows were measured:
     an identity saved_tensors_hook active throughout and two full warm-up steps before the measured
-    one (so graphs leaked by that hook in the warm-ups are still allocated)."""
+    one (so graphs leaked by that hook in the warm-ups are still allocated). `loop`: the method's
+    `trace_loop` (state the training loop keeps between steps, and its call after opt.step())."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     materialize(model, mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(optimizer, trainable)
     init_state(opt, mode)
+    loop_state, loop_update = [], None
+    if loop is not None:
+        with mode:
+            loop_state, loop_update = loop(model, run)
     where = Where(model)
     sim = AllocatorSim(where, identity_pack=calibration)
     attention = CudaAttention()
@@ -175,6 +181,9 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) 
             for v in st.values():
                 if isinstance(v, torch.Tensor) and not getattr(opt, "paged", False):  # paged: managed memory
                     sim.adopt(v, "optimizer_state")
+        for v in loop_state:
+            sim.adopt(v, "loop_state")
+        del loop_state  # the loop's own tables hold them; a reference here would outlive their update
         ids = torch.randint(0, vocab, (run.batch, run.seq))
         for _ in range(2 if calibration else 0):
             sim.start_phase("warmup")
@@ -185,6 +194,8 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) 
             warm.loss.backward()
             sim.mark("warmup_optimizer")
             opt.step()
+            if loop_update is not None:
+                loop_update()
             opt.zero_grad(set_to_none=True)
             del warm
             if autocast is not None:
@@ -204,6 +215,8 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False) 
         grad_blocks = {id(sim.live[k]) for k in grad_keys if k in sim.live}
         sim.start_phase("optimizer")
         opt.step()
+        if loop_update is not None:  # peft's AdaLoRA loop: update_and_allocate after step, before zero_grad
+            loop_update()
         opt.zero_grad(set_to_none=True)
         sim.start_phase("end")
         del out, loss

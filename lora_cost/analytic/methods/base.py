@@ -33,6 +33,9 @@ class TensorGroup:
     numel: int
     count: int
     dtype: str
+    # its gradient exists from the start of backward (AdaLoRA's orthogonal regulariser, which runs after
+    # the loss, reaches lora_A and lora_B before any block does) instead of arriving with its block
+    grad_at_backward_start: bool = False
 
     @property
     def total_numel(self) -> int:
@@ -100,8 +103,24 @@ class Method:
     adapts_linears: bool = True
     block_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
     modules_per_block: int = 0  # adapter modules it adds to every block (counted in `adapted_modules`)
+    # the forward after the loss (AdaLoRA's orthogonal regulariser in AdaLoraModel.forward)
+    after_loss: Callable[["StepContext"], None] = lambda ctx: None
+    # (run) -> the run with the method's derived settings filled in (AdaLoRA: the rank from --init-r)
+    resolve: Callable[["RunConfig"], "RunConfig"] = lambda run: run
+    # every simulated size is affine in the rank (record.py simulates r = 1 and 2); False: simulated at the
+    # run's own rank (AdaLoRA's regulariser forms r x r products)
+    rank_affine: bool = True
+    # what the training loop keeps and does outside the optimizer, from the run's trainable tensors:
+    # (bytes kept between steps, bytes of the temporaries of its update after opt.step()); AdaLoRA's
+    # rank allocator
+    loop_state: Callable[[list["TensorGroup"]], tuple[int, int]] = lambda trainable: (0, 0)
+    # lines added to the estimate's assumptions: (model shapes, block sites, head sites, run)
+    notes: Callable[..., tuple[str, ...]] = lambda spec, sites, head_sites, run: ()
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
+    # trace engine: (model, run) -> (tensors the training loop keeps between steps, created in the fake mode,
+    # and the call it makes after opt.step() and before zero_grad); None: a plain loop
+    trace_loop: Callable[[Any, "RunConfig"], tuple] | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
     # asked first, so a method refining another (QLoRA, DoRA, LoRA-FA refine LoRA) claims the model first.
     recognise: Callable[[Any, Any], bool] | None = None
