@@ -96,6 +96,7 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
             frozen += method.frozen(s, run)
         if sites or head_sites:
             frozen += method.shared_frozen(sites + head_sites, run)
+        trainable += method.model_trainable(spec, run)  # its gradient lands after every block's backward
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
         base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),

@@ -37,7 +37,8 @@ ALL_LINEAR = "all-linear"
 # ---------------------------------------------------------------------------------------------
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
-    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None)
+    names, sites, head = _resolve_targets(arch, spec, method.base_trainable or not method.uses_targets,
+                                          tuple(targets) if targets is not None else None)
     return names, list(sites), list(head)
 
 
@@ -99,7 +100,12 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
-    if run.method != method.name or (not method.base_trainable and run.r is None):
+    if not method.uses_targets:  # prompt and prefix tuning adapt no linear layer
+        for given, flag in ((run.r is not None, "--r"), (run.targets is not None, "--targets"), (run.dropout, "--dropout")):
+            if given:
+                raise LoraCostError(f"{flag} does not apply to method {method.name} (it adapts no linear layer)")
+        run = replace(run, method=method.name)
+    elif run.method != method.name or (not method.base_trainable and run.r is None):
         run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)

@@ -76,8 +76,9 @@ def _forward(ctx) -> None:
     d = spec.hidden
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
     seq = ctx.seq
-    masked = spec.sliding_window is not None and seq > spec.sliding_window
-    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
+    kv_seq = ctx.kv_seq  # a prefix (prefix tuning) lengthens the keys, and forces an explicit causal mask
+    masked = spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True, kv_seq=kv_seq)
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.word_embeddings(d))
@@ -91,13 +92,14 @@ def _forward(ctx) -> None:
         a = norm(x)
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
         q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+        k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
             if spec.kv_heads != spec.heads:
-                k = tape.new(q.numel, k.dtype, k.rg)
-                v = tape.new(q.numel, v.dtype, v.rg)
-            tape.transient(ctx.batch * seq * seq)  # the [b, 1, s, s] bool mask
+                k = tape.new(k.numel * spec.heads // spec.kv_heads, k.dtype, k.rg)
+                v = tape.new(v.numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
+            tape.transient(ctx.batch * seq * kv_seq)  # the [b, 1, s, s_kv] bool mask
         attn = ctx.attention(q, k, v, shape if not masked else
-                             ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True),
+                             ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True, kv_seq),
                              implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
         x = ctx.residual("attention", ctx.linear(attn, o_site), x)

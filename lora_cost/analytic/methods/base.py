@@ -95,6 +95,14 @@ class Method:
     input_embeddings: Callable[["StepContext", "Tensor"], "Tensor"] = lambda ctx, x: x
     attention: Callable[..., "Tensor"] = plain_attention
     residual: Callable[..., "Tensor"] = plain_residual
+    # prefix tuning: keys/values prepended to every attention layer's own (extra_keys of them), and the
+    # hook that joins them to the layer's k and v (as the cache update's torch.cat does)
+    extra_keys: Callable[["RunConfig"], int] = lambda run: 0
+    key_values: Callable[..., tuple] = lambda ctx, k, v: (k, v)
+    # methods that adapt no linear layer (prompt and prefix tuning): no --targets, no --r, no --dropout
+    uses_targets: bool = True
+    # trainable tensors outside every linear site (a prompt embedding, a prefix encoder), once per model
+    model_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
