@@ -78,6 +78,8 @@ def _forward(ctx) -> None:
         if gpt2:
             qkv = ctx.linear(a, sites[0])
             q = k = v = qkv.view()  # split + view + transpose of one storage
+            if ctx.kv_seq != seq and run.attention == "eager":  # prefix keys: q alone is reshaped (a copy)
+                q = tape.new(ctx.tokens * d, q.dtype, q.rg)
             rest = sites[1:]
         else:
             q, k, v = (ctx.linear(a, s) for s in sites[:3])

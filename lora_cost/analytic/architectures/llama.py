@@ -84,6 +84,11 @@ def _forward(ctx) -> None:
     x = ctx.stream_input(ctx.word_embeddings(d))
     table = seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
+    if kv_seq != seq and not x.rg:
+        # prefix keys: the first block's q and k need no gradient, so a later block is the first to save
+        # the shared tables; they are kept once (the repeated block would count them once per layer)
+        tape.save(cos, "rotary tables")
+        tape.save(sin, "rotary tables")
 
     def norm(t):
         return ctx.rms_norm(t, d)
