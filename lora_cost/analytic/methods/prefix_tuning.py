@@ -18,6 +18,7 @@ Labels are unchanged (the prefix is not part of the sequence).
 from __future__ import annotations
 
 from .. import ops
+from ...errors import LoraCostError
 from .base import Method, TensorGroup, register_method
 from .options import MethodOption
 from .prompt_tuning import (PROMPT_DTYPE, VIRTUAL_TOKENS, apply_prompt_learning, check_virtual_tokens, peft_type,
@@ -71,6 +72,14 @@ def join_prefix(ctx, k, v):
     return tape.new(numel, k.dtype, True), tape.new(numel, v.dtype, True)
 
 
+def check_prefix(spec, sites, run) -> None:
+    """peft refuses prefix tuning on a model with gradient checkpointing on (peft_model.py
+    `_setup_prompt_encoder`: "PREFIX_TUNING does not work with gradient checkpointing.")."""
+    check_virtual_tokens(spec, run, "prefix-tuning", run.seq + virtual_tokens(run))
+    if run.grad_checkpointing:
+        raise LoraCostError("prefix-tuning does not work with --grad-checkpointing (peft refuses the combination)")
+
+
 def prefix_serving(spec, sites, head_sites, run):
     """The trained prefixes are kept as N keys and values per layer (the encoder is dropped after
     training): each token attends over N more keys in every layer."""
@@ -101,7 +110,7 @@ PREFIX_TUNING = register_method(Method(
     max_rank=lambda site: None,
     options=(VIRTUAL_TOKENS, PROJECTION),
     # the queries sit at positions N .. N + s - 1 (cache_position starts after the prefix)
-    validate=lambda spec, sites, run: check_virtual_tokens(spec, run, "prefix-tuning", run.seq + virtual_tokens(run)),
+    validate=check_prefix,
     model_trainable=encoder_groups,
     extra_keys=virtual_tokens,
     key_values=join_prefix,
