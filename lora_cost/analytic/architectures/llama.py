@@ -99,7 +99,10 @@ def _forward(ctx) -> None:
         q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
-            if spec.kv_heads != spec.heads:
+            # (one key/value head: expand + reshape is a view, unless autocast then casts the expanded view
+            # (fp32 prefix keys under AMP), which materialises every head; only prefix runs take this path)
+            one_head_view = spec.kv_heads == 1 and kv_seq != seq and not (tape.autocast and k.dtype != tape.autocast)
+            if spec.kv_heads != spec.heads and not one_head_view:
                 k = tape.new(k.numel * spec.heads // spec.kv_heads, k.dtype, k.rg)
                 v = tape.new(v.numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
             tape.transient(ctx.batch * seq * kv_seq)  # the [b, 1, s, s_kv] bool mask

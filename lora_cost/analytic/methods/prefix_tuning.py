@@ -69,7 +69,10 @@ def join_prefix(ctx, k, v):
     result requires grad (the prefix trains)."""
     tape, spec = ctx.tape, ctx.spec
     numel = ctx.batch * spec.kv_heads * ctx.kv_seq * spec.head_dim  # [b, kv_heads, N + s, head_dim]
-    return tape.new(numel, k.dtype, True), tape.new(numel, v.dtype, True)
+    # the prefix is in the stored weights' dtype (`.to(base_model_torch_dtype)`): fp32 under AMP, where
+    # torch.cat (on autocast's promote list) joins it with the 16-bit keys in fp32
+    dtype = ops.promote(k.dtype, ctx.run.weight_dtype)
+    return tape.new(numel, dtype, True), tape.new(numel, dtype, True)
 
 
 def check_prefix(spec, sites, run) -> None:
