@@ -232,3 +232,43 @@ def test_prompt_lengthens_the_sequence_prefix_only_the_keys():
     extra = 12 * 4 * 1 * 12 * 100 * 28 * 64
     assert prefix.flops.forward == base.flops.forward - 12 * 2 * 100 * (768 * 8 + 8 * 2304) + extra
     assert prefix.memory.saved_activation_bytes > base.memory.saved_activation_bytes
+
+
+@pytest.mark.parametrize("method,n,hidden", [("prompt-tuning", 6, 0), ("p-tuning", 6, 40), ("prefix-tuning", 6, 24),
+                                             ("prefix-tuning", 6, 0)])
+def test_profiler_recognises_the_live_model(tmp_path, method, n, hidden):
+    """introspect.describe names the method and reads its options; the estimate from them counts the
+    trainable parameters the live model has."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("peft")
+    from lora_cost.profiler.introspect import describe
+    from lora_cost.profiler.introspect import Observed
+
+    model = real_model("llama", method, n, hidden)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    info, spec, run = describe(model, opt, Observed(input_shape=(2, 16), autocast_dtype=None))
+    assert info.method == method and info.estimable, info.note
+    assert dict(run.method_options)["virtual_tokens"] == n
+    from lora_cost.analytic.estimator import estimate_run
+    assert estimate_run(spec, run).trainable_params == info.trainable_params
+
+
+@pytest.mark.fast
+def test_serving_cost_by_hand():
+    """Not mergeable: N extra positions per request; each token attends over N more keys in each of
+    GPT-2's 12 layers (q.k and p.v: 2 x 2 x N x 12 heads x 64 FLOPs); the prompt (N x 768) or the
+    prefix keys and values (12 x 2 x N x 768) are extra weights, in bf16 here."""
+    from lora_cost.analytic.methods import get_method
+    from lora_cost.profiles import load_model
+    from lora_cost.spec import RunConfig
+
+    spec = load_model("gpt2")
+    flops = 12 * 4 * 20 * 12 * 64  # = 737,280
+    for method, weight in (("prompt-tuning", 20 * 768 * 2), ("p-tuning", 20 * 768 * 2),
+                           ("prefix-tuning", 12 * 2 * 20 * 768 * 2)):
+        run = RunConfig(method=method, seq=64, method_options=(("virtual_tokens", 20),))
+        cost = get_method(method).serving(spec, [], [], run)
+        assert not cost.mergeable and cost.extra_positions == 20
+        assert cost.extra_weight_bytes_unmerged == cost.extra_weight_bytes_merged == weight
+        assert cost.extra_flops_per_token_unmerged == cost.extra_flops_per_token_merged == flops == 737_280
+        assert cost.extra_sequential_ops_per_block_unmerged == 0

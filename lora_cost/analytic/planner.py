@@ -166,7 +166,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            adapter_targets = None if get_method(method).base_trainable else targets  # full trains every weight
+            m = get_method(method)  # full trains every weight; prompt and prefix tuning adapt no linear layer
+            adapter_targets = None if m.base_trainable or not m.uses_targets else targets
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -190,7 +191,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     for method in methods:
         m = get_method(method)
         ranks: list[int | None]
-        if m.base_trainable:
+        rankless = m.base_trainable or not m.uses_targets  # one configuration per batch and length
+        if rankless:
             ranks = [None]
         else:
             cap = _max_rank(spec, m, targets)
@@ -199,10 +201,16 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
                 continue
         default = m.default_r
-        reference = None if m.base_trainable else (default if default in ranks else ranks[0])
+        reference = None if rankless else (default if default in ranks else ranks[0])
         for ckpt in (False, True):
+            if ckpt and out and out[-1].method == method:
+                try:  # a method may refuse checkpointing (peft's prefix tuning): say so and plan without it
+                    run(method, ranks[0], batches[0], seq, ckpt)
+                except LoraCostError as exc:
+                    skipped.append(f"{method} with checkpointing: {exc}")
+                    continue
             curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
-            if m.base_trainable:  # no rank to choose: the one configuration fits or not
+            if rankless:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
             else:
                 best_r = _largest(ranks, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
@@ -211,6 +219,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             max_batch = point(run(method, reference, best_b, seq, ckpt)) if best_b is not None else None
             by_seq = []
             for s in seqs:
+                try:  # virtual tokens push the longest lengths past the model's positions: those are left out
+                    run(method, reference, batches[0], s, ckpt)
+                except LoraCostError:
+                    continue
                 b = _largest(batches, lambda b, s=s: run(method, reference, b, s, ckpt).memory.device_bytes <= usable)
                 by_seq.append((s, b or 0))
             out.append(MethodPlan(method, ckpt, reference, max_rank, max_batch, curve, tuple(by_seq)))

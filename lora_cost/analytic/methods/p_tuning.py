@@ -80,5 +80,6 @@ P_TUNING = register_method(Method(
     serving=prompt_serving,
     apply_to_model=apply_p_tuning,
     recognise=lambda model, peft_config: peft_type(peft_config) == "PromptEncoderConfig",
-    observed_options=lambda model: {"virtual_tokens": next(iter(model.peft_config.values())).num_virtual_tokens},
+    observed_options=lambda model: {"virtual_tokens": next(iter(model.peft_config.values())).num_virtual_tokens,
+                                    "encoder_hidden_size": next(iter(model.peft_config.values())).encoder_hidden_size},
 ))

@@ -90,6 +90,12 @@ def prefix_serving(spec, sites, head_sites, run):
     return prompt_serving(spec, sites, head_sites, run, stored_numel=spec.layers * 2 * n * kv_dim(spec))
 
 
+def observed(cfg) -> dict:
+    """Profiler: the options of a live peft PrefixTuningConfig."""
+    return {"virtual_tokens": cfg.num_virtual_tokens,
+            "prefix_projection": cfg.encoder_hidden_size if cfg.prefix_projection else 0}
+
+
 def apply_prefix_tuning(model, run, targets, notes):
     import peft
 
@@ -121,5 +127,5 @@ PREFIX_TUNING = register_method(Method(
     serving=prefix_serving,
     apply_to_model=apply_prefix_tuning,
     recognise=lambda model, peft_config: peft_type(peft_config) == "PrefixTuningConfig",
-    observed_options=lambda model: {"virtual_tokens": next(iter(model.peft_config.values())).num_virtual_tokens},
+    observed_options=lambda model: observed(next(iter(model.peft_config.values()))),
 ))
