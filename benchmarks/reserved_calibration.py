@@ -19,31 +19,20 @@ from __future__ import annotations
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score_calibration import DEFAULT, rel, row_to_kwargs  # noqa: E402
-
-from lora_cost.trace import trace  # noqa: E402
+from score_calibration import rel  # noqa: E402
+from trace_calibration import _pct, parse_args, traced_rows  # noqa: E402
 
 
 def score(path: Path, only: str | None = None) -> list[dict]:
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if only and only not in row["name"]:
-            continue
-        kwargs = row_to_kwargs(row)
-        model, method = kwargs.pop("model"), kwargs.pop("method")
-        t0 = time.perf_counter()
-        t = trace(model, method, calibration=True, **kwargs)
+    for row, t, seconds in traced_rows(path, only, calibration=True):
         out.append({
-            "name": row["name"], "seconds": round(time.perf_counter() - t0, 1),
+            "name": row["name"], "seconds": round(seconds, 1),
             "reserved_peak": t.reserved_peak_bytes, "measured_peak_reserved": row.get("peak_reserved"),
             "reserved_after": t.reserved_after_step_bytes, "measured_reserved_after": row.get("reserved_after_step"),
             "peak_err": rel(t.reserved_peak_bytes, row.get("peak_reserved")),
@@ -56,19 +45,10 @@ def score(path: Path, only: str | None = None) -> list[dict]:
     return out
 
 
-def _pct(x) -> str:
-    return "    n/a" if x is None else f"{100 * x:+6.2f}%"
-
-
 def main(argv: list[str]) -> int:
-    only = None
-    if "--only" in argv:
-        i = argv.index("--only")
-        only = argv[i + 1]
-        argv = argv[:i] + argv[i + 2:]
-    args = [a for a in argv if not a.startswith("--")]
-    rows = score(Path(args[0]) if args else DEFAULT, only)
-    if "--json" in argv:
+    path, only, flags = parse_args(argv)
+    rows = score(path, only)
+    if "--json" in flags:
         print(json.dumps(rows, indent=1))
         return 0
     gib = 1 << 30

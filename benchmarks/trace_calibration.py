@@ -31,8 +31,9 @@ from score_calibration import DEFAULT, rel, row_to_kwargs  # noqa: E402
 from lora_cost.trace import trace  # noqa: E402
 
 
-def score(path: Path, only: str | None = None, calibration: bool = True) -> list[dict]:
-    out = []
+def traced_rows(path: Path, only: str | None = None, calibration: bool = True):
+    """(row, trace result, seconds) for each calibration row whose name contains `only`, traced with
+    the row's flags (as measured with `calibration`, else as an ordinary step)."""
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
@@ -40,14 +41,19 @@ def score(path: Path, only: str | None = None, calibration: bool = True) -> list
         if only and only not in row["name"]:
             continue
         kwargs = row_to_kwargs(row)
-        model = kwargs.pop("model")
-        method = kwargs.pop("method")
+        model, method = kwargs.pop("model"), kwargs.pop("method")
         t0 = time.perf_counter()
         t = trace(model, method, calibration=calibration, **kwargs)
+        yield row, t, time.perf_counter() - t0
+
+
+def score(path: Path, only: str | None = None, calibration: bool = True) -> list[dict]:
+    out = []
+    for row, t, seconds in traced_rows(path, only, calibration):
         phase = {p.phase: p.peak_bytes for p in t.phases}
         qlora = row["method"] == "qlora"
         out.append({
-            "name": row["name"], "qlora": qlora, "seconds": time.perf_counter() - t0,
+            "name": row["name"], "qlora": qlora, "seconds": seconds,
             "trainable_exact": t.trainable_params == row["trainable_params"],
             "peak": rel(t.peak_bytes, row.get("peak_step")),
             "peak_forward": rel(phase["forward"], row.get("peak_forward")),
@@ -65,15 +71,21 @@ def _pct(x) -> str:
     return "    n/a" if x is None else f"{100 * x:+6.2f}%"
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> tuple[Path, str | None, list[str]]:
+    """(calibration file, --only substring, the remaining --flags)."""
     only = None
     if "--only" in argv:
         i = argv.index("--only")
         only = argv[i + 1]
         argv = argv[:i] + argv[i + 2:]
     args = [a for a in argv if not a.startswith("--")]
-    calibration = "--plain" not in argv
-    rows = score(Path(args[0]) if args else DEFAULT, only, calibration)
+    return (Path(args[0]) if args else DEFAULT), only, [a for a in argv if a.startswith("--")]
+
+
+def main(argv: list[str]) -> int:
+    path, only, flags = parse_args(argv)
+    calibration = "--plain" not in flags
+    rows = score(path, only, calibration)
     print("trace setup: " + ("as the rows were measured (identity saved_tensors_hook, two warm-up steps); --plain for an "
                              "ordinary step" if calibration else "an ordinary step (no measuring hook, no warm-up)"))
     if "--json" in argv:

@@ -132,6 +132,38 @@ class GpuFit:
 
 
 @dataclass(frozen=True)
+class ServingVariant:
+    """One way of serving the fine-tuned model (merged into the base weights, or unmerged): what it adds
+    to the base model per generated token, per forward call and per block (analytic/serving.py)."""
+
+    extra_weight_bytes: int
+    extra_flops_per_token: int  # the method's matmuls plus attention over its extra positions
+    extra_flops_per_forward: int  # once per forward call whatever its tokens (DoRA's weight norm unmerged)
+    extra_sequential_ops_per_block: int
+    flops_per_token: int  # base model + extra
+
+
+@dataclass(frozen=True)
+class ServingEstimate:
+    """Inference cost at a context length: the base model's per-token forward FLOPs and weights, and
+    what the method adds merged and unmerged (None, with a note, when the method does not describe it)."""
+
+    context_positions: int  # positions a new token attends to: --seq, capped by a sliding window
+    base_weight_bytes: int  # the pretrained weights as the method stores them
+    base_matmul_flops_per_token: int  # 2 x the weights of every matmul (block linears, LM head)
+    base_attention_flops_per_token: int  # 4 x heads x head_dim per layer per attended position
+    mergeable: bool | None  # None: the method describes no serving cost
+    extra_positions: int  # prompt or prefix positions every request attends to
+    merged: ServingVariant | None
+    unmerged: ServingVariant | None
+    note: str
+
+    @property
+    def base_flops_per_token(self) -> int:
+        return self.base_matmul_flops_per_token + self.base_attention_flops_per_token
+
+
+@dataclass(frozen=True)
 class RunHeader:
     """The run as both engines describe it: the inputs after defaults are filled in, and the
     parameter counts. An `Estimate` and a `TraceResult` are each a header plus their engine's
@@ -164,6 +196,7 @@ class Estimate(RunHeader):
     gpu: GpuFit | None
     warnings: tuple[str, ...]
     assumptions: tuple[str, ...]
+    serving: ServingEstimate | None = None  # only when asked for (estimate --serving)
 
     def to_dict(self) -> dict:
         d = asdict(self)

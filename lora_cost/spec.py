@@ -19,6 +19,13 @@ class LinearSite:
     d_out: int
     bias: bool
     fan_in_fan_out: bool = False  # weight stored [d_in, d_out] (GPT-2's Conv1D), as peft's LoraConfig names it
+    # the module's path inside its block where the name alone is ambiguous (GPT-2's "attn.c_proj" and
+    # "mlp.c_proj"); a target with a dot matches it as peft matches module keys: equal or a "."-suffix
+    path: str = ""
+
+    def matches(self, target: str) -> bool:
+        """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""
+        return target == self.name or bool(self.path) and (self.path == target or self.path.endswith("." + target))
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,7 @@ class ModelSpec:
     embedding_dropout: float = 0.0
     type_vocab_size: int = 0  # BERT/RoBERTa token-type embeddings
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
     source: str = ""
 
     def __post_init__(self) -> None:

@@ -1,3 +1,4 @@
+import json
 import re
 import sys
 from pathlib import Path
@@ -38,3 +39,14 @@ def calibration_path():
     if not CALIBRATION.is_file():
         pytest.skip(f"calibration data not present at {CALIBRATION} (it ships in ../shared beside the repo)")
     return CALIBRATION
+
+
+@pytest.fixture
+def config_file(tmp_path):
+    """Writes a tiny model's config.json under tmp_path and returns its path: `config_file(cfg)`."""
+    def write(cfg: dict, name: str | None = None) -> str:
+        path = tmp_path / (name or cfg["model_type"]) / "config.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(cfg))
+        return str(path)
+    return write

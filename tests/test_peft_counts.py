@@ -39,6 +39,7 @@ CASES = [
     ("llama-3.2-1b", "dora", 8, "q_proj,k_proj,v_proj,o_proj"),
     ("qwen2.5-0.5b", "lora", 16, "all-linear"),
     ("qwen2.5-0.5b", "vera", 256, "all-linear"),
+    ("qwen3-0.6b", "lora", 16, "all-linear"), ("qwen3-8b", "dora", 8, "q_proj,v_proj"),
 ]
 
 
@@ -57,7 +58,8 @@ def test_trainable_params_match_peft(name, method, r, targets):
     assert e.total_params == base_total
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b", "roberta-large"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "mistral-7b", "roberta-large", "qwen3-0.6b",
+                                  "qwen3-1.7b", "qwen3-4b", "qwen3-8b", "qwen3-14b", "qwen3-32b"])
 def test_full_finetune_counts_every_parameter(name):
     model = build(name)
     assert estimate(name, "full", seq=64).trainable_params == sum(p.numel() for p in model.parameters())

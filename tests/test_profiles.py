@@ -25,7 +25,7 @@ def shapes_from_config(cfg: dict) -> tuple:
 
 def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
-    assert len(files) == 17 == len(bundled_models())
+    assert len(files) == 23 == len(bundled_models())  # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])
@@ -41,6 +41,21 @@ def test_published_shapes():
     assert (load_model("llama-3.2-1b").head_dim, load_model("llama-3.2-1b").kv_heads) == (64, 8)
     assert (load_model("qwen2.5-0.5b").head_dim, load_model("qwen2.5-0.5b").kv_heads) == (64, 2)
     assert (load_model("gpt2").head_dim, load_model("gpt2").intermediate) == (64, 3072)
+    # Qwen3: head_dim 128 is given explicitly and is not hidden / heads for 0.6B (1024 / 16 = 64) or 4B (2560 / 32 = 80)
+    assert (load_model("Qwen/Qwen3-0.6B").head_dim, load_model("qwen3-4b").head_dim) == (128, 128)
+    assert load_model("qwen3-8b").qk_norm and not load_model("qwen2.5-7b").qk_norm
+
+
+@pytest.mark.parametrize("name,published", [
+    # total parameters as the Qwen3 model cards and technical report (arXiv:2505.09388, Table 1) print them,
+    # in billions to one decimal: the counts below are summed from the config shapes by the family module
+    ("qwen3-0.6b", 0.6), ("qwen3-1.7b", 1.7), ("qwen3-4b", 4.0), ("qwen3-8b", 8.2), ("qwen3-14b", 14.8),
+    ("qwen3-32b", 32.8),
+])
+def test_qwen3_totals_match_the_published_sizes(name, published):
+    from lora_cost import estimate
+    total = estimate(name, "full", seq=16).total_params
+    assert round(total / 1e9, 1) == published
 
 
 def test_all_gpu_profiles_load():

@@ -192,9 +192,8 @@ def test_lora_paper_gpt3_prefix_layer():
 
 @pytest.mark.fast
 @pytest.mark.parametrize("args,message", [
-    (["--method", "prompt-tuning"], "needs --virtual-tokens"),
-    (["--method", "p-tuning", "--virtual-tokens", "0"], "needs --virtual-tokens"),
-    (["--method", "prefix-tuning", "--virtual-tokens", "-3"], "--virtual-tokens must be at least 0"),
+    (["--method", "p-tuning", "--virtual-tokens", "0"], "--virtual-tokens must be at least 1"),
+    (["--method", "prefix-tuning", "--virtual-tokens", "-3"], "--virtual-tokens must be at least 1"),
     (["--method", "prompt-tuning", "--virtual-tokens", "600", "--seq", "512"], "more than"),
     (["--method", "prefix-tuning", "--virtual-tokens", "8", "--seq", "1020"], "more than"),
     (["--method", "prompt-tuning", "--virtual-tokens", "8", "--r", "8"], "--r does not apply"),
@@ -255,20 +254,15 @@ def test_profiler_recognises_the_live_model(tmp_path, method, n, hidden):
 
 @pytest.mark.fast
 def test_serving_cost_by_hand():
-    """Not mergeable: N extra positions per request; each token attends over N more keys in each of
-    GPT-2's 12 layers (q.k and p.v: 2 x 2 x N x 12 heads x 64 FLOPs); the prompt (N x 768) or the
-    prefix keys and values (12 x 2 x N x 768) are extra weights, in bf16 here."""
-    from lora_cost.analytic.methods import get_method
-    from lora_cost.profiles import load_model
-    from lora_cost.spec import RunConfig
-
-    spec = load_model("gpt2")
+    """Not mergeable: N extra positions per request, which each token attends over in each of GPT-2's
+    12 layers (q.k and p.v: 2 x 2 x N x 12 heads x 64 FLOPs, added by analytic/serving.py); the
+    prompt (N x 768) or the prefix keys and values (12 x 2 x N x 768) are extra fp32 weights."""
     flops = 12 * 4 * 20 * 12 * 64  # = 737,280
-    for method, weight in (("prompt-tuning", 20 * 768 * 2), ("p-tuning", 20 * 768 * 2),
-                           ("prefix-tuning", 12 * 2 * 20 * 768 * 2)):
-        run = RunConfig(method=method, seq=64, method_options=(("virtual_tokens", 20),))
-        cost = get_method(method).serving(spec, [], [], run)
-        assert not cost.mergeable and cost.extra_positions == 20
-        assert cost.extra_weight_bytes_unmerged == cost.extra_weight_bytes_merged == weight
-        assert cost.extra_flops_per_token_unmerged == cost.extra_flops_per_token_merged == flops == 737_280
-        assert cost.extra_sequential_ops_per_block_unmerged == 0
+    for method, weight in (("prompt-tuning", 20 * 768 * 4), ("p-tuning", 20 * 768 * 4),
+                           ("prefix-tuning", 12 * 2 * 20 * 768 * 4)):
+        s = estimate("gpt2", method, seq=64, method_options={"virtual_tokens": 20}, serving=True).serving
+        assert s.mergeable is False and s.extra_positions == 20
+        for variant in (s.merged, s.unmerged):
+            assert variant.extra_weight_bytes == weight
+            assert variant.extra_flops_per_token == flops == 737_280
+            assert variant.extra_sequential_ops_per_block == 0

@@ -22,11 +22,8 @@ def run(*args):
 
 
 @pytest.fixture()
-def tiny_gpt2(tmp_path) -> str:
-    path = tmp_path / "gpt2" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(GPT2))
-    return str(path)
+def tiny_gpt2(config_file) -> str:
+    return config_file(GPT2, "gpt2")
 
 
 def test_engine_both_json(tiny_gpt2):

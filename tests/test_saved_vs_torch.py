@@ -20,6 +20,8 @@ CONFIGS = {
                   num_key_value_heads=2, vocab_size=512, max_position_embeddings=64),
     "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=4, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=True),
+    "qwen3": dict(model_type="qwen3", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=32, vocab_size=512, max_position_embeddings=64, tie_word_embeddings=True),
     "bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                  vocab_size=512, max_position_embeddings=64, type_vocab_size=2),
     "roberta": dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -79,12 +81,17 @@ CASES = [
     ("roberta", "lora", ("query", "value"), 8, False), ("roberta", "full", None, 0, False),
     ("roberta", "lora", ("query", "value"), 8, True), ("qwen2", "lora", "all-linear", 4, True),
     ("bert", "full", None, 0, False), ("bert", "lora", "all-linear", 4, False),
+    # qwen3: q/k RMSNorm per head (head_dim 32 here, not hidden / heads = 16)
+    ("qwen3", "full", None, 0, False), ("qwen3", "lora", ("q_proj", "v_proj"), 8, False),
+    ("qwen3", "lora", "all-linear", 4, True), ("qwen3", "lora", ("q_proj", "k_proj"), 4, False),
+    ("qwen3", "lora-fa", "all-linear", 4, False), ("qwen3", "vera", "all-linear", 16, False),
 ]
 # bf16 (peft's fp32 adapters, the per-module input casts, RMSNorm's fp32 upcast); layer_norm's
 # statistics are bf16 on the CPU but fp32 on CUDA, so only the RMSNorm family compares exactly here
 BF16_CASES = [
     ("llama", "full", None, 0, False), ("llama", "lora", "all-linear", 4, False), ("llama", "lora-fa", "all-linear", 4, False),
     ("llama", "vera", ("q_proj", "v_proj"), 16, False), ("qwen2", "lora", ("q_proj", "v_proj"), 8, True),
+    ("qwen3", "lora", "all-linear", 4, False), ("qwen3", "full", None, 0, True),
 ]
 
 

@@ -27,19 +27,13 @@ GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_si
 
 
 @pytest.fixture()
-def llama(tmp_path) -> str:
-    path = tmp_path / "llama" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(LLAMA))
-    return str(path)
+def llama(config_file) -> str:
+    return config_file(LLAMA, "llama")
 
 
 @pytest.fixture()
-def gpt2(tmp_path) -> str:
-    path = tmp_path / "gpt2" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(GPT2))
-    return str(path)
+def gpt2(config_file) -> str:
+    return config_file(GPT2, "gpt2")
 
 
 def _run(code: str, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -10,7 +10,6 @@ the trace counted.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -79,11 +78,8 @@ LLAMA = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "nu
 
 
 @pytest.fixture()
-def llama(tmp_path) -> str:
-    path = tmp_path / "llama" / "config.json"
-    path.parent.mkdir()
-    path.write_text(json.dumps(LLAMA))
-    return str(path)
+def llama(config_file) -> str:
+    return config_file(LLAMA, "llama")
 
 
 @pytest.mark.parametrize("calibration", [False, True])

@@ -67,7 +67,7 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
-                    method_options=run.method_options)
+                    method_options=run.method_options, targets=run.targets)  # (IA)3's vectors depend on the targets
     return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
 
 
@@ -94,9 +94,12 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         for s in head_sites:
             trainable += method.trainable(s, run)
             frozen += method.frozen(s, run)
+        # trainable tensors outside the adapted linears (BitFit's biases); "*" groups repeat per block
+        beyond = method.model_trainable(spec, groups, run)
+        trainable += beyond
+        per_layer += sum(g.total_numel // L * DTYPE_BYTES[g.dtype] for g in beyond if "*" in g.name)
         if sites or head_sites:
             frozen += method.shared_frozen(sites + head_sites, run)
-        trainable += method.model_trainable(spec, run)  # its gradient lands after every block's backward
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
         base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),

@@ -91,7 +91,7 @@ class StepContext:
         return self.method.input_embeddings(self, self.embedding(None, width))
 
     def layer_norm(self, x: Tensor, width: int) -> Tensor:
-        return ops.layer_norm(self.tape, x, width, w_trainable=self.base_trainable)
+        return ops.layer_norm(self.tape, x, width, w_trainable=self.base_trainable, b_trainable=self.method.trains_biases)
 
     def rms_norm(self, x: Tensor, width: int) -> Tensor:
         return ops.rms_norm(self.tape, x, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
@@ -109,7 +109,7 @@ class StepContext:
         return self.storage.linear(self, x, site)
 
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if site.name in self.targets and not self.base_trainable:
+        if not self.base_trainable and (site.name in self.targets or any(site.matches(t) for t in self.targets)):
             return self.method.adapted_linear(self, x, site)
         return self.base_linear(x, site)
 

@@ -37,20 +37,21 @@ ALL_LINEAR = "all-linear"
 # ---------------------------------------------------------------------------------------------
 def resolve_targets(arch: Architecture, spec: ModelSpec, method: Method, targets) -> tuple[tuple[str, ...], list[LinearSite], list[LinearSite]]:
     """The target names, the per-block sites they adapt and the head sites they adapt."""
-    names, sites, head = _resolve_targets(arch, spec, method.base_trainable or not method.uses_targets,
-                                          tuple(targets) if targets is not None else None)
+    defaults = method.default_targets(spec) if method.default_targets is not None and targets is None else None
+    names, sites, head = _resolve_targets(arch, spec, method.base_trainable, tuple(targets) if targets is not None else None,
+                                          defaults)
     return names, list(sites), list(head)
 
 
 @lru_cache(maxsize=4096)
-def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, targets):
+def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, targets, defaults=None):
     block_sites = arch.linear_sites(spec)
     head_sites = arch.head_sites(spec)
     names = {s.name for s in block_sites} | {s.name for s in head_sites}
     if base_trainable:
         return (), (), ()
     if targets is None:
-        wanted = tuple(arch.default_targets)
+        wanted = tuple(arch.default_targets) if defaults is None else tuple(defaults)
     elif tuple(targets) == (ALL_LINEAR,):
         wanted = tuple(dict.fromkeys(s.name for s in (*block_sites, *head_sites)))
     else:
@@ -58,11 +59,12 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
         if not wanted:
             raise LoraCostError("--targets is empty")
         for t in wanted:
-            if t not in names:
+            if t not in names and not any(s.matches(t) for s in (*block_sites, *head_sites)):
                 raise LoraCostError(f"target module {t!r} matches nothing in {spec.name}; its linear modules are "
                                     f"{', '.join(sorted(names))} (or use all-linear)")
     chosen = set(wanted)
-    return wanted, tuple(s for s in block_sites if s.name in chosen), tuple(s for s in head_sites if s.name in chosen)
+    picked = lambda site: site.name in chosen or any(site.matches(t) for t in chosen)  # noqa: E731
+    return wanted, tuple(s for s in block_sites if picked(s)), tuple(s for s in head_sites if picked(s))
 
 
 @lru_cache(maxsize=4096)
@@ -76,8 +78,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
-             utilisation: float = DEFAULT_UTILISATION) -> Estimate:
-    """Estimate memory and FLOPs of one training step. Raises LoraCostError on bad input."""
+             utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+    """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
+    inference cost at a context of `seq` positions). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -85,7 +88,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())))
-    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
@@ -100,13 +103,10 @@ def validated_run(spec: ModelSpec, run: RunConfig):
             raise LoraCostError("--dropout (adapter dropout) does not apply to full fine-tuning")
         if run.targets is not None:
             raise LoraCostError("--targets does not apply to full fine-tuning (every weight is trained)")
-    if not method.uses_targets:  # prompt and prefix tuning adapt no linear layer
-        for given, flag in ((run.r is not None, "--r"), (run.targets is not None, "--targets"), (run.dropout, "--dropout")):
-            if given:
-                raise LoraCostError(f"{flag} does not apply to method {method.name} (it adapts no linear layer)")
-        run = replace(run, method=method.name)
-    elif run.method != method.name or (not method.base_trainable and run.r is None):
-        run = replace(run, method=method.name, r=None if method.base_trainable else method.rank(run))
+    if not method.uses_rank and not method.base_trainable and run.r is not None:
+        raise LoraCostError(f"--r does not apply to {method.name} (it has no rank)")
+    if run.method != method.name or (method.uses_rank and not method.base_trainable and run.r is None):
+        run = replace(run, method=method.name, r=None if method.base_trainable or not method.uses_rank else method.rank(run))
     get_optimizer(run.optimizer)
     target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
     method.check(spec, sites + head_sites, run)
@@ -114,7 +114,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
-                 utilisation: float = DEFAULT_UTILISATION) -> Estimate:
+                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
     run, method, target_names, sites, head_sites = validated_run(spec, run)
     arch = get_architecture(spec.model_type)
     opt = get_optimizer(run.optimizer)
@@ -163,7 +163,14 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=len(sites) * L + len(head_sites), memory=memory, flops=flops,
-        gpu=fit, warnings=tuple(warnings), assumptions=_assumptions(run, opt))
+        gpu=fit, warnings=tuple(warnings),
+        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ()),
+        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
+
+
+def _serving(arch, spec, method, sites, head_sites, run):
+    from .serving import serving_estimate  # only when asked: the estimate path stays as it was
+    return serving_estimate(arch, spec, method, sites, head_sites, run)
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:

@@ -32,12 +32,15 @@ def cast(tape: Tape, x: Tensor, dtype: str) -> Tensor:
 
 
 def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w_dtype: str,
-           kind: str = "base", counted: bool = True) -> Tensor:
+           kind: str = "base", counted: bool = True, b_trainable: bool = False) -> Tensor:
     """nn.Linear / GPT-2 Conv1D (addmm): [n, d_in] @ [d_in, d_out].
 
     Saves the input for the weight gradient only if the weight trains; the weight itself is a
     parameter (not an activation) unless autocast made a low-precision copy of it, which is saved
     when the input needs a gradient (torch/csrc/autograd autocast cache).
+    A trainable bias (BitFit) saves nothing: addmm's `self` gradient is the incoming gradient summed
+    over rows (derivatives.yaml `addmm`: self: maybe_multiply(grad, beta), no saved input), but the
+    output then requires grad even when neither the input nor the weight does.
     """
     n = x.numel // d_in
     if tape.autocast:
@@ -53,14 +56,15 @@ def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w
         tape.mark_saved()  # the (parameter) weight, kept for the input gradient
     # inputs are saved before the kernel runs (VariableType), so this matmul follows the save
     tape.matmul(kind, n, d_in, d_out, grad_a=x.rg, grad_b=w_trainable, counted=counted)
-    return tape.new(n * d_out, out_dtype, x.rg or w_trainable)
+    return tape.new(n * d_out, out_dtype, x.rg or w_trainable or b_trainable)
 
 
-def layer_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> Tensor:
-    """aten.native_layer_norm: saves input, mean and rstd (fp32 on CUDA) whenever a grad is needed."""
+def layer_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, b_trainable: bool = False) -> Tensor:
+    """aten.native_layer_norm: saves input, mean and rstd (fp32 on CUDA) whenever a grad is needed
+    (one backward formula serves input, weight and bias, so a trainable bias alone saves all three)."""
     if tape.autocast:  # layer_norm is on autocast's fp32 list
         x = cast(tape, x, "fp32")
-    rg = x.rg or w_trainable
+    rg = x.rg or w_trainable or b_trainable
     if rg:
         rows = x.numel // width
         tape.save(x, "norm inputs")

@@ -22,6 +22,8 @@ from ..results import MemoryCategory as C, PhasePeak, Term
 from ..spec import RunConfig
 from .stack import Stack
 
+_NAME = {category: category.value for category in C}  # JSON names, looked up once (sweeps make many terms)
+
 
 @dataclass(frozen=True)
 class ActivationBudget:
@@ -111,7 +113,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     phases = []
     for phase, options in candidates.items():
         where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))
-        terms = tuple(Term(str(category), int(v), "", "", category) for category, v in steady + extra if v)
+        terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
 

@@ -166,8 +166,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            m = get_method(method)  # full trains every weight; prompt and prefix tuning adapt no linear layer
-            adapter_targets = None if m.base_trainable or not m.uses_targets else targets
+            # full trains every weight, BitFit every bias; prompt and prefix tuning adapt no linear: no targets
+            m = get_method(method)
+            no_targets = m.base_trainable or m.trains_biases or (m.default_targets is not None and not m.default_targets(spec))
+            adapter_targets = None if no_targets else targets
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -191,7 +193,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     for method in methods:
         m = get_method(method)
         ranks: list[int | None]
-        rankless = m.base_trainable or not m.uses_targets  # one configuration per batch and length
+        rankless = m.base_trainable or not m.uses_rank  # BitFit, (IA)3: one configuration, like full
         if rankless:
             ranks = [None]
         else:
@@ -239,7 +241,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "
         f"{','.join(targets) if targets else 'query and value projections'}",
         "largest batch searched at each method's default rank (VeRA 256, others 8) or the smallest rank asked for",
-    )
+    ) + tuple(f"{m.name}: {m.note}" for m in map(get_method, methods) if m.note)
     return Plan(model=spec.name, budget_bytes=int(budget_bytes), margin=margin, usable_bytes=usable,
                 gpu=gpu_profile.name if gpu_profile else None, seq=seq, batch_range=batch_range,
                 ranks=tuple(rank_candidates(*rank_range)), precision=precision, optimizer=optimizer, targets=targets,

@@ -7,6 +7,7 @@ import json
 import click
 
 from . import main
+from ..errors import LoraCostError
 from .options import common_run_options, method_choice, method_options, parse_targets
 
 
@@ -18,17 +19,19 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--seq", "-s", type=int, default=512, show_default=True)
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--explain", is_flag=True, help="Show every term with its formula and value.")
+@click.option("--serving", is_flag=True, help="Also the inference cost per generated token at a context of --seq "
+              "positions: base model, and the method's extra weights, FLOPs and sequential ops, merged and unmerged.")
 @click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
               help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
-             seq, grad_checkpointing, explain, engine, **option_flags):
+             seq, grad_checkpointing, explain, serving, engine, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(option_flags))
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
-        result = run_estimate(model, method, gpu=gpu, **kwargs)
+        result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)
         for warning in result.warnings:
             click.echo(f"lora-cost: warning: {warning}", err=True)
         if as_json:
@@ -39,6 +42,8 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
             from ..report.terminal import render_estimate
             render_estimate(Console(), result, explain=explain)
         return
+    if serving:
+        raise LoraCostError("--serving is an analytic estimate: use it with --engine analytic")
     from ..profiles import load_model
     load_model(model)  # a bad --model is refused before torch is imported
     from .trace_engine import run_trace_engine  # imports torch: only on request

@@ -9,6 +9,7 @@ import click
 
 from ..errors import LoraCostError, shown
 from . import main
+from ..analytic.methods import all_methods
 from .options import method_option_flags, method_options, parse_targets
 
 
@@ -28,7 +29,8 @@ def _write(path: str, text: str) -> Path:
 @click.option("--gpu", default=None, help="A bundled GPU profile: its memory is the budget unless --budget is given.")
 @click.option("--budget", default=None, help="Memory budget, e.g. 40GiB, 24GB or a byte count.")
 @click.option("--margin", default="0", show_default=True, help="Keep this fraction (0.1) or percentage (10%) of the budget free.")
-@click.option("--methods", default="lora,lora-fa,dora,vera,qlora,full", show_default=True)
+@click.option("--methods", default="lora,lora-fa,dora,vera,qlora,full", show_default=True,
+              help=f"Comma separated, any of {', '.join(all_methods())} (lora-cost methods: each with its paper).")
 @click.option("--r", "ranks", default="1-1024", show_default=True, help="Rank range; powers of two within it are tried.")
 @click.option("--batch", "batches", default="1-64", show_default=True, help="Batch range.")
 @click.option("--seq", "-s", type=int, default=2048, show_default=True)

@@ -62,10 +62,15 @@ def _hf_model(model):
     return None
 
 
-def _method(model, peft_cfg) -> tuple[str | None, str]:
-    """The first method, in the registry's recognition order, that recognises the live model."""
-    from ..analytic.methods.base import recognisers
+def _method(model, peft_cfg, optimizer=None) -> tuple[str | None, str]:
+    """The first method, in the registry's recognition order, that recognises the live model; methods
+    told apart by their optimizer (LoRA+) are asked first."""
+    from ..analytic.methods.base import optimizer_recognisers, recognisers
 
+    if optimizer is not None:
+        for method in optimizer_recognisers():
+            if method.recognise_optimizer(model, peft_cfg, optimizer) is not None:
+                return method.name, ""
     for method in recognisers():
         if method.recognise(model, peft_cfg):
             return method.name, ""
@@ -121,7 +126,7 @@ def describe(model, optimizer, observed: Observed):
     peft_cfg, base = _peft_config(model)
     hf = _hf_model(base)
     notes = []
-    method, why = _method(model, peft_cfg)
+    method, why = _method(model, peft_cfg, optimizer)
     if why:
         notes.append(why)
     opt_name, why = _optimizer(optimizer)
@@ -160,6 +165,8 @@ def describe(model, optimizer, observed: Observed):
                                     cfg.to_dict(), "live model")
             m = get_method(method)
             options = m.observed_options(model)
+            if m.recognise_optimizer is not None:
+                options = {**options, **(m.recognise_optimizer(model, peft_cfg, optimizer) or {})}
             run = RunConfig(method=method, r=None if m.base_trainable else r,
                             targets=targets or None, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
                             grad_checkpointing=ckpt, attention=est_attention, dropout=0.0 if m.base_trainable else dropout,

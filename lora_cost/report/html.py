@@ -10,6 +10,7 @@ import html
 from datetime import datetime, timezone
 
 from ..analytic.planner import Plan
+from ..profiler.results import MEASURED
 from ..results import MemoryCategory
 from ..units import GIB, fmt_bytes
 
@@ -229,16 +230,14 @@ def profile_to_html(doc: dict, source: str) -> str:
 
     bounds = steps[0].get("boundaries", []) if steps else []
     if bounds:
-        cats = ("trainable_params", "frozen_params", "buffers", "gradients", "optimizer_state", "saved_activations",
-                "temporaries")
         labels = [f"{b.get('name')} (micro-batch {b.get('micro_batch')})" for b in bounds]
         scale, unit_name = _scale([(b.get("memory") or {}).get("live_total", 0) for b in bounds], "bytes")
         fig = go.Figure()
-        for i, cat in enumerate(cats):
-            vals = [(b.get("memory") or {}).get(cat, 0) for b in bounds]
-            fig.add_trace(go.Bar(name=cat.replace("_", " "), x=labels, y=[v / scale for v in vals], customdata=vals,
+        for i, (category, field) in enumerate(MEASURED.items()):
+            vals = [(b.get("memory") or {}).get(field, 0) for b in bounds]
+            fig.add_trace(go.Bar(name=category.label, x=labels, y=[v / scale for v in vals], customdata=vals,
                                  marker_color=_PALETTE[i % len(_PALETTE)],
-                                 hovertemplate=f"{cat}: %{{y:.3f}} {unit_name} (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
+                                 hovertemplate=f"{esc(category.label)}: %{{y:.3f}} {unit_name} (%{{customdata:,}} B)<extra>%{{x}}</extra>"))
         fig.update_layout(barmode="stack", title=f"Live memory by category at the phase boundaries of step {steps[0].get('index')}",
                           xaxis=dict(title="moment"), yaxis=dict(title=f"live memory ({unit_name})"))
         figures.append(fig)

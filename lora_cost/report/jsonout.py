@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ..results import Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, Term
+from ..results import (Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, ServingEstimate,
+                       ServingVariant, Term)
+
+SERVING_CONVENTION = ("per generated token with a KV cache, attending to context_positions positions; matmul FLOPs, "
+                      "2 per multiply-add (torch.utils.flop_counter), elementwise ops not counted; no timing")
 
 
 def _terms(terms: tuple[Term, ...]) -> dict[str, int]:
@@ -54,7 +58,49 @@ def estimate_to_json(e: Estimate) -> dict:
         "warnings": list(e.warnings),
         "assumptions": list(e.assumptions),
     }
+    if e.serving is not None:  # only when asked for (estimate --serving): absent otherwise
+        doc["serving"] = serving_json(e.serving)
     return doc
+
+
+def _variant_json(v: ServingVariant | None) -> dict | None:
+    if v is None:
+        return None
+    return {"extra_weight_bytes": v.extra_weight_bytes, "extra_flops_per_token": v.extra_flops_per_token,
+            "extra_flops_per_forward_call": v.extra_flops_per_forward,
+            "extra_sequential_ops_per_block": v.extra_sequential_ops_per_block, "flops_per_token": v.flops_per_token}
+
+
+def serving_json(s: ServingEstimate) -> dict:
+    return {
+        "context_positions": s.context_positions,
+        "convention": SERVING_CONVENTION,
+        "base": {"weight_bytes": s.base_weight_bytes, "flops_per_token": s.base_flops_per_token,
+                 "matmul_flops_per_token": s.base_matmul_flops_per_token,
+                 "attention_flops_per_token": s.base_attention_flops_per_token},
+        "mergeable": s.mergeable,
+        "extra_positions": s.extra_positions,
+        "merged": _variant_json(s.merged),
+        "unmerged": _variant_json(s.unmerged),
+        "note": s.note,
+    }
+
+
+def serving_from_json(doc: dict) -> ServingEstimate:
+    def variant(v: dict | None) -> ServingVariant | None:
+        if v is None:
+            return None
+        return ServingVariant(extra_weight_bytes=v["extra_weight_bytes"], extra_flops_per_token=v["extra_flops_per_token"],
+                              extra_flops_per_forward=v["extra_flops_per_forward_call"],
+                              extra_sequential_ops_per_block=v["extra_sequential_ops_per_block"],
+                              flops_per_token=v["flops_per_token"])
+
+    base = doc["base"]
+    return ServingEstimate(context_positions=doc["context_positions"], base_weight_bytes=base["weight_bytes"],
+                           base_matmul_flops_per_token=base["matmul_flops_per_token"],
+                           base_attention_flops_per_token=base["attention_flops_per_token"],
+                           mergeable=doc["mergeable"], extra_positions=doc["extra_positions"],
+                           merged=variant(doc["merged"]), unmerged=variant(doc["unmerged"]), note=doc["note"])
 
 
 def gpu_fit_json(g: GpuFit | None) -> dict | None:
@@ -94,4 +140,5 @@ def estimate_from_json(doc: dict) -> Estimate:
         grad_checkpointing=inputs["grad_checkpointing"], attention=inputs["attention"], dropout=inputs["dropout"],
         method_options=inputs["method_options"], trainable_params=doc["trainable_params"],
         total_params=doc["total_params"], adapted_modules=doc["adapted_modules"], memory=memory, flops=flops, gpu=gpu,
-        warnings=tuple(doc["warnings"]), assumptions=tuple(doc["assumptions"]))
+        warnings=tuple(doc["warnings"]), assumptions=tuple(doc["assumptions"]),
+        serving=serving_from_json(doc["serving"]) if "serving" in doc else None)

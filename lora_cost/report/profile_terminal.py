@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 from ..units import fmt_bytes, fmt_flops
-from ..profiler.results import CATEGORIES, ProfileResult
+from ..profiler.results import MEASURED, ProfileResult
+from ..results import MemoryCategory
 
 
 def _err(rel: float | None) -> str:
@@ -47,9 +48,9 @@ def render_profile(console: Console, r: ProfileResult) -> None:
         names = [f"{b.name}[{b.micro_batch}]" if last.micro_batches > 1 else b.name for b in last.boundaries]
         for n in names:
             c.add_column(n, justify="right")
-        for cat in CATEGORIES:
-            label = "temporaries (residual)" if cat == "temporaries" else cat.replace("_", " ")
-            c.add_row(label, *(fmt_bytes(getattr(b.memory, cat)) for b in last.boundaries))
+        for category, field in MEASURED.items():
+            label = category.label + (" (residual)" if category is MemoryCategory.TEMPORARIES else "")
+            c.add_row(label, *(fmt_bytes(getattr(b.memory, field)) for b in last.boundaries))
         c.add_row("[bold]live total[/]", *(f"[bold]{fmt_bytes(b.memory.live_total)}[/]" for b in last.boundaries))
         console.print(c)
 
@@ -82,8 +83,8 @@ def render_profile(console: Console, r: ProfileResult) -> None:
         o = r.oom
         console.print(f"[red]out of memory[/] in step {o.step_index} ({o.phase}): {o.message}")
         if o.memory is not None:
-            alive = ", ".join(f"{c.replace('_', ' ')} {fmt_bytes(getattr(o.memory, c))}" for c in CATEGORIES
-                              if getattr(o.memory, c))
+            alive = ", ".join(f"{c.label} {fmt_bytes(getattr(o.memory, f))}" for c, f in MEASURED.items()
+                              if getattr(o.memory, f))
             console.print(f"  alive: {alive}")
     if r.overhead is not None:
         o = r.overhead

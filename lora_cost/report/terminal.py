@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from ..results import Estimate, MemoryCategory
+from ..results import Estimate, MemoryCategory, ServingEstimate
 from ..units import fmt_bytes, fmt_flops
 
 
@@ -50,8 +50,35 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
         console.print(f"{g.gpu}: {verdict} ({fmt_bytes(m.device_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
                       f"{fmt_bytes(g.headroom_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
                       f"{100 * g.utilisation:.0f}% of peak throughput")
+    if e.serving is not None:
+        render_serving(console, e.serving)
     if explain:
         _render_explain(console, e)
+
+
+def render_serving(console: Console, s: ServingEstimate) -> None:
+    """The `serving` block: the base model per generated token, and what the method adds merged and unmerged."""
+    console.print(f"Serving, per generated token attending to {s.context_positions:,} positions (--seq as the "
+                  f"context; matmul FLOPs, 2 per multiply-add): base model {fmt_flops(s.base_flops_per_token)} "
+                  f"({fmt_flops(s.base_matmul_flops_per_token)} matmuls + {fmt_flops(s.base_attention_flops_per_token)} "
+                  f"attention), {fmt_bytes(s.base_weight_bytes)} of weights")
+    if s.merged is None or s.unmerged is None:
+        console.print(f"[dim]{s.note}[/]")
+        return
+    table = Table(title="What the method adds at inference (+: over the base model)")
+    for col in ("served", "+weights", "+FLOPs/token", "+FLOPs/call", "+ops/block", "FLOPs/token"):
+        table.add_column(col, justify="left" if col == "served" else "right")
+    for label, v in (("merged", s.merged), ("unmerged", s.unmerged)):
+        if label == "merged" and not s.mergeable:
+            table.add_row(label, "cannot merge", "", "", "", "")
+            continue
+        table.add_row(label, fmt_bytes(v.extra_weight_bytes), f"{v.extra_flops_per_token:,}",
+                      f"{v.extra_flops_per_forward:,}", str(v.extra_sequential_ops_per_block), fmt_flops(v.flops_per_token))
+    console.print(table)
+    if s.extra_positions:
+        console.print(f"every request attends to {s.extra_positions:,} extra positions")
+    if s.note:
+        console.print(f"[dim]{s.note}[/]")
 
 
 def _render_explain(console: Console, e: Estimate) -> None:

@@ -23,6 +23,7 @@ class ParamGroup:
     numel: int
     count: int
     kind: str  # "linear" (a block's linear weight; NF4 under QLoRA), "embedding", "norm", "bias", "head"
+    bias_numel: int = 0  # of `numel`, the elements that are a bias (a LayerNorm's beta): BitFit trains them
 
     @property
     def total(self) -> int:

@@ -39,10 +39,15 @@ def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     d, i = spec.hidden, spec.intermediate
     # attention.output.dense, intermediate.dense and output.dense are all named "dense" (peft matches all three)
     return (LinearSite("query", d, d, True), LinearSite("key", d, d, True), LinearSite("value", d, d, True),
-            LinearSite("dense", d, d, True), LinearSite("dense", d, i, True), LinearSite("dense", i, d, True))
+            LinearSite("dense", d, d, True, path="attention.output.dense"),
+            LinearSite("dense", d, i, True, path="intermediate.dense"), LinearSite("dense", i, d, True, path="output.dense"))
 
 
 HEAD_DENSE = "dense"  # lm_head.dense, also matched by a "dense" target and by all-linear
+
+
+def _head_site(spec: ModelSpec) -> LinearSite:
+    return LinearSite(HEAD_DENSE, spec.hidden, spec.hidden, True, path="lm_head.dense")
 
 
 def _params(spec: ModelSpec) -> list[ParamGroup]:
@@ -50,13 +55,13 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
     groups = [ParamGroup("word_embeddings", spec.vocab * d, 1, "embedding"),
               ParamGroup("position_embeddings", spec.max_positions * d, 1, "embedding"),
               ParamGroup("token_type_embeddings", spec.type_vocab_size * d, 1, "embedding"),
-              ParamGroup("embeddings.LayerNorm", 2 * d, 1, "norm")]
+              ParamGroup("embeddings.LayerNorm", 2 * d, 1, "norm", bias_numel=d)]
     for s in _sites(spec):
         groups.append(ParamGroup(f"layer.*.{s.name}.weight", s.d_in * s.d_out, L, "linear"))
         groups.append(ParamGroup(f"layer.*.{s.name}.bias", s.d_out, L, "bias"))
-    groups.append(ParamGroup("layer.*.LayerNorm (x2)", 2 * d, 2 * L, "norm"))
+    groups.append(ParamGroup("layer.*.LayerNorm (x2)", 2 * d, 2 * L, "norm", bias_numel=d))
     groups += [ParamGroup("lm_head.dense", d * d, 1, "head"), ParamGroup("lm_head.dense.bias", d, 1, "bias"),
-               ParamGroup("lm_head.layer_norm", 2 * d, 1, "norm"), ParamGroup("lm_head.bias", spec.vocab, 1, "bias")]
+               ParamGroup("lm_head.layer_norm", 2 * d, 1, "norm", bias_numel=d), ParamGroup("lm_head.bias", spec.vocab, 1, "bias")]
     return [g for g in groups if g.numel > 0]
 
 
@@ -91,7 +96,7 @@ def _forward(ctx) -> None:
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
-    h = ops.gelu(tape, ctx.head_site_linear(x, LinearSite(HEAD_DENSE, d, d, True)))
+    h = ops.gelu(tape, ctx.head_site_linear(x, _head_site(spec)))
     ctx.lm_head_and_loss(ln(h), upcast=False, shifted_labels=False)
 
 
@@ -99,4 +104,4 @@ BERT = register_architecture(Architecture(
     family="bert", model_types=("roberta", "bert"),
     description="BERT/RoBERTa encoder with the masked-LM head (post-LayerNorm, GELU, tied decoder)",
     from_config=_from_config, linear_sites=_sites, default_targets=("query", "value"),
-    params=_params, forward=_forward, head_sites=lambda spec: (LinearSite(HEAD_DENSE, spec.hidden, spec.hidden, True),)))
+    params=_params, forward=_forward, head_sites=lambda spec: (_head_site(spec),)))

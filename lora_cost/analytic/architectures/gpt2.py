@@ -34,8 +34,8 @@ def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
 
 def _gpt2_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     d, i = spec.hidden, spec.intermediate
-    return (LinearSite("c_attn", d, 3 * d, True, True), LinearSite("c_proj", d, d, True, True),
-            LinearSite("c_fc", d, i, True, True), LinearSite("c_proj", i, d, True, True))
+    return (LinearSite("c_attn", d, 3 * d, True, True, "attn.c_attn"), LinearSite("c_proj", d, d, True, True, "attn.c_proj"),
+            LinearSite("c_fc", d, i, True, True, "mlp.c_fc"), LinearSite("c_proj", i, d, True, True, "mlp.c_proj"))
 
 
 def _gpt3_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
@@ -51,8 +51,8 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
     for s in sites:
         groups.append(ParamGroup(f"h.*.{s.name}.weight", s.d_in * s.d_out, L, "linear"))
         groups.append(ParamGroup(f"h.*.{s.name}.bias", s.d_out, L, "bias"))
-    groups.append(ParamGroup("h.*.ln_1, ln_2", 2 * d, 2 * L, "norm"))
-    groups.append(ParamGroup("ln_f", 2 * d, 1, "norm"))
+    groups.append(ParamGroup("h.*.ln_1, ln_2", 2 * d, 2 * L, "norm", bias_numel=d))  # LayerNorm weight + bias
+    groups.append(ParamGroup("ln_f", 2 * d, 1, "norm", bias_numel=d))
     if not spec.tie_embeddings:
         groups.append(ParamGroup("lm_head", spec.vocab * d, 1, "head"))
     return groups

@@ -1,4 +1,4 @@
-"""Llama-style decoders: Llama 2/3, Mistral, Qwen2 (transformers `LlamaForCausalLM` and kin).
+"""Llama-style decoders: Llama 2/3, Mistral, Qwen2, Qwen3 (transformers `LlamaForCausalLM` and kin).
 
 Block (pre-RMSNorm): x + o_proj(attn(rope(q_proj(n)), rope(k_proj(n)), v_proj(n))) with
 n = input_layernorm(x), then x + down_proj(silu(gate_proj(m)) * up_proj(m)), m = post_attention_layernorm(x).
@@ -6,6 +6,8 @@ Grouped-query attention: k_proj and v_proj have kv_heads * head_dim outputs; on 
 transformers passes `enable_gqa=True` to sdpa (integrations/sdpa_attention.py `use_gqa_in_sdpa`).
 RoPE saves only the shared cos/sin tables (q*cos + rotate_half(q)*sin). Qwen2 has q/k/v biases.
 Mistral builds an explicit sliding-window mask once the sequence exceeds its window.
+Qwen3 (modeling_qwen3.py Qwen3Attention) normalises each head's q and k with an RMSNorm over head_dim
+(`q_norm(q_proj(x).view(..., head_dim))`) before RoPE, and has no q/k/v biases.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
     model_type = cfg["model_type"]
     window = integer(cfg, "sliding_window", name, default=None, maximum=MAX_POSITIONS)
     use_window = flag(cfg, "use_sliding_window", name, False)
-    if model_type == "llama" or (model_type == "qwen2" and not use_window):
+    if model_type == "llama" or (model_type in ("qwen2", "qwen3") and not use_window):
         window = None
     return ModelSpec(
         name=name, family="llama", model_type=model_type, hidden=d,
@@ -38,7 +40,8 @@ def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
         max_positions=require(cfg, "max_position_embeddings", name, maximum=MAX_POSITIONS),
         tie_embeddings=flag(cfg, "tie_word_embeddings", name, False),
         qkv_bias=flag(cfg, "attention_bias", name, model_type == "qwen2"), mlp_bias=flag(cfg, "mlp_bias", name, False),
-        attention_dropout=prob(cfg, "attention_dropout", name, 0.0), sliding_window=window, source=source)
+        attention_dropout=prob(cfg, "attention_dropout", name, 0.0), sliding_window=window,
+        qk_norm=model_type == "qwen3", source=source)
 
 
 def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
@@ -58,6 +61,8 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
         if s.bias:
             groups.append(ParamGroup(f"layers.*.{s.name}.bias", s.d_out, L, "bias"))
     groups.append(ParamGroup("layers.*.input_layernorm, post_attention_layernorm", d, 2 * L, "norm"))
+    if spec.qk_norm:
+        groups.append(ParamGroup("layers.*.self_attn.q_norm, k_norm", spec.head_dim, 2 * L, "norm"))
     groups.append(ParamGroup("norm", d, 1, "norm"))
     if not spec.tie_embeddings:
         groups.append(ParamGroup("lm_head", spec.vocab * d, 1, "head"))
@@ -96,6 +101,8 @@ def _forward(ctx) -> None:
     def block(x):
         a = norm(x)
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
+        if spec.qk_norm:  # over each head's head_dim values
+            q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
         q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
@@ -122,7 +129,7 @@ def _forward(ctx) -> None:
 
 
 LLAMA = register_architecture(Architecture(
-    family="llama", model_types=("llama", "mistral", "qwen2"),
+    family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
     description="Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
     params=_params, forward=_forward))

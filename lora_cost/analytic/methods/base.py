@@ -99,10 +99,6 @@ class Method:
     # hook that joins them to the layer's k and v (as the cache update's torch.cat does)
     extra_keys: Callable[["RunConfig"], int] = lambda run: 0
     key_values: Callable[..., tuple] = lambda ctx, k, v: (k, v)
-    # methods that adapt no linear layer (prompt and prefix tuning): no --targets, no --r, no --dropout
-    uses_targets: bool = True
-    # trainable tensors outside every linear site (a prompt embedding, a prefix encoder), once per model
-    model_trainable: Callable[["ModelSpec", "RunConfig"], list[TensorGroup]] = lambda spec, run: []
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # profiler: does this live model (and its peft config, or None) run this method? Higher priority is
@@ -111,6 +107,20 @@ class Method:
     recognise_priority: int = 0
     observed_options: Callable[[Any], dict] = lambda model: {}  # its options as read from a live model
     observed_precision: Callable[[Any], str | None] | None = None  # when parameter dtypes do not tell
+    # profiler: a method told apart by its optimizer (LoRA+'s learning-rate groups): (model, peft config,
+    # optimizer) -> its observed options when it recognises the run, else None; asked before `recognise`
+    recognise_optimizer: Callable[[Any, Any, Any], dict | None] | None = None
+    # BitFit: every bias of the model trains (ops save and flow gradients accordingly; the budget counts
+    # the architecture's bias parameters as trainable)
+    trains_biases: bool = False
+    # trainable tensors outside the adapted linears, from the architecture's parameter groups
+    # (spec, groups, run) -> TensorGroups; `per_layer` of them repeat in every block
+    model_trainable: Callable[["ModelSpec", tuple, "RunConfig"], list[TensorGroup]] = lambda spec, groups, run: []
+    # the modules adapted when --targets is not given ((IA)3: peft's per-family defaults); None: the
+    # architecture's query and value projections
+    default_targets: Callable[["ModelSpec"], tuple[str, ...]] | None = None
+    uses_rank: bool = True  # False: the method has no rank (BitFit, (IA)3); --r is refused
+    note: str = ""  # shown beside the method's estimates and plan rows (LoRA+: costs equal LoRA's)
 
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
@@ -131,7 +141,7 @@ class Method:
         """The run's precision and rank against what the method allows, then its own checks."""
         if self.precisions is not None and run.precision not in self.precisions:
             raise LoraCostError(f"{self.name} needs --precision {' or '.join(self.precisions)}, not {run.precision}")
-        if not self.base_trainable:
+        if not self.base_trainable and run.r is not None:
             for site in sites:
                 limit = self.max_rank(site)
                 if limit is not None and run.r > limit:
@@ -175,6 +185,12 @@ def all_options() -> dict[MethodOption, tuple[str, ...]]:
 def recognisers() -> list[Method]:
     """The methods the profiler can recognise on a live model, in the order it asks them."""
     found = [m for m in METHODS.all().values() if m.recognise is not None]
+    return sorted(found, key=lambda m: (-m.recognise_priority, m.name))
+
+
+def optimizer_recognisers() -> list[Method]:
+    """The methods the profiler tells apart by the optimizer (asked before `recognisers()`)."""
+    found = [m for m in METHODS.all().values() if m.recognise_optimizer is not None]
     return sorted(found, key=lambda m: (-m.recognise_priority, m.name))
 
 

@@ -29,7 +29,9 @@ from .. import ops
 from ...spec import LinearSite
 from ...units import DTYPE_BYTES
 from .base import Method, TensorGroup, register_method
-from .lora import ADAPTER_DTYPE, apply_lora, is_lora_config, lora_branch, lora_trainable, merge_into_base
+from .lora import (ADAPTER_DTYPE, apply_lora, is_lora_config, lora_branch, lora_branch_flops, lora_trainable,
+                   merge_into_base)
+from .serving import ServingCost, adapter_bytes, casts_around, per_adapted_site
 
 
 def dora_linear(ctx, x, site: LinearSite):
@@ -74,6 +76,47 @@ def dora_trainable(site, run):
     return lora_trainable(site, run) + [TensorGroup(f"{site.name}.lora_magnitude_vector", site.d_out, 1, ADAPTER_DTYPE)]
 
 
+def weight_norm_flops(site: LinearSite, r: int) -> int:
+    """get_lora_weight: eye(d_in) through lora_A then lora_B, 2 d_in^2 r + 2 d_in r d_out matmul FLOPs."""
+    return 2 * site.d_in * site.d_in * r + 2 * site.d_in * r * site.d_out
+
+
+# DoraLinearLayer.forward, kernels that depend on the weights only (peft recomputes them every call
+# unless dora.ENABLE_DORA_CACHING): eye, lora_A(eye), lora_B(.), scaling * lora_weight, weight + .,
+# linalg.norm, magnitude / weight_norm
+WEIGHT_NORM_OPS = 7
+# ... and those on the token path: lora_A(x), lora_B(.), mag_norm_scale - 1, * base_result,
+# mag_norm_scale * lora_result, * scaling, the sum of the two, then LoraLayer's `result + dora`
+TOKEN_OPS = 8
+
+
+def dora_serving(spec, sites, head_sites, run) -> ServingCost:
+    """Merged (peft DoraLinearVariant.merge_safe): W' = m (W + s B A) / ||W + s B A||_c replaces W, nothing
+    extra. Unmerged: LoRA's factors and the magnitude vector; per token LoRA's two matmuls, per call the
+    weight norm of every adapted module (peft `tuners/lora/dora.py` DoraLinearLayer.forward)."""
+    activations = DORA.storage(run).linear_dtype
+    casts = casts_around(ADAPTER_DTYPE, activations)
+    weight_cast = 0 if activations == ADAPTER_DTYPE else 1  # weight.to(x.dtype): the base weight in fp32
+
+    def ops(site):
+        return WEIGHT_NORM_OPS + weight_cast + TOKEN_OPS + (1 if site.bias else 0) + casts  # base_result - bias
+
+    cached = per_adapted_site(spec, sites, head_sites, lambda s: 4 * (s.d_in * s.d_out + s.d_out))
+    return ServingCost(
+        mergeable=True,
+        extra_weight_bytes_unmerged=adapter_bytes(DORA, spec, sites, head_sites, run),
+        extra_weight_bytes_merged=0,
+        extra_flops_per_token_unmerged=per_adapted_site(spec, sites, head_sites, lambda s: lora_branch_flops(s, run.r)),
+        extra_flops_per_token_merged=0,
+        extra_sequential_ops_per_block_unmerged=sum(ops(s) for s in sites),
+        extra_sequential_ops_per_block_merged=0,
+        extra_flops_per_forward_unmerged=per_adapted_site(spec, sites, head_sites, lambda s: weight_norm_flops(s, run.r)),
+        note=("merged: m (W + s B A) / ||W + s B A|| replaces W; unmerged: peft recomputes B A and the weight norm on "
+              f"every forward call; peft.tuners.lora.dora.ENABLE_DORA_CACHING=True (eval mode) caches them instead, "
+              f"{cached:,} bytes more and {WEIGHT_NORM_OPS - 1} kernels fewer per adapted module"),
+    )
+
+
 DORA = register_method(Method(
     name="dora",
     title="DoRA",
@@ -83,6 +126,7 @@ DORA = register_method(Method(
     trainable=dora_trainable,
     frozen=lambda site, run: [],
     adapted_linear=dora_linear,
+    serving=dora_serving,
     apply_to_model=lambda model, run, targets, notes: apply_lora(model, run, targets, notes, use_dora=True),
     recognise=lambda model, peft_config: is_lora_config(peft_config) and bool(getattr(peft_config, "use_dora", False)),
     recognise_priority=20,

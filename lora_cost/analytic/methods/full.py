@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .base import Method, register_method
+from .serving import NONE, ServingCost
 
 
 def apply_full(model, run, targets, notes):
@@ -14,6 +17,11 @@ def apply_full(model, run, targets, notes):
     if run.grad_checkpointing:
         enable_checkpointing(model)
     return model, 0
+
+
+def full_serving(spec, sites, head_sites, run) -> ServingCost:
+    """Nothing beside the base: the fine-tuned weights are the model (one whole copy per task)."""
+    return replace(NONE, note="the served model is the fine-tuned model itself: the base's size, one whole copy per task")
 
 
 def recognise_full(model, peft_config) -> bool:
@@ -31,6 +39,7 @@ FULL = register_method(Method(
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
     base_trainable=True,
+    serving=full_serving,
     apply_to_model=apply_full,
     recognise=recognise_full,
 ))

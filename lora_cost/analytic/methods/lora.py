@@ -13,6 +13,7 @@ from __future__ import annotations
 from .. import ops
 from ...spec import LinearSite, RunConfig
 from .base import Method, TensorGroup, register_method
+from .serving import ServingCost, adapter_bytes, casts_around, per_adapted_site
 
 ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True
 
@@ -47,6 +48,35 @@ def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
     base_out = ctx.base_linear(x, site)
     _, _, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
     return merge_into_base(ctx, base_out, b)
+
+
+def lora_branch_flops(site: LinearSite, r: int) -> int:
+    """x @ A.T then @ B.T for one token: 2 r d_in + 2 r d_out FLOPs (2 per multiply-add)."""
+    return 2 * r * (site.d_in + site.d_out)
+
+
+# peft Linear.forward at inference (dropout is Identity): `result = result + lora_B(lora_A(x)) * scaling`:
+# two matmuls, the scaling and the add, plus the casts to the fp32 adapter dtype and back (serving.py)
+LORA_BRANCH_OPS = 4
+
+
+def lora_serving(spec, sites, head_sites, run, *, method=None, note: str = "") -> ServingCost:
+    """Merged (peft merge_and_unload: W + s B A written into W): nothing extra. Unmerged: the fp32
+    factors beside the base, their two matmuls per token, and four kernels plus casts per adapted module
+    (Hu et al. 2021, Sec. 4.1)."""
+    method = method or LORA
+    activations = method.storage(run).linear_dtype
+    per_module_ops = LORA_BRANCH_OPS + casts_around(ADAPTER_DTYPE, activations)
+    return ServingCost(
+        mergeable=True,
+        extra_weight_bytes_unmerged=adapter_bytes(method, spec, sites, head_sites, run),
+        extra_weight_bytes_merged=0,
+        extra_flops_per_token_unmerged=per_adapted_site(spec, sites, head_sites, lambda s: lora_branch_flops(s, run.r)),
+        extra_flops_per_token_merged=0,
+        extra_sequential_ops_per_block_unmerged=per_module_ops * len(sites),
+        extra_sequential_ops_per_block_merged=0,
+        note=note or "merged: W + s B A replaces W (peft merge_and_unload); unmerged: B(A(x)) beside each adapted W",
+    )
 
 
 def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False, freeze_a: bool = False,
@@ -85,6 +115,7 @@ LORA = register_method(Method(
     trainable=lora_trainable,
     frozen=lambda site, run: [],
     adapted_linear=lora_linear,
+    serving=lora_serving,
     apply_to_model=apply_lora,
     recognise=lambda model, peft_config: is_lora_config(peft_config),  # asked after its variants
 ))

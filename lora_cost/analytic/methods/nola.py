@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from .. import ops
 from .base import Method, TensorGroup, register_method
-from .lora import ADAPTER_DTYPE, merge_into_base
+from .lora import ADAPTER_DTYPE, LORA, lora_serving, merge_into_base
+from .serving import per_adapted_site
 from .options import MethodOption
 
 K = MethodOption("k", "--nola-k", int, 1024, "number of random bases for A", minimum=1)
@@ -67,6 +68,17 @@ def apply_nola(model, run, targets, notes):
     return model, adapted
 
 
+def nola_serving(spec, sites, head_sites, run):
+    """Mixed once at load (A = A0 + sum alpha_i A_i, B likewise), NoLA is a LoRA of rank r: merged it
+    folds into W, unmerged it serves the two mixed fp32 factors (the seeds and coefficients suffice to
+    rebuild them). The reference layer as written regenerates and mixes the bases on every forward."""
+    k, l_ = K.value(run), L.value(run)
+    mixing = per_adapted_site(spec, sites, head_sites, lambda s: 2 * k * run.r * s.d_in + 2 * l_ * s.d_out * run.r)
+    return lora_serving(spec, sites, head_sites, run, method=LORA, note=(
+        "merged: W + s B A with the mixed factors; unmerged: the mixed factors A and B, computed once at load "
+        f"({mixing:,} FLOPs); NOLALinear as written regenerates the bases and spends those FLOPs on every forward"))
+
+
 NOLA = register_method(Method(
     name="nola",
     title="NoLA",
@@ -78,6 +90,7 @@ NOLA = register_method(Method(
     frozen=lambda site, run: [TensorGroup(f"{site.name}.nola_A0", run.r * site.d_in, 1, ADAPTER_DTYPE),
                               TensorGroup(f"{site.name}.nola_B0", site.d_out * run.r, 1, ADAPTER_DTYPE)],
     adapted_linear=nola_linear,
+    serving=nola_serving,
     options=(K, L),
     apply_to_model=apply_nola,
 ))

@@ -69,11 +69,12 @@ P_TUNING = register_method(Method(
     trainable=lambda site, run: [],
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_targets=False,
+    uses_rank=False,
+    default_targets=lambda spec: (),  # no linear layer is adapted
     max_rank=lambda site: None,
     options=(VIRTUAL_TOKENS, ENCODER_HIDDEN),
     validate=lambda spec, sites, run: check_virtual_tokens(spec, run, "p-tuning", run.seq + virtual_tokens(run)),
-    model_trainable=encoder_groups,
+    model_trainable=lambda spec, groups, run: encoder_groups(spec, run),
     virtual_tokens=virtual_tokens,
     input_embeddings=p_tuning_embeddings,
     # at serving the encoder's output is computed once and kept: the same as prompt tuning

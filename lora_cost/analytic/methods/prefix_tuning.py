@@ -84,8 +84,9 @@ def check_prefix(spec, sites, run) -> None:
 
 
 def prefix_serving(spec, sites, head_sites, run):
-    """The trained prefixes are kept as N keys and values per layer (the encoder is dropped after
-    training): each token attends over N more keys in every layer."""
+    """The trained prefixes are kept as N keys and values per layer in fp32 (peft's inference mode
+    builds Embedding(N, L x 2 x kv_dim) and drops the MLP): each token attends over N more keys in
+    every layer, which sit in the KV cache from the start (no kernel added inside a block)."""
     n = virtual_tokens(run)
     return prompt_serving(spec, sites, head_sites, run, stored_numel=spec.layers * 2 * n * kv_dim(spec))
 
@@ -115,12 +116,13 @@ PREFIX_TUNING = register_method(Method(
     trainable=lambda site, run: [],
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_targets=False,
+    uses_rank=False,
+    default_targets=lambda spec: (),  # no linear layer is adapted
     max_rank=lambda site: None,
     options=(VIRTUAL_TOKENS, PROJECTION),
     # the queries sit at positions N .. N + s - 1 (cache_position starts after the prefix)
     validate=check_prefix,
-    model_trainable=encoder_groups,
+    model_trainable=lambda spec, groups, run: encoder_groups(spec, run),
     extra_keys=virtual_tokens,
     key_values=join_prefix,
     input_embeddings=prefix_encoder,

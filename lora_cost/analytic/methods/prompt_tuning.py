@@ -21,9 +21,11 @@ from .serving import ServingCost
 from ...units import DTYPE_BYTES
 
 PROMPT_DTYPE = "fp32"  # peft builds the prompt encoder in torch's default dtype, whatever the model's
-VIRTUAL_TOKENS = MethodOption("virtual_tokens", "--virtual-tokens", int, 0,
+# peft has no default (num_virtual_tokens=None); 20 is the value of its prompt-tuning and prefix-tuning
+# guides, so that every method runs on defaults (plan, serving tables)
+VIRTUAL_TOKENS = MethodOption("virtual_tokens", "--virtual-tokens", int, 20,
                               "virtual tokens (prompt/P-tuning: prepended to the input; prefix tuning: keys and "
-                              "values prepended in every layer); required", minimum=0)
+                              "values prepended in every layer)", minimum=1)
 
 
 def virtual_tokens(run) -> int:
@@ -31,10 +33,12 @@ def virtual_tokens(run) -> int:
 
 
 def check_virtual_tokens(spec, run, name: str, positions: int) -> None:
-    """N given and positive; the positions the model sees (s + N) within its maximum; a causal LM."""
+    """No linear-layer settings; N given and positive; the positions the model sees (s + N) within its
+    maximum; a causal LM."""
+    for given, flag in ((run.targets is not None, "--targets"), (run.dropout, "--dropout")):
+        if given:
+            raise LoraCostError(f"{flag} does not apply to {name} (it adapts no linear layer)")
     n = virtual_tokens(run)
-    if n < 1:
-        raise LoraCostError(f"{name} needs --virtual-tokens N (a positive number of virtual tokens)")
     if spec.family == "bert":
         raise LoraCostError(f"{name} runs only on causal LMs here: peft's prompt learning wrappers do not pad "
                             f"{spec.model_type}'s masked-LM labels for the virtual tokens, nor pass it a prefix cache")
@@ -64,19 +68,20 @@ def prompt_embeddings(ctx, x):
 
 
 def prompt_serving(spec, sites, head_sites, run, *, stored_numel: int | None = None) -> ServingCost:
-    """N extra positions in every request: their embeddings are weights, and each generated token
-    attends over N more keys in every layer (q.k and p.v: 4 * N * heads * head_dim FLOPs per layer).
-    Not mergeable: the prompt is input, not a weight update."""
+    """N extra positions in every request, which every generated token attends to in every layer
+    (analytic/serving.py adds that attention: 4 x heads x head_dim FLOPs per layer per position); the
+    prompt's own forward runs once per request, with the prefill. The N x d embeddings are kept in
+    fp32 (peft loads them as trained). Not mergeable: the prompt is input, not a weight update; no
+    kernel is added inside a block (the concatenation happens once, before the first)."""
     n = virtual_tokens(run)
     stored = n * spec.hidden if stored_numel is None else stored_numel
-    weight = stored * DTYPE_BYTES[run.weight_dtype]
-    flops = spec.layers * 4 * n * spec.heads * spec.head_dim
+    weight = stored * DTYPE_BYTES[PROMPT_DTYPE]
     return ServingCost(mergeable=False, extra_weight_bytes_unmerged=weight, extra_weight_bytes_merged=weight,
-                       extra_flops_per_token_unmerged=flops, extra_flops_per_token_merged=flops,
+                       extra_flops_per_token_unmerged=0, extra_flops_per_token_merged=0,
                        extra_sequential_ops_per_block_unmerged=0, extra_sequential_ops_per_block_merged=0,
                        extra_positions=n,
-                       note=f"{n} virtual tokens in every request: their own forward once per request (prompt "
-                            f"positions), then attention over {n} more keys per layer for each token")
+                       note=f"{n} virtual positions in every request (not mergeable): each token attends over "
+                            f"{n} more keys per layer; the prompt's own forward runs once per request")
 
 
 def apply_prompt_learning(model, run, notes, config):
@@ -117,11 +122,12 @@ PROMPT_TUNING = register_method(Method(
     trainable=lambda site, run: [],
     frozen=lambda site, run: [],
     adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_targets=False,
+    uses_rank=False,
+    default_targets=lambda spec: (),  # no linear layer is adapted
     max_rank=lambda site: None,
     options=(VIRTUAL_TOKENS,),
     validate=lambda spec, sites, run: check_virtual_tokens(spec, run, "prompt-tuning", run.seq + virtual_tokens(run)),
-    model_trainable=lambda spec, run: [TensorGroup("prompt_encoder.embedding", virtual_tokens(run) * spec.hidden, 1,
+    model_trainable=lambda spec, groups, run: [TensorGroup("prompt_encoder.embedding", virtual_tokens(run) * spec.hidden, 1,
                                                    PROMPT_DTYPE)],
     virtual_tokens=virtual_tokens,
     input_embeddings=prompt_embeddings,

@@ -15,9 +15,11 @@ from __future__ import annotations
 import sys
 
 from .base import Method, register_method
-from .lora import apply_lora, is_lora_config, lora_linear, lora_trainable
+from .lora import apply_lora, is_lora_config, lora_linear, lora_serving, lora_trainable
 from .options import MethodOption
+from .serving import ServingCost
 from .storage import FourBitStorage
+from ...units import DTYPE_BYTES
 
 QUANT_TYPE = MethodOption("quant_type", "--quant-type", str, "nf4", "4-bit data type (bnb_4bit_quant_type)",
                           choices=("nf4", "fp4"))
@@ -77,6 +79,34 @@ def observed_precision(model) -> str:
     return "fp16" if compute == torch.float16 else "bf16"
 
 
+def qlora_serving(spec, sites, head_sites, run) -> ServingCost:
+    """Unmerged: LoRA's fp32 factors beside the 4-bit base, its branch in the 16-bit compute dtype (casts
+    to fp32 and back). Merged: W + s B A exists only in 16 bits, so the served model is the base dequantised
+    to the compute dtype with the update added: every 4-bit block linear grows to 16 bits. (peft's own
+    Linear4bit.merge re-quantises W + s B A to 4 bits, adding nothing but rounding the update away in the
+    4-bit grid; peft warns so.)"""
+    from ..architectures import get_architecture
+    from ..budget import param_groups
+
+    storage = four_bit_storage(run)
+    sixteen = DTYPE_BYTES[storage.compute_dtype]
+    linears = [g for g in param_groups(get_architecture(spec.model_type), spec) if g.kind == "linear"]
+    growth = sum(g.count * (sixteen * g.numel - storage.linear_bytes(g.numel)) for g in linears)
+    unmerged = lora_serving(spec, sites, head_sites, run, method=QLORA)
+    return ServingCost(
+        mergeable=True,
+        extra_weight_bytes_unmerged=unmerged.extra_weight_bytes_unmerged,
+        extra_weight_bytes_merged=growth,
+        extra_flops_per_token_unmerged=unmerged.extra_flops_per_token_unmerged,
+        extra_flops_per_token_merged=0,
+        extra_sequential_ops_per_block_unmerged=unmerged.extra_sequential_ops_per_block_unmerged,
+        extra_sequential_ops_per_block_merged=0,
+        note=(f"merged means dequantised: the block linears in {storage.compute_dtype} instead of "
+              f"{storage.quant_type.upper()} ({growth:,} bytes more); peft's merge into Linear4bit re-quantises "
+              "W + s B A instead (nothing more, the update rounded to 4 bits); unmerged: LoRA on the 4-bit base"),
+    )
+
+
 QLORA = register_method(Method(
     name="qlora",
     title="QLoRA (4-bit base + LoRA)",
@@ -87,6 +117,7 @@ QLORA = register_method(Method(
     frozen=lambda site, run: [],
     adapted_linear=lora_linear,
     storage=four_bit_storage,
+    serving=qlora_serving,
     options=(QUANT_TYPE, DOUBLE_QUANT),
     precisions=("bf16", "fp16"),  # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype)
     apply_to_model=apply_qlora,

@@ -54,7 +54,8 @@ class DenseStorage:
         return numel * DTYPE_BYTES[self.dtype]
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
-        return ops.linear(ctx.tape, x, site.d_in, site.d_out, w_trainable=ctx.base_trainable, w_dtype=ctx.weight_dtype)
+        return ops.linear(ctx.tape, x, site.d_in, site.d_out, w_trainable=ctx.base_trainable, w_dtype=ctx.weight_dtype,
+                          b_trainable=site.bias and ctx.method.trains_biases)
 
     def formula(self, total_params: int) -> str:
         return f"{total_params:,} parameters x {DTYPE_BYTES[self.dtype]} B ({self.dtype})"

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from .. import ops
 from .base import Method, TensorGroup, no_rank_limit, register_method
-from .lora import ADAPTER_DTYPE, merge_into_base
+from .lora import ADAPTER_DTYPE, lora_branch_flops, merge_into_base
+from .serving import ServingCost, adapter_bytes, casts_around, per_adapted_site
 
 
 def vera_linear(ctx, x, site):
@@ -55,6 +56,28 @@ def apply_vera(model, run, targets, notes):
     return model, count_adapted(model, "vera_lambda_b")
 
 
+# peft vera Linear.forward: `result + lambda_b * F.linear(lambda_d * F.linear(x, sliced_A), sliced_B)`: two
+# matmuls, two scalings and the add (the slices are views)
+VERA_BRANCH_OPS = 5
+
+
+def vera_serving(spec, sites, head_sites, run) -> ServingCost:
+    """Merged (peft VeraLayer.merge, get_delta_weight = (lambda_b B) (lambda_d A)): nothing extra. Unmerged:
+    the shared A, B and each module's two scaling vectors; per token the two sliced matmuls."""
+    casts = casts_around(ADAPTER_DTYPE, VERA.storage(run).linear_dtype)
+    return ServingCost(
+        mergeable=True,
+        extra_weight_bytes_unmerged=adapter_bytes(VERA, spec, sites, head_sites, run),
+        extra_weight_bytes_merged=0,
+        extra_flops_per_token_unmerged=per_adapted_site(spec, sites, head_sites, lambda s: lora_branch_flops(s, run.r)),
+        extra_flops_per_token_merged=0,
+        extra_sequential_ops_per_block_unmerged=(VERA_BRANCH_OPS + casts) * len(sites),
+        extra_sequential_ops_per_block_merged=0,
+        note="merged: W + (lambda_b B)(lambda_d A) replaces W; unmerged: the shared A, B sliced per module, and "
+             "the scaling vectors",
+    )
+
+
 VERA = register_method(Method(
     name="vera",
     title="VeRA",
@@ -66,6 +89,7 @@ VERA = register_method(Method(
     frozen=lambda site, run: [],
     shared_frozen=vera_shared,
     adapted_linear=vera_linear,
+    serving=vera_serving,
     # the shared projections are sized to the largest adapted layer and sliced: any rank builds
     max_rank=no_rank_limit,
     apply_to_model=apply_vera,
