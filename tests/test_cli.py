@@ -106,6 +106,8 @@ def test_models_and_gpus_listing():
     assert out.exit_code == 0 and any(g["name"] == "rtx-4090-24gb" for g in json.loads(out.output))
     out = run("methods", "--json")
     assert out.exit_code == 0
+    # at least these (methods are one module each)
     assert {m["name"] for m in json.loads(out.output)} >= {"full", "lora", "lora-fa", "vera", "nola", "qlora", "dora",
                                                            "lora-plus", "bitfit", "ia3", "adapter-houlsby",
-                                                           "adapter-pfeiffer", "adalora"}
+                                                           "adapter-pfeiffer", "adalora", "prompt-tuning", "p-tuning",
+                                                           "prefix-tuning"}

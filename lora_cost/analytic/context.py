@@ -49,6 +49,15 @@ class StepContext:
         return self.run.seq + self.method.virtual_tokens(self.run)
 
     @property
+    def kv_seq(self) -> int:
+        """The keys and values each query attends to: `seq` plus any prefix the method prepends."""
+        return self.seq + self.method.extra_keys(self.run)
+
+    def key_values(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """A layer's keys and values as attention sees them (prefix tuning joins its prefix here)."""
+        return self.method.key_values(self, k, v)
+
+    @property
     def batch(self) -> int:
         return self.run.batch
 

@@ -187,6 +187,11 @@ class AttentionShape:
     kv_heads: int
     head_dim: int
     causal: bool
+    kv_seq: int | None = None  # keys/values attended to (prefix tuning prepends some); None: seq
+
+    @property
+    def keys(self) -> int:
+        return self.seq if self.kv_seq is None else self.kv_seq
 
 
 def sdpa_backend(dtype: str, shape: AttentionShape, gqa_in_kernel: bool) -> str:
@@ -213,11 +218,12 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     (they recompute the scores), 8*b*h*s^2*hd for the two explicit batched matmuls.
     """
     b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
+    sk = shape.keys  # [b, h, s, hd] queries against [b, kvh, sk, hd] keys and values
     if tape.autocast:  # scaled_dot_product_attention and matmul run in the autocast dtype
         q, k, v = (cast(tape, t, tape.autocast) for t in (q, k, v))
     dt = q.dtype
     rg = q.rg or k.rg or v.rg
-    score_numel = b * h * s * s
+    score_numel = b * h * s * sk
     gqa = kvh != h
     if implementation == "sdpa":
         backend = sdpa_backend(dt, shape, gqa_in_kernel=gqa)
@@ -233,9 +239,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
             if implementation == "sdpa-masked":
                 # sdpa turns a bool mask into an additive one in q's dtype (convert_boolean_attn_mask),
                 # padded to a multiple of 16 along the keys, and the efficient kernel saves it
-                tape.save(tape.new(b * s * (-(-s // 16) * 16), dt, False), "attention mask")
-        tape.add_flops("attention", sdpa_forward_flops(b, h, s, s, hd, hd),
-                       sdpa_backward_flops(b, h, s, s, hd, hd) if rg else 0)
+                tape.save(tape.new(b * s * (-(-sk // 16) * 16), dt, False), "attention mask")
+        tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd),
+                       sdpa_backward_flops(b, h, s, sk, hd, hd) if rg else 0)
         out = tape.new(out_numel, dt, rg)
         if rg:
             tape.save(out, "attention output")
@@ -243,15 +249,15 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
             tape.save(tape.new(b * h * lse_len, "fp32", False), "attention log-sum-exp")
         return out
     # math / eager: explicit batched matmuls and a materialised softmax, each saving per its own rule.
-    full = b * h * s * hd
+    full, full_kv = b * h * s * hd, b * h * sk * hd
     if backend == "math":  # scaled copies of q and k (and k, v expanded to every head when grouped)
         q = tape.new(full, dt, q.rg)
-        k = tape.new(full, dt, k.rg)
-        v = tape.new(full, dt, v.rg) if gqa else v
+        k = tape.new(full_kv, dt, k.rg)
+        v = tape.new(full_kv, dt, v.rg) if gqa else v
     elif gqa and not (kvh == 1 and b == 1):
         # transformers' repeat_kv: expand + reshape, a copy (matmul's own reshape to [b*h, s, hd] too).
         # With one key/value head and one sequence both reshapes are views: nothing is copied.
-        k, v = tape.new(full, dt, k.rg), tape.new(full, dt, v.rg)
+        k, v = tape.new(full_kv, dt, k.rg), tape.new(full_kv, dt, v.rg)
     # scores = q @ k^T: saves k if q needs a grad and q if k does
     if q.rg:
         tape.save(k, "attention q, k, v")
@@ -272,11 +278,11 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     rg = scores_rg or v.rg
     # the [b, s, s] float mask transformers builds for eager attention lives through the forward
     if backend == "eager" and shape.causal:
-        tape.transient(b * s * s * DTYPE_BYTES[dt])
+        tape.transient(b * s * sk * DTYPE_BYTES[dt])
     tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
     # each batched matmul costs 2*b*h*s^2*hd per operand that needs a gradient (q, k; probs, v)
-    tape.add_flops("attention", sdpa_forward_flops(b, h, s, s, hd, hd),
-                   matmul_attention_backward_flops(b, h, s, s, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))
+    tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd),
+                   matmul_attention_backward_flops(b, h, s, sk, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))
     # [b, h, s, hd] -> transpose(1, 2).reshape: a copy, so the output projection sees a new storage
     return tape.new(out_numel, dt, rg)
 

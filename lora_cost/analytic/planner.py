@@ -166,8 +166,12 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            # full trains every weight, BitFit every bias, adapters every block: no targets
-            adapter_targets = targets if get_method(method).takes_targets else None
+            # full trains every weight, BitFit every bias, adapters every block; prompt and prefix tuning
+            # adapt no linear: no targets
+            m = get_method(method)
+            no_targets = (not m.takes_targets or m.trains_biases
+                          or (m.default_targets is not None and not m.default_targets(spec)))
+            adapter_targets = None if no_targets else targets
             cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                                   optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                                   method_options={k: v for k, v in method_options.items() if k in own_options[method]},
@@ -206,6 +210,12 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         default = m.default_r
         reference = None if rankless else (default if default in ranks else ranks[0])
         for ckpt in (False, True):
+            if ckpt and out and out[-1].method == method:
+                try:  # a method may refuse checkpointing (peft's prefix tuning): say so and plan without it
+                    run(method, ranks[0], batches[0], seq, ckpt)
+                except LoraCostError as exc:
+                    skipped.append(f"{method} with checkpointing: {exc}")
+                    continue
             curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
             if rankless:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
@@ -216,6 +226,10 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             max_batch = point(run(method, reference, best_b, seq, ckpt)) if best_b is not None else None
             by_seq = []
             for s in seqs:
+                try:  # virtual tokens push the longest lengths past the model's positions: those are left out
+                    run(method, reference, batches[0], s, ckpt)
+                except LoraCostError:
+                    continue
                 b = _largest(batches, lambda b, s=s: run(method, reference, b, s, ckpt).memory.device_bytes <= usable)
                 by_seq.append((s, b or 0))
             out.append(MethodPlan(method, ckpt, reference, max_rank, max_batch, curve, tuple(by_seq)))

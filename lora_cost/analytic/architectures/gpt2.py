@@ -64,25 +64,33 @@ def _forward(ctx) -> None:
     gpt2 = spec.family == "gpt2"
     sites = _gpt2_sites(spec) if gpt2 else _gpt3_sites(spec)
     seq = ctx.seq
-    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, causal=True)
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, causal=True, kv_seq=ctx.kv_seq)
 
     tape.scope = "embeddings"
     tok = ctx.stream_input(ctx.word_embeddings(d))
     pos = ctx.embedding(seq, d)  # position_ids of shape [1, s], broadcast over the batch
     x = ops.dropout(tape, ops.add(tape, tok, pos), ctx.model_dropout(spec.embedding_dropout))
     if run.attention == "eager":  # a [b, 1, s, s] additive causal mask, passed positionally to each block
-        ctx.checkpoint_extra_bytes = ctx.batch * seq * seq * DTYPE_BYTES[x.dtype]
+        ctx.checkpoint_extra_bytes = ctx.batch * seq * ctx.kv_seq * DTYPE_BYTES[x.dtype]
+
+    # prefix keys offset the causal mask: sdpa gets an explicit one (no is_causal), as in llama.py
+    implementation = "sdpa-masked" if run.attention == "sdpa" and ctx.kv_seq != seq else run.attention
 
     def block(x):
         a = ctx.layer_norm(x, d)
         if gpt2:
             qkv = ctx.linear(a, sites[0])
             q = k = v = qkv.view()  # split + view + transpose of one storage
+            if ctx.kv_seq != seq and run.attention == "eager" and ctx.batch > 1:
+                # prefix keys: q alone reaches matmul, whose reshape of the transposed view to [b*h, s, hd]
+                # copies it (with one sequence the reshape is a view of c_attn's output)
+                q = tape.new(ctx.tokens * d, q.dtype, q.rg)
             rest = sites[1:]
         else:
             q, k, v = (ctx.linear(a, s) for s in sites[:3])
             rest = sites[3:]
-        attn = ctx.attention(q, k, v, shape, implementation=run.attention,
+        k, v = ctx.key_values(k, v)
+        attn = ctx.attention(q, k, v, shape, implementation=implementation,
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=False)
         o = ops.dropout(tape, ctx.linear(attn, rest[0]), ctx.model_dropout(spec.hidden_dropout))
         x = ctx.residual("attention", o, x)

@@ -81,13 +81,19 @@ def _forward(ctx) -> None:
     d = spec.hidden
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
     seq = ctx.seq
-    masked = spec.sliding_window is not None and seq > spec.sliding_window
-    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True)
+    kv_seq = ctx.kv_seq  # a prefix (prefix tuning) lengthens the keys, and forces an explicit causal mask
+    masked = spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq
+    shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True, kv_seq=kv_seq)
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.word_embeddings(d))
     table = seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
+    if kv_seq != seq and not x.rg:
+        # prefix keys: the first block's q and k need no gradient, so a later block is the first to save
+        # the shared tables; they are kept once (the repeated block would count them once per layer)
+        tape.save(cos, "rotary tables")
+        tape.save(sin, "rotary tables")
 
     def norm(t):
         return ctx.rms_norm(t, d)
@@ -98,13 +104,17 @@ def _forward(ctx) -> None:
         if spec.qk_norm:  # over each head's head_dim values
             q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
         q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+        k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
-            if spec.kv_heads != spec.heads:
-                k = tape.new(q.numel, k.dtype, k.rg)
-                v = tape.new(q.numel, v.dtype, v.rg)
-            tape.transient(ctx.batch * seq * seq)  # the [b, 1, s, s] bool mask
+            # (one key/value head: expand + reshape is a view, unless autocast then casts the expanded view
+            # (fp32 prefix keys under AMP), which materialises every head; only prefix runs take this path)
+            one_head_view = spec.kv_heads == 1 and kv_seq != seq and not (tape.autocast and k.dtype != tape.autocast)
+            if spec.kv_heads != spec.heads and not one_head_view:
+                k = tape.new(k.numel * spec.heads // spec.kv_heads, k.dtype, k.rg)
+                v = tape.new(v.numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
+            tape.transient(ctx.batch * seq * kv_seq)  # the [b, 1, s, s_kv] bool mask
         attn = ctx.attention(q, k, v, shape if not masked else
-                             ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True),
+                             ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True, kv_seq),
                              implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
         x = ctx.residual("attention", ctx.linear(attn, o_site), x)

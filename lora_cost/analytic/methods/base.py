@@ -116,6 +116,10 @@ class Method:
     loop_state: Callable[[list["TensorGroup"]], tuple[int, int]] = lambda trainable: (0, 0)
     # lines added to the estimate's assumptions: (model shapes, block sites, head sites, run)
     notes: Callable[..., tuple[str, ...]] = lambda spec, sites, head_sites, run: ()
+    # prefix tuning: keys/values prepended to every attention layer's own (extra_keys of them), and the
+    # hook that joins them to the layer's k and v (as the cache update's torch.cat does)
+    extra_keys: Callable[["RunConfig"], int] = lambda run: 0
+    key_values: Callable[..., tuple] = lambda ctx, k, v: (k, v)
     # trace engine: applies the method to the real model (imports torch/peft inside); None: not traceable
     apply_to_model: ApplyToModel | None = None
     # trace engine: (model, run) -> (tensors the training loop keeps between steps, created in the fake mode,
