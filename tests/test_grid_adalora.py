@@ -9,7 +9,6 @@ FLOPs; the peak within 6% (on this grid: median and worst in the module's last l
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_trace_grid import TINY, config_path  # noqa: E402
+from grid_support import assert_engines_agree, summarise  # noqa: E402
 
 SETTINGS = (  # (precision, checkpointing, targets, attention, dropout, init_r, target_r, batch, seq, optimizer)
     ("bf16", False, None, "sdpa", 0.0, None, None, 2, 128, "adamw"),  # peft's defaults: init_r 12, target_r 8
@@ -55,31 +55,12 @@ def test_engines_agree(tmp_path_factory, family, setting):
     pytest.importorskip("torch")
     pytest.importorskip("peft")
     terms = compare(tmp_path_factory.getbasetemp() / "grid-adalora", family, setting)
-    a, t = terms["trainable_params"]
-    assert a == t, f"trainable params: analytic {a} vs trace {t}"
-    a, t = terms["flops.forward"]
-    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
-    a, t = terms["flops.backward"]
-    assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
-    a, t = terms["peak_bytes"]
-    assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
+    assert_engines_agree(terms)
 
 
 def summary() -> int:
     root = Path(tempfile.mkdtemp(prefix="lora-cost-adalora-"))
-    rel: dict[str, list[tuple[float, str]]] = {}
-    for (family, setting), name in zip(CASES, IDS):
-        for term, (a, t) in compare(root, family, setting).items():
-            if a:
-                rel.setdefault(term, []).append((abs(t - a) / a, name))
-    print(f"configurations: {len(CASES)}")
-    for term in ("trainable_params", "peak_bytes", "saved_activation_bytes", "steady_bytes", "flops.forward",
-                 "flops.backward"):
-        values = rel.get(term, [])
-        worst = max(values)
-        print(f"{term:24s} median {100 * statistics.median(v for v, _ in values):6.3f}%  worst {100 * worst[0]:6.3f}% "
-              f"({worst[1]})")
-    return 0
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":

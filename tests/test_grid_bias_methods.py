@@ -6,7 +6,6 @@ every checkpointed BitFit/(IA)3 row is 0.2-1.6% under. `python tests/test_grid_b
 
 from __future__ import annotations
 
-import statistics
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from test_trace_grid import config_path  # noqa: E402
+from grid_support import assert_engines_agree, summarise  # noqa: E402
 
 SETTINGS = (  # (precision, grad_checkpointing, targets, attention, batch, seq)
     ("bf16", False, None, "sdpa", 2, 128),
@@ -65,29 +65,14 @@ def test_engines_agree(tmp_path_factory, family, method, setting):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     terms = compare(tmp_path_factory.getbasetemp() / "grid-configs", family, method, setting)
-    a, t = terms["trainable_params"]
-    assert a == t, f"trainable params: analytic {a} vs trace {t}"
-    a, t = terms["flops.forward"]
-    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
-    a, t = terms["flops.backward"]
-    assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
-    a, t = terms["peak_bytes"]
-    assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
+    assert_engines_agree(terms)
 
 
 def summary() -> int:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="lora-cost-grid-bias-"))
-    peaks = []
-    for (family, method, setting), name in zip(CASES, IDS):
-        a, t = compare(root, family, method, setting)["peak_bytes"]
-        peaks.append((abs(t - a) / t, name))
-        print(f"{name:50s} analytic {a:>12,} trace {t:>12,} {100 * (a - t) / t:+.3f}%", flush=True)
-    worst = max(peaks)
-    print(f"configurations {len(peaks)}: peak median |rel| {100 * statistics.median(p for p, _ in peaks):.3f}%, "
-          f"worst {100 * worst[0]:.3f}% ({worst[1]})")
-    return 0
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":
