@@ -25,6 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 from lora_cost.cli import main
+from lora_cost.analytic.methods import all_methods
+from lora_cost.analytic.methods.base import all_options
 from lora_cost.profiles import bundled_models
 
 # torch-free but ~15 s: left out of the `-m fast` editing subset (it runs in the full suite and CI)
@@ -42,7 +44,7 @@ FLAG_NUMBERS = ["nan", "NaN", "inf", "-inf", "Infinity", "0", "-1", "-0.4", "5e-
                 "0.5", "1", "2", "8", "16", "64", "3000", "999999999999", "1" * 5000, "abc", "", "1.5", "0x10"]
 NAMES = ["gpt2", "llama-3.2-1b", "qwen2.5-0.5b", "roberta-base", "mistral-7b", "llama-2-7b", "gpt3-175b",
          "no-such-model", "x" * 300, "y" * 5000, "gpt2\x00", "/nonexistent/config.json", "~", "llama2-7b"]
-METHODS = ["lora", "lora-fa", "dora", "vera", "nola", "qlora", "full"]
+METHODS = list(all_methods())  # every registered method, with its own options below
 GPUS = ["h100-80gb", "rtx-4090-24gb", "t4-16gb", "no-such-gpu", "z" * 5000, "H100-80GB"]
 TARGETS = ["all-linear", "q_proj,v_proj", "c_attn", "query,value", "dense", "q_proj", "nothing", ",", " ", "x" * 500]
 
@@ -101,12 +103,28 @@ def _estimate_args(rng: random.Random, tmp: Path, i: int) -> list[str]:
     args += _maybe(rng, 0.15, "--optimizer", rng.choice(["adamw", "sgd", "adafactor", "paged-adamw-8bit", "nope"]))
     args += _maybe(rng, 0.1, "--attention", rng.choice(["sdpa", "eager", "flash"]))
     args += _maybe(rng, 0.3, "--grad-checkpointing")
-    if method == "nola":
-        args += _maybe(rng, 0.3, "--nola-k", num(["16", "1024"])) + _maybe(rng, 0.3, "--nola-l", num(["16", "1024"]))
-    if method == "qlora":
-        args += _maybe(rng, 0.3, "--quant-type", rng.choice(["nf4", "fp4"])) + _maybe(rng, 0.2, "--no-double-quant")
+    args += _method_options(rng, method, num)
     if rng.random() < 0.1:
         args.remove("--json")
+    return args
+
+
+OPTION_VALUES = ["1", "2", "8", "16", "20", "64", "1000", "1048576", "1048577", "1" + "0" * 200, "1e200", "0", "-3",
+                 "nan", "inf", "0.5", "abc", ""]
+
+
+def _method_options(rng: random.Random, method: str, num) -> list[str]:
+    """The method's own option flags (from its typed options), and now and then another method's."""
+    args = []
+    for option, methods in all_options().items():
+        own = method in methods
+        if rng.random() < (0.35 if own else 0.03):
+            if option.type is bool:
+                args.append(rng.choice([option.flag, "--no-" + option.flag[2:]]))
+            elif option.choices:
+                args += [option.flag, rng.choice(list(option.choices) + ["nope"])]
+            else:
+                args += [option.flag, num(OPTION_VALUES)]
     return args
 
 

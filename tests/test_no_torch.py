@@ -17,6 +17,10 @@ def test_api_and_cli_do_not_import_torch():
         "from lora_cost.cli import main\n"
         "r = CliRunner().invoke(main, ['estimate', '--model', 'gpt2', '--json'])\n"
         "assert r.exit_code == 0, r.output\n"
+        "from lora_cost.analytic.methods import all_methods\n"
+        "for name, m in all_methods().items():\n"
+        "    lora_cost.estimate('gpt2', name, precision='bf16' if m.precisions and 'fp32' not in m.precisions else 'fp32',"
+        " serving=True)\n"
         "heavy = [m for m in ('torch', 'transformers', 'peft', 'plotly', 'numpy') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

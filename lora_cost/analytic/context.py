@@ -108,8 +108,12 @@ class StepContext:
     def base_linear(self, x: Tensor, site: LinearSite) -> Tensor:
         return self.storage.linear(self, x, site)
 
+    def is_target(self, site: LinearSite) -> bool:
+        """Whether the method adapts this linear: named by a target, or matched by a dotted target suffix."""
+        return not self.base_trainable and (site.name in self.targets or any(site.matches(t) for t in self.targets))
+
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if not self.base_trainable and (site.name in self.targets or any(site.matches(t) for t in self.targets)):
+        if self.is_target(site):
             return self.method.adapted_linear(self, x, site)
         return self.base_linear(x, site)
 

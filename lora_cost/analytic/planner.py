@@ -208,30 +208,43 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 skipped.append(f"{method}: no rank in {rank_range[0]}-{rank_range[1]} fits the adapted matrices")
                 continue
         default = m.default_r
-        reference = None if rankless else (default if default in ranks else ranks[0])
         for ckpt in (False, True):
-            if ckpt and out and out[-1].method == method:
-                try:  # a method may refuse checkpointing (peft's prefix tuning): say so and plan without it
-                    run(method, ranks[0], batches[0], seq, ckpt)
+            # a method may refuse a configuration (peft's prefix tuning refuses checkpointing, AdaLoRA an
+            # initial rank below its target, virtual tokens a length past the model's positions): the plan
+            # keeps what it accepts and says what it left out
+            accepted, refusal = [], None
+            for r in ranks:
+                try:
+                    run(method, r, batches[0], seq, ckpt)
+                    accepted.append(r)
                 except LoraCostError as exc:
-                    skipped.append(f"{method} with checkpointing: {exc}")
-                    continue
-            curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in ranks)
+                    refusal = refusal or exc
+            where = f"{method}{' with checkpointing' if ckpt else ''}"
+            if not accepted:
+                skipped.append(f"{where}: {refusal}")
+                continue
+            if refusal is not None:
+                skipped.append(f"{where}: ranks {', '.join(str(r) for r in ranks if r not in accepted)} left out: {refusal}")
+            reference = None if rankless else (default if default in accepted else accepted[0])
+            curve = tuple(point(run(method, r, batches[0], seq, ckpt)) for r in accepted)
             if rankless:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
             else:
-                best_r = _largest(ranks, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
+                best_r = _largest(accepted, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
                 max_rank = point(run(method, best_r, batches[0], seq, ckpt)) if best_r is not None else None
             best_b = _largest(batches, lambda b: run(method, reference, b, seq, ckpt).memory.device_bytes <= usable)
             max_batch = point(run(method, reference, best_b, seq, ckpt)) if best_b is not None else None
-            by_seq = []
+            by_seq, left_out = [], []
             for s in seqs:
-                try:  # virtual tokens push the longest lengths past the model's positions: those are left out
+                try:
                     run(method, reference, batches[0], s, ckpt)
-                except LoraCostError:
+                except LoraCostError as exc:
+                    left_out.append((s, exc))
                     continue
                 b = _largest(batches, lambda b, s=s: run(method, reference, b, s, ckpt).memory.device_bytes <= usable)
                 by_seq.append((s, b or 0))
+            if left_out:
+                skipped.append(f"{where}: lengths {', '.join(str(s) for s, _ in left_out)} left out: {left_out[0][1]}")
             out.append(MethodPlan(method, ckpt, reference, max_rank, max_batch, curve, tuple(by_seq)))
 
     smallest = None

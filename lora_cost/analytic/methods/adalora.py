@@ -120,8 +120,8 @@ def adapted_sites(ctx) -> list[tuple[LinearSite, int]]:
     from ..architectures import get_architecture
 
     arch = get_architecture(ctx.spec.model_type)
-    blocks = [(s, ctx.spec.layers) for s in arch.linear_sites(ctx.spec) if s.name in ctx.targets]
-    return blocks + [(s, 1) for s in arch.head_sites(ctx.spec) if s.name in ctx.targets]
+    blocks = [(s, ctx.spec.layers) for s in arch.linear_sites(ctx.spec) if ctx.is_target(s)]
+    return blocks + [(s, 1) for s in arch.head_sites(ctx.spec) if ctx.is_target(s)]
 
 
 def orthogonal_regulariser(ctx) -> None:

@@ -21,6 +21,9 @@ class MethodOption:
     help: str
     choices: tuple[str, ...] | None = None
     minimum: int | None = None  # smallest allowed value of an int option
+    # largest allowed value of an int option: every int option is a size or a count of vectors (virtual
+    # tokens, bases, hidden widths, ranks), and 2**20 is beyond any model's width, as for --r (spec.py)
+    maximum: int | None = 1 << 20
     above: float | None = None  # a float option must be greater than this (LoRA+'s ratio > 0)
 
     def __post_init__(self) -> None:
@@ -46,6 +49,8 @@ class MethodOption:
             raise LoraCostError(f"{self.flag} must be one of {', '.join(self.choices)}, got {value!r}")
         if self.minimum is not None and value < self.minimum:
             raise LoraCostError(f"{self.flag} must be at least {self.minimum}, got {value!r}")
+        if self.type is int and self.maximum is not None and value > self.maximum:
+            raise LoraCostError(f"{self.flag} must be at most {self.maximum:,}, got {value!r}")
         if self.above is not None and not value > self.above:
             raise LoraCostError(f"{self.flag} must be greater than {self.above:g}, got {value!r}")
         return value
