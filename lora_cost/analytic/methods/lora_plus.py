@@ -11,7 +11,9 @@ tensor for tensor (everything below is lora.py's).
 
 from __future__ import annotations
 
-from .base import Method, register_method
+from dataclasses import replace
+
+from .base import register_method
 from .lora import LORA, is_lora_config
 from .options import MethodOption
 
@@ -52,18 +54,17 @@ def apply_lora_plus(model, run, targets, notes):
     return LORA.apply_to_model(model, run, targets, notes)
 
 
-LORA_PLUS = register_method(Method(
+# LoRA with its own name, option, trace note and optimizer recognition: every other field is LoRA's
+# (replace, so a field LoRA gains later is LoRA+'s too)
+LORA_PLUS = register_method(replace(
+    LORA,
     name="lora-plus",
     title="LoRA+ (B's learning rate x ratio)",
     paper="Hayou et al. 2024, arXiv:2402.12354 (ICML 2024)",
     recipe="peft LoRA + create_loraplus_optimizer(model, AdamW, lr, loraplus_lr_ratio)",
-    default_r=LORA.default_r,
-    trainable=LORA.trainable,
-    frozen=LORA.frozen,
-    adapted_linear=LORA.adapted_linear,
-    serving=LORA.serving,
     options=(RATIO,),
     apply_to_model=apply_lora_plus,
+    recognise=None,  # a LoRA model: only its optimizer tells LoRA+ apart
     recognise_optimizer=recognise_lora_plus,
     note="memory and FLOPs equal LoRA's: LoRA+ changes only the learning rate of B (an optimizer parameter group)",
 ))
