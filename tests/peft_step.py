@@ -27,8 +27,12 @@ def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: boo
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     if method != "full":
         tg = "all-linear" if targets == "all-linear" else list(targets)
-        conf = peft.VeraConfig(r=r, target_modules=tg) if method == "vera" else \
-            peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
+        if method == "ia3":  # targets: (target_modules, feedforward_modules)
+            conf = peft.IA3Config(target_modules=list(targets[0]), feedforward_modules=list(targets[1]))
+        elif method == "vera":
+            conf = peft.VeraConfig(r=r, target_modules=tg)
+        else:
+            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
         model = peft.get_peft_model(model, conf)
         if method == "lora-fa":
             for name, p in model.named_parameters():
@@ -67,7 +71,7 @@ def estimated(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool) -> 
     path = tmp_path / "config.json"
     path.write_text(json.dumps(cfg))
     kw = dict(batch=B, seq=S, precision="fp32", attention="eager", model_dropout=0.0, grad_checkpointing=ckpt)
-    if method != "full":
+    if method not in ("full", "ia3"):  # (IA)3 here: peft's default targets
         kw.update(r=r, targets=",".join(targets) if isinstance(targets, tuple) else targets)
     e = estimate(str(path), method, **kw)
     return e.memory.saved_activation_bytes, e.flops.forward, e.flops.backward

@@ -46,6 +46,18 @@ def test_dora_transient_saves(tmp_path):
     assert per_module <= m_saved - saved <= 3 * per_module
 
 
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_ia3_default_targets_equal_peft(tmp_path, ckpt):
+    """(IA)3 with peft's bloom defaults (TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING: query_key_value
+    and mlp.dense_4h_to_h, the latter a feed-forward module scaling its input)."""
+    pytest.importorskip("peft")
+    from peft_step import estimated, measure
+    peft_targets = (("query_key_value", "mlp.dense_4h_to_h"), ("mlp.dense_4h_to_h",))
+    assert estimated(tmp_path, TINY, "ia3", None, 0, ckpt) == measure(TINY, "ia3", peft_targets, 0, ckpt)
+    # 3 layers x (3 x 64 outputs of query_key_value + 4 x 64 inputs of dense_4h_to_h)
+    assert estimate(str(tmp_path / "config.json"), "ia3", seq=24).trainable_params == 3 * (192 + 256)
+
+
 @pytest.mark.parametrize("name", ["bloom-560m", "bloomz-7b1"])
 def test_profile_totals_equal_transformers(name):
     pytest.importorskip("transformers")
