@@ -140,9 +140,13 @@ def _forward(ctx) -> None:
         v = qkv.view() if run.attention != "eager" or ctx.batch == 1 else tape.new(kv_numel, qkv.dtype, qkv.rg)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, repeat_kv copies grouped k and v
-            if spec.kv_heads != spec.heads:
+            # (one key/value head: expand + reshape is a view and nothing is copied, unless autocast then
+            # casts the expanded view (fp32 keys from the fp32 rotary tables under AMP): every head made)
+            one_head_view = spec.kv_heads == 1 and not (tape.autocast and k.dtype != tape.autocast)
+            if spec.kv_heads != spec.heads and not one_head_view:
                 k = tape.new(k.numel * spec.heads // spec.kv_heads, k.dtype, k.rg)
-                v = tape.new(kv_numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
+                v_numel = kv_numel if v.sid == qkv.sid else v.numel  # the view spans all of qkv's output
+                v = tape.new(v_numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
             tape.transient(ctx.batch * seq * kv_seq)  # the [b, 1, s, s_kv] bool mask
         attn = ctx.attention(q, k, v, shape if not masked else
                              ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, hd, True, kv_seq),
