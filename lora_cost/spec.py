@@ -52,6 +52,7 @@ class ModelSpec:
     type_vocab_size: int = 0  # BERT/RoBERTa token-type embeddings
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
+    rotary_dim: int = 0  # head dimensions RoPE rotates (Phi-3's partial_rotary_factor); 0: the whole head
     source: str = ""
 
     def __post_init__(self) -> None:

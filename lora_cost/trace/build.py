@@ -66,13 +66,25 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
     notes: list[str] = []
     with torch.device("meta"):
         try:
-            model = cls.from_config(config, dtype=weight_dtype, attn_implementation=run.attention)
+            model = _from_config(cls, config, weight_dtype, run.attention, notes)
         except (ValueError, KeyError) as exc:
             raise LoraCostError(f"transformers cannot build {spec.name}: {exc}") from None
         model.config.use_cache = False
         model.train()
         model, adapted = _apply_method(model, run, method, target_names, notes)
     return Built(model=model, adapted=adapted, notes=notes)
+
+
+def _from_config(cls, config, dtype, attention: str, notes: list):
+    """The model with the run's attention implementation; a family that has no sdpa path in transformers
+    (BLOOM's own eager attention: `_supports_sdpa` False) runs its eager code, as it would on a GPU."""
+    try:
+        return cls.from_config(config, dtype=dtype, attn_implementation=attention)
+    except ValueError as exc:
+        if attention != "sdpa" or "scaled_dot_product_attention" not in str(exc):
+            raise
+    notes.append(f"{config.model_type} has no sdpa attention in transformers: its eager attention runs")
+    return cls.from_config(config, dtype=dtype, attn_implementation="eager")
 
 
 def _apply_method(model, run, method, targets, notes):

@@ -34,8 +34,9 @@ DEFAULT_TARGETS = {
     "bert": ("key", "value", "output.dense"),
     "roberta": ("key", "value", "output.dense"),
     "gpt3": ("k_proj", "v_proj", "fc_out"),
+    "bloom": ("query_key_value", "mlp.dense_4h_to_h"),
 }
-FEEDFORWARD = ("mlp.c_proj", "down_proj", "output.dense", "fc_out")
+FEEDFORWARD = ("mlp.c_proj", "down_proj", "output.dense", "fc_out", "mlp.dense_4h_to_h")
 
 
 def feedforward_targets(targets) -> list[str]:

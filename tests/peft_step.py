@@ -1,0 +1,85 @@
+"""One real training step of a tiny transformers (+ peft) model on the CPU, measured: the bytes autograd
+saves (`saved_tensors_hooks`, distinct storages, parameters and buffers excluded, as
+tests/test_saved_vs_torch.py counts them) and the FLOPs `FlopCounterMode` counts, forward and backward;
+and the analytic estimate of the same step. Eager attention, fp32, no dropout. Used by the per-family
+tests (tests/test_phi3.py, tests/test_bloom.py)."""
+
+import json
+
+import torch
+import transformers
+import peft
+from torch.utils.flop_counter import FlopCounterMode
+
+from lora_cost import estimate
+
+B, S = 2, 24
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
+
+
+def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False) -> tuple[int, int, int]:
+    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model."""
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if method != "full":
+        tg = "all-linear" if targets == "all-linear" else list(targets)
+        if method == "ia3":  # targets: (target_modules, feedforward_modules)
+            conf = peft.IA3Config(target_modules=list(targets[0]), feedforward_modules=list(targets[1]))
+        elif method == "vera":
+            conf = peft.VeraConfig(r=r, target_modules=tg)
+        else:
+            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
+        model = peft.get_peft_model(model, conf)
+        if method == "lora-fa":
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+    alive = []  # keep_alive: no packed storage is freed, so no address is reused and counted once for two
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes()
+            if keep_alive:
+                alive.append(t)
+        return t
+
+    ids = torch.randint(2, cfg["vocab_size"], (B, S))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss.backward()
+    with FlopCounterMode(display=False) as fwd:
+        loss = model(input_ids=ids, labels=ids).loss
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+
+
+def estimated(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool) -> tuple[int, int, int]:
+    """The analytic engine's (saved-activation bytes, forward FLOPs, backward FLOPs) of the same step."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    kw = dict(batch=B, seq=S, precision="fp32", attention="eager", model_dropout=0.0, grad_checkpointing=ckpt)
+    if method not in ("full", "ia3"):  # (IA)3 here: peft's default targets
+        kw.update(r=r, targets=",".join(targets) if isinstance(targets, tuple) else targets)
+    e = estimate(str(path), method, **kw)
+    return e.memory.saved_activation_bytes, e.flops.forward, e.flops.backward
+
+
+def meta_model(cfg: dict):
+    """The transformers model of a config.json dict, on the meta device (no memory)."""
+    cfg = dict(cfg)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(config)
