@@ -52,6 +52,11 @@ class ModelSpec:
     type_vocab_size: int = 0  # BERT/RoBERTa token-type embeddings
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
+    # Gemma 2/3: each layer's attention kind ("sliding" or "full", config `layer_types`), tanh soft-capping
+    # of the attention scores (Gemma 2 `attn_logit_softcapping`) and of the logits (`final_logit_softcapping`)
+    layer_kinds: tuple[str, ...] | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     source: str = ""
 
     def __post_init__(self) -> None:

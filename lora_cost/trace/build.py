@@ -66,13 +66,26 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
     notes: list[str] = []
     with torch.device("meta"):
         try:
-            model = cls.from_config(config, dtype=weight_dtype, attn_implementation=run.attention)
+            model = cls.from_config(config, dtype=weight_dtype, attn_implementation=_attention(cls, config, run, notes))
         except (ValueError, KeyError) as exc:
             raise LoraCostError(f"transformers cannot build {spec.name}: {exc}") from None
         model.config.use_cache = False
         model.train()
         model, adapted = _apply_method(model, run, method, target_names, notes)
     return Built(model=model, adapted=adapted, notes=notes)
+
+
+def _attention(cls, config, run, notes: list) -> str | None:
+    """The run's attention implementation; for `sdpa` (the default) on a model class that cannot run it
+    (Gemma 2: `_supports_sdpa = False`, soft-capping), None: transformers' own default, which falls
+    back to eager as a user who asks for nothing gets."""
+    if run.attention != "sdpa":
+        return run.attention
+    model_class = cls._model_mapping.get(type(config)) if hasattr(cls, "_model_mapping") else None
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        notes.append(f"{model_class.__name__} cannot run sdpa; transformers runs eager attention")
+        return None
+    return run.attention
 
 
 def _apply_method(model, run, method, targets, notes):
