@@ -188,9 +188,20 @@ def _forward(ctx) -> None:
     ctx.lm_head_and_loss(norm(x), upcast=True, softcap=spec.final_softcap is not None)
 
 
+def _notes(spec: ModelSpec, run) -> tuple[str, ...]:
+    out = []
+    if spec.model_type == "gemma2" and run.attention != "eager":
+        out.append("gemma2: attention runs transformers' eager path whatever is asked (Gemma2 cannot run sdpa, "
+                   "which has no soft-capping): the [b, h, s, s] scores' tanh and softmax are saved")
+    if spec.final_softcap is not None:
+        out.append(f"{spec.model_type}: final logit soft-capping ({spec.final_softcap:g} * tanh(logits / "
+                   f"{spec.final_softcap:g})) saves one more [tokens, vocab] tensor")
+    return tuple(out)
+
+
 GEMMA = register_architecture(Architecture(
     family="gemma", model_types=("gemma2", "gemma3_text"),
     description="Gemma 2/3 decoder: (1 + w) RMSNorms before and after each sublayer, scaled embeddings, "
                 "sliding and global attention layers, soft-capping, GeGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
-    params=_params, forward=_forward, stack=_stack))
+    params=_params, forward=_forward, stack=_stack, notes=_notes))
