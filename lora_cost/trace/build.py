@@ -81,7 +81,7 @@ def _attention(cls, config, run, notes: list) -> str | None:
     back to eager as a user who asks for nothing gets."""
     if run.attention != "sdpa":
         return run.attention
-    model_class = cls._model_mapping.get(type(config)) if hasattr(cls, "_model_mapping") else None
+    model_class = cls._model_mapping.get(type(config), None) if hasattr(cls, "_model_mapping") else None
     if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
         notes.append(f"{model_class.__name__} cannot run sdpa; transformers runs eager attention")
         return None

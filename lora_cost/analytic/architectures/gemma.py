@@ -165,8 +165,10 @@ def _forward(ctx) -> None:
             k, v = ctx.key_values(k, v)
             shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, hd, causal=True, kv_seq=kv_seq)
             impl = implementation
-            if masked:  # explicit mask under sdpa: transformers repeats k and v itself (see llama.py)
-                one_head_view = spec.kv_heads == 1 and kv_seq != seq and not (tape.autocast and k.dtype != tape.autocast)
+            if masked:  # explicit mask under sdpa: transformers repeats k and v itself (repeat_kv, a copy) ...
+                # ... except from one key/value head, where expand + reshape is a view (unless autocast then casts
+                # the expanded view, which materialises every head; see llama.py)
+                one_head_view = spec.kv_heads == 1 and not (tape.autocast and k.dtype != tape.autocast)
                 if spec.kv_heads != spec.heads and not one_head_view:
                     k = tape.new(k.numel * spec.heads // spec.kv_heads, k.dtype, k.rg)
                     v = tape.new(v.numel * spec.heads // spec.kv_heads, v.dtype, v.rg)
