@@ -147,3 +147,23 @@ def test_gemma2_soft_capping_saves_tanh_outputs(tmp_path):
     plain = estimate(str(path), "lora", r=8, targets="q_proj,v_proj", batch=B, seq=S, precision="fp32",
                      attention="eager", model_dropout=0.0).memory.saved_activation_bytes
     assert capped - plain == 4 * (2 * 4 * 24 * 24) * 4 + 48 * 512 * 4
+
+
+GEMMA_PROFILES = ("gemma-2-2b", "gemma-2-9b", "gemma-2-27b", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b")
+
+
+@pytest.mark.parametrize("name", GEMMA_PROFILES)
+def test_profile_totals_match_transformers_on_meta(name):
+    """Every bundled Gemma profile: total parameters as transformers builds the model (tied embeddings counted
+    once), and LoRA r=16 on all-linear as peft resolves it."""
+    from lora_cost.profiles import bundled_models
+
+    cfg = dict(bundled_models()[name].config)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in model.parameters())
+    model = peft.get_peft_model(model, peft.LoraConfig(r=16, target_modules="all-linear"))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    e = estimate(name, "lora", r=16, targets="all-linear", seq=64)
+    assert (e.total_params, e.trainable_params) == (total, trainable)

@@ -54,7 +54,8 @@ def _cap(cfg: dict, key: str, name: str, default: float | None) -> float | None:
 def _layer_kinds(cfg: dict, name: str, layers: int, pattern: int) -> tuple[str, ...]:
     types = cfg.get("layer_types")
     if types is None:
-        pattern = integer(cfg, "sliding_window_pattern", name, default=pattern, maximum=MAX_LAYERS)
+        if cfg["model_type"] == "gemma3_text":  # Gemma2Config has no pattern field: it always alternates
+            pattern = integer(cfg, "sliding_window_pattern", name, default=pattern, maximum=MAX_LAYERS)
         return tuple(SLIDING if (i + 1) % pattern else FULL for i in range(layers))
     if not isinstance(types, list) or len(types) != layers or any(t not in _LAYER_TYPES for t in types):
         raise LoraCostError(f"{name}: config field 'layer_types' must list {layers:,} values, each "
