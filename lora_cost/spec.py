@@ -53,6 +53,11 @@ class ModelSpec:
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
     rotary_dim: int = 0  # head dimensions RoPE rotates (Phi-3's partial_rotary_factor); 0: the whole head
+    # Gemma 2/3: each layer's attention kind ("sliding" or "full", config `layer_types`), tanh soft-capping
+    # of the attention scores (Gemma 2 `attn_logit_softcapping`) and of the logits (`final_logit_softcapping`)
+    layer_kinds: tuple[str, ...] | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
     source: str = ""
 
     def __post_init__(self) -> None:

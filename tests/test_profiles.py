@@ -25,7 +25,9 @@ def shapes_from_config(cfg: dict) -> tuple:
 
 def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
-    assert len(files) == 28 == len(bundled_models())  # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + Phi-3-mini 4k, 128k, Phi-4, BLOOM-560m, BLOOMZ-7b1
+    # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + Phi-3-mini 4k, 128k, Phi-4, BLOOM-560m, BLOOMZ-7b1
+    # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B
+    assert len(files) == 35 == len(bundled_models())
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])

@@ -134,13 +134,19 @@ class StepContext:
             x = builders[kind](x)
         return x
 
-    def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True) -> None:
+    def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True,
+                         softcap: bool = False) -> None:
         """The LM head and the loss. Causal-LM labels are padded and shifted (a new int64 tensor);
-        a masked-LM loss reads the labels tensor itself (here the input ids)."""
+        a masked-LM loss reads the labels tensor itself (here the input ids). `softcap`: the logits
+        pass through cap * tanh(logits / cap) first (Gemma 2's final_logit_softcapping), whose tanh
+        output is saved and whose head output and quotient briefly coexist."""
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
                             w_dtype=self.other_dtype, kind="lm_head")
+        if softcap:
+            tape.transient(2 * logits.nbytes)  # the head output and logits / cap, before tanh
+            logits = ops.tanh_softcap(tape, logits)
         self.logits_bytes = logits.nbytes
         tape.scope = "loss"
         targets = tape.new(self.tokens, "int64", False) if shifted_labels else self.input_ids()

@@ -172,7 +172,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
         assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
-        + tuple(method.notes(spec, sites, head_sites, run)),
+        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 

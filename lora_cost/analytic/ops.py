@@ -94,6 +94,36 @@ def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, w_dtype: s
                     x.rg or w_trainable)
 
 
+def gemma_rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> Tensor:
+    """transformers' Gemma2RMSNorm / Gemma3RMSNorm (also their q/k norms), op by op:
+
+        h = x.float(); h = h * rsqrt(h.pow(2).mean(-1) + eps); out = h * (1.0 + w.float()); out.type_as(x)
+
+    As LlamaRMSNorm, pow and the product save the fp32 h and the [n, 1] rsqrt; unlike it the weight
+    multiplies in fp32: `1.0 + w.float()` is a new [width] fp32 tensor that the product saves for the
+    gradient of h (every call makes its own), and a trainable w saves the fp32 normalised h.
+    """
+    rows = x.numel // width
+    h = cast(tape, x, "fp32")
+    if x.rg:
+        tape.save(h, "norm inputs")
+        tape.save(tape.new(rows, "fp32", False), "norm statistics")
+        tape.save(tape.new(width, "fp32", False), "norm statistics")  # 1 + w
+    normed = tape.new(x.numel, "fp32", x.rg)
+    if w_trainable:
+        tape.save(normed, "norm inputs")
+    return cast(tape, tape.new(x.numel, "fp32", x.rg or w_trainable), x.dtype)
+
+
+def tanh_softcap(tape: Tape, x: Tensor) -> Tensor:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping): the divide and the multiply by a Python
+    float save nothing; tanh saves its output (derivatives.yaml: tanh_backward(grad, result))."""
+    t = tape.new(x.numel, x.dtype, x.rg)
+    if x.rg:
+        tape.save(t, "logit soft-capping")
+    return tape.new(x.numel, x.dtype, x.rg)
+
+
 def dropout(tape: Tape, x: Tensor, p: float) -> Tensor:
     """nn.Dropout in training: p == 0 returns the input itself (ATen `_dropout`); otherwise
     `native_dropout` returns a new tensor and saves a bool mask of the input's shape."""
@@ -208,12 +238,14 @@ def sdpa_backend(dtype: str, shape: AttentionShape, gqa_in_kernel: bool) -> str:
 
 
 def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, *, implementation: str,
-              dropout_p: float, softmax_fp32: bool) -> Tensor:
+              dropout_p: float, softmax_fp32: bool, softcap: bool = False) -> Tensor:
     """Attention core from q, k, v (each [b, heads or kv_heads, s, head_dim]) to the [n, h*hd] output.
 
     sdpa (flash / efficient): saves q, k, v, the output and the fp32 log-sum-exp; nothing of size s^2.
     math fallback and transformers' eager path: save the [b, h, s, s] probabilities (plus, with
     dropout, a bool mask and the dropped probabilities) and the operands of both batched matmuls.
+    `softcap` (Gemma 2 eager: scores = cap * tanh(scores / cap) before the mask) also saves the
+    [b, h, s, s_k] tanh output in the scores' dtype.
     FLOPs (FlopCounterMode): forward 4*b*h*s^2*hd; backward 10*b*h*s^2*hd for the fused kernels
     (they recompute the scores), 8*b*h*s^2*hd for the two explicit batched matmuls.
     """
@@ -264,6 +296,8 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     if k.rg:
         tape.save(q, "attention q, k, v")
     scores_rg = q.rg or k.rg
+    if softcap and scores_rg:
+        tape.save(tape.new(score_numel, dt, False), "attention probabilities")  # the tanh output
     # softmax (fp32 when asked for, and always under autocast) saves its output
     probs_dtype = "fp32" if (softmax_fp32 or tape.autocast or backend == "math" and dt == "fp32") else dt
     probs = tape.new(score_numel, probs_dtype, scores_rg)

@@ -66,7 +66,7 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
     notes: list[str] = []
     with torch.device("meta"):
         try:
-            model = _from_config(cls, config, weight_dtype, run.attention, notes)
+            model = cls.from_config(config, dtype=weight_dtype, attn_implementation=_attention(cls, config, run, notes))
         except (ValueError, KeyError) as exc:
             raise LoraCostError(f"transformers cannot build {spec.name}: {exc}") from None
         model.config.use_cache = False
@@ -75,16 +75,17 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
     return Built(model=model, adapted=adapted, notes=notes)
 
 
-def _from_config(cls, config, dtype, attention: str, notes: list):
-    """The model with the run's attention implementation; a family that has no sdpa path in transformers
-    (BLOOM's own eager attention: `_supports_sdpa` False) runs its eager code, as it would on a GPU."""
-    try:
-        return cls.from_config(config, dtype=dtype, attn_implementation=attention)
-    except ValueError as exc:
-        if attention != "sdpa" or "scaled_dot_product_attention" not in str(exc):
-            raise
-    notes.append(f"{config.model_type} has no sdpa attention in transformers: its eager attention runs")
-    return cls.from_config(config, dtype=dtype, attn_implementation="eager")
+def _attention(cls, config, run, notes: list) -> str | None:
+    """The run's attention implementation; for `sdpa` (the default) on a model class that cannot run it
+    (Gemma 2: `_supports_sdpa = False`, soft-capping), None: transformers' own default, which falls
+    back to eager as a user who asks for nothing gets."""
+    if run.attention != "sdpa":
+        return run.attention
+    model_class = cls._model_mapping.get(type(config), None) if hasattr(cls, "_model_mapping") else None
+    if model_class is not None and not getattr(model_class, "_supports_sdpa", True):
+        notes.append(f"{model_class.__name__} cannot run sdpa; transformers runs eager attention")
+        return None
+    return run.attention
 
 
 def _apply_method(model, run, method, targets, notes):

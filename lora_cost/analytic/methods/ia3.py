@@ -31,6 +31,8 @@ DEFAULT_TARGETS = {
     "llama": ("k_proj", "v_proj", "down_proj"),
     "mistral": ("k_proj", "v_proj", "down_proj"),
     "qwen2": ("q_proj", "v_proj", "down_proj"),
+    "gemma2": ("q_proj", "v_proj", "down_proj"),
+    "gemma3_text": ("q_proj", "v_proj", "down_proj"),
     "bert": ("key", "value", "output.dense"),
     "roberta": ("key", "value", "output.dense"),
     "gpt3": ("k_proj", "v_proj", "fc_out"),

@@ -1,0 +1,120 @@
+"""Gemma 2 and Gemma 3 (text): the analytic engine against the trace engine on tiny configurations
+(methods x bf16 / fp32 / AMP / checkpointing / QLoRA, sequences inside and beyond the sliding window).
+
+Run as a test, or as a script for the per-configuration disagreement and its median and worst:
+    python tests/test_grid_gemma.py
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TINY = {
+    # Gemma 2: alternating layers, soft-capped attention (eager) and logits, tied 4k vocabulary, head_dim 64
+    "gemma2": {"model_type": "gemma2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 4096,
+               "max_position_embeddings": 512, "sliding_window": 64, "query_pre_attn_scalar": 64},
+    # Gemma 3: 2 sliding layers per global one, q/k norms, two rotary table pairs, one key/value head
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 256, "intermediate_size": 640,
+                    "num_hidden_layers": 6, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 128,
+                    "vocab_size": 4096, "max_position_embeddings": 512, "sliding_window": 96,
+                    "sliding_window_pattern": 3, "query_pre_attn_scalar": 128},
+    # Gemma 3 with grouped key/value heads (sdpa past the window: repeat_kv copies them) and explicit layer_types
+    "gemma3_gqa": {"model_type": "gemma3_text", "hidden_size": 192, "intermediate_size": 512, "num_hidden_layers": 4,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 3072,
+                   "max_position_embeddings": 512, "sliding_window": 100, "tie_word_embeddings": False,
+                   "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]},
+}
+METHODS = ("full", "lora", "lora-fa", "dora", "vera", "qlora")
+SETTINGS = (  # (precision, grad_checkpointing, targets, attention, batch, seq)
+    ("bf16", False, None, "sdpa", 2, 128),
+    ("fp32", False, "all-linear", "sdpa", 1, 200),
+    ("bf16", True, "all-linear", "sdpa", 2, 128),
+    ("amp-bf16", False, None, "eager", 1, 128),
+)
+
+
+def grid() -> list[tuple[str, str, tuple]]:
+    out = []
+    for family in TINY:
+        for method in METHODS:
+            for setting in SETTINGS:
+                if method == "qlora" and setting[0] not in ("bf16", "fp16"):
+                    setting = ("bf16",) + setting[1:]
+                out.append((family, method, setting))
+    return out
+
+
+def kwargs_for(method: str, setting: tuple) -> dict:
+    precision, ckpt, targets, attention, batch, seq = setting
+    kw = dict(batch=batch, seq=seq, precision=precision, grad_checkpointing=ckpt, attention=attention,
+              model_dropout=0.0)
+    if method != "full":
+        kw.update(r=32 if method == "vera" else 8, targets=targets)
+    return kw
+
+
+def compare(root: Path, family: str, method: str, setting: tuple) -> dict:
+    from lora_cost import estimate
+    from lora_cost.trace import trace
+    from lora_cost.trace.compare import differences
+
+    path = root / f"tiny-{family}" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY[family]))
+    kw = kwargs_for(method, setting)
+    e = estimate(str(path), method, **kw)
+    t = trace(str(path), method, **kw)
+    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+
+
+CASES = grid()
+IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[3]}-s{s[5]}" for f, m, s in CASES]
+
+
+@pytest.mark.parametrize("family,method,setting", CASES, ids=IDS)
+def test_engines_agree(tmp_path_factory, family, method, setting):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    terms = compare(tmp_path_factory.getbasetemp() / "gemma-grid", family, method, setting)
+    a, t = terms["trainable_params"]
+    assert a == t, f"trainable params: analytic {a} vs trace {t}"
+    a, t = terms["flops.forward"]
+    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
+    a, t = terms["flops.backward"]
+    assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
+    a, t = terms["peak_bytes"]
+    assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
+
+
+def summary() -> int:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-gemma-grid-"))
+    peaks = []
+    for (family, method, setting), name in zip(CASES, IDS):
+        try:
+            terms = compare(root, family, method, setting)
+        except Exception as exc:  # report, keep going
+            print(f"{name}: ERROR {type(exc).__name__}: {exc}")
+            continue
+        a, t = terms["peak_bytes"]
+        fa, ft = terms["flops.backward"]
+        peaks.append((abs(t - a) / t, name))
+        print(f"{name:50s} peak {100 * (a - t) / t:+7.2f}%  bwd flops {100 * (fa - ft) / ft:+6.2f}%  "
+              f"params {terms['trainable_params'][0] == terms['trainable_params'][1]}")
+    print(f"configurations: {len(peaks)}; peak |rel| median {100 * statistics.median(p for p, _ in peaks):.2f}%, "
+          f"worst {100 * max(peaks)[0]:.2f}% ({max(peaks)[1]})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(summary())
