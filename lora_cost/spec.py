@@ -24,6 +24,9 @@ class LinearSite:
     path: str = ""
     # how many blocks hold this linear; 0: every block (T5's cross-attention: the decoder's blocks only)
     blocks: int = 0
+    # False: kept out of 4-bit quantisation and in fp32 under QLoRA (transformers' `_keep_in_fp32_modules`,
+    # which the bnb quantiser adds to modules_to_not_convert: T5's wo)
+    quantised: bool = True
 
     def matches(self, target: str) -> bool:
         """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""

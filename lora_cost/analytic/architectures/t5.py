@@ -64,9 +64,10 @@ def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
 
 def _ffn_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     d, f = spec.hidden, spec.intermediate
+    wo = LinearSite("wo", f, d, False, quantised=False)  # T5PreTrainedModel._keep_in_fp32_modules = ["wo"]
     if spec.gated_ffn:
-        return (LinearSite("wi_0", d, f, False), LinearSite("wi_1", d, f, False), LinearSite("wo", f, d, False))
-    return LinearSite("wi", d, f, False), LinearSite("wo", f, d, False)
+        return LinearSite("wi_0", d, f, False), LinearSite("wi_1", d, f, False), wo
+    return LinearSite("wi", d, f, False), wo
 
 
 def _attention_sites(spec: ModelSpec, path: str, blocks: int = 0) -> tuple[LinearSite, ...]:
@@ -94,7 +95,9 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
               ParamGroup("{encoder,decoder}.block.0.SelfAttention.relative_attention_bias",
                          spec.relative_attention_buckets * spec.heads, 2, "embedding")]
     for s in _sites(spec):
-        groups.append(ParamGroup(f"block.*.{s.path or s.name}.weight", s.d_in * s.d_out, s.blocks or L, "linear"))
+        # wo stays out of 4-bit quantisation under QLoRA ("kept": stored like the other non-linear weights)
+        groups.append(ParamGroup(f"block.*.{s.path or s.name}.weight", s.d_in * s.d_out, s.blocks or L,
+                                 "linear" if s.quantised else "kept-linear"))
     groups.append(ParamGroup("block.*.layer.*.layer_norm", d, 2 * L + Ld, "norm"))
     groups.append(ParamGroup("{encoder,decoder}.final_layer_norm", d, 2, "norm"))
     return groups  # lm_head is the shared table (transformers 5 ties every T5/mT5)
