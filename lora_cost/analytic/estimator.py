@@ -177,6 +177,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         total_params=params.total_params, adapted_modules=sum(s.blocks or L for s in sites) + method.modules_per_block * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
         assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
+            "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
+           if spec.decoder_layers else ())
         + tuple(method.notes(spec, sites, head_sites, run)),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 

@@ -121,8 +121,15 @@ def _t5_norm(ctx, x):
     return tape.new(x.numel, ops.promote(w_dtype, h.dtype), x.rg or ctx.base_trainable)
 
 
+# methods whose placement inside an encoder-decoder block is not modelled here (prefix keys in self- and
+# cross-attention; bottleneck adapters after cross-attention): refused rather than estimated wrongly
+_NOT_MODELLED = ("prefix-tuning", "adapter-houlsby", "adapter-pfeiffer")
+
+
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
+    if ctx.method.name in _NOT_MODELLED:
+        raise LoraCostError(f"{ctx.method.name} is not modelled for encoder-decoder models ({spec.name}, t5) yet")
     d, h, hd, b = spec.hidden, spec.heads, spec.head_dim, ctx.batch
     s, t = ctx.seq, run.decoder_seq
     q_site, k_site, v_site, o_site, *rest = _sites(spec)
