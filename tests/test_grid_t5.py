@@ -3,7 +3,12 @@ tensors, decoder labels of --target-seq) on tiny configurations.
 
 Run as a test, or as a script for the per-term summary: python tests/test_grid_t5.py
 Both engines must agree exactly on trainable parameters, within 2% on forward and 1% on backward
-FLOPs, and within 6% on the peak (measured on this grid: see the closing lines of the module).
+FLOPs, and within 6% on the peak. Measured on this grid (72 configurations: t5 v1.0, flan-style
+gated with 3 + 2 blocks, mT5 x full, LoRA, LoRA-FA, DoRA, VeRA, QLoRA x bf16/fp32, checkpointing,
+sdpa/eager, decoder lengths 48-200): trainable parameters, forward and backward FLOPs equal in every
+configuration; peak median 0.91%, worst 4.4% (t5 VeRA, bf16, checkpointing, all-linear), the analytic
+peak mostly below the trace's (the relative-bucket arithmetic of compute_bias and sdpa's mask copies
+are not counted as transients).
 """
 
 from __future__ import annotations
