@@ -22,6 +22,11 @@ class LinearSite:
     # the module's path inside its block where the name alone is ambiguous (GPT-2's "attn.c_proj" and
     # "mlp.c_proj"); a target with a dot matches it as peft matches module keys: equal or a "."-suffix
     path: str = ""
+    # how many blocks hold this linear; 0: every block (T5's cross-attention: the decoder's blocks only)
+    blocks: int = 0
+    # False: kept out of 4-bit quantisation and in fp32 under QLoRA (transformers' `_keep_in_fp32_modules`,
+    # which the bnb quantiser adds to modules_to_not_convert: T5's wo)
+    quantised: bool = True
 
     def matches(self, target: str) -> bool:
         """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""
@@ -58,6 +63,11 @@ class ModelSpec:
     layer_kinds: tuple[str, ...] | None = None
     attn_softcap: float | None = None
     final_softcap: float | None = None
+    # encoder-decoder models (T5): the decoder's blocks, counted within `layers` (the encoder has the rest)
+    decoder_layers: int = 0
+    relative_attention_buckets: int = 0  # T5's relative position bias (one table per stack)
+    ffn_activation: str = ""  # T5: the feed-forward activation (relu, gelu_new, ...); "" : the family's own
+    gated_ffn: bool = False  # T5 v1.1 / flan / mT5: wi_0 and wi_1, the activation of one times the other
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -105,10 +115,13 @@ class RunConfig:
     dropout: float = 0.0  # adapter dropout (peft lora_dropout / vera_dropout)
     model_dropout: float | None = None  # override the model's own dropout probabilities (None: the config's)
     method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    target_seq: int | None = None  # encoder-decoder models: the decoder's length (None: `seq`)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
         _bounded_int("--seq", self.seq, MAX_SEQ)
+        if self.target_seq is not None:
+            _bounded_int("--target-seq", self.target_seq, MAX_SEQ)
         if self.r is not None:
             _bounded_int("--r", self.r, MAX_RANK)
         if self.precision not in PRECISIONS:
@@ -125,6 +138,11 @@ class RunConfig:
     @property
     def tokens(self) -> int:
         return self.batch * self.seq
+
+    @property
+    def decoder_seq(self) -> int:
+        """An encoder-decoder model's decoder length (`--target-seq`, default `--seq`)."""
+        return self.seq if self.target_seq is None else self.target_seq
 
     @property
     def weight_dtype(self) -> str:

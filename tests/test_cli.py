@@ -78,9 +78,9 @@ def test_malformed_and_unknown_config(tmp_path):
     bad.write_text("{not json")
     out = run("estimate", "--model", str(bad))
     assert out.exit_code == 2 and "not valid JSON" in out.output
-    t5 = tmp_path / "t5.json"
-    t5.write_text(json.dumps({"model_type": "t5", "d_model": 512}))
-    out = run("estimate", "--model", str(t5))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"model_type": "xlnet", "d_model": 512}))  # (t5 is a family now)
+    out = run("estimate", "--model", str(unknown))
     assert out.exit_code == 2 and "supported model_type" in out.output and "llama" in out.output
     missing = tmp_path / "llama.json"
     missing.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))

@@ -65,7 +65,7 @@ def refused(path: str) -> str:
     ("roberta-base", "hidden_size", 770, "hidden_size 770 is not divisible by num_attention_heads 12"),
     ("gpt2", "n_embd", 770, "n_embd 770 is not divisible by n_head 12"),
     ("gpt2", "model_type", ["gpt2"], "'model_type' must be a string"),
-    ("gpt2", "model_type", "t5", "unsupported architecture 't5'"),
+    ("gpt2", "model_type", "xlnet", "unsupported architecture 'xlnet'"),
 ])
 def test_config_fields_are_validated_where_read(tmp_path, model, field, value, expected):
     path = write(tmp_path, config(model, **{field: value}))

@@ -14,7 +14,12 @@ def shapes_from_config(cfg: dict) -> tuple:
     them from a config.json, written out here apart from lora_cost.profiles: GPT2Config names them
     n_layer/n_embd/n_head and takes n_inner None as 4 * n_embd; LlamaConfig (Mistral, Qwen2 alike)
     takes num_key_value_heads None as num_attention_heads and head_dim None as hidden // heads;
-    tie_word_embeddings defaults to True (PretrainedConfig)."""
+    tie_word_embeddings defaults to True (PretrainedConfig). T5Config names them d_model, num_heads,
+    d_kv, d_ff and num_layers (+ num_decoder_layers, default num_layers: both stacks are blocks)."""
+    if cfg["model_type"] in ("t5", "mt5"):
+        layers = cfg["num_layers"] + cfg.get("num_decoder_layers", cfg["num_layers"])
+        return (layers, cfg["d_model"], cfg["num_heads"], cfg["num_heads"], cfg["d_kv"], cfg["d_ff"], cfg["vocab_size"],
+                cfg["model_type"] == "t5" and cfg.get("tie_word_embeddings", True))
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
     heads = cfg.get("num_attention_heads", cfg.get("n_head"))
     intermediate = cfg.get("intermediate_size", cfg.get("n_inner")) or 4 * hidden
@@ -26,8 +31,9 @@ def shapes_from_config(cfg: dict) -> tuple:
 def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
     # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + Phi-3-mini 4k, 128k, Phi-4, BLOOM-560m, BLOOMZ-7b1
-    # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B
-    assert len(files) == 35 == len(bundled_models())
+    # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B + t5-base, t5-large, flan-t5-xl, flan-t5-xxl, t0-3b,
+    # mt0-large, mt0-xxl
+    assert len(files) == 42 == len(bundled_models())
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])

@@ -91,8 +91,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     else:
         trainable, frozen = [], []
         for s in sites:
-            trainable += [replace(g, count=L) for g in method.trainable(s, run)]
-            frozen += [replace(g, count=L) for g in method.frozen(s, run)]
+            trainable += [replace(g, count=s.blocks or L) for g in method.trainable(s, run)]
+            frozen += [replace(g, count=s.blocks or L) for g in method.frozen(s, run)]
         # tensors of every block that no targeted linear owns (bottleneck adapters)
         trainable += [replace(g, count=g.count * L) for g in method.block_trainable(spec, run)]
         # gradients arrive block by block in backward, except those present from its start

@@ -122,24 +122,28 @@ class StepContext:
         block linears (bitsandbytes skips only the output embedding), adapted when targeted by name."""
         return self.linear(x, site)
 
-    def blocks(self, x: Tensor, builders: dict) -> Tensor:
+    def blocks(self, x: Tensor, builders: dict, kinds=None) -> Tensor:
         """Run the stack's simulated blocks in layer order (stack.py: the first and the second block
-        of each kind; the later ones repeat the second). `builders` maps a kind to its block forward."""
+        of each kind; the later ones repeat the second). `builders` maps a kind to its block forward;
+        `kinds` (default: all) runs only those kinds' blocks (T5: the encoder, then the decoder)."""
         if not self.run.grad_checkpointing:
             self.tape.repeated_scopes = frozenset(s for s, n in self.stack.repetitions.items() if n > 1)
             self.tape.block_scopes = frozenset(self.stack.block_scopes)
         for _, kind, scope in self.stack.simulated:
+            if kinds is not None and kind not in kinds:
+                continue
             self.tape.scope = scope
             self.block_input_bytes[scope] = x.nbytes
             x = builders[kind](x)
         return x
 
     def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True,
-                         softcap: bool = False) -> None:
+                         softcap: bool = False, label_tokens: int | None = None) -> None:
         """The LM head and the loss. Causal-LM labels are padded and shifted (a new int64 tensor);
-        a masked-LM loss reads the labels tensor itself (here the input ids). `softcap`: the logits
-        pass through cap * tanh(logits / cap) first (Gemma 2's final_logit_softcapping), whose tanh
-        output is saved and whose head output and quotient briefly coexist."""
+        a masked-LM loss reads the labels tensor itself (here the input ids); a seq2seq loss reads
+        `label_tokens` labels of its own (the decoder's positions). `softcap`: the logits pass through
+        cap * tanh(logits / cap) first (Gemma 2's final_logit_softcapping), whose tanh output is saved
+        and whose head output and quotient briefly coexist."""
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
@@ -149,7 +153,10 @@ class StepContext:
             logits = ops.tanh_softcap(tape, logits)
         self.logits_bytes = logits.nbytes
         tape.scope = "loss"
-        targets = tape.new(self.tokens, "int64", False) if shifted_labels else self.input_ids()
+        if label_tokens is not None:
+            targets = tape.new(label_tokens, "int64", False)
+        else:
+            targets = tape.new(self.tokens, "int64", False) if shifted_labels else self.input_ids()
         self.loss_copy_bytes = ops.cross_entropy(tape, logits, targets, upcast=upcast)
         self.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
         self.method.after_loss(self)  # still the "loss" scope

@@ -79,22 +79,27 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
-             utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+             utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
+             target_seq: int | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
-    inference cost at a context of `seq` positions). Raises LoraCostError on bad input."""
+    inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
+    decoder length (default `seq`). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
     run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
-                    method_options=tuple(sorted((method_options or {}).items())))
+                    method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
     """Check a run against the model and the method (both engines share this) and fill in the
     method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
+    if run.target_seq is not None and not spec.decoder_layers:
+        raise LoraCostError(f"--target-seq (the decoder length) applies to encoder-decoder models only; "
+                            f"{spec.name} has no separate decoder")
     method = get_method(run.method)
     method.check_options(run)
     if method.base_trainable:
@@ -169,9 +174,12 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
         grad_checkpointing=run.grad_checkpointing, attention=run.attention, dropout=run.dropout,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
-        total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
+        total_params=params.total_params, adapted_modules=sum(s.blocks or L for s in sites) + method.modules_per_block * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
         assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
+            "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
+           if spec.decoder_layers else ())
         + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 

@@ -238,7 +238,8 @@ def sdpa_backend(dtype: str, shape: AttentionShape, gqa_in_kernel: bool) -> str:
 
 
 def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, *, implementation: str,
-              dropout_p: float, softmax_fp32: bool, softcap: bool = False) -> Tensor:
+              dropout_p: float, softmax_fp32: bool, softcap: bool = False, mask: Tensor | None = None,
+              extra_grad: bool = False) -> Tensor:
     """Attention core from q, k, v (each [b, heads or kv_heads, s, head_dim]) to the [n, h*hd] output.
 
     sdpa (flash / efficient): saves q, k, v, the output and the fp32 log-sum-exp; nothing of size s^2.
@@ -248,6 +249,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     [b, h, s, s_k] tanh output in the scores' dtype.
     FLOPs (FlopCounterMode): forward 4*b*h*s^2*hd; backward 10*b*h*s^2*hd for the fused kernels
     (they recompute the scores), 8*b*h*s^2*hd for the two explicit batched matmuls.
+    `mask`: the additive mask the memory-efficient kernel saves under "sdpa-masked", where it is not
+    sdpa's own conversion of a [b, 1, s, s_kv] bool mask (T5's position bias); `extra_grad`: the
+    scores need a gradient besides through q and k (a trainable additive bias, T5's).
     """
     b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
     sk = shape.keys  # [b, h, s, hd] queries against [b, kvh, sk, hd] keys and values
@@ -268,7 +272,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         if rg:
             for t in (q, k, v):
                 tape.save(t, "attention q, k, v")
-            if implementation == "sdpa-masked":
+            if implementation == "sdpa-masked" and mask is not None:
+                tape.save(mask, "attention mask")
+            elif implementation == "sdpa-masked":
                 # sdpa turns a bool mask into an additive one in q's dtype (convert_boolean_attn_mask),
                 # padded to a multiple of 16 along the keys, and the efficient kernel saves it
                 tape.save(tape.new(b * s * (-(-sk // 16) * 16), dt, False), "attention mask")
@@ -295,7 +301,7 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
         tape.save(k, "attention q, k, v")
     if k.rg:
         tape.save(q, "attention q, k, v")
-    scores_rg = q.rg or k.rg
+    scores_rg = q.rg or k.rg or extra_grad
     if softcap and scores_rg:
         tape.save(tape.new(score_numel, dt, False), "attention probabilities")  # the tanh output
     # softmax (fp32 when asked for, and always under autocast) saves its output

@@ -17,6 +17,8 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--r", "rank", type=int, default=None, help="Adapter rank (VeRA: the shared rank, default 256; others 8).")
 @click.option("--batch", "-b", type=int, default=1, show_default=True)
 @click.option("--seq", "-s", type=int, default=512, show_default=True)
+@click.option("--target-seq", type=int, default=None,
+              help="Encoder-decoder models (T5): the decoder's length (default: --seq).")
 @click.option("--grad-checkpointing/--no-grad-checkpointing", default=False, show_default=True)
 @click.option("--explain", is_flag=True, help="Show every term with its formula and value.")
 @click.option("--serving", is_flag=True, help="Also the inference cost per generated token at a context of --seq "
@@ -24,11 +26,13 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
               help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
-             seq, grad_checkpointing, explain, serving, engine, **option_flags):
+             seq, target_seq, grad_checkpointing, explain, serving, engine, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(option_flags))
+    if target_seq is not None:
+        kwargs["target_seq"] = target_seq
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)

@@ -20,6 +20,7 @@ from ..profiles import find_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASKED_LM = ("bert", "roberta")
+SEQ2SEQ = ("t5", "mt5")
 
 
 def raw_config(name_or_path: str) -> dict:
@@ -41,10 +42,12 @@ def hf_config(cfg: dict, run):
         raise LoraCostError(f"transformers {transformers.__version__} has no model class for model_type "
                             f"{model_type!r}, so the trace engine cannot build it; use --engine analytic") from None
     config.use_cache = False
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        config.decoder_start_token_id = config.pad_token_id if config.pad_token_id is not None else 0  # T5's convention
     p = run.model_dropout
     if p is not None:
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
-                    "attention_dropout", "hidden_dropout"):
+                    "attention_dropout", "hidden_dropout", "dropout_rate"):
             if hasattr(config, key):
                 setattr(config, key, p)
     return config
@@ -62,7 +65,12 @@ def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
 
     config = hf_config(cfg, run)
     weight_dtype = DTYPES[run.weight_dtype]
-    cls = transformers.AutoModelForMaskedLM if spec.model_type in MASKED_LM else transformers.AutoModelForCausalLM
+    if spec.model_type in MASKED_LM:
+        cls = transformers.AutoModelForMaskedLM
+    elif spec.model_type in SEQ2SEQ or getattr(config, "is_encoder_decoder", False):
+        cls = transformers.AutoModelForSeq2SeqLM
+    else:
+        cls = transformers.AutoModelForCausalLM
     notes: list[str] = []
     with torch.device("meta"):
         try:

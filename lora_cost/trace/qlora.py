@@ -102,14 +102,20 @@ class Linear4bitStandIn(nn.Linear):
 
 
 def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
-    """Replace every nn.Linear / Conv1D except the output embedding, as transformers' bnb loader does."""
+    """Replace every nn.Linear / Conv1D except the output embedding and the modules the model keeps in
+    fp32 (`_keep_in_fp32_modules`, T5's wo: quantizers/base.py adds them to modules_to_not_convert), as
+    transformers' bnb loader does; those stay fp32 linears."""
     from transformers.pytorch_utils import Conv1D
 
     skip = model.get_output_embeddings()
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if child is skip or isinstance(child, Linear4bitStandIn):
+                continue
+            if name in keep:
+                child.to(torch.float32)
                 continue
             if isinstance(child, nn.Linear):
                 d_in, d_out = child.in_features, child.out_features

@@ -124,6 +124,11 @@ def _recompute_under(model, attention: CudaAttention, autocast_dtype) -> None:
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
 
 
+def _is_seq2seq(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return bool(getattr(base.config, "is_encoder_decoder", False))
+
+
 def _get_value(x):
     """torch.optim's `_get_value` for the CPU `step` counters: read the real scalar outside fake mode."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -185,9 +190,11 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             sim.adopt(v, "loop_state")
         del loop_state  # the loop's own tables hold them; a reference here would outlive their update
         ids = torch.randint(0, vocab, (run.batch, run.seq))
+        # encoder-decoder models: labels of the decoder's length (the decoder input is them shifted right)
+        labels = torch.randint(0, vocab, (run.batch, run.decoder_seq)) if _is_seq2seq(model) else ids
         for _ in range(2 if calibration else 0):
             sim.start_phase("warmup")
-            warm = model(input_ids=ids, labels=ids)
+            warm = model(input_ids=ids, labels=labels)
             if autocast is not None:
                 autocast.end_forward()
                 autocast.enabled = False
@@ -202,7 +209,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
                 autocast.enabled = True
         sim.start_phase("forward")
         before = flopmod.by_op(counter)
-        out = model(input_ids=ids, labels=ids)
+        out = model(input_ids=ids, labels=labels)
         after_forward = flopmod.by_op(counter)
         if autocast is not None:
             autocast.end_forward()

@@ -22,7 +22,7 @@ class ParamGroup:
     name: str
     numel: int
     count: int
-    kind: str  # "linear" (a block's linear weight; NF4 under QLoRA), "embedding", "norm", "bias", "head"
+    kind: str  # "linear" (a block's linear weight; NF4 under QLoRA), "kept-linear" (one kept out of quantisation: T5's wo), "embedding", "norm", "bias", "head"
     bias_numel: int = 0  # of `numel`, the elements that are a bias (a LayerNorm's beta): BitFit trains them
 
     @property

@@ -89,8 +89,11 @@ class FourBitStorage:
         return nf4_bytes(numel, double_quant=self.double_quant)
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
-        """Linear4bit forward: x.to(compute) -> gemm_4bit -> .to(x.dtype); saves no activation."""
+        """Linear4bit forward: x.to(compute) -> gemm_4bit -> .to(x.dtype); saves no activation. A site
+        kept out of quantisation (`LinearSite.quantised`) is a frozen fp32 nn.Linear."""
         tape = ctx.tape
+        if not site.quantised:
+            return ops.linear(tape, x, site.d_in, site.d_out, w_trainable=False, w_dtype=self.other_dtype)
         xc = ops.cast(tape, x, self.compute_dtype)
         n = xc.numel // site.d_in
         # forward gemm (not counted by FlopCounterMode) and, when x needs a grad, the dequantised matmul
