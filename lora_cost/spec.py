@@ -29,6 +29,19 @@ class LinearSite:
 
 
 @dataclass(frozen=True)
+class MoeShape:
+    """A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): `experts` SwiGLU experts of width
+    `expert_intermediate`, each token routed to `top_k` of them by a linear router; `dense_layers` lists the
+    blocks that keep a plain MLP instead (Qwen3-MoE's mlp_only_layers / decoder_sparse_step)."""
+
+    experts: int
+    top_k: int
+    expert_intermediate: int
+    norm_topk: bool  # the top-k routing weights are renormalised to sum to one (an in-place division)
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's shapes, read from a bundled profile or a Hugging Face config.json."""
 
@@ -53,6 +66,7 @@ class ModelSpec:
     sliding_window: int | None = None  # Mistral: a mask is built (and sdpa loses its fast path) past this length
     qk_norm: bool = False  # Qwen3: an RMSNorm over each head's queries and keys before RoPE
     source: str = ""
+    moe: MoeShape | None = None  # mixture-of-experts models only
 
     def __post_init__(self) -> None:
         for attr in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -99,6 +113,9 @@ class RunConfig:
     dropout: float = 0.0  # adapter dropout (peft lora_dropout / vera_dropout)
     model_dropout: float | None = None  # override the model's own dropout probabilities (None: the config's)
     method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    # mixture of experts: the busiest expert receives this many times its balanced share n*k/E (>= 1;
+    # None: balanced routing, the default assumption); only mixture-of-experts models take it
+    moe_imbalance: float | None = None
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -112,6 +129,10 @@ class RunConfig:
         _probability("--dropout", self.dropout)
         if self.model_dropout is not None:
             _probability("--model-dropout", self.model_dropout)
+        if self.moe_imbalance is not None:
+            v = self.moe_imbalance
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 1.0 <= v <= 1e6:  # NaN fails too
+                raise LoraCostError(f"--moe-imbalance must be a number from 1 (balanced routing) to 1,000,000, got {v!r}")
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.method_options).get(key, default)
