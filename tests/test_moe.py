@@ -51,3 +51,55 @@ def test_moe_saved_bytes_equal_torch(tmp_path, family, method, targets, r, ckpt)
         assert got >= e.memory.saved_activation_bytes
     else:
         assert e.memory.saved_activation_bytes == got
+
+
+def _flops(cfg: dict, method: str, targets, r: int, ckpt: bool) -> tuple[int, int]:
+    """Forward and backward FLOPs of one step under FlopCounterMode, with the trace engine's formula for
+    aten._grouped_mm (which FlopCounterMode lacks: it would count the experts as 0)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    from lora_cost.trace.flops import custom_mapping
+
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
+    if method != "full":
+        conf = peft.VeraConfig(r=r, target_modules=list(targets)) if method == "vera" else \
+            peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=method == "dora")
+        model = peft.get_peft_model(model, conf)
+        if method == "lora-fa":
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(2, 512, (B, S))
+    with FlopCounterMode(display=False, custom_mapping=custom_mapping()) as fwd:
+        loss = model(input_ids=ids, labels=ids).loss
+    with FlopCounterMode(display=False, custom_mapping=custom_mapping()) as bwd:
+        loss.backward()
+    return fwd.get_total_flops(), bwd.get_total_flops()
+
+
+@pytest.mark.parametrize("family,method,targets,r,ckpt", [c for c in CASES if c[1] != "dora"])
+def test_moe_flops_equal_flop_counter(tmp_path, family, method, targets, r, ckpt):
+    e = _estimate(tmp_path, family, method, targets, r, ckpt)
+    fwd, bwd = _flops(CONFIGS[family], method, targets, r, ckpt)
+    assert (e.flops.forward, e.flops.backward) == (fwd, bwd)
+
+
+def test_moe_flops_hand_arithmetic(tmp_path):
+    """Router plus k experts per token. Mixtral tiny: n = 2 x 24 = 48 tokens, k = 2, E = 4, d = 64, I = 48,
+    4 heads of 16, 2 key/value heads, vocab 512, 3 layers."""
+    e = _estimate(tmp_path, "mixtral", "full", None, 0, False)
+    n, k, E, d, I, L = 48, 2, 4, 64, 48, 3
+    projections = 2 * n * (64 * 64 + 2 * 64 * 32 + 64 * 64)  # q, k, v, o: 96 x 16,384 = 1,572,864
+    attention = 4 * 2 * 4 * 24 * 24 * 16  # 4 b h s^2 hd = 294,912
+    router = 2 * n * d * E  # 24,576
+    experts = 2 * n * k * (d * 2 * I + I * d)  # 2 x 96 x 9,216 = 1,769,472 (k experts per token, not E)
+    head = 2 * n * d * 512  # 3,145,728
+    assert e.flops.forward == L * (projections + attention + router + experts) + head == 14_131_200
