@@ -103,3 +103,44 @@ def test_moe_flops_hand_arithmetic(tmp_path):
     experts = 2 * n * k * (d * 2 * I + I * d)  # 2 x 96 x 9,216 = 1,769,472 (k experts per token, not E)
     head = 2 * n * d * 512  # 3,145,728
     assert e.flops.forward == L * (projections + attention + router + experts) + head == 12_951_552
+
+
+MOE_PROFILES = ("mixtral-8x7b", "mixtral-8x22b", "qwen3-30b-a3b", "qwen3-235b-a22b")
+
+
+@pytest.mark.parametrize("name", MOE_PROFILES)
+def test_moe_profile_total_equals_transformers_on_meta(name):
+    """Every expert's weights are resident: the total is transformers' own parameter count."""
+    from lora_cost.profiles import bundled_models
+
+    cfg = dict(bundled_models()[name].config)
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    assert estimate(name, "full", seq=16).total_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name,published,digits", [
+    ("mixtral-8x7b", 46.7, 1),  # Mixtral of Experts (arXiv:2401.04088): 46.7B total, 12.9B active
+    ("mixtral-8x22b", 141, 0),  # Mistral AI: 141B total, 39B active
+    ("qwen3-30b-a3b", 30.5, 1),  # Qwen3 model card: 30.5B total, 3.3B activated
+    ("qwen3-235b-a22b", 235, 0),  # Qwen3 model card: 235B total, 22B activated
+])
+def test_moe_totals_match_published_sizes(name, published, digits):
+    assert round(estimate(name, "full", seq=16).total_params / 1e9, digits) == published
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+@pytest.mark.parametrize("method,targets", [("lora", ("q_proj", "v_proj")), ("lora", ATTN), ("dora", ATTN),
+                                            ("vera", ("q_proj", "v_proj"))])
+def test_moe_trainable_equal_peft(tmp_path, family, method, targets):
+    cfg = dict(CONFIGS[family])
+    config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    r = 16 if method == "vera" else 4
+    conf = peft.VeraConfig(r=r, target_modules=list(targets)) if method == "vera" else \
+        peft.LoraConfig(r=r, target_modules=list(targets), use_dora=method == "dora")
+    trainable, total = peft.get_peft_model(model, conf).get_nb_trainable_parameters()
+    e = _estimate(tmp_path, family, method, targets, r, False)
+    assert e.trainable_params == trainable

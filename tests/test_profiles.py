@@ -25,7 +25,7 @@ def shapes_from_config(cfg: dict) -> tuple:
 
 def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
-    assert len(files) == 23 == len(bundled_models())  # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B
+    assert len(files) == 27 == len(bundled_models())  # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + 4 MoE
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])
