@@ -79,7 +79,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
-             utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+             utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
+             moe_imbalance: float | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
@@ -88,7 +89,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
-                    method_options=tuple(sorted((method_options or {}).items())))
+                    method_options=tuple(sorted((method_options or {}).items())), moe_imbalance=moe_imbalance)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -97,6 +98,8 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
     method = get_method(run.method)
     method.check_options(run)
+    if run.moe_imbalance is not None and spec.moe is None:
+        raise LoraCostError(f"--moe-imbalance applies to mixture-of-experts models only; {spec.name} is dense")
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")
@@ -171,7 +174,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
-        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        assumptions=_assumptions(run, opt) + tuple(arch.notes(spec, run))
+        + ((f"{method.name}: {method.note}",) if method.note else ())
         + tuple(method.notes(spec, sites, head_sites, run)),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 

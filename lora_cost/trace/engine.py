@@ -33,7 +33,8 @@ def plan(model, method: str, **kwargs):
 
 def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, seq: int = 512, precision: str = "bf16",
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
-          model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False) -> TraceResult:
+          model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
+          moe_imbalance=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -42,7 +43,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
 
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
-                               dropout=dropout, model_dropout=model_dropout, method_options=method_options)
+                               dropout=dropout, model_dropout=model_dropout, method_options=method_options,
+                               moe_imbalance=moe_imbalance)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config

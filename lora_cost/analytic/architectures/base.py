@@ -44,6 +44,8 @@ class Architecture:
     head_sites: Callable[["ModelSpec"], tuple["LinearSite", ...]] = lambda spec: ()
     # the block plan (stack.py): which kinds of block, how many, in what order; one kind by default
     stack: Callable[["ModelSpec"], Stack] = lambda spec: Stack.uniform(spec.layers)
+    # assumptions the family adds to an estimate (mixture of experts: the routing); none by default
+    notes: Callable[["ModelSpec", object], tuple[str, ...]] = lambda spec, run: ()
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
