@@ -22,8 +22,9 @@ GROUPED_MM = torch.ops.aten._grouped_mm.default
 
 
 def _grouped_mm_meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
-    """The output of _grouped_mm: 2-D x 3-D [S, k] x [E, k, n] -> [S, n]; 3-D x 2-D [E, m, k] x [k, S]^T... ->
-    [m, S]... as torch's _create_grouped_mm_output_tensor, in a's dtype unless out_dtype is given."""
+    """The output shape of _grouped_mm, as torch's _create_grouped_mm_output_tensor: 2-D x 2-D (groups along
+    k, a weight gradient) [m, S] x [S, n] -> [E, m, n]; 2-D x 3-D [S, k] x [E, k, n] -> [S, n]; 3-D x 2-D
+    [E, m, k] x [k, N] -> [m, N]; 3-D x 3-D batched. In a's dtype unless out_dtype is given."""
     dtype = out_dtype or mat_a.dtype
     if mat_a.dim() == 2 and mat_b.dim() == 2:  # K grouped (a weight gradient): one [m, n] per group
         shape = (offs.shape[0], mat_a.shape[0], mat_b.shape[1])
