@@ -34,6 +34,19 @@ class LinearSite:
 
 
 @dataclass(frozen=True)
+class MoeShape:
+    """A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): `experts` SwiGLU experts of width
+    `expert_intermediate`, each token routed to `top_k` of them by a linear router; `dense_layers` lists the
+    blocks that keep a plain MLP instead (Qwen3-MoE's mlp_only_layers / decoder_sparse_step)."""
+
+    experts: int
+    top_k: int
+    expert_intermediate: int
+    norm_topk: bool  # the top-k routing weights are renormalised to sum to one (an in-place division)
+    dense_layers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A model's shapes, read from a bundled profile or a Hugging Face config.json."""
 
@@ -69,6 +82,7 @@ class ModelSpec:
     ffn_activation: str = ""  # T5: the feed-forward activation (relu, gelu_new, ...); "" : the family's own
     gated_ffn: bool = False  # T5 v1.1 / flan / mT5: wi_0 and wi_1, the activation of one times the other
     source: str = ""
+    moe: MoeShape | None = None  # mixture-of-experts models only
 
     def __post_init__(self) -> None:
         for attr in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):
@@ -116,6 +130,9 @@ class RunConfig:
     model_dropout: float | None = None  # override the model's own dropout probabilities (None: the config's)
     method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
     target_seq: int | None = None  # encoder-decoder models: the decoder's length (None: `seq`)
+    # mixture of experts: the busiest expert receives this many times its balanced share n*k/E (>= 1;
+    # None: balanced routing, the default assumption); only mixture-of-experts models take it
+    moe_imbalance: float | None = None
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -131,6 +148,10 @@ class RunConfig:
         _probability("--dropout", self.dropout)
         if self.model_dropout is not None:
             _probability("--model-dropout", self.model_dropout)
+        if self.moe_imbalance is not None:
+            v = self.moe_imbalance
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 1.0 <= v <= 1e6:  # NaN fails too
+                raise LoraCostError(f"--moe-imbalance must be a number from 1 (balanced routing) to 1,000,000, got {v!r}")
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.method_options).get(key, default)

@@ -32,8 +32,8 @@ def test_all_model_profiles_load():
     files = sorted((profiles_dir() / "models").rglob("*.json"))
     # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + Phi-3-mini 4k, 128k, Phi-4, BLOOM-560m, BLOOMZ-7b1
     # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B + t5-base, t5-large, flan-t5-xl, flan-t5-xxl, t0-3b,
-    # mt0-large, mt0-xxl
-    assert len(files) == 42 == len(bundled_models())
+    # mt0-large, mt0-xxl + Mixtral 8x7B, 8x22B, Qwen3-30B-A3B, Qwen3-235B-A22B
+    assert len(files) == 46 == len(bundled_models())
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])

@@ -80,7 +80,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
-             target_seq: int | None = None) -> Estimate:
+             target_seq: int | None = None, moe_imbalance: float | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -90,7 +90,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
-                    method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq)
+                    method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
+                    moe_imbalance=moe_imbalance)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -102,6 +103,8 @@ def validated_run(spec: ModelSpec, run: RunConfig):
                             f"{spec.name} has no separate decoder")
     method = get_method(run.method)
     method.check_options(run)
+    if run.moe_imbalance is not None and spec.moe is None:
+        raise LoraCostError(f"--moe-imbalance applies to mixture-of-experts models only; {spec.name} is dense")
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")

@@ -23,16 +23,21 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--explain", is_flag=True, help="Show every term with its formula and value.")
 @click.option("--serving", is_flag=True, help="Also the inference cost per generated token at a context of --seq "
               "positions: base model, and the method's extra weights, FLOPs and sequential ops, merged and unmerged.")
+@click.option("--moe-imbalance", type=float, default=None,
+              help="Mixture of experts: the busiest expert receives F >= 1 times its balanced share n*k/E "
+              "(default: balanced routing). transformers' grouped_mm experts path costs the same at any balance.")
 @click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
               help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
-             seq, target_seq, grad_checkpointing, explain, serving, engine, **option_flags):
+             seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(option_flags))
     if target_seq is not None:
         kwargs["target_seq"] = target_seq
+    if moe_imbalance is not None:
+        kwargs["moe_imbalance"] = moe_imbalance
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)

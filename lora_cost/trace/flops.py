@@ -7,6 +7,8 @@ Registered here (FlopCounterMode(custom_mapping=...)), for every torch version t
     the analytic engine and the profiler use too;
   * the QLoRA stand-in's 4-bit gemm (`lora_cost_trace::gemm_4bit`): bitsandbytes' forward gemm is
     invisible to FlopCounterMode; the trace counts it and reports it as `forward_uncounted`.
+  * `aten._grouped_mm` (transformers' default mixture-of-experts path, integrations/moe.py): FlopCounterMode
+    has no formula for it in torch 2.13 and would count the experts as 0;
 CPU attention (`_scaled_dot_product_flash_attention_for_cpu`, counted 0 in torch 2.13) never runs:
 attention.py redirects sdpa to the CUDA ops.
 """
@@ -32,7 +34,18 @@ def custom_mapping() -> dict:
         aten._scaled_dot_product_flash_attention_backward: sdpa_backward_from_shapes,
         aten._scaled_dot_product_efficient_attention_backward: sdpa_backward_from_shapes,
         GEMM_4BIT: gemm_4bit_flops,
+        aten._grouped_mm: grouped_mm_flops,
     }
+
+
+def grouped_mm_flops(a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """aten._grouped_mm(a, b, offs): every row (2-D a against 3-D b: [S, k] x [E, k, n], each row in one
+    group) or every reduction index (2-D x 2-D, the weight gradient: [m, S] x [S, n] -> [E, m, n]) is
+    multiplied once, so 2 * m * k * n as for one plain matmul; 3-D x 3-D is a batched matmul."""
+    if len(a_shape) == 3 and len(b_shape) == 3:
+        return 2 * a_shape[0] * a_shape[1] * a_shape[2] * b_shape[2]
+    m, k = (a_shape[-2], a_shape[-1]) if len(a_shape) == 2 else (a_shape[0] * a_shape[1], a_shape[2])
+    return 2 * m * k * b_shape[-1]
 
 
 class _GlobalOnly:

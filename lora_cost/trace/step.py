@@ -23,6 +23,7 @@ from .allocator import AllocatorSim
 from .attention import CudaAttention
 from .autocast import CudaAutocast
 from .fake import materialize
+from .moe import any_dtype_grouped_mm
 
 
 @dataclass
@@ -170,6 +171,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
     with contextlib.ExitStack() as stack:
         stack.enter_context(patch)
         stack.enter_context(mock.patch("torch.optim.adam._get_value", _get_value))
+        stack.enter_context(any_dtype_grouped_mm())  # mixture-of-experts models (moe.py)
         stack.enter_context(mode)
         stack.enter_context(where.hooks())
         stack.enter_context(attention)

@@ -44,7 +44,8 @@ class Architecture:
     head_sites: Callable[["ModelSpec"], tuple["LinearSite", ...]] = lambda spec: ()
     # the block plan (stack.py): which kinds of block, how many, in what order; one kind by default
     stack: Callable[["ModelSpec"], Stack] = lambda spec: Stack.uniform(spec.layers)
-    # lines the estimate's assumptions add for this family and run (Gemma 2: eager attention whatever was asked)
+    # lines the family adds to an estimate's assumptions (Gemma 2: eager attention whatever was asked;
+    # mixture of experts: the routing); none by default
     notes: Callable[["ModelSpec", object], tuple[str, ...]] = lambda spec, run: ()
 
 

@@ -1,0 +1,133 @@
+"""Analytic engine vs trace engine on tiny mixture-of-experts models (Mixtral, Qwen3-MoE), as
+tests/test_trace_grid.py does for the dense families. The trace runs transformers' real MoE forward
+(grouped_mm experts path) on fake tensors; its shapes depend on n*k only, not on the routing, so the
+fake tensors' arbitrary routing values cannot change what is measured. Adapters target the attention
+projections (the analytic engine refuses expert targets, see analytic/architectures/moe.py).
+
+    python tests/test_grid_moe.py      # per-term median and worst disagreement
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TINY = {
+    "mixtral": {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 384, "num_hidden_layers": 2,
+                "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048, "max_position_embeddings": 512,
+                "num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    "qwen3_moe": {"model_type": "qwen3_moe", "hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 128,
+                  "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 96,
+                  "num_experts": 8, "num_experts_per_tok": 3, "norm_topk_prob": True, "mlp_only_layers": [1],
+                  "vocab_size": 2560, "max_position_embeddings": 512, "tie_word_embeddings": True},
+}
+METHODS = ("full", "lora", "lora-fa", "dora", "vera", "qlora")
+ATTN = "q_proj,k_proj,v_proj,o_proj"
+SETTINGS = (  # (precision, grad_checkpointing, targets, attention, model_dropout, batch, seq)
+    ("bf16", False, None, "sdpa", 0.0, 2, 128),
+    ("fp32", False, ATTN, "sdpa", 0.0, 1, 200),
+    ("bf16", True, ATTN, "sdpa", None, 2, 128),
+    ("amp-bf16", False, None, "eager", None, 1, 128),
+)
+
+
+def grid() -> list[tuple[str, str, tuple]]:
+    out = []
+    for family, method, setting in itertools.product(TINY, METHODS, SETTINGS):
+        if method == "qlora" and setting[0] not in ("bf16", "fp16"):
+            setting = ("bf16",) + setting[1:]
+        out.append((family, method, setting))
+    return out
+
+
+def kwargs_for(method: str, setting: tuple) -> dict:
+    precision, ckpt, targets, attention, model_dropout, batch, seq = setting
+    kw = dict(batch=batch, seq=seq, precision=precision, grad_checkpointing=ckpt, attention=attention,
+              model_dropout=model_dropout)
+    if method != "full":
+        kw.update(r=32 if method == "vera" else 8, targets=targets)
+    return kw
+
+
+def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
+    from lora_cost import estimate
+    from lora_cost.trace import trace
+    from lora_cost.trace.compare import differences
+
+    path = root / f"tiny-{family}" / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(TINY[family]))
+    kw = kwargs_for(method, setting)
+    e = estimate(str(path), method, **kw)
+    t = trace(str(path), method, **kw)
+    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+
+
+CASES = grid()
+IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[3]}" for f, m, s in CASES]
+# Known disagreements (strict: they must keep failing until fixed), measured 2026-11-30:
+KNOWN = {
+    # peaks 6.3-6.6% over the trace (Mixtral, checkpointing): the analytic in-block backward moment keeps the whole recomputed block alive
+    # while the widest gradient ([n k, 2I]) forms; by then the trace has freed the expert outputs saved after it
+    "mixtral-dora-bf16-ckpt-sdpa": "analytic peak 6.6% above the trace (conservative in-block moment)",
+    "mixtral-qlora-bf16-ckpt-sdpa": "analytic peak 6.3% above the trace (conservative in-block moment)",
+    # backward FLOPs 2.5% under the trace: the trace's 4-bit stand-in (trace/qlora.py) saves the packed weight
+    # with save_for_backward after its gemm, so checkpoint recomputation reruns the dense block's last 4-bit
+    # down_proj gemm; bitsandbytes keeps it on ctx (no save), which the analytic early stop models
+    "qwen3_moe-qlora-bf16-ckpt-sdpa": "trace stand-in's save after the 4-bit gemm changes the early stop",
+}
+MARKS = [pytest.mark.xfail(reason=KNOWN[i], strict=True) if i in KNOWN else () for i in IDS]
+
+
+@pytest.mark.parametrize("family,method,setting", [pytest.param(*c, marks=m) for c, m in zip(CASES, MARKS)], ids=IDS)
+def test_moe_engines_agree(tmp_path_factory, family, method, setting):
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    terms = compare(tmp_path_factory.getbasetemp() / "moe-grid", family, method, setting)
+    a, t = terms["trainable_params"]
+    assert a == t, f"trainable params: analytic {a} vs trace {t}"
+    a, t = terms["flops.forward"]
+    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
+    a, t = terms["flops.backward"]
+    assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
+    a, t = terms["peak_bytes"]
+    assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
+
+
+def summary() -> int:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-moe-grid-"))
+    per_term: dict[str, list[tuple[float, str]]] = {}
+    for (family, method, setting), name in zip(CASES, IDS):
+        try:
+            terms = compare(root, family, method, setting)
+        except Exception as exc:  # report, keep going
+            print(f"{name}: ERROR {type(exc).__name__}: {exc}")
+            continue
+        for term, (a, t) in terms.items():
+            if a or t:
+                r = (t - a) / a if a else float("inf")
+                per_term.setdefault(term, []).append((r, name))
+    print(f"configurations: {len(CASES)}")
+    print(f"{'term':40s} {'n':>4s} {'median |rel|':>12s} {'max |rel|':>10s}  worst case")
+    for term, values in sorted(per_term.items()):
+        finite = [(abs(r), n) for r, n in values if r != float("inf")]
+        if not finite:
+            continue
+        worst = max(finite)
+        print(f"{term:40s} {len(values):4d} {100 * statistics.median(v for v, _ in finite):11.2f}% "
+              f"{100 * worst[0]:9.2f}%  {worst[1]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(summary())
