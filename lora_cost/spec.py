@@ -81,6 +81,10 @@ def _probability(flag: str, value: object) -> None:
 
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 ATTENTIONS = ("sdpa", "eager")
+# --task: what the model's head and loss are (None: the family's own, causal-lm or masked-lm)
+TASKS = ("causal-lm", "masked-lm", "seq2seq", "seq-cls", "token-cls")
+CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
+MAX_LABELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,8 @@ class RunConfig:
     dropout: float = 0.0  # adapter dropout (peft lora_dropout / vera_dropout)
     model_dropout: float | None = None  # override the model's own dropout probabilities (None: the config's)
     method_options: tuple[tuple[str, object], ...] = field(default_factory=tuple)
+    task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
+    num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -112,6 +118,17 @@ class RunConfig:
         _probability("--dropout", self.dropout)
         if self.model_dropout is not None:
             _probability("--model-dropout", self.model_dropout)
+        if self.task is not None and self.task not in TASKS:
+            raise LoraCostError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.num_labels is not None:
+            if self.task not in CLASSIFICATION_TASKS:
+                raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
+            _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
+
+    @property
+    def labels(self) -> int:
+        """Classes of a classification head (transformers' default num_labels is 2)."""
+        return self.num_labels or 2
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.method_options).get(key, default)

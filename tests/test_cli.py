@@ -80,8 +80,10 @@ def test_malformed_and_unknown_config(tmp_path):
     assert out.exit_code == 2 and "not valid JSON" in out.output
     t5 = tmp_path / "t5.json"
     t5.write_text(json.dumps({"model_type": "t5", "d_model": 512}))
-    out = run("estimate", "--model", str(t5))
+    # (the default engine, auto, would hand a family the analytic engine lacks to the trace engine)
+    out = run("estimate", "--model", str(t5), "--engine", "analytic")
     assert out.exit_code == 2 and "supported model_type" in out.output and "llama" in out.output
+    assert "--engine trace" in out.output
     missing = tmp_path / "llama.json"
     missing.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     out = run("estimate", "--model", str(missing))

@@ -79,7 +79,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              seq: int = 512, precision: str = "bf16", optimizer: str = "adamw", grad_checkpointing: bool = False,
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
-             utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+             utilisation: float = DEFAULT_UTILISATION, serving: bool = False, task: str | None = None,
+             num_labels: int | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
@@ -88,13 +89,23 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
-                    method_options=tuple(sorted((method_options or {}).items())))
+                    method_options=tuple(sorted((method_options or {}).items())), task=task, num_labels=num_labels)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
     """Check a run against the model and the method (both engines share this) and fill in the
     method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
+    run, method = validated_method_run(run)
+    target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
+    method.check(spec, sites + head_sites, run)
+    return run, method, target_names, sites, head_sites
+
+
+def validated_method_run(run: RunConfig):
+    """The checks of a run that need no model (the method's options, rank, targets and dropout as
+    flags) and the method's defaults filled in: (run, method). The trace engine's path for families
+    the analytic engine does not know uses these alone (the real model checks the rest)."""
     method = get_method(run.method)
     method.check_options(run)
     if method.base_trainable:
@@ -115,9 +126,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
     get_optimizer(run.optimizer)
-    target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
-    method.check(spec, sites + head_sites, run)
-    return run, method, target_names, sites, head_sites
+    return run, method
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,

@@ -20,6 +20,31 @@ from ..profiles import find_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 MASKED_LM = ("bert", "roberta")
+# the transformers auto class of each task (--task)
+AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",
+                "seq2seq": "AutoModelForSeq2SeqLM", "seq-cls": "AutoModelForSequenceClassification",
+                "token-cls": "AutoModelForTokenClassification"}
+# a config's `architectures` entry -> its task (checked in this order: ConditionalGeneration last)
+TASK_SUFFIXES = (("ForCausalLM", "causal-lm"), ("LMHeadModel", "causal-lm"), ("ForMaskedLM", "masked-lm"),
+                 ("ForSequenceClassification", "seq-cls"), ("ForTokenClassification", "token-cls"),
+                 ("ForConditionalGeneration", "seq2seq"))
+
+
+def transformers_knows(model_type: str) -> bool:
+    import transformers
+
+    return model_type in transformers.CONFIG_MAPPING
+
+
+def auto_class_for(model_type: str, task: str):
+    """transformers' class for (model_type, task), or None when it has none."""
+    import transformers
+
+    mapping = getattr(transformers, AUTO_CLASSES[task])._model_mapping
+    try:
+        return mapping[transformers.CONFIG_MAPPING[model_type]]
+    except (KeyError, ValueError):
+        return None
 
 
 def raw_config(name_or_path: str) -> dict:
@@ -38,9 +63,26 @@ def hf_config(cfg: dict, run):
     try:
         config = transformers.AutoConfig.for_model(model_type, **cfg)
     except (ValueError, KeyError):
-        raise LoraCostError(f"transformers {transformers.__version__} has no model class for model_type "
-                            f"{model_type!r}, so the trace engine cannot build it; use --engine analytic") from None
+        raise LoraCostError(f"transformers {transformers.__version__} cannot build model_type {model_type!r} "
+                            "(it has no config class for it)") from None
+    except Exception as exc:  # a field transformers' config class refuses
+        raise LoraCostError(f"transformers refused the {model_type} config: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}"[:400]) from None
     config.use_cache = False
+    if getattr(config, "is_encoder_decoder", False) and getattr(config, "decoder_start_token_id", None) is None:
+        # the decoder's inputs are the labels shifted right behind this id (T5 `_shift_right`); transformers 5
+        # no longer defaults it on the config: the published configs give the pad id, 0
+        pad = getattr(config, "pad_token_id", None)
+        config.decoder_start_token_id = pad if isinstance(pad, int) else 0
+    if run.task in ("seq-cls", "token-cls"):
+        config.num_labels = run.labels
+        if run.task == "seq-cls":  # as transformers infers it from integer labels (DeBERTa would branch on their values)
+            config.problem_type = "regression" if run.labels == 1 else "single_label_classification"
+        if run.task == "seq-cls" and getattr(config, "pad_token_id", 0) is None:
+            # decoder classifiers pool the last non-pad token and refuse a batch > 1 without a pad id;
+            # fine-tuning scripts set it to the eos id (ids are random here: the shapes are what count)
+            eos = getattr(config, "eos_token_id", None)
+            config.pad_token_id = eos if isinstance(eos, int) else 0
     p = run.model_dropout
     if p is not None:
         for key in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -57,20 +99,38 @@ class Built:
     notes: list
 
 
-def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
-    import transformers
+def default_task(model_type: str) -> str:
+    return "masked-lm" if model_type in MASKED_LM else "causal-lm"
 
-    config = hf_config(cfg, run)
-    weight_dtype = DTYPES[run.weight_dtype]
-    cls = transformers.AutoModelForMaskedLM if spec.model_type in MASKED_LM else transformers.AutoModelForCausalLM
-    notes: list[str] = []
+
+def build_model(name: str, config, run):
+    """The bare transformers model for the run's task on the meta device, in training mode."""
+    task = run.task or default_task(config.model_type)
+    cls = auto_class_for(config.model_type, task)
+    if cls is None:
+        raise LoraCostError(f"transformers has no {task} model for model_type {config.model_type!r} ({name})")
     with torch.device("meta"):
         try:
-            model = cls.from_config(config, dtype=weight_dtype, attn_implementation=run.attention)
-        except (ValueError, KeyError) as exc:
-            raise LoraCostError(f"transformers cannot build {spec.name}: {exc}") from None
-        model.config.use_cache = False
-        model.train()
+            model = cls._from_config(config, dtype=DTYPES[run.weight_dtype], attn_implementation=run.attention)
+        except Exception as exc:  # ValueError, an unsupported attention implementation, a bad shape, ...
+            text = str(exc).splitlines()[0] if str(exc) else ""
+            if "attention implementation" in text and run.attention != "eager":
+                raise LoraCostError(f"transformers has no {run.attention} attention for {type(config).__name__[:-6]} "
+                                    f"models ({name}); use --attention eager") from None
+            raise LoraCostError(f"transformers cannot build {name}: {type(exc).__name__}: {text}"[:400]) from None
+    model.config.use_cache = False
+    model.train()
+    return model
+
+
+def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
+    config = hf_config(cfg, run)
+    return apply_method(build_model(spec.name, config, run), run, method, target_names)
+
+
+def apply_method(model, run, method, target_names) -> Built:
+    notes: list[str] = []
+    with torch.device("meta"):
         model, adapted = _apply_method(model, run, method, target_names, notes)
     return Built(model=model, adapted=adapted, notes=notes)
 

@@ -58,7 +58,8 @@ def get_architecture(model_type: str) -> Architecture:
         return ARCHITECTURES.get(model_type)
     except LoraCostError:
         raise LoraCostError(f"unsupported architecture {shown(model_type)}; supported model_type values: "
-                            f"{', '.join(supported_model_types())}") from None
+                            f"{', '.join(supported_model_types())} (--engine trace builds any model transformers "
+                            "can build)") from None
 
 
 @lru_cache(maxsize=1024)
