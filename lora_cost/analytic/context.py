@@ -132,7 +132,12 @@ class StepContext:
 
     def lm_head_and_loss(self, x: Tensor, *, upcast: bool, shifted_labels: bool = True) -> None:
         """The LM head and the loss. Causal-LM labels are padded and shifted (a new int64 tensor);
-        a masked-LM loss reads the labels tensor itself (here the input ids)."""
+        a masked-LM loss reads the labels tensor itself (here the input ids). A decoder's --task seq-cls
+        or token-cls runs its classifier instead (heads.py)."""
+        if self.run.task in ("seq-cls", "token-cls"):
+            from .heads import DECODER_TOKEN_DROPOUT, classifier_and_loss
+            classifier_and_loss(self, x, token_dropout=self.model_dropout(DECODER_TOKEN_DROPOUT), upcast_tokens=True)
+            return
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,

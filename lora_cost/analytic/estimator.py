@@ -97,7 +97,16 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     """Check a run against the model and the method (both engines share this) and fill in the
     method's defaults. Returns (run, method, target names, adapted block sites, adapted head sites)."""
     run, method = validated_method_run(run)
-    target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
+    arch = get_architecture(spec.model_type)
+    if run.task is not None:
+        from .heads import check_targets, check_task
+        check_task(arch, spec, method, run)
+        if run.task in ("seq-cls", "token-cls"):
+            check_targets(spec, run.task, run.labels, run.targets, run.targets is not None
+                          and tuple(run.targets) == (ALL_LINEAR,))
+    target_names, sites, head_sites = resolve_targets(arch, spec, method, run.targets)
+    if run.task in ("seq-cls", "token-cls"):
+        head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
     method.check(spec, sites + head_sites, run)
     return run, method, target_names, sites, head_sites
 

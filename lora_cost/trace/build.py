@@ -89,6 +89,8 @@ def hf_config(cfg: dict, run):
                     "attention_dropout", "hidden_dropout"):
             if hasattr(config, key):
                 setattr(config, key, p)
+        if run.task in ("seq-cls", "token-cls"):  # the classifier's dropout (read with getattr by every family)
+            config.classifier_dropout = p
     return config
 
 

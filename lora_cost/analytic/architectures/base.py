@@ -44,6 +44,8 @@ class Architecture:
     head_sites: Callable[["ModelSpec"], tuple["LinearSite", ...]] = lambda spec: ()
     # the block plan (stack.py): which kinds of block, how many, in what order; one kind by default
     stack: Callable[["ModelSpec"], Stack] = lambda spec: Stack.uniform(spec.layers)
+    # the --task values the family has (the first is its default); heads other than the LM head: heads.py
+    tasks: tuple[str, ...] = ("causal-lm",)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
