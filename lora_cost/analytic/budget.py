@@ -29,6 +29,8 @@ class ParameterBudget:
     early_gradient_bytes: int = 0  # gradients that exist from the start of backward (AdaLoRA's regulariser)
     loop_state_bytes: int = 0  # kept by the training loop outside the optimizer (AdaLoRA's rank allocator)
     loop_temporaries: int = 0  # that state's update after opt.step()
+    # gradients that arrive only at the end of backward (trained embeddings no LM head is tied to: a classifier)
+    late_gradient_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -123,4 +125,6 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         per_layer_trainable_bytes=per_layer, state_bytes=sum(opt.state_bytes(g) for g in trainable), paged=opt.paged,
         optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable,
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
-        loop_state_bytes=loop_state, loop_temporaries=loop_temporaries)
+        loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
+        late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
+        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0)

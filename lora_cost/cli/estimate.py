@@ -37,8 +37,9 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
                   model_dropout=model_dropout, method_options=method_options(option_flags))
     if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
         kwargs.update(task=task, num_labels=num_labels)
+    note = None
     if engine == "auto":
-        engine = _auto_engine(model)
+        engine, note = _auto_engine(model)
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)
@@ -58,17 +59,18 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
     if engine == "both" or analytic_knows(find_config(model)[1]):
         load_model(model)  # a bad --model is refused before torch is imported
     from .trace_engine import run_trace_engine  # imports torch: only on request
-    run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)
+    run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, note=note, **kwargs)
 
 
-def _auto_engine(model: str) -> str:
-    """--engine auto: the analytic engine when it has the config's family, else the trace engine (said in
-    one line on stderr), which needs the trace extras: without them, one line naming what to install."""
+def _auto_engine(model: str) -> tuple[str, str | None]:
+    """--engine auto: (engine, note). The analytic engine when it has the config's family, else the trace
+    engine (the note says so in one line on stderr once the trace has run: bad input stays one line), which
+    needs the trace extras: without them, one line naming what to install."""
     from ..profiles import analytic_knows, find_config
 
     name, cfg, _ = find_config(model)
     if analytic_knows(cfg):
-        return "analytic"
+        return "analytic", None
     from ..trace.deps import INSTALL_HINT, missing
     from ..analytic.architectures.base import supported_model_types
 
@@ -81,6 +83,5 @@ def _auto_engine(model: str) -> str:
     if not transformers_knows(cfg["model_type"]):
         raise LoraCostError(f"{name}: neither engine knows model_type {cfg['model_type']!r}: the analytic engine knows "
                             f"{', '.join(supported_model_types())}, and transformers cannot build it")
-    click.echo(f"lora-cost: note: the analytic engine has no family {cfg['model_type']!r}; using the trace engine "
-               "(the real transformers model on fake tensors)", err=True)
-    return "trace"
+    return "trace", (f"the analytic engine has no family {cfg['model_type']!r}; using the trace engine (the real "
+                     "transformers model on fake tensors)")
