@@ -190,13 +190,23 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         total_params=params.total_params, adapted_modules=(len(sites) + method.modules_per_block) * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
         assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
-        + tuple(method.notes(spec, sites, head_sites, run)),
+        + tuple(method.notes(spec, sites, head_sites, run)) + _task_note(run),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 
 def _serving(arch, spec, method, sites, head_sites, run):
     from .serving import serving_estimate  # only when asked: the estimate path stays as it was
     return serving_estimate(arch, spec, method, sites, head_sites, run)
+
+
+def _task_note(run: RunConfig) -> tuple[str, ...]:
+    """A classification head says what it is (absent for the family's own LM head: the output stays as it was)."""
+    if run.task not in ("seq-cls", "token-cls"):
+        return ()
+    what = ("logits of one position per row (decoders: the last non-pad token; BERT/RoBERTa: [CLS])"
+            if run.task == "seq-cls" else "per-token logits")
+    return (f"task {run.task} with {run.labels} labels: the classifier replaces the LM head, {what}; with an adapter "
+            "method peft trains a copy of it (task_type modules_to_save), counted as trainable",)
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
