@@ -124,6 +124,15 @@ def find_config(name_or_path: str) -> tuple[str, dict, str]:
     raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or config.json path{hint}")
 
 
+def analytic_knows(cfg: dict) -> bool:
+    """Whether the analytic engine has the config's family. A missing or malformed model_type counts
+    as known: the analytic reader then refuses it with its own one-line error."""
+    from .analytic.architectures.base import ARCHITECTURES
+
+    model_type = cfg.get("model_type")
+    return not isinstance(model_type, str) or model_type in ARCHITECTURES.all()
+
+
 @lru_cache(maxsize=256)
 def load_model(name_or_path: str) -> ModelSpec:
     """A ModelSpec from a bundled name, a Hub id alias, a config.json path or a directory."""

@@ -111,6 +111,10 @@ def _probability(flag: str, value: object) -> None:
 
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 ATTENTIONS = ("sdpa", "eager")
+# --task: what the model's head and loss are (None: the family's own, causal-lm or masked-lm)
+TASKS = ("causal-lm", "masked-lm", "seq2seq", "seq-cls", "token-cls")
+CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
+MAX_LABELS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,8 @@ class RunConfig:
     # mixture of experts: the busiest expert receives this many times its balanced share n*k/E (>= 1;
     # None: balanced routing, the default assumption); only mixture-of-experts models take it
     moe_imbalance: float | None = None
+    task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
+    num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -152,6 +158,17 @@ class RunConfig:
             v = self.moe_imbalance
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 1.0 <= v <= 1e6:  # NaN fails too
                 raise LoraCostError(f"--moe-imbalance must be a number from 1 (balanced routing) to 1,000,000, got {v!r}")
+        if self.task is not None and self.task not in TASKS:
+            raise LoraCostError(f"unknown task {self.task!r}; choose one of {', '.join(TASKS)}")
+        if self.num_labels is not None:
+            if self.task not in CLASSIFICATION_TASKS:
+                raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
+            _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
+
+    @property
+    def labels(self) -> int:
+        """Classes of a classification head (transformers' default num_labels is 2)."""
+        return self.num_labels or 2
 
     def option(self, key: str, default: object = None) -> object:
         return dict(self.method_options).get(key, default)

@@ -80,8 +80,10 @@ def test_malformed_and_unknown_config(tmp_path):
     assert out.exit_code == 2 and "not valid JSON" in out.output
     unknown = tmp_path / "unknown.json"
     unknown.write_text(json.dumps({"model_type": "xlnet", "d_model": 512}))  # (t5 is a family now)
-    out = run("estimate", "--model", str(unknown))
+    # (the default engine, auto, would hand a family the analytic engine lacks to the trace engine)
+    out = run("estimate", "--model", str(unknown), "--engine", "analytic")
     assert out.exit_code == 2 and "supported model_type" in out.output and "llama" in out.output
+    assert "--engine trace" in out.output
     missing = tmp_path / "llama.json"
     missing.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     out = run("estimate", "--model", str(missing))

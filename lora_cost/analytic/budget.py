@@ -29,6 +29,8 @@ class ParameterBudget:
     early_gradient_bytes: int = 0  # gradients that exist from the start of backward (AdaLoRA's regulariser)
     loop_state_bytes: int = 0  # kept by the training loop outside the optimizer (AdaLoRA's rank allocator)
     loop_temporaries: int = 0  # that state's update after opt.step()
+    # gradients that arrive only at the end of backward (trained embeddings no LM head is tied to: a classifier)
+    late_gradient_bytes: int = 0
 
     @property
     def frozen_bytes(self) -> int:
@@ -45,16 +47,22 @@ class ParameterBudget:
 
 
 @lru_cache(maxsize=512)
-def param_groups(arch: Architecture, spec: ModelSpec):
-    return tuple(arch.params(spec))
+def param_groups(arch: Architecture, spec: ModelSpec, task: str | None = None, labels: int = 2):
+    """The base model's parameters; a classification task replaces the LM head by its classifier (heads.py)."""
+    groups = arch.params(spec)
+    if task in ("seq-cls", "token-cls"):
+        from .heads import param_groups as with_classifier
+        groups = with_classifier(spec, groups, task, labels)
+    return tuple(groups)
 
 
 @lru_cache(maxsize=2048)
-def base_weight_bytes(arch: Architecture, spec: ModelSpec, storage: BaseStorage) -> int:
+def base_weight_bytes(arch: Architecture, spec: ModelSpec, storage: BaseStorage, task: str | None = None,
+                      labels: int = 2) -> int:
     """The pretrained weights as the method stores them: each block linear as its storage says (4-bit
     under QLoRA), every other parameter (embeddings, norms, biases, head) in the storage's other dtype."""
     total = 0.0
-    for g in param_groups(arch, spec):
+    for g in param_groups(arch, spec, task, labels):
         if g.kind == "linear":
             total += g.count * storage.linear_bytes(g.numel)
         else:
@@ -70,7 +78,8 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
-                    method_options=run.method_options, targets=run.targets)  # (IA)3's vectors depend on the targets
+                    method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
+                    task=run.task, num_labels=run.num_labels)
     return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
 
 
@@ -81,8 +90,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     sites, head_sites = list(sites), list(head_sites)
     L = spec.layers
     dtype = run.weight_dtype
-    groups = param_groups(arch, spec)
-    stored = base_weight_bytes(arch, spec, method.storage(run))
+    groups = param_groups(arch, spec, run.task, run.labels)
+    stored = base_weight_bytes(arch, spec, method.storage(run), run.task, run.labels)
     if method.base_trainable:
         trainable = [TensorGroup(g.name, g.numel, g.count, dtype) for g in groups]
         # groups named "...*..." repeat in every block (their count is a multiple of L)
@@ -106,6 +115,9 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         per_layer += sum(g.total_numel // L * DTYPE_BYTES[g.dtype] for g in beyond if "*" in g.name)
         if sites or head_sites:
             frozen += method.shared_frozen(sites + head_sites, run)
+        if run.task in ("seq-cls", "token-cls"):  # peft modules_to_save: a trainable copy of the classifier
+            from .heads import trainable_copy
+            trainable += trainable_copy(spec, run, run.task)
     loop_state, loop_temporaries = method.loop_state(trainable)
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
@@ -113,4 +125,6 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         per_layer_trainable_bytes=per_layer, state_bytes=sum(opt.state_bytes(g) for g in trainable), paged=opt.paged,
         optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable,
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
-        loop_state_bytes=loop_state, loop_temporaries=loop_temporaries)
+        loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
+        late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
+        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0)

@@ -143,7 +143,12 @@ class StepContext:
         a masked-LM loss reads the labels tensor itself (here the input ids); a seq2seq loss reads
         `label_tokens` labels of its own (the decoder's positions). `softcap`: the logits pass through
         cap * tanh(logits / cap) first (Gemma 2's final_logit_softcapping), whose tanh output is saved
-        and whose head output and quotient briefly coexist."""
+        and whose head output and quotient briefly coexist. A decoder's --task seq-cls or token-cls runs
+        its classifier instead (heads.py)."""
+        if self.run.task in ("seq-cls", "token-cls"):
+            from .heads import DECODER_TOKEN_DROPOUT, classifier_and_loss
+            classifier_and_loss(self, x, token_dropout=self.model_dropout(DECODER_TOKEN_DROPOUT), upcast_tokens=True)
+            return
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,

@@ -80,7 +80,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              attention: str = "sdpa", dropout: float = 0.0, model_dropout: float | None = None,
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
-             target_seq: int | None = None, moe_imbalance: float | None = None) -> Estimate:
+             target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
+             num_labels: int | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -91,7 +92,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -101,10 +102,29 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.target_seq is not None and not spec.decoder_layers:
         raise LoraCostError(f"--target-seq (the decoder length) applies to encoder-decoder models only; "
                             f"{spec.name} has no separate decoder")
-    method = get_method(run.method)
-    method.check_options(run)
     if run.moe_imbalance is not None and spec.moe is None:
         raise LoraCostError(f"--moe-imbalance applies to mixture-of-experts models only; {spec.name} is dense")
+    run, method = validated_method_run(run)
+    arch = get_architecture(spec.model_type)
+    if run.task is not None:
+        from .heads import check_targets, check_task
+        check_task(arch, spec, method, run)
+        if run.task in ("seq-cls", "token-cls"):
+            check_targets(spec, run.task, run.labels, run.targets, run.targets is not None
+                          and tuple(run.targets) == (ALL_LINEAR,))
+    target_names, sites, head_sites = resolve_targets(arch, spec, method, run.targets)
+    if run.task in ("seq-cls", "token-cls"):
+        head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
+    method.check(spec, sites + head_sites, run)
+    return run, method, target_names, sites, head_sites
+
+
+def validated_method_run(run: RunConfig):
+    """The checks of a run that need no model (the method's options, rank, targets and dropout as
+    flags) and the method's defaults filled in: (run, method). The trace engine's path for families
+    the analytic engine does not know uses these alone (the real model checks the rest)."""
+    method = get_method(run.method)
+    method.check_options(run)
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")
@@ -123,9 +143,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
     get_optimizer(run.optimizer)
-    target_names, sites, head_sites = resolve_targets(get_architecture(spec.model_type), spec, method, run.targets)
-    method.check(spec, sites + head_sites, run)
-    return run, method, target_names, sites, head_sites
+    return run, method
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
@@ -183,13 +201,23 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
-        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)),
+        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 
 def _serving(arch, spec, method, sites, head_sites, run):
     from .serving import serving_estimate  # only when asked: the estimate path stays as it was
     return serving_estimate(arch, spec, method, sites, head_sites, run)
+
+
+def _task_note(run: RunConfig) -> tuple[str, ...]:
+    """A classification head says what it is (absent for the family's own LM head: the output stays as it was)."""
+    if run.task not in ("seq-cls", "token-cls"):
+        return ()
+    what = ("logits of one position per row (decoders: the last non-pad token; BERT/RoBERTa: [CLS])"
+            if run.task == "seq-cls" else "per-token logits")
+    return (f"task {run.task} with {run.labels} labels: the classifier replaces the LM head, {what}; with an adapter "
+            "method peft trains a copy of it (task_type modules_to_save), counted as trainable",)
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:

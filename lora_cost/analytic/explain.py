@@ -65,7 +65,9 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
         Term("saved activations", saved_total, "per-op autograd rules over one forward pass"
              + (" (checkpointed: block inputs only)" if run.grad_checkpointing else ""),
              "tensors kept for backward, as saved_tensors_hooks count them", C.SAVED_ACTIVATIONS),
-        Term("logits", rec.logits_bytes, f"{n:,} tokens x {V:,} vocab x dtype", "the LM head output", C.LOGITS),
+        Term("logits", rec.logits_bytes, f"{n:,} tokens x {V:,} vocab x dtype" if run.task not in ("seq-cls", "token-cls")
+             else f"{run.task} logits: {'rows' if run.task == 'seq-cls' else 'tokens'} x {run.labels} labels x dtype",
+             "the LM head output" if run.task not in ("seq-cls", "token-cls") else "the classifier output", C.LOGITS),
         Term("logits fp32 copy", rec.loss_copy_bytes, "logits.float() in the causal-LM loss", "short-lived during the loss",
              C.LOGITS_FP32_COPY),
         Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward",

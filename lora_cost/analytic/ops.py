@@ -168,6 +168,14 @@ def silu(tape: Tape, x: Tensor) -> Tensor:
     return tape.new(x.numel, x.dtype, x.rg)
 
 
+def tanh(tape: Tape, x: Tensor) -> Tensor:
+    """aten.tanh: saves its output (derivatives.yaml: tanh_backward(grad, result))."""
+    out = tape.new(x.numel, x.dtype, x.rg)
+    if x.rg:
+        tape.save(out, "activation function")
+    return out
+
+
 def relu(tape: Tape, x: Tensor, kind: str = "activation function") -> Tensor:
     """aten.relu: saves its output (derivatives.yaml: threshold_backward(grad, result, 0))."""
     out = tape.new(x.numel, x.dtype, x.rg)

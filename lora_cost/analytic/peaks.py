@@ -60,7 +60,8 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     fwd_transient = max([rec.forward_transient.get(s, 0) for s in ("embeddings", *stack.block_scopes, "head")] + [0])
     grads_total = params.trainable_bytes
     grads_blocks = params.per_layer_trainable_bytes * L if adapted_blocks or params.base_trainable else 0
-    grads_head = max(grads_total - grads_blocks, 0)
+    # trained embeddings without a tied LM head (classifiers) get their gradient after the blocks' backward
+    grads_head = max(grads_total - grads_blocks - params.late_gradient_bytes, 0)
     # the residual stream's width: the input of the blocks that stand for most of the stack
     residual = rec.block_input.get(stack.block_scopes[-1], 0)
 
@@ -102,6 +103,8 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
               (C.GRADIENTS, params.early_gradient_bytes)]),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
+            *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
+                                                                             rec.backward_transient.get(scopes[-1], 0))),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
         ],
         "optimizer": [
@@ -120,6 +123,17 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
+
+
+def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:
+    """A classifier's logits are tiny, so the start of backward no longer dominates the head: backward
+    through the final norm, every saved activation still alive, with the buffers of a block's backward
+    (--task seq-cls / token-cls only; a language model's moment is the log-softmax gradient's)."""
+    if run.task not in ("seq-cls", "token-cls"):
+        return []
+    return [("backward through the final norm (classifier)", [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits),
+                                                               (C.GRADIENTS, grads_head),
+                                                               (C.ACTIVATION_GRADIENT_BUFFERS, buffers)])]
 
 
 def block_moments(stack: Stack, in_block, recompute) -> list[tuple[str, list]]:

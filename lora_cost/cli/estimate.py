@@ -8,6 +8,7 @@ import click
 
 from . import main
 from ..errors import LoraCostError
+from ..spec import TASKS
 from .options import common_run_options, method_choice, method_options, parse_targets
 
 
@@ -26,10 +27,16 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--moe-imbalance", type=float, default=None,
               help="Mixture of experts: the busiest expert receives F >= 1 times its balanced share n*k/E "
               "(default: balanced routing). transformers' grouped_mm experts path costs the same at any balance.")
-@click.option("--engine", type=click.Choice(["analytic", "trace", "both"]), default="analytic", show_default=True,
-              help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, peft).")
+@click.option("--engine", type=click.Choice(["auto", "analytic", "trace", "both"]), default="auto", show_default=True,
+              help="analytic: pure arithmetic; trace: run the real step on fake tensors (needs torch, transformers, "
+              "peft; builds any model transformers can build); auto: analytic when it knows the family, else trace.")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None,
+              help="The model's head and loss (default: the family's own, causal-lm or masked-lm). seq-cls/token-cls "
+              "train the classification head too (peft modules_to_save).")
+@click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
-             seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, **option_flags):
+             seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels,
+             **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
@@ -38,6 +45,11 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs["target_seq"] = target_seq
     if moe_imbalance is not None:
         kwargs["moe_imbalance"] = moe_imbalance
+    if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
+        kwargs.update(task=task, num_labels=num_labels)
+    note = None
+    if engine == "auto":
+        engine, note = _auto_engine(model)
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
         result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)
@@ -53,7 +65,33 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         return
     if serving:
         raise LoraCostError("--serving is an analytic estimate: use it with --engine analytic")
-    from ..profiles import load_model
-    load_model(model)  # a bad --model is refused before torch is imported
+    from ..profiles import analytic_knows, find_config, load_model
+    if engine == "both" or analytic_knows(find_config(model)[1]):
+        load_model(model)  # a bad --model is refused before torch is imported
     from .trace_engine import run_trace_engine  # imports torch: only on request
-    run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, **kwargs)
+    run_trace_engine(model, method, gpu=gpu, both=engine == "both", as_json=as_json, explain=explain, note=note, **kwargs)
+
+
+def _auto_engine(model: str) -> tuple[str, str | None]:
+    """--engine auto: (engine, note). The analytic engine when it has the config's family, else the trace
+    engine (the note says so in one line on stderr once the trace has run: bad input stays one line), which
+    needs the trace extras: without them, one line naming what to install."""
+    from ..profiles import analytic_knows, find_config
+
+    name, cfg, _ = find_config(model)
+    if analytic_knows(cfg):
+        return "analytic", None
+    from ..trace.deps import INSTALL_HINT, missing
+    from ..analytic.architectures.base import supported_model_types
+
+    lacking = missing()
+    if lacking:
+        raise LoraCostError(f"{name}: the analytic engine has no family {cfg['model_type']!r} (it knows "
+                            f"{', '.join(supported_model_types())}) and the trace engine needs {lacking}: run "
+                            f"`{INSTALL_HINT}`")
+    from ..trace.build import transformers_knows  # imports torch: the trace engine runs next anyway
+    if not transformers_knows(cfg["model_type"]):
+        raise LoraCostError(f"{name}: neither engine knows model_type {cfg['model_type']!r}: the analytic engine knows "
+                            f"{', '.join(supported_model_types())}, and transformers cannot build it")
+    return "trace", (f"the analytic engine has no family {cfg['model_type']!r}; using the trace engine (the real "
+                     "transformers model on fake tensors)")

@@ -24,12 +24,16 @@ def peft_model(model, cfg):
     """peft.get_peft_model, its warnings silenced and its ValueError turned into bad input."""
     import peft
 
+    task_type = classification_task_type(model)
+    if task_type is not None and getattr(cfg, "task_type", None) is None:
+        cfg.task_type = task_type  # the head is trained too: modules_to_save=["classifier", "score"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             return peft.get_peft_model(model, cfg)
-        except ValueError as exc:
-            raise LoraCostError(f"peft rejected the configuration: {exc}") from None
+        except (ValueError, TypeError) as exc:  # TypeError: a target that is also in modules_to_save
+            raise LoraCostError(f"peft rejected the configuration: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+                                [:400]) from None
 
 
 def count_adapted(model, attr: str) -> int:
@@ -44,3 +48,15 @@ def fan_in_fan_out(model, targets) -> bool:
 
     wanted = set(targets)
     return any(isinstance(m, Conv1D) for name, m in model.named_modules() if name.rsplit(".", 1)[-1] in wanted)
+
+
+def classification_task_type(model) -> str | None:
+    """peft's task_type for a transformers classifier (what a GLUE or NER script passes): with it,
+    PeftModelForSequenceClassification / ...ForTokenClassification add the head ("classifier" or
+    "score") to modules_to_save, whose ModulesToSaveWrapper trains a copy and keeps the original frozen."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if name.endswith("ForTokenClassification"):
+        return "TOKEN_CLS"
+    return None

@@ -15,3 +15,16 @@ def require() -> None:
         except ImportError as exc:
             raise LoraCostError(f"the trace engine needs {name}, which is not installed ({exc.msg}); "
                                 f"run `{INSTALL_HINT}`") from None
+
+
+def missing() -> str | None:
+    """The first trace extra that is not installed (looked up, not imported: torch stays unloaded)."""
+    import importlib.util
+
+    for name in ("torch", "transformers", "peft"):
+        try:
+            if importlib.util.find_spec(name) is None:
+                return name
+        except (ImportError, ValueError):
+            return name
+    return None

@@ -34,17 +34,26 @@ def plan(model, method: str, **kwargs):
 def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, seq: int = 512, precision: str = "bf16",
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
-          target_seq: int | None = None, moe_imbalance=None) -> TraceResult:
+          target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
     off to describe an ordinary training step."""
     from .deps import require
 
+    if isinstance(model, str):
+        from ..profiles import analytic_knows, find_config
+        name, cfg, _ = find_config(model)
+        if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
+            from .anymodel import trace_any
+            return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
+                             optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
+                             dropout=dropout, model_dropout=model_dropout, method_options=method_options,
+                             task=task, num_labels=num_labels, calibration=calibration)
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
-                               target_seq=target_seq, moe_imbalance=moe_imbalance)
+                               target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config

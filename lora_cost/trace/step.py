@@ -140,6 +140,23 @@ def _get_value(x):
     return x
 
 
+def step_inputs(run, ids, seq2seq: bool = False) -> dict:
+    """The step's keyword arguments: language-model labels are the input ids (seq2seq: the decoder's
+    targets, which the model shifts into its decoder inputs); a sequence classifier takes one label per
+    row, a token classifier one per position (random classes: only shapes matter on fake tensors)."""
+    if run.task == "seq-cls" and run.labels == 1:  # regression (GLUE STS-B): one float target per row
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.weight_dtype, torch.float32)
+        return {"input_ids": ids, "labels": torch.randn(run.batch, dtype=dtype)}
+    if run.task == "seq-cls":
+        return {"input_ids": ids, "labels": torch.randint(0, run.labels, (run.batch,))}
+    if run.task == "token-cls":
+        return {"input_ids": ids, "labels": torch.randint(0, run.labels, (run.batch, run.seq))}
+    if seq2seq:  # labels of the decoder's length (the decoder input is them shifted right)
+        vocab_ids = torch.randint(0, 2, (run.batch, run.decoder_seq))
+        return {"input_ids": ids, "labels": vocab_ids}
+    return {"input_ids": ids, "labels": ids}
+
+
 def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
              loop=None) -> tuple[StepRecord, object]:
     """Trace one step. `calibration=True` reproduces how the H100 calibration rows were measured:
@@ -192,11 +209,10 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             sim.adopt(v, "loop_state")
         del loop_state  # the loop's own tables hold them; a reference here would outlive their update
         ids = torch.randint(0, vocab, (run.batch, run.seq))
-        # encoder-decoder models: labels of the decoder's length (the decoder input is them shifted right)
-        labels = torch.randint(0, vocab, (run.batch, run.decoder_seq)) if _is_seq2seq(model) else ids
+        inputs = step_inputs(run, ids, seq2seq=_is_seq2seq(model))
         for _ in range(2 if calibration else 0):
             sim.start_phase("warmup")
-            warm = model(input_ids=ids, labels=labels)
+            warm = model(**inputs)
             if autocast is not None:
                 autocast.end_forward()
                 autocast.enabled = False
@@ -211,7 +227,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
                 autocast.enabled = True
         sim.start_phase("forward")
         before = flopmod.by_op(counter)
-        out = model(input_ids=ids, labels=labels)
+        out = model(**inputs)
         after_forward = flopmod.by_op(counter)
         if autocast is not None:
             autocast.end_forward()

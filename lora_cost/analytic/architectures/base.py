@@ -47,6 +47,8 @@ class Architecture:
     # lines the family adds to an estimate's assumptions (Gemma 2: eager attention whatever was asked;
     # mixture of experts: the routing); none by default
     notes: Callable[["ModelSpec", object], tuple[str, ...]] = lambda spec, run: ()
+    # the --task values the family has (the first is its default); heads other than the LM head: heads.py
+    tasks: tuple[str, ...] = ("causal-lm",)
 
 
 ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
@@ -61,7 +63,8 @@ def get_architecture(model_type: str) -> Architecture:
         return ARCHITECTURES.get(model_type)
     except LoraCostError:
         raise LoraCostError(f"unsupported architecture {shown(model_type)}; supported model_type values: "
-                            f"{', '.join(supported_model_types())}") from None
+                            f"{', '.join(supported_model_types())} (--engine trace builds any model transformers "
+                            "can build)") from None
 
 
 @lru_cache(maxsize=1024)

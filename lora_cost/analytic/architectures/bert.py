@@ -95,6 +95,10 @@ def _forward(ctx) -> None:
         return ctx.residual("ffn", ops.dropout(tape, ctx.linear(f, out), hidden_p), x, ln)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
+    if run.task in ("seq-cls", "token-cls"):  # heads.py: the classifier instead of the masked-LM head
+        from ..heads import classifier_and_loss
+        classifier_and_loss(ctx, x, token_dropout=hidden_p, upcast_tokens=False)
+        return
     tape.scope = "head"
     h = ops.gelu(tape, ctx.head_site_linear(x, _head_site(spec)))
     ctx.lm_head_and_loss(ln(h), upcast=False, shifted_labels=False)
@@ -104,4 +108,5 @@ BERT = register_architecture(Architecture(
     family="bert", model_types=("roberta", "bert"),
     description="BERT/RoBERTa encoder with the masked-LM head (post-LayerNorm, GELU, tied decoder)",
     from_config=_from_config, linear_sites=_sites, default_targets=("query", "value"),
-    params=_params, forward=_forward, head_sites=lambda spec: (_head_site(spec),)))
+    params=_params, forward=_forward, head_sites=lambda spec: (_head_site(spec),),
+    tasks=("masked-lm", "seq-cls", "token-cls")))

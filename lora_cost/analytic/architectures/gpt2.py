@@ -110,7 +110,8 @@ GPT2 = register_architecture(Architecture(
     family="gpt2", model_types=("gpt2",),
     description="GPT-2: fused c_attn Conv1D, pre-LayerNorm, gelu_new MLP, tied LM head",
     from_config=_from_config, linear_sites=_gpt2_sites, default_targets=("c_attn",),
-    params=_params, forward=_forward))
+    params=_params, forward=_forward,
+    tasks=("causal-lm", "seq-cls", "token-cls")))
 
 GPT3 = register_architecture(Architecture(
     family="gpt3", model_types=("gpt3",),

@@ -132,4 +132,4 @@ LLAMA = register_architecture(Architecture(
     family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
     description="Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
-    params=_params, forward=_forward))
+    params=_params, forward=_forward, tasks=("causal-lm", "seq-cls", "token-cls")))
