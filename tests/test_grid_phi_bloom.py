@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from grid_support import assert_engines_agree  # noqa: E402
 
 TINY = {
     "phi3": {"model_type": "phi3", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
@@ -81,17 +83,10 @@ def test_engines_agree(tmp_path_factory, family, method, setting):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     terms = compare(tmp_path_factory.getbasetemp() / "grid-phi-bloom", family, method, setting)
-    a, t = terms["trainable_params"]
-    assert a == t, f"trainable params: analytic {a} vs trace {t}"
-    a, t = terms["flops.forward"]
-    assert abs(t - a) <= 0.02 * a, f"forward FLOPs: analytic {a} vs trace {t}"
-    a, t = terms["flops.backward"]
-    assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
     # the trace is the reference: on these 72 configurations the analytic peak is within 0.02% (median)
     # and 5.3% (worst: BLOOM full fine-tuning, bf16, checkpointing, where the backward moment of
     # peaks.py counts every parameter gradient and the whole recomputed block at the first block)
-    a, t = terms["peak_bytes"]
-    assert abs(t - a) <= 0.06 * t, f"peak: analytic {a} vs trace {t}"
+    assert_engines_agree(terms)
 
 
 def summary() -> int:
