@@ -198,6 +198,14 @@ def mul(tape: Tape, a: Tensor, b: Tensor, kind: str = "elementwise products") ->
     return tape.new(max(a.numel, b.numel), promote(a.dtype, b.dtype), a.rg or b.rg)
 
 
+def rope(tape: Tape, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """transformers' apply_rotary_pos_emb, q*cos + rotate_half(q)*sin: the products save the (shared)
+    cos and sin tables; rotate_half's cat makes a new tensor that is not saved."""
+    a = mul(tape, t, cos, "rotary tables")
+    b = mul(tape, tape.new(t.numel, t.dtype, t.rg), sin, "rotary tables")
+    return add(tape, a, b)
+
+
 def scale_by_parameter(tape: Tape, x: Tensor, kind: str) -> Tensor:
     """x * p for a trainable parameter vector p (VeRA's lambdas): saves x for p's gradient; p is a
     parameter, kept but not an activation."""

@@ -122,12 +122,6 @@ def _stack(spec: ModelSpec) -> Stack:
     return Stack.of(spec.layer_kinds)
 
 
-def _rope(tape, t, cos, sin):
-    """q*cos + rotate_half(q)*sin: the products save the (shared) cos and sin tables."""
-    a = ops.mul(tape, t, cos, "rotary tables")
-    b = ops.mul(tape, tape.new(t.numel, t.dtype, t.rg), sin, "rotary tables")
-    return ops.add(tape, a, b)
-
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
@@ -162,7 +156,7 @@ def _forward(ctx) -> None:
             q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
             if spec.qk_norm:
                 q, k = norm(q, hd), norm(k, hd)
-            q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+            q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
             k, v = ctx.key_values(k, v)
             shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, hd, causal=True, kv_seq=kv_seq)
             impl = implementation

@@ -69,12 +69,6 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
     return groups
 
 
-def _rope(tape, t, cos, sin):
-    """q*cos + rotate_half(q)*sin: the products save the (shared) cos and sin tables."""
-    a = ops.mul(tape, t, cos, "rotary tables")
-    b = ops.mul(tape, tape.new(t.numel, t.dtype, t.rg), sin, "rotary tables")
-    return ops.add(tape, a, b)
-
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
@@ -103,7 +97,7 @@ def _forward(ctx) -> None:
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
         if spec.qk_norm:  # over each head's head_dim values
             q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
-        q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+        q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
             # (one key/value head: expand + reshape is a view, unless autocast then casts the expanded view

@@ -133,11 +133,6 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
     return groups
 
 
-def _rope(tape, t, cos, sin):
-    a = ops.mul(tape, t, cos, "rotary tables")
-    b = ops.mul(tape, tape.new(t.numel, t.dtype, t.rg), sin, "rotary tables")
-    return ops.add(tape, a, b)
-
 
 def _check_targets(ctx) -> None:
     expert_names = set(EXPERT_TARGETS[ctx.spec.model_type])
@@ -232,7 +227,7 @@ def _forward(ctx) -> None:
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
         if spec.qk_norm:
             q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
-        q, k = _rope(tape, q, cos, sin), _rope(tape, k, cos, sin)
+        q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: transformers repeats k and v itself (see llama.py)
             if spec.kv_heads != spec.heads:
