@@ -11,7 +11,7 @@ candidate lines, pruned to those that can win for some r >= 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from .architectures import get_architecture
 from .architectures.base import stack_of
@@ -81,6 +81,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
+_EXPLAINING = frozenset({"saved_by_kind", "kind_totals", "flops_by_kind", "flop_totals"})  # read by explain.py only
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
 
 
@@ -92,14 +93,34 @@ class AffineRecord:
     maxima: tuple  # ((field, ((scope, lines), ...)), ...)
     singles: tuple  # ((name, value_at_1, slope), ...): logits, loss_copy, log_softmax, checkpoint_extra
 
-    def at(self, r: int | None) -> StepRecord:
+    @cached_property
+    def _split(self) -> tuple:
+        """For `at`: each field's values at r = 1 as a dict, and the entries with a slope (most of
+        the model, everything the rank does not touch, has none: copying the dict is all it costs)."""
+        base = tuple((name, {k: a for k, a, _ in items}, tuple((k, b) for k, _, b in items if b))
+                     for name, items in self.fields)
+        return base, {name: (a, b) for name, a, b in self.singles}
+
+    def at(self, r: int | None, explained: bool = True) -> StepRecord:
+        """The record at rank r: value(1) + slope * (r - 1) for every quantity, and the largest line of
+        each maximum. `explained=False` leaves the per-kind tables, which only explain the numbers
+        (`explain.py`), empty: what the numbers-only path (`fast.py`) asks for."""
         dr = (r or 1) - 1
-        values = {name: {k: a + b * dr for k, a, b in items} for name, items in self.fields}
+        base, singles = self._split
+        values = {}
+        for name, at_1, sloped in base:
+            if not explained and name in _EXPLAINING:
+                values[name] = {}
+                continue
+            d = at_1.copy()
+            for k, b in sloped:
+                d[k] += b * dr
+            values[name] = d
         for name, items in self.maxima:
             values[name] = {scope: max(a + b * dr for a, b in lines) for scope, lines in items}
         for name in ("forward_transient", "backward_transient", "largest"):
             values.setdefault(name, {})
-        single = {name: a + b * dr for name, a, b in self.singles}
+        single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], **values)
