@@ -82,10 +82,14 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None,
+             # distprof: the numbers only (fast.StepNumbers), for sweeps
+             numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
-    decoder length (default `seq`). Raises LoraCostError on bad input."""
+    decoder length (default `seq`). `numbers_only`: return `fast.StepNumbers` (peak, device bytes,
+    FLOPs, trainable parameters, step time: the same numbers, without the explanation; sweeps).
+    Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -94,6 +98,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
                     moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+    if numbers_only:
+        from .fast import step_numbers
+        return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 

@@ -81,7 +81,6 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
-_EXPLAINING = frozenset({"saved_by_kind", "kind_totals", "flops_by_kind", "flop_totals"})  # read by explain.py only
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
 
 
@@ -95,29 +94,37 @@ class AffineRecord:
 
     @cached_property
     def _split(self) -> tuple:
-        """For `at`: each field's values at r = 1 as a dict, and the entries with a slope (most of
-        the model, everything the rank does not touch, has none: copying the dict is all it costs)."""
+        """For `at`: each field's values at r = 1 as a dict and the entries with a slope (most of the
+        model, everything the rank does not touch, has none: copying the dict is all it costs); each
+        maximum's lines (a single line needs no max)."""
         base = tuple((name, {k: a for k, a, _ in items}, tuple((k, b) for k, _, b in items if b))
                      for name, items in self.fields)
-        return base, {name: (a, b) for name, a, b in self.singles}
+        maxima = tuple((name, tuple((scope, lines[0] if len(lines) == 1 else None, lines) for scope, lines in items))
+                       for name, items in self.maxima)
+        return base, maxima, {name: (a, b) for name, a, b in self.singles}
 
-    def at(self, r: int | None, explained: bool = True) -> StepRecord:
+    def at(self, r: int | None, only: frozenset | None = None) -> StepRecord:
         """The record at rank r: value(1) + slope * (r - 1) for every quantity, and the largest line of
-        each maximum. `explained=False` leaves the per-kind tables, which only explain the numbers
-        (`explain.py`), empty: what the numbers-only path (`fast.py`) asks for."""
+        each maximum. `only`: the fields to evaluate, the others left empty (the numbers-only path,
+        `fast.py`, needs neither the per-kind tables that explain the numbers nor, once its FLOPs
+        are known, the per-scope FLOPs)."""
         dr = (r or 1) - 1
-        base, singles = self._split
+        base, maxima, singles = self._split
         values = {}
         for name, at_1, sloped in base:
-            if not explained and name in _EXPLAINING:
+            if only is not None and name not in only:
                 values[name] = {}
                 continue
             d = at_1.copy()
             for k, b in sloped:
                 d[k] += b * dr
             values[name] = d
-        for name, items in self.maxima:
-            values[name] = {scope: max(a + b * dr for a, b in lines) for scope, lines in items}
+        for name, items in maxima:
+            if only is not None and name not in only:
+                values[name] = {}
+                continue
+            values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
+                            for scope, line, lines in items}
         for name in ("forward_transient", "backward_transient", "largest"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
