@@ -29,7 +29,8 @@ def _configs(model):
             if r == 64 and (batch, seq, opt, prec) != (3, 512, "adamw", "bf16"):
                 continue  # one large rank per method is enough
             yield dict(model=model, method=method, r=r, batch=batch, seq=seq, grad_checkpointing=ckpt,
-                       optimizer=opt, precision=prec, targets=None if no_targets else "all-linear", gpu="h100-80gb")
+                       optimizer=opt, precision=prec, gpu="h100-80gb",
+                       targets=None if no_targets or spec.moe is not None else "all-linear")  # MoE: experts refused
 
 
 EXTRA = (  # the options the grid does not vary
