@@ -77,9 +77,8 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
     stack = stack_of(arch, spec)
     key = _forward_key(run)
-    rec = affine_record(spec, key, targets).at(run.r, only=PEAK_FIELDS)
+    rec, acts = _activations(spec, key, targets, run.r)
     params = parameter_budget(arch, spec, method, run, get_optimizer(run.optimizer), sites, head_sites)
-    acts = activation_budget(rec, run, stack)
     peak = peak_bytes(rec, acts, params, run, stack, adapted_blocks=adapted)
     device = device_bytes(peak, params.state_bytes if params.paged else 0)
     lines = _flop_lines(spec, key, targets)
@@ -92,6 +91,14 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         total, raw = total + slope * dr, raw + raw_slope * dr
     step = step_time_s(load_gpu(gpu), raw, run.precision, utilisation) if gpu is not None else None
     return StepNumbers(peak, device, total, params.trainable_params, step)
+
+
+@lru_cache(maxsize=16384)
+def _activations(spec: ModelSpec, key: RunConfig, targets: frozenset, r: int | None):
+    """The record at rank r and its activation budget, shared by every run that differs only in what
+    the forward does not see (the optimizer; the sharding of the parameters)."""
+    rec = affine_record(spec, key, targets).at(r, only=PEAK_FIELDS)
+    return rec, activation_budget(rec, key, stack_of(get_architecture(spec.model_type), spec))
 
 
 @lru_cache(maxsize=8192)
