@@ -30,6 +30,9 @@ def launch(script: str, args: tuple[str, ...], nproc: int, *, warmup: int, steps
     local port) and merge what each rank recorded. `script_stdout`: where the ranks' output goes (None:
     this process's stdout)."""
     check_nproc(nproc)
+    import importlib.util
+    if importlib.util.find_spec("torch") is None:  # without it torchrun itself is missing
+        raise LoraCostError("the profiler needs torch (torch is missing): pip install -e '.[profile]'")
     directory = ranks_directory(out)
     try:
         directory.mkdir(parents=True, exist_ok=True)
