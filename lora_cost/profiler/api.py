@@ -56,8 +56,12 @@ class Profiler:
         status, code = exit_status(exc)
         self.finish(status, code, exc)
         if status == "ok" and self.distributed and self.distributed[1] > 1:
+            from dataclasses import replace
             from .merge import gather_to_rank0
-            self.merged = gather_to_rank0(self.result, self.monitor.warnings)
+            problems: list[str] = []
+            self.merged = gather_to_rank0(self.result, problems)
+            if problems:
+                self.result = replace(self.result, warnings=self.result.warnings + tuple(problems))
         return False
 
     def finish(self, status: str, exit_code: int, exc: BaseException | None = None) -> ProfileResult:
