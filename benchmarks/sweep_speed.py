@@ -1,7 +1,7 @@
 """Estimates per second through the Python API on a sweep (ranks 1..1024, every method, several lengths,
 two target sets), cold and warm, and the wall time of one `plan` on a 70B model.
 
-    python benchmarks/sweep_speed.py [--model llama-3.1-8b] [--plan-model llama-3.1-70b]
+    python benchmarks/sweep_speed.py [--model llama-3.1-8b] [--plan-model llama-3.1-70b] [--cli]
 
 Not a timed test: the number depends on the machine. The issue asks for >= 50,000 estimates per second
 on one core (warm) and a 70B `plan` under 1 s. "cold" starts from empty caches (every new
@@ -90,10 +90,33 @@ def plan_timing(model: str) -> tuple[int, float]:
     return result.estimates, clock() - t0
 
 
+def cli_ratio(models=("gpt2", "llama-3.1-70b", "qwen3-235b-a22b"), repeats: int = 7) -> None:
+    """`lora-cost estimate` against `python -c "import torch"`, in CPU time of the child process (the
+    best of `repeats`: on a shared machine wall time measures the neighbours)."""
+    import resource
+    import subprocess
+
+    def cpu(cmd: list[str]) -> float:
+        best = float("inf")
+        for _ in range(repeats):
+            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            best = min(best, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        return best
+
+    torch_s = cpu([sys.executable, "-c", "import torch"])
+    print(f"python -c 'import torch': {torch_s:.3f} s CPU")
+    for model in models:
+        s = cpu([sys.executable, "-c", "from lora_cost.cli import main; main()", "estimate", "--model", model, "--r", "8"])
+        print(f"lora-cost estimate --model {model}: {s:.3f} s CPU, {s / torch_s:.3f} of importing torch")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--plan-model", default="llama-3.1-70b")
+    parser.add_argument("--cli", action="store_true", help="also time `lora-cost estimate` against importing torch")
     args = parser.parse_args()
     configs = accepted(args.model)
     for label, options in (("estimate()", {}), ("estimate(numbers_only=True)", {"numbers_only": True})):
@@ -105,6 +128,8 @@ def main() -> None:
     count, seconds = plan_timing(args.plan_model)
     print(f"plan {args.plan_model} on h100-80gb (cold caches, CPU time): {count} estimator calls in {seconds:.3f} s "
           f"({count / seconds:,.0f}/s)")
+    if args.cli:
+        cli_ratio()
 
 
 if __name__ == "__main__":
