@@ -26,8 +26,8 @@ def _write(path: str, text: str) -> Path:
 
 
 class LazyProgress:
-    """A rich progress bar (on stderr) that appears only when the sweep has run longer than `after`
-    seconds: short plans print nothing extra, long ones show how far they are."""
+    """A rich progress bar (on stderr, when it is a terminal) that appears only when the sweep has run
+    longer than `after` seconds: short plans print nothing extra, long ones show how far they are."""
 
     def __init__(self, total: int, after: float = 1.0) -> None:
         self.total, self.after, self.done = total, after, 0
@@ -41,7 +41,11 @@ class LazyProgress:
                 return
             from rich.console import Console
             from rich.progress import Progress
-            self.bar = Progress(transient=True, console=Console(stderr=True))
+            console = Console(stderr=True)
+            if not console.is_terminal:  # a pipe or a file gets no bar (not even the newline it leaves)
+                self.after = float("inf")
+                return
+            self.bar = Progress(transient=True, console=console)
             self.bar.start()
             self.task = self.bar.add_task("sweeping configurations", total=max(self.total, self.done))
         self.bar.update(self.task, completed=self.done, total=max(self.total, self.done))
