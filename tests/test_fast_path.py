@@ -99,3 +99,15 @@ def test_plan_with_the_numbers_path_finds_the_same_limits():
         assert estimate("llama-3.2-1b", mp.method, batch=b, **kw).memory.device_bytes <= p.usable_bytes
         if b < 64:
             assert estimate("llama-3.2-1b", mp.method, batch=b + 1, **kw).memory.device_bytes > p.usable_bytes
+
+
+@pytest.mark.fast
+def test_every_estimate_option_is_known_to_the_numbers_path():
+    """`estimate(..., numbers_only=True)` hands the run to fast.step_numbers with `gpu` and `utilisation`
+    only. A new option of estimate() that is not a RunConfig field (those are guarded in fast._OTHERS)
+    would be silently dropped there: whoever adds one teaches fast.py about it and adds it here."""
+    import inspect
+    known = {"model", "method", "r", "targets", "batch", "seq", "precision", "optimizer", "grad_checkpointing",
+             "attention", "dropout", "model_dropout", "method_options", "gpu", "utilisation", "serving", "target_seq",
+             "moe_imbalance", "task", "num_labels", "numbers_only"}
+    assert set(inspect.signature(estimate).parameters) == known
