@@ -53,14 +53,18 @@ for i in range(int(sys.argv[1])):
 dist.destroy_process_group()
 '''
 
-# a script started by torchrun that profiles itself (plain torch: the launch is what is tested)
+# a script started by torchrun that profiles itself, sharded with FSDP2 (fully_shard per Linear, then the
+# root; plain torch: quick to start)
 IN_SCRIPT = '''
 import json, sys, torch, torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.fsdp import fully_shard
 import lora_cost
 dist.init_process_group("gloo")
 torch.manual_seed(0)
-model = DDP(torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)))
+model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+for layer in (model[0], model[2]):
+    fully_shard(layer)
+fully_shard(model)
 opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 with lora_cost.profile(warmup=1, steps=2, flops=False) as p:
     for _ in range(3):
@@ -68,7 +72,7 @@ with lora_cost.profile(warmup=1, steps=2, flops=False) as p:
         opt.step(); opt.zero_grad()
 r = p.result
 out = {{"rank": r.rank, "world": r.world_size, "status": r.status,
-        "allreduce": [c.calls for c in r.communication.collectives if c.name == "gloo:all_reduce"]}}
+        "collectives": {{c.name: c.calls for c in r.communication.collectives}}}}
 if dist.get_rank() == 0:
     out["merged"] = p.merged.to_dict()
 else:
@@ -148,12 +152,19 @@ def test_script_started_by_torchrun_profiles_itself(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert (r0["rank"], r0["world"], r1["rank"], r1["world"]) == (0, 2, 1, 2)
-    assert r0["allreduce"] and r0["allreduce"][0] >= 3
+    # FSDP2 all-gathers the parameters for forward and backward; gloo has no reduce-scatter, so FSDP2
+    # reduces gradients with an all-reduce there
+    assert r0["collectives"].get("gloo:all_gather", 0) >= 3 and r0["collectives"].get("gloo:all_reduce", 0) >= 3
     assert r1["merged"] is None
     merged = r0["merged"]
     assert merged["world_size"] == 2 and merged["status"] == "ok" and [r["rank"] for r in merged["ranks"]] == [0, 1]
-    # each rank holds the whole model: 32*64 + 64 + 64*8 + 8 = 2,632 fp32 parameters
-    assert all(r["memory"]["trainable_params"] == 2632 * 4 for r in merged["ranks"])
+    # each rank stores its dim-0 shard (the DTensor's local tensor): of 64x32 + 64 + 8x64 + 8 = 2,632 fp32
+    # parameters, 32x32 + 32 + 4x64 + 4 = 1,316 = 5,264 bytes; the same in gradients; AdamW two moments of
+    # it plus a 4-byte step per parameter tensor (4 tensors)
+    for row in merged["ranks"]:
+        mem = row["memory"]
+        assert (mem["trainable_params"], mem["gradients"], mem["optimizer_state"]) == (5264, 5264, 2 * 5264 + 16)
+        assert sum(v for k, v in mem.items() if k != "live_total") == mem["live_total"]
 
 
 # ---- the merge alone (no torch) -------------------------------------------------------------------
