@@ -96,6 +96,10 @@ class Profiler:
             info, spec, run = describe(m.model, m.optimizer, Observed(m.input_shape, m.autocast_dtype))
             if spec is not None:
                 estimate = _estimate(spec, run, warnings)
+                if estimate is not None and any(hasattr(p, "_local_tensor") for p in m.model.parameters()):
+                    warnings.append("the parameters are sharded (DTensor: FSDP2); the estimate beside them is for "
+                                    "one unsharded GPU, so its weights, gradients and optimizer state are not this "
+                                    "rank's")
         last = m.measured[-1] if m.measured else None
         device_bytes = None
         if last is not None and last.peak_reserved_bytes is not None and context is not None:
