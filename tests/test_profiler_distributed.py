@@ -192,6 +192,13 @@ def test_merge_marks_missing_ranks_and_measures_imbalance():
     tie = merge_profiles({0: prof(0, 100), 1: prof(1, 100)}, 2)
     assert tie.busiest_rank == 0 and tie.imbalance == 0 and tie.status == "ok"
     json.loads(m.to_json())
+    import io
+    from rich.console import Console
+    from lora_cost.report.distributed_terminal import render_distributed
+    out = io.StringIO()
+    render_distributed(Console(file=out, width=100), m)
+    text = out.getvalue()
+    assert "rank 3: no profile" in text and "ranks that did not end normally: 2, 3" in text and "busiest rank 0" in text
 
 
 @pytest.mark.fast
