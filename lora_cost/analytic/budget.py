@@ -77,10 +77,23 @@ def groups_bytes(groups: list[TensorGroup]) -> int:
 def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig, opt: Optimizer,
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
+    sites, head_sites = tuple(sites), tuple(head_sites)
+    lookup = (arch, spec, method.name, run.r, run.precision, run.optimizer, run.method_options, run.targets,
+              run.task, run.num_labels, opt, sites, head_sites)
+    found = _BUDGETS.get(lookup)
+    if found is not None:  # a plain dict in front of the lru_cache: no RunConfig to build and validate
+        return found
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
                     method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
                     task=run.task, num_labels=run.num_labels)
-    return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
+    found = _parameter_budget(arch, spec, key, opt, sites, head_sites)
+    if len(_BUDGETS) >= 8192:
+        _BUDGETS.clear()
+    _BUDGETS[lookup] = found
+    return found
+
+
+_BUDGETS: dict[tuple, ParameterBudget] = {}
 
 
 @lru_cache(maxsize=8192)

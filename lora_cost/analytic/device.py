@@ -34,13 +34,18 @@ def peak_tflops(gpu: GpuProfile, precision: str) -> float:
     return gpu.fp32_tflops if precision == "fp32" else gpu.bf16_tflops_dense
 
 
+def step_time_s(gpu: GpuProfile, flops: int | float, precision: str, utilisation: float = DEFAULT_UTILISATION) -> float:
+    """FLOPs / (peak TFLOP/s x utilisation), as nanoGPT's estimate_mfu inverts it."""
+    return flops / (peak_tflops(gpu, precision) * 1e12 * utilisation)
+
+
 def gpu_fit(gpu: GpuProfile, device: int, flops: int, precision: str,
             utilisation: float = DEFAULT_UTILISATION) -> GpuFit:
     """Whether `device` bytes fit the GPU, and the step time of `flops` at `utilisation` of its peak
     throughput (FLOPs / (peak TFLOP/s x utilisation), as nanoGPT's estimate_mfu inverts it)."""
     return GpuFit(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=device <= gpu.memory_bytes,
                   headroom_bytes=gpu.memory_bytes - device,
-                  step_time_s=flops / (peak_tflops(gpu, precision) * 1e12 * utilisation), utilisation=utilisation)
+                  step_time_s=step_time_s(gpu, flops, precision, utilisation), utilisation=utilisation)
 
 
 def device_formula(paged: bool) -> str:

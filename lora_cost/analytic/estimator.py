@@ -28,6 +28,7 @@ from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
 from ..profiles import load_gpu, load_model
 from .record import affine_record
+from .stepflops import step_flops
 from ..results import Estimate, FlopEstimate, MemoryEstimate, Term
 from ..spec import LinearSite, ModelSpec, RunConfig
 
@@ -81,10 +82,14 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None,
+             # distprof: the numbers only (fast.StepNumbers), for sweeps
+             numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
-    decoder length (default `seq`). Raises LoraCostError on bad input."""
+    decoder length (default `seq`). `numbers_only`: return `fast.StepNumbers` (peak, device bytes,
+    FLOPs, trainable parameters, step time: the same numbers, without the explanation; sweeps).
+    Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -93,6 +98,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
                     moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+    if numbers_only:
+        from .fast import step_numbers
+        return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -157,8 +165,6 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
 
     L = spec.layers
     stack = stack_of(arch, spec)
-    reps = stack.repetitions  # each simulated block stands for this many layers (stack.py)
-    scopes = ("embeddings", *stack.block_scopes, "head", "loss")
     # the forward does not depend on the optimizer, and depends on the rank affinely (record.py)
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
@@ -167,19 +173,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
     device = device_bytes(peak.peak_bytes, paged)
-
-    fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in scopes)
-    bwd = sum(rec.flops.get((s, "bwd"), 0) * reps.get(s, 1) for s in scopes)
-    layer_scopes = stack.block_scopes
-    # Non-reentrant checkpointing reruns each block's forward inside backward, stopping as soon as
-    # the last tensor the block saves has been recomputed (torch.utils.checkpoint early stop), so
-    # the block's trailing kernels (usually the last projection's matmul) are not rerun.
-    recomputed = sum((rec.flops.get((s, "fwd"), 0) - rec.flops_after_last_save.get(s, 0)) * reps[s] for s in layer_scopes)
-    uncounted = sum(v * reps.get(s, 1) for s, v in rec.uncounted.items())
-    uncounted_bwd = 0
-    if run.grad_checkpointing:
-        bwd += recomputed
-        uncounted_bwd = sum((rec.uncounted.get(s, 0) - rec.uncounted_after_last_save.get(s, 0)) * reps[s] for s in layer_scopes)
+    sf = step_flops(rec, run.grad_checkpointing, stack)
+    fwd, bwd, recomputed = sf.forward, sf.backward, sf.recomputed
 
     memory = MemoryEstimate(
         peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
@@ -187,9 +182,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
-    flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
-                         backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, run, recomputed))
-    fit = gpu_fit(load_gpu(gpu), device, fwd + bwd, run.precision, utilisation) if gpu is not None else None
+    flops = FlopEstimate(forward=fwd, backward=bwd, forward_uncounted=sf.forward_uncounted,
+                         backward_uncounted=sf.backward_uncounted, terms=flop_terms(rec, run, recomputed))
+    fit = gpu_fit(load_gpu(gpu), device, sf.step_total, run.precision, utilisation) if gpu is not None else None
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,

@@ -15,6 +15,7 @@ The logits stay alive through backward and the optimizer step (the step's output
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
 
 from .budget import ParameterBudget
 from .record import StepRecord
@@ -42,9 +43,9 @@ class ActivationBudget:
 
 def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> ActivationBudget:
     scopes = stack.scopes
-    body = tuple(rec.saved.get(scope, 0) for scope in scopes)
+    body = tuple(map(rec.saved.get, scopes, repeat(0, len(scopes))))
     if run.grad_checkpointing:  # the checkpoint keeps each block's input (and shared positional args once)
-        kept = tuple(rec.block_input.get(scope, 0) for scope in scopes)
+        kept = tuple(map(rec.block_input.get, scopes, repeat(0, len(scopes))))
         kept = (kept[0] + rec.checkpoint_extra_bytes,) + kept[1:]
     else:
         kept = body
@@ -53,6 +54,47 @@ def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> Activati
 
 def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
                 stack: Stack, adapted_blocks: bool) -> tuple[PhasePeak, ...]:
+    """Each phase's peak: its largest candidate moment (the first of equals), with the terms alive then."""
+    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks)
+    phases = []
+    for phase, options in candidates.items():
+        where, extra = _largest(options)
+        terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
+        phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
+    return tuple(phases)
+
+
+def peak_bytes(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
+               stack: Stack, adapted_blocks: bool) -> int:
+    """`max(p.peak_bytes for p in phase_peaks(...))` without building the terms (sweeps: fast.py)."""
+    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks)
+    steady_bytes = 0
+    for _, v in steady:
+        steady_bytes += int(v)
+    peak = 0
+    for options in candidates.values():
+        total = steady_bytes
+        for _, v in _largest(options)[1]:
+            total += int(v)
+        peak = max(peak, total)
+    return peak
+
+
+def _largest(options: list) -> tuple:
+    """The moment with the most bytes alive (the first of equals, as max() picks)."""
+    best, most = None, None
+    for option in options:
+        total = 0
+        for _, v in option[1]:
+            total += v
+        if best is None or total > most:
+            best, most = option, total
+    return best
+
+
+def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
+             stack: Stack, adapted_blocks: bool) -> tuple[list, dict]:
+    """(what is alive all step, {phase: [(where, [(category, bytes), ...]), ...]}): the candidate moments."""
     L = stack.layers
     logits, ls = rec.logits_bytes, rec.log_softmax_bytes
     saved = acts.total
@@ -117,12 +159,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
               (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
-    phases = []
-    for phase, options in candidates.items():
-        where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))
-        terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
-        phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
-    return tuple(phases)
+    return steady, candidates
 
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:

@@ -162,24 +162,41 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             raise LoraCostError(f"{flag_of(key)} does not apply to any method planned ({', '.join(methods) or 'none'})")
     cache: dict[tuple, Estimate] = {}
     count = [0]
+    no_targets = {}
+
+    def call(method: str, r: int | None, batch: int, s: int, ckpt: bool, numbers_only: bool = False):
+        # full trains every weight, BitFit every bias, adapters every block; prompt and prefix tuning
+        # adapt no linear: no targets
+        if method not in no_targets:
+            m = get_method(method)
+            no_targets[method] = (not m.takes_targets or m.trains_biases
+                                  or (m.default_targets is not None and not m.default_targets(spec)))
+        adapter_targets = None if no_targets[method] else targets
+        result = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
+                          optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
+                          method_options={k: v for k, v in method_options.items() if k in own_options[method]},
+                          gpu=gpu, utilisation=utilisation, numbers_only=numbers_only)
+        count[0] += 1
+        if progress:
+            progress(1)
+        return result
 
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
+        """The full estimate (its terms are shown)."""
         key = (method, r, batch, s, ckpt)
         if key not in cache:
-            # full trains every weight, BitFit every bias, adapters every block; prompt and prefix tuning
-            # adapt no linear: no targets
-            m = get_method(method)
-            no_targets = (not m.takes_targets or m.trains_biases
-                          or (m.default_targets is not None and not m.default_targets(spec)))
-            adapter_targets = None if no_targets else targets
-            cache[key] = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
-                                  optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
-                                  method_options={k: v for k, v in method_options.items() if k in own_options[method]},
-                                  gpu=gpu, utilisation=utilisation)
-            count[0] += 1
-            if progress:
-                progress(1)
+            cache[key] = call(method, r, batch, s, ckpt)
         return cache[key]
+
+    def fits(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> bool:
+        """Whether it fits, from the numbers alone (fast.py: the same numbers, no explanation)."""
+        key = (method, r, batch, s, ckpt)
+        if key in cache:
+            return cache[key].memory.device_bytes <= usable
+        key = (*key, "numbers")
+        if key not in cache:
+            cache[key] = call(method, r, batch, s, ckpt, numbers_only=True)
+        return cache[key].device_bytes <= usable
 
     def point(e: Estimate) -> PlanPoint:
         step = e.gpu.step_time_s if e.gpu else None
@@ -230,9 +247,9 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             if rankless:  # no rank to choose: the one configuration fits or not
                 max_rank = curve[0] if curve[0].fits else None
             else:
-                best_r = _largest(accepted, lambda r: run(method, r, batches[0], seq, ckpt).memory.device_bytes <= usable)
+                best_r = _largest(accepted, lambda r: fits(method, r, batches[0], seq, ckpt))
                 max_rank = point(run(method, best_r, batches[0], seq, ckpt)) if best_r is not None else None
-            best_b = _largest(batches, lambda b: run(method, reference, b, seq, ckpt).memory.device_bytes <= usable)
+            best_b = _largest(batches, lambda b: fits(method, reference, b, seq, ckpt))
             max_batch = point(run(method, reference, best_b, seq, ckpt)) if best_b is not None else None
             by_seq, left_out = [], []
             for s in seqs:
@@ -241,7 +258,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                 except LoraCostError as exc:
                     left_out.append((s, exc))
                     continue
-                b = _largest(batches, lambda b, s=s: run(method, reference, b, s, ckpt).memory.device_bytes <= usable)
+                b = _largest(batches, lambda b, s=s: fits(method, reference, b, s, ckpt))
                 by_seq.append((s, b or 0))
             if left_out:
                 skipped.append(f"{where}: lengths {', '.join(str(s) for s, _ in left_out)} left out: {left_out[0][1]}")

@@ -11,7 +11,7 @@ candidate lines, pruned to those that can win for some r >= 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from .architectures import get_architecture
 from .architectures.base import stack_of
@@ -92,14 +92,42 @@ class AffineRecord:
     maxima: tuple  # ((field, ((scope, lines), ...)), ...)
     singles: tuple  # ((name, value_at_1, slope), ...): logits, loss_copy, log_softmax, checkpoint_extra
 
-    def at(self, r: int | None) -> StepRecord:
+    @cached_property
+    def _split(self) -> tuple:
+        """For `at`: each field's values at r = 1 as a dict and the entries with a slope (most of the
+        model, everything the rank does not touch, has none: copying the dict is all it costs); each
+        maximum's lines (a single line needs no max)."""
+        base = tuple((name, {k: a for k, a, _ in items}, tuple((k, b) for k, _, b in items if b))
+                     for name, items in self.fields)
+        maxima = tuple((name, tuple((scope, lines[0] if len(lines) == 1 else None, lines) for scope, lines in items))
+                       for name, items in self.maxima)
+        return base, maxima, {name: (a, b) for name, a, b in self.singles}
+
+    def at(self, r: int | None, only: frozenset | None = None) -> StepRecord:
+        """The record at rank r: value(1) + slope * (r - 1) for every quantity, and the largest line of
+        each maximum. `only`: the fields to evaluate, the others left empty (the numbers-only path,
+        `fast.py`, needs neither the per-kind tables that explain the numbers nor, once its FLOPs
+        are known, the per-scope FLOPs)."""
         dr = (r or 1) - 1
-        values = {name: {k: a + b * dr for k, a, b in items} for name, items in self.fields}
-        for name, items in self.maxima:
-            values[name] = {scope: max(a + b * dr for a, b in lines) for scope, lines in items}
+        base, maxima, singles = self._split
+        values = {}
+        for name, at_1, sloped in base:
+            if only is not None and name not in only:
+                values[name] = {}
+                continue
+            d = at_1.copy()
+            for k, b in sloped:
+                d[k] += b * dr
+            values[name] = d
+        for name, items in maxima:
+            if only is not None and name not in only:
+                values[name] = {}
+                continue
+            values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
+                            for scope, line, lines in items}
         for name in ("forward_transient", "backward_transient", "largest"):
             values.setdefault(name, {})
-        single = {name: a + b * dr for name, a, b in self.singles}
+        single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], **values)

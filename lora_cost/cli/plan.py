@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import click
@@ -22,6 +23,39 @@ def _write(path: str, text: str) -> Path:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise LoraCostError(f"cannot write {shown(path, 120)}: {reason}") from None
     return out
+
+
+class LazyProgress:
+    """A rich progress bar (on stderr, when it is a terminal) that appears only when the sweep has run
+    longer than `after` seconds: short plans print nothing extra, long ones show how far they are."""
+
+    def __init__(self, total: int, after: float = 1.0) -> None:
+        self.total, self.after, self.done = total, after, 0
+        self.bar = self.task = None
+        self.start = time.perf_counter()
+
+    def __call__(self, k: int) -> None:
+        self.done += k
+        if self.bar is None:
+            if time.perf_counter() - self.start < self.after:
+                return
+            from rich.console import Console
+            from rich.progress import Progress
+            console = Console(stderr=True)
+            if not console.is_terminal:  # a pipe or a file gets no bar (not even the newline it leaves)
+                self.after = float("inf")
+                return
+            self.bar = Progress(transient=True, console=console)
+            self.bar.start()
+            self.task = self.bar.add_task("sweeping configurations", total=max(self.total, self.done))
+        self.bar.update(self.task, completed=self.done, total=max(self.total, self.done))
+
+    def __enter__(self) -> "LazyProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
 
 
 @main.command()
@@ -64,13 +98,8 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
                   targets=parse_targets(targets), attention=attention, utilisation=utilisation,
                   method_options=method_options(option_flags))
     total = sweep_size(len(method_list), len(rank_candidates(*rank_range)), 8)
-    if as_json or total < 2000:
-        result = run_plan(model, **kwargs)
-    else:  # long sweeps get a progress bar
-        from rich.progress import Progress
-        with Progress(transient=True) as bar:
-            task = bar.add_task("sweeping configurations", total=total)
-            result = run_plan(model, progress=lambda k: bar.advance(task, k), **kwargs)
+    with LazyProgress(total) as progress:  # a bar on stderr once the sweep has run for a second
+        result = run_plan(model, progress=progress, **kwargs)
     if html_path:
         from ..report.html import plan_to_html
         written = _write(html_path, plan_to_html(result))

@@ -12,6 +12,7 @@ import torch
 
 from ..errors import LoraCostError
 from ..results import Estimate
+from .comm import CommRecorder, distributed_rank
 from .compare import compare
 from .env import environment
 from .faults import exit_status
@@ -37,18 +38,35 @@ class Profiler:
         self.track_cpu_memory = track_cpu_memory
         self.monitor = StepMonitor(warmup, steps, flops, track_cpu_memory)
         self.result: ProfileResult | None = None
+        # a rank of a distributed run: its place, and the collectives it runs (comm.py)
+        self.distributed = distributed_rank()
+        self.comm = CommRecorder(self.monitor.warnings) if self.distributed and self.distributed[1] > 1 else None
+        self.merged = None  # rank 0 of a run that ended normally: every rank's profile merged (merge.py)
+
+    def start(self) -> None:
+        self.monitor.install()
+        if self.comm is not None:
+            self.comm.start()
 
     def __enter__(self) -> "Profiler":
-        self.monitor.install()
+        self.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         status, code = exit_status(exc)
         self.finish(status, code, exc)
+        if status == "ok" and self.distributed and self.distributed[1] > 1:
+            from dataclasses import replace
+            from .merge import gather_to_rank0
+            problems: list[str] = []
+            self.merged = gather_to_rank0(self.result, problems)
+            if problems:
+                self.result = replace(self.result, warnings=self.result.warnings + tuple(problems))
         return False
 
     def finish(self, status: str, exit_code: int, exc: BaseException | None = None) -> ProfileResult:
         m = self.monitor
+        communication = self.comm.stop(m.steps_detected) if self.comm is not None else None
         if status == "oom":
             m.record_oom(str(exc) if exc is not None else "out of memory")
         m.remove()
@@ -78,6 +96,10 @@ class Profiler:
             info, spec, run = describe(m.model, m.optimizer, Observed(m.input_shape, m.autocast_dtype))
             if spec is not None:
                 estimate = _estimate(spec, run, warnings)
+                if estimate is not None and any(hasattr(p, "_local_tensor") for p in m.model.parameters()):
+                    warnings.append("the parameters are sharded (DTensor: FSDP2); the estimate beside them is for "
+                                    "one unsharded GPU, so its weights, gradients and optimizer state are not this "
+                                    "rank's")
         last = m.measured[-1] if m.measured else None
         device_bytes = None
         if last is not None and last.peak_reserved_bytes is not None and context is not None:
@@ -96,8 +118,18 @@ class Profiler:
                            "live-storage-tracker" if self.track_cpu_memory else "none (categories only)"),
             measured=tuple(m.measured), flops=flops, params=params, model=info, estimate=estimate,
             comparison=compare(last, flops, estimate, device_bytes), environment=environment(device, context),
-            oom=m.oom, overhead=overhead, warnings=tuple(warnings))
+            oom=m.oom, overhead=overhead, warnings=tuple(warnings),
+            rank=self.distributed[0] if self.distributed else None,
+            world_size=self.distributed[1] if self.distributed else None, communication=communication,
+            error=_error_line(exc))
         return self.result
+
+
+def _error_line(exc: BaseException | None) -> str | None:
+    if exc is None or (isinstance(exc, SystemExit) and exc.code in (None, 0)):
+        return None
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
 def _estimate(spec, run, warnings: list[str]) -> Estimate | None:

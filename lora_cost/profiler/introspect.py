@@ -117,12 +117,25 @@ def _targets(peft_cfg) -> tuple[str, ...]:
     return tuple(sorted(t))
 
 
+def unwrap_parallel(model):
+    """The module a data-parallel wrapper trains: DistributedDataParallel and DataParallel keep it as
+    `.module` (torch/nn/parallel/distributed.py, data_parallel.py); FSDP2's fully_shard changes the
+    module in place (nothing to unwrap)."""
+    from torch.nn import DataParallel
+    from torch.nn.parallel import DistributedDataParallel
+    while isinstance(model, (DistributedDataParallel, DataParallel)):
+        model = model.module
+    return model
+
+
 def describe(model, optimizer, observed: Observed):
     """(ModelInfo, ModelSpec | None, RunConfig | None): the estimator inputs for this run, or the
     reason it cannot be estimated in ModelInfo.note."""
     from ..profiles import spec_from_config
     from ..spec import RunConfig
 
+    class_name = type(model).__name__
+    model = unwrap_parallel(model)
     peft_cfg, base = _peft_config(model)
     hf = _hf_model(base)
     notes = []
@@ -151,7 +164,8 @@ def describe(model, optimizer, observed: Observed):
     r = (getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)) if peft_cfg is not None else None
     dropout = float(getattr(peft_cfg, "lora_dropout", 0.0) or getattr(peft_cfg, "vera_dropout", 0.0) or 0.0) if peft_cfg is not None else 0.0
     targets = _targets(peft_cfg)
-    info = dict(class_name=type(model).__name__, model_type=getattr(cfg, "model_type", None), method=method, r=r,
+    inner = type(model).__name__
+    info = dict(class_name=inner if inner == class_name else f"{inner} (in {class_name})", model_type=getattr(cfg, "model_type", None), method=method, r=r,
                 targets=targets, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
                 grad_checkpointing=ckpt, attention=attention, dropout=dropout, trainable_params=int(trainable),
                 total_params=int(total))

@@ -24,8 +24,17 @@ from torch.utils._pytree import tree_flatten
 from .results import Categories
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor (FSDP2's sharded parameters, their gradients and optimizer state) stands for the whole
+    tensor; the rank stores only its local shard (`DTensor._local_tensor`, torch/distributed/tensor/_api.py),
+    which is what this rank's memory holds."""
+    local = getattr(t, "_local_tensor", None)
+    return local if isinstance(local, torch.Tensor) else t
+
+
 def storage_key(t: torch.Tensor) -> tuple[int, int] | None:
     """(identity, nbytes) of a tensor's storage; None for tensors without real storage (meta, fake)."""
+    t = local_shard(t)
     try:
         st = t.untyped_storage()
         return st._cdata, st.nbytes()
@@ -155,6 +164,7 @@ class CategoryWalker:
     def _count(self, tensors, seen: set, tracker) -> int:
         total = 0
         for t in tensors:
+            t = local_shard(t)
             if t.device.type != self.device_type:
                 continue
             key = storage_key(t)

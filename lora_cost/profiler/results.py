@@ -27,7 +27,12 @@ bytes are integers, times are seconds:
   oom: {step_index, phase, message, requested_bytes, allocated_bytes, reserved_bytes, device_free_bytes,
         memory} | null,
   overhead: {instrumentation_s_per_step, step_wall_s, fraction, note},
-  warnings: [str]
+  warnings: [str],
+  rank, world_size: this process's place in a distributed run (torchrun / accelerate launch: the RANK and
+          WORLD_SIZE environment variables) | null outside one,
+  error: "Type: message" of the exception that ended the script | null,
+  communication: {backend_prefix, collectives: [{name, calls, seconds}], total_s, steps, per_step_s, note} | null
+          (the collectives torch.profiler saw while the profiler ran; distributed runs only)
 
 The "temporaries" category is the residual: live_total minus every named category (on CUDA it also
 holds allocator rounding, library workspaces and any tensor the profiler cannot name).
@@ -200,6 +205,23 @@ class Overhead:
 
 
 @dataclass(frozen=True)
+class CollectiveTime:
+    name: str  # the process group's own event name: gloo:all_reduce, nccl:all_reduce, gloo:broadcast...
+    calls: int
+    seconds: float  # summed over calls (the backend's work, as torch.profiler times it)
+
+
+@dataclass(frozen=True)
+class Communication:
+    backend_prefix: str  # gloo | nccl | mixed
+    collectives: tuple[CollectiveTime, ...]
+    total_s: float
+    steps: int  # optimizer steps the window held
+    per_step_s: float | None  # total_s / steps
+    note: str
+
+
+@dataclass(frozen=True)
 class ProfileResult:
     schema: str
     status: str
@@ -221,6 +243,11 @@ class ProfileResult:
     oom: OomEvent | None
     overhead: Overhead | None
     warnings: tuple[str, ...]
+    # distprof: a rank of a distributed run (None outside one; older profiles have neither)
+    rank: int | None = None
+    world_size: int | None = None
+    communication: Communication | None = None
+    error: str | None = None  # how the script failed ("ValueError: boom"), when it did
 
     def to_dict(self) -> dict:
         from ..report.jsonout import estimate_to_json
@@ -240,9 +267,11 @@ def _build(cls, data):
     """Rebuild a (nested) frozen dataclass from `asdict` output; lists become tuples."""
     if data is None:
         return None
-    nested = {"memory": Categories, "phases": PhaseMeasurement, "boundaries": Boundary, "by_module": ModuleFlops}
+    nested = {"memory": Categories, "phases": PhaseMeasurement, "boundaries": Boundary, "by_module": ModuleFlops,
+              "collectives": CollectiveTime}
     top = {"measured": StepMeasurement, "flops": FlopMeasurement, "params": ParamRow, "model": ModelInfo,
-           "comparison": TermComparison, "environment": Environment, "oom": OomEvent, "overhead": Overhead}
+           "comparison": TermComparison, "environment": Environment, "oom": OomEvent, "overhead": Overhead,
+           "communication": Communication}
     kwargs = {}
     for f in fields(cls):
         value = data.get(f.name)

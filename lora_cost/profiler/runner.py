@@ -46,7 +46,7 @@ def run_script(path: str, args: tuple[str, ...] = (), *, warmup: int = 1, steps:
     sys.path.insert(0, os.path.dirname(script))
     exc: BaseException | None = None
     try:
-        profiler.monitor.install()
+        profiler.start()
         try:
             runpy.run_path(script, run_name="__main__")
         except BaseException as e:  # noqa: BLE001 - the script's fault, reported as python would

@@ -1,0 +1,126 @@
+"""The numbers of an estimate without its explanation: a lean path for sweeps (the planner's
+bisections, benchmarks/sweep_speed.py).
+
+`step_numbers(spec, run)` returns exactly what `estimate_run(spec, run).memory.peak_bytes`,
+`.memory.device_bytes`, `.flops.total`, `.trainable_params` and `.gpu.step_time_s` would be: it
+calls the same functions (`validated_run`, the cached `affine_record`, `parameter_budget`,
+`activation_budget`, the candidate moments of `phase_peaks` (`peaks.peak_bytes`), `step_flops`, `device_bytes`, `gpu_fit`), and only skips what
+explains the numbers (term descriptions, per-kind tables, assumptions, the `Estimate` object).
+`tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths.
+
+Cache layers, each keyed on everything its value depends on:
+  - the validated run (method defaults, targets resolved) per (spec, run);
+  - the record at a rank per (affine record, rank) (record.py's `AffineRecord.at`);
+  - the parameter budget per (spec, method, rank, precision, optimizer, targets) (budget.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, fields
+from functools import lru_cache
+
+from .architectures import get_architecture
+from .architectures.base import stack_of
+from .budget import parameter_budget
+from .device import DEFAULT_UTILISATION, device_bytes, step_time_s
+from .optimizers import get_optimizer
+from .peaks import activation_budget, peak_bytes
+from .record import affine_record
+from .stepflops import step_flops
+from ..profiles import load_gpu
+from ..spec import ModelSpec, RunConfig
+
+
+@dataclass(frozen=True, slots=True)
+class StepNumbers:
+    """The headline numbers of one estimate (their meaning is `Estimate`'s)."""
+
+    peak_bytes: int
+    device_bytes: int
+    flops: int  # forward + backward, as `Estimate.flops.total`
+    trainable_params: int
+    step_time_s: float | None  # with a GPU: `Estimate.gpu.step_time_s`
+
+
+# What `activation_budget` and `phase_peaks` read of a StepRecord (peaks.py); the rest is left empty.
+# tests/test_fast_path.py would see a field read and missing here (the numbers would differ).
+PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "forward_transient", "backward_transient", "largest"})
+
+
+@lru_cache(maxsize=65536)
+def _validated(spec: ModelSpec, run: RunConfig):
+    """`validated_run` is a pure function of its arguments (errors are raised, never cached)."""
+    from .estimator import validated_run
+    run, method, target_names, sites, head_sites = validated_run(spec, run)
+    arch = get_architecture(spec.model_type)
+    adapted = bool(sites) or bool(method.block_trainable(spec, run))
+    return run, method, arch, frozenset(target_names), tuple(sites), tuple(head_sites), adapted
+
+
+# The run settings this path was written and tested for. A setting added to RunConfig later (and set)
+# sends the run through the full estimate, whose numbers are then returned: never a number that
+# ignores an option.
+_KNOWN = frozenset({"method", "r", "targets", "batch", "seq", "precision", "optimizer", "grad_checkpointing",
+                    "attention", "dropout", "model_dropout", "method_options", "target_seq", "moe_imbalance", "task",
+                    "num_labels"})
+_OTHERS = tuple((f.name, f.default_factory() if f.default is MISSING else f.default)
+                for f in fields(RunConfig) if f.name not in _KNOWN)
+
+
+def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
+                 utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
+    """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
+    LoraCostError on bad input, as it does."""
+    from .estimator import _forward_key
+    if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
+        return numbers_of(_full(spec, run, gpu, utilisation))
+    run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
+    stack = stack_of(arch, spec)
+    key = _forward_key(run)
+    rec, acts = _activations(spec, key, targets, run.r)
+    params = parameter_budget(arch, spec, method, run, get_optimizer(run.optimizer), sites, head_sites)
+    peak = peak_bytes(rec, acts, params, run, stack, adapted_blocks=adapted)
+    device = device_bytes(peak, params.state_bytes if params.paged else 0)
+    lines = _flop_lines(spec, key, targets)
+    if lines is None:  # not all integers: evaluated at the rank itself
+        flops = step_flops(rec, run.grad_checkpointing, stack)
+        total, raw = flops.forward + flops.backward, flops.step_total
+    else:
+        dr = (run.r or 1) - 1
+        (total, slope), (raw, raw_slope) = lines
+        total, raw = total + slope * dr, raw + raw_slope * dr
+    step = step_time_s(load_gpu(gpu), raw, run.precision, utilisation) if gpu is not None else None
+    return StepNumbers(peak, device, total, params.trainable_params, step)
+
+
+@lru_cache(maxsize=16384)
+def _activations(spec: ModelSpec, key: RunConfig, targets: frozenset, r: int | None):
+    """The record at rank r and its activation budget, shared by every run that differs only in what
+    the forward does not see (the optimizer; the sharding of the parameters)."""
+    rec = affine_record(spec, key, targets).at(r, only=PEAK_FIELDS)
+    return rec, activation_budget(rec, key, stack_of(get_architecture(spec.model_type), spec))
+
+
+@lru_cache(maxsize=8192)
+def _flop_lines(spec: ModelSpec, key: RunConfig, targets: frozenset) -> tuple[tuple, tuple] | None:
+    """A step's FLOPs (rounded, and raw for the step time) as value at r = 1 and slope per unit of rank.
+    `step_flops` only adds record entries times layer counts, and every entry is affine in r (record.py),
+    so the total is too: two evaluations give it exactly (tests/test_fast_path.py compares). None when a
+    sum is not an integer (a float would not be reproduced to the last bit)."""
+    affine, stack = affine_record(spec, key, targets), stack_of(get_architecture(spec.model_type), spec)
+    f1, f2 = (step_flops(affine.at(r), key.grad_checkpointing, stack) for r in (1, 2))
+    t1, t2 = f1.forward + f1.backward, f2.forward + f2.backward
+    if not all(type(v) is int for v in (f1.step_total, f2.step_total)):
+        return None
+    return (t1, t2 - t1), (f1.step_total, f2.step_total - f1.step_total)
+
+
+def _full(spec, run, gpu, utilisation):
+    from .estimator import estimate_run
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
+
+
+def numbers_of(e) -> StepNumbers:
+    """The headline numbers of a full `Estimate`."""
+    return StepNumbers(e.memory.peak_bytes, e.memory.device_bytes, e.flops.total, e.trainable_params,
+                       e.gpu.step_time_s if e.gpu is not None else None)
