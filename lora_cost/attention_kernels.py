@@ -138,6 +138,10 @@ def check_kernel_run(spec, run, method) -> None:
     if not k.casts_fp32_inputs and run.autocast_dtype is not None:
         raise LoraCostError(f"{k.name} under autocast (--precision {run.precision}) is not modelled: q, k and v "
                             "reach it in mixed dtypes; use bf16 or fp16")
+    p_attn = run.model_dropout if run.model_dropout is not None else spec.attention_dropout
+    if k.name == "flex" and p_attn > 0:
+        raise LoraCostError(f"flex attention has no attention dropout (transformers raises on dropout {p_attn:g}); "
+                            "use --model-dropout 0 or another kernel")
     if method.extra_keys(run):
         raise LoraCostError(f"{method.name} with {k.name} is not modelled (its prefix keys make s_k != s_q); "
                             "use --attention sdpa or eager")

@@ -376,6 +376,10 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
     elif tape.autocast and kernel.casts_fp32_inputs:  # autocast's own dtype for 16-bit inputs is a no-op
         q, k, v = (cast(tape, t, tape.autocast) for t in (q, k, v))
     dt = q.dtype
+    if kernel.name == "flex" and kvh != h and h & (h - 1):
+        # integrations/flex_attention.py: a head count that is not a power of two takes repeat_kv (copies
+        # of k and v at every query head) and enable_gqa=False
+        k, v = tape.new(k.numel * h // kvh, dt, k.rg), tape.new(v.numel * h // kvh, dt, v.rg)
     packed = documents is not None
     if packed:  # .contiguous() of the [1, S, h, d] transposes: new tensors
         q, k, v = (tape.new(t.numel, t.dtype, t.rg) for t in (q, k, v))
