@@ -12,7 +12,7 @@ Sources (the versions the rules were read from):
   * flash-attention 3: hopper/flash_attn_interface.py (FlashAttnFunc: `ctx.save_for_backward(q, k, v, out,
     softmax_lse)`; no dropout, so no rng state).
   * flex: torch/_higher_order_ops/flex_attention.py (FlexAttentionAutogradOp saves query, key, value, out,
-    logsumexp and the block mask's index tensors) via transformers integrations/flex_attention.py.
+    logsumexp, max_scores (torch 2.13: both fp32 [b, h, s]) and the block mask's index tensors) via transformers integrations/flex_attention.py.
   * transformers integrations/flash_attention.py + modeling_flash_attention_utils.py (v5.24): fp32 q, k, v
     are cast to the autocast dtype, else (quantized model) `config.dtype`, else the first Linear's weight
     dtype (`get_target_dtype`, `fa_peft_integration_check`); padding-free batches take the varlen kernel.
@@ -41,6 +41,7 @@ class AttentionKernel:
     softcap: bool  # takes the scores' tanh soft-capping (Gemma 2) inside the kernel
     dropout: bool  # applies attention dropout
     output_is_copy: bool  # the [b, s, h*d] output handed to o_proj is a fresh copy (kernel output [b, h, s, d])
+    row_statistics: int = 1  # fp32 [b, h, s] tensors saved: the log-sum-exp (flex: and the row maxima)
 
 
 _REGISTRY: dict[str, AttentionKernel] = {}
@@ -78,11 +79,11 @@ register_kernel(AttentionKernel(
     max_head_dim=256, packing=True, softcap=True, dropout=False, output_is_copy=False))
 register_kernel(AttentionKernel(
     "flex", "flex_attention", ("flex_attention",),
-    "torch flex_attention (FlexAttentionAutogradOp): saves q, k, v, out and the fp32 log-sum-exp [b, h, s], no "
+    "torch flex_attention (FlexAttentionAutogradOp): saves q, k, v, out, the fp32 log-sum-exp and row maxima [b, h, s], no "
     "s x s tensor; the causal BlockMask (int32, about 4 b (s/128)^2 elements, built once per forward) is not "
     "counted; backward recomputes the scores (2.5x the forward matmuls)",
     fused=True, half_only=False, casts_fp32_inputs=False, saves_rng_state=False, head_dim_multiple=1,
-    max_head_dim=None, packing=False, softcap=True, dropout=False, output_is_copy=True))
+    max_head_dim=None, packing=False, softcap=True, dropout=False, output_is_copy=True, row_statistics=2))
 
 ATTENTIONS: tuple[str, ...] = tuple(_REGISTRY)
 ATTENTION_SPELLINGS: tuple[str, ...] = tuple(_ALIASES)
@@ -109,7 +110,8 @@ def is_fused(name: str) -> bool:
 # families lora-cost models (models/bloom, models/gpt2: flex; models/t5: flash). Checked against the installed
 # transformers by tests/test_attention_kernels.py.
 NO_FLASH_FAMILIES = ("bloom", "t5", "mt5")
-NO_FLEX_FAMILIES = ("bloom", "gpt2", "t5", "mt5")
+NO_FLEX_FAMILIES = ("bloom", "gpt2")
+FLEX_NOT_MODELLED = ("t5", "mt5")  # transformers runs T5's relative position bias as a flex score_mod: not modelled
 
 
 def check_kernel_run(spec, run, method) -> None:
@@ -130,6 +132,9 @@ def check_kernel_run(spec, run, method) -> None:
     if k.name == "flex" and family in NO_FLEX_FAMILIES:
         raise LoraCostError(f"transformers has no flex attention for {family} models (_supports_flex_attn is "
                             "False); use --attention sdpa or eager")
+    if k.name == "flex" and family in FLEX_NOT_MODELLED:
+        raise LoraCostError(f"flex attention on {family} (its position bias as a score_mod) is not modelled; use "
+                            "--attention sdpa or eager")
     if k.half_only and run.precision == "fp32":
         raise LoraCostError(f"{k.name} runs fp16/bf16 only: with --precision fp32 transformers hands it fp32 q, k, v "
                             "(the weights' dtype); use bf16, fp16 or amp-*")

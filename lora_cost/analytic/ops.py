@@ -362,7 +362,8 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
     cu_seqlens_q/k (one int32 [documents + 1] tensor, the same for both) and its softmax_lse is [h, total_q]:
     the same elements.
     flex (integrations/flex_attention.py): q, k, v in [b, h, s, d] as they come (fp32 stays fp32), grouped
-    heads native (enable_gqa); saves q, k, v, out, logsumexp (fp32 [b, h, s]); the output is transposed
+    heads native (enable_gqa) when their count is a power of two; saves q, k, v, out, logsumexp and
+    max_scores (fp32 [b, h, s] each, torch 2.13 FlexAttentionAutogradOp); the output is transposed
     and made contiguous (a copy) for o_proj.
     FLOPs: the fused-kernel convention of FlopCounterMode's sdpa formulas (causal not discounted): forward
     4 b h s s_k d, backward 10 b h s s_k d (the backward recomputes S = QK^T and P: 2.5x the forward's
@@ -391,7 +392,8 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
         for t in (q, k, v):
             tape.save(t, "attention q, k, v")
         tape.save(out, "attention output")
-        tape.save(tape.new(b * h * s, "fp32", False), "attention log-sum-exp")
+        for _ in range(kernel.row_statistics):  # log-sum-exp (flex: and max_scores), fp32 [b, h, s]
+            tape.save(tape.new(b * h * s, "fp32", False), "attention log-sum-exp")
         if kernel.saves_rng_state:
             tape.save(tape.new(2, "int64", False), "attention log-sum-exp")
         if packed:

@@ -12,7 +12,8 @@ against the libraries' `save_for_backward` lines):
     head_dim), out_padded, softmax_lse (fp32 [b, h, s], varlen [h, total]), rng_state (int64 [2]); varlen
     also cu_seqlens_q, cu_seqlens_k.
   * flash-attention 3 (hopper) FlashAttnFunc / FlashAttnVarlenFunc: q, k, v, out, softmax_lse (+ cu_seqlens).
-  * flex (FlexAttentionAutogradOp): query, key, value, out, logsumexp ([b, h, s] fp32). The BlockMask is
+  * flex (FlexAttentionAutogradOp, torch 2.13): query, key, value, out, logsumexp, max_scores ([b, h, s]
+    fp32 each). The BlockMask is
     not built on the CPU trace (transformers' flex mask interface is answered with None), as the analytic
     engine leaves it uncounted.
 
@@ -76,7 +77,7 @@ class FusedAttention(torch.autograd.Function):
         if pad:  # FlashAttnFunc: q, k, v = F.pad(..., [0, 8 - head_size_og % 8])
             q, k, v = (torch.nn.functional.pad(t, [0, pad]) for t in (q, k, v))
         out, lse = torch.ops.lora_cost.fused_attention_forward(q, k, v, layout, documents)
-        saved = [q, k, v, out, lse]
+        saved = [q, k, v, out, lse] + [torch.empty_like(lse) for _ in range(kernel.row_statistics - 1)]  # flex: max_scores
         if cu_seqlens is not None:
             saved += [cu_seqlens, cu_seqlens]  # cu_seqlens_q is cu_seqlens_k (prepare_fa_kwargs_from_position_ids)
         if kernel.saves_rng_state:
@@ -87,7 +88,7 @@ class FusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v = ctx.saved_tensors[:3]
+        q, k, v = ctx.saved_tensors[:3]  # (the real kernels read out and lse too)
         dq, dk, dv = torch.ops.lora_cost.fused_attention_backward(dout, q, k, v, ctx.layout, ctx.documents)
         hd = ctx.head_dim
         return dq[..., :hd], dk[..., :hd], dv[..., :hd], None, None, None, None
