@@ -40,7 +40,10 @@ class AttentionKernel:
     packing: bool  # padding-free (position_ids) batches: the varlen kernel, no mask
     softcap: bool  # takes the scores' tanh soft-capping (Gemma 2) inside the kernel
     dropout: bool  # applies attention dropout
-    output_is_copy: bool  # the [b, s, h*d] output handed to o_proj is a fresh copy (kernel output [b, h, s, d])
+    # the [b, s, h*d] output handed to o_proj is a fresh copy. Not for the fused kernels: flash's output is
+    # [b, s, h, d]; flex's takes the query's stride order (torch `_permute_strides`), and the query is a
+    # transpose of the [b, s, h*d] projection, so transformers' transpose(1, 2).contiguous() is a view
+    output_is_copy: bool
     row_statistics: int = 1  # fp32 [b, h, s] tensors saved: the log-sum-exp (flex: and the row maxima)
 
 
@@ -83,7 +86,7 @@ register_kernel(AttentionKernel(
     "s x s tensor; the causal BlockMask (int32, about 4 b (s/128)^2 elements, built once per forward) is not "
     "counted; backward recomputes the scores (2.5x the forward matmuls)",
     fused=True, half_only=False, casts_fp32_inputs=False, saves_rng_state=False, head_dim_multiple=1,
-    max_head_dim=None, packing=False, softcap=True, dropout=False, output_is_copy=True, row_statistics=2))
+    max_head_dim=None, packing=False, softcap=True, dropout=False, output_is_copy=False, row_statistics=2))
 
 ATTENTIONS: tuple[str, ...] = tuple(_REGISTRY)
 ATTENTION_SPELLINGS: tuple[str, ...] = tuple(_ALIASES)

@@ -235,6 +235,22 @@ def test_flash_removes_the_qlora_long_context_probabilities():
     assert flash.flops.forward == sdpa.flops.forward
 
 
+@pytest.mark.fast
+def test_hand_arithmetic_flash_vs_sdpa_full_finetuning():
+    """Llama-3.2-1B full fine-tuning, bf16, 1 x 1024 (o_proj trains, so it saves its input). torch's sdpa
+    flash backend, flash-attention 2/3 and flex all save q, k, v, out and an fp32 [b, h, s] log-sum-exp, and
+    all hand o_proj their own output as a view (sdpa/flash: [b, s, h, d] in memory; flex: the query's stride
+    order). They differ by flash-attention 2's int64 [2] rng state (16 bytes a layer) and flex's fp32
+    [b, h, s] max_scores (1 x 32 x 1024 x 4 = 131,072 bytes a layer)."""
+    kw = dict(batch=1, seq=1024, precision="bf16")
+    sdpa, fa2, fa3, flex = (estimate("llama-3.2-1b", "full", attention=a, **kw).memory.saved_activation_bytes
+                            for a in ("sdpa", "flash-attention-2", "flash-attention-3", "flex"))
+    layers = 16
+    assert fa2 - sdpa == layers * 16
+    assert fa3 == sdpa
+    assert flex - fa3 == layers * 32 * 1024 * 4
+
+
 # ---- 5. published long-context figure
 @pytest.mark.fast
 @pytest.mark.parametrize("model,published", [("llama-3.1-8b", 28_000), ("llama-3.1-70b", 6_916)])

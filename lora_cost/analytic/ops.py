@@ -363,8 +363,9 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
     the same elements.
     flex (integrations/flex_attention.py): q, k, v in [b, h, s, d] as they come (fp32 stays fp32), grouped
     heads native (enable_gqa) when their count is a power of two; saves q, k, v, out, logsumexp and
-    max_scores (fp32 [b, h, s] each, torch 2.13 FlexAttentionAutogradOp); the output is transposed
-    and made contiguous (a copy) for o_proj.
+    max_scores (fp32 [b, h, s] each, torch 2.13 FlexAttentionAutogradOp); the output takes the query's
+    stride order (`_permute_strides`: [b, s, h, d] in memory), so transformers' transpose(1, 2).contiguous()
+    is a view and o_proj's input is the saved output, as with flash.
     FLOPs: the fused-kernel convention of FlopCounterMode's sdpa formulas (causal not discounted): forward
     4 b h s s_k d, backward 10 b h s s_k d (the backward recomputes S = QK^T and P: 2.5x the forward's
     matmuls, flash-attention 2 paper, Dao 2023, Sec. 3.1 / Algorithm 2). With --packing: documents x s^2.
@@ -397,12 +398,12 @@ def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: A
         tape.save(out, "attention output")
         for _ in range(kernel.row_statistics):  # log-sum-exp (flex: and max_scores), fp32 [b, h, s]
             tape.save(tape.new(b * h * s, "fp32", False), "attention log-sum-exp")
-        if kernel.saves_rng_state:
-            tape.save(tape.new(2, "int64", False), "attention log-sum-exp")
-        if packed:
-            tape.save(tape.new(documents + 1, "int32", False), "attention log-sum-exp")
+        if kernel.saves_rng_state:  # Philox seed and offset
+            tape.save(tape.new(2, "int64", False), "attention kernel state")
+        if packed:  # cu_seqlens_q (the same tensor as cu_seqlens_k)
+            tape.save(tape.new(documents + 1, "int32", False), "attention kernel state")
     tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd), sdpa_backward_flops(b, h, s, sk, hd, hd) if rg else 0)
-    if pad or kernel.output_is_copy:  # out[..., :hd] reshaped (a copy), or flex's transpose().contiguous()
+    if pad or kernel.output_is_copy:  # out[..., :hd] reshaped: a copy
         return tape.new(b * s * h * hd, dt, rg)
     return out
 

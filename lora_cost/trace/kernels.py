@@ -51,7 +51,8 @@ def _forward_shapes(q: torch.Tensor, layout: str):
         lse = q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
     else:  # "bhsd", flex
         lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
-    return torch.empty_like(q, memory_format=torch.contiguous_format), lse
+    # flash-attn: `out = torch::empty_like(q)`; flex: the query's stride order (`_permute_strides`)
+    return torch.empty_like(q), lse
 
 
 @torch.library.custom_op("lora_cost::fused_attention_backward", mutates_args=())
