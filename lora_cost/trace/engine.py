@@ -8,6 +8,7 @@ import warnings
 from dataclasses import replace
 
 from ..analytic.device import device_bytes
+from ..attention_kernels import is_fused
 from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
 from ..errors import LoraCostError
@@ -136,8 +137,13 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     zero = tuple(sorted(op for op in sim.ops_seen if op not in rec.counted_ops))
     kernel = "eager" if run.attention == "eager" else "+".join(sorted(rec.backends)) or "none"
     notes = list(built.notes)
-    notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
-                 "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
+    if is_fused(run.attention):
+        notes.append(f"attention: {run.attention}, run by transformers' own integration code down to the kernel "
+                     "call; the kernel is a stand-in (trace/kernels.py) saving what the library's autograd Function "
+                     "saves (flash-attn and compiled flex cannot run on a CPU)")
+    else:
+        notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
+                     "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
     notes.append("not simulated: cuDNN attention and other kernels a library selects only on a real GPU, "
                  "torch.compile, cuBLAS workspaces; CPU-side tensors of the real run (AdamW step counters) are "
                  "excluded")
