@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .attention_kernels import ATTENTIONS, ATTENTION_SPELLINGS, canonical_attention  # noqa: F401
 from .errors import LoraCostError
 
 
@@ -110,7 +111,6 @@ def _probability(flag: str, value: object) -> None:
 
 
 PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
-ATTENTIONS = ("sdpa", "eager")
 # --task: what the model's head and loss are (None: the family's own, causal-lm or masked-lm)
 TASKS = ("causal-lm", "masked-lm", "seq2seq", "seq-cls", "token-cls")
 CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
@@ -139,6 +139,9 @@ class RunConfig:
     moe_imbalance: float | None = None
     task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
     num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
+    # --- task "attention": padding-free packing (--packing: the --batch sequences of --seq tokens flattened
+    # into one row with restarting position_ids, as DataCollatorWithFlattening / TRL packing do)
+    packing: bool = False
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -149,8 +152,9 @@ class RunConfig:
             _bounded_int("--r", self.r, MAX_RANK)
         if self.precision not in PRECISIONS:
             raise LoraCostError(f"unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}")
-        if self.attention not in ATTENTIONS:
-            raise LoraCostError(f"unknown attention {self.attention!r}; choose one of {', '.join(ATTENTIONS)}")
+        object.__setattr__(self, "attention", canonical_attention(self.attention))  # transformers' spellings too
+        if not isinstance(self.packing, bool):
+            raise LoraCostError(f"--packing is a flag (true or false), got {self.packing!r}")
         _probability("--dropout", self.dropout)
         if self.model_dropout is not None:
             _probability("--model-dropout", self.model_dropout)

@@ -107,7 +107,9 @@ def test_every_estimate_option_is_known_to_the_numbers_path():
     only. A new option of estimate() that is not a RunConfig field (those are guarded in fast._OTHERS)
     would be silently dropped there: whoever adds one teaches fast.py about it and adds it here."""
     import inspect
-    known = {"model", "method", "r", "targets", "batch", "seq", "precision", "optimizer", "grad_checkpointing",
-             "attention", "dropout", "model_dropout", "method_options", "gpu", "utilisation", "serving", "target_seq",
-             "moe_imbalance", "task", "num_labels", "numbers_only"}
-    assert set(inspect.signature(estimate).parameters) == known
+    from dataclasses import fields
+
+    from lora_cost.spec import RunConfig
+    guarded = {f.name for f in fields(RunConfig)}  # a set RunConfig field unknown to fast.py takes the full path
+    handed_over = {"model", "gpu", "utilisation", "serving", "numbers_only"}
+    assert set(inspect.signature(estimate).parameters) - guarded == handed_over

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..attention_kernels import is_fused
 from . import ops
 from .methods.base import Method
 from .methods.storage import BaseStorage
@@ -97,8 +98,20 @@ class StepContext:
         return ops.rms_norm(self.tape, x, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, shape, **kwargs) -> Tensor:
-        """The attention core, as the method runs it (prefix tuning extends the keys and values)."""
+        """The attention core, as the method runs it (prefix tuning extends the keys and values).
+        A fused kernel (flash-attention 2/3, flex) replaces whatever path the family would take with sdpa
+        or eager; fp32 inputs reach flash cast to the compute dtype (transformers `get_target_dtype`:
+        autocast's, else the model's 16-bit dtype; a QLoRA model's `config.dtype`)."""
+        if is_fused(self.run.attention):
+            kwargs.update(implementation=self.run.attention, cast_to=self.tape.autocast or self.run.weight_dtype,
+                          documents=self.run.batch if self.run.packing else None)
         return self.method.attention(self, q, k, v, shape, **kwargs)
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the rotary cos/sin tables: position_ids are [1, s] (shared by the batch), or with
+        --packing [1, batch x s] (the flattened row restarts its positions at each sequence)."""
+        return self.tokens if self.run.packing else self.seq
 
     def residual(self, point: str, out: Tensor, x: Tensor, norm=None) -> Tensor:
         """A sublayer's output `out` joining the residual stream `x` at `point` ("attention" or "ffn"),

@@ -18,6 +18,7 @@ from functools import lru_cache
 
 from .architectures import get_architecture
 from .architectures.base import Architecture, stack_of
+from ..attention_kernels import check_kernel_run, get_kernel
 from ..errors import LoraCostError
 from .methods import get_method
 from .budget import parameter_budget
@@ -82,7 +83,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None,
+             num_labels: int | None = None, packing: bool = False,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
@@ -97,7 +98,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing)
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
@@ -124,6 +125,10 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.task in ("seq-cls", "token-cls"):
         head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
     method.check(spec, sites + head_sites, run)
+    check_kernel_run(spec, run, method)
+    if run.packing and method.virtual_tokens(run):
+        raise LoraCostError(f"--packing with {method.name} is not modelled (its virtual tokens are prepended to each "
+                            "row, not to each packed sequence)")
     return run, method, target_names, sites, head_sites
 
 
@@ -216,10 +221,12 @@ def _task_note(run: RunConfig) -> tuple[str, ...]:
 
 
 def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
-    kernel = ("kernel chosen as torch does on sm80+: flash for 16-bit, memory-efficient for fp32, math for fp32 "
-              "grouped-query" if run.attention == "sdpa" else "transformers eager path")
+    packing = ((f"--packing: the {run.batch} sequences of {run.seq} tokens are flattened into one row with restarting "
+                "position_ids (DataCollatorWithFlattening, TRL padding-free); the varlen kernel keeps them apart "
+                "(cu_seqlens, no mask)",) if run.packing else ())
     return (
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
-        f"attention: {run.attention} ({kernel})",
+        f"attention: {run.attention} ({get_kernel(run.attention).description})",
+        *packing,
         device_formula(opt.paged),
     )

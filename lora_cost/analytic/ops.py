@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..attention_kernels import get_kernel, is_fused
 from .formulas.attention import matmul_attention_backward_flops, sdpa_backward_flops, sdpa_forward_flops
 from .tape import Tape, Tensor
 from ..units import DTYPE_BYTES
@@ -255,7 +256,7 @@ def sdpa_backend(dtype: str, shape: AttentionShape, gqa_in_kernel: bool) -> str:
 
 def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, *, implementation: str,
               dropout_p: float, softmax_fp32: bool, softcap: bool = False, mask: Tensor | None = None,
-              extra_grad: bool = False) -> Tensor:
+              extra_grad: bool = False, cast_to: str | None = None, documents: int | None = None) -> Tensor:
     """Attention core from q, k, v (each [b, heads or kv_heads, s, head_dim]) to the [n, h*hd] output.
 
     sdpa (flash / efficient): saves q, k, v, the output and the fp32 log-sum-exp; nothing of size s^2.
@@ -269,6 +270,9 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     sdpa's own conversion of a [b, 1, s, s_kv] bool mask (T5's position bias); `extra_grad`: the
     scores need a gradient besides through q and k (a trainable additive bias, T5's).
     """
+    if is_fused(implementation):  # flash-attention 2/3, flex: their own saving rule
+        return fused_kernel_attention(tape, q, k, v, shape, get_kernel(implementation), cast_to=cast_to,
+                                      documents=documents, dropout_p=dropout_p)
     b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
     sk = shape.keys  # [b, h, s, hd] queries against [b, kvh, sk, hd] keys and values
     if tape.autocast:  # scaled_dot_product_attention and matmul run in the autocast dtype
@@ -341,6 +345,67 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
                    matmul_attention_backward_flops(b, h, s, sk, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))
     # [b, h, s, hd] -> transpose(1, 2).reshape: a copy, so the output projection sees a new storage
     return tape.new(out_numel, dt, rg)
+
+
+def fused_kernel_attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape, kernel, *,
+                           cast_to: str | None, documents: int | None, dropout_p: float) -> Tensor:
+    """flash-attention 2/3 and flex, as transformers calls them (attention_kernels.py names the sources).
+
+    flash (integrations/flash_attention.py): q, k, v arrive as [b, s, h, d] transposes (views; flash-attn's
+    `maybe_contiguous` copies only when stride(-1) != 1); fp32 ones are cast to `cast_to` first
+    (`fa_peft_integration_check`: the QLoRA fp32 stream, AMP). flash-attn 2 pads head_dim to a multiple of
+    8 (copies). Grouped k/v heads are read in place (no repeat_kv). FlashAttnFunc saves q, k, v, out,
+    softmax_lse (fp32 [b, h, s]) and rng_state (int64 [2], flash 2); its output is [b, s, h, d], which the
+    model reshapes to [b, s, h*d] as a view: o_proj's input is the saved output itself.
+    --packing (`documents` sequences flattened into one row, `_prepare_from_posids`): q, k, v are
+    `.contiguous()` copies of the transposes (those copies are saved), the varlen kernel also saves
+    cu_seqlens_q/k (one int32 [documents + 1] tensor, the same for both) and its softmax_lse is [h, total_q]:
+    the same elements.
+    flex (integrations/flex_attention.py): q, k, v in [b, h, s, d] as they come (fp32 stays fp32), grouped
+    heads native (enable_gqa) when their count is a power of two; saves q, k, v, out, logsumexp and
+    max_scores (fp32 [b, h, s] each, torch 2.13 FlexAttentionAutogradOp); the output takes the query's
+    stride order (`_permute_strides`: [b, s, h, d] in memory), so transformers' transpose(1, 2).contiguous()
+    is a view and o_proj's input is the saved output, as with flash.
+    FLOPs: the fused-kernel convention of FlopCounterMode's sdpa formulas (causal not discounted): forward
+    4 b h s s_k d, backward 10 b h s s_k d (the backward recomputes S = QK^T and P: 2.5x the forward's
+    matmuls, flash-attention 2 paper, Dao 2023, Sec. 3.1 / Algorithm 2). With --packing: documents x s^2.
+    """
+    b, s, h, kvh, hd = shape.batch, shape.seq, shape.heads, shape.kv_heads, shape.head_dim
+    sk = shape.keys
+    rg = q.rg or k.rg or v.rg
+    # sizes from the shape (a fused-projection family's q, k, v are views of one [n, 3d] storage)
+    heads = (h, kvh, kvh)
+    target = cast_to if q.dtype == "fp32" else (tape.autocast if tape.autocast else None)
+    if kernel.casts_fp32_inputs and target is not None:  # `.to(target_dtype)`: a copy of each view that differs
+        q, k, v = (t if t.dtype == target else tape.new(b * sk_or_s * n * hd, target, t.rg)
+                   for t, n, sk_or_s in zip((q, k, v), heads, (s, sk, sk)))
+    dt = q.dtype
+    if kernel.name == "flex" and kvh != h and h & (h - 1):
+        # integrations/flex_attention.py: a head count that is not a power of two takes repeat_kv (copies
+        # of k and v at every query head) and enable_gqa=False
+        heads = (h, h, h)
+        k, v = tape.new(b * sk * h * hd, dt, k.rg), tape.new(b * sk * h * hd, dt, v.rg)
+    packed = documents is not None
+    if packed:  # .contiguous() of the [1, S, h, d] transposes: new tensors
+        q, k, v = (tape.new(b * s * n * hd, t.dtype, t.rg) for t, n in zip((q, k, v), heads))
+    pad = (-hd) % kernel.head_dim_multiple
+    if pad:  # F.pad to the next multiple: copies at the padded width
+        q, k, v = (tape.new(b * s * n * (hd + pad), t.dtype, t.rg) for t, n in zip((q, k, v), heads))
+    out = tape.new(b * s * h * (hd + pad), dt, rg)
+    if rg:
+        for t in (q, k, v):
+            tape.save(t, "attention q, k, v")
+        tape.save(out, "attention output")
+        for _ in range(kernel.row_statistics):  # log-sum-exp (flex: and max_scores), fp32 [b, h, s]
+            tape.save(tape.new(b * h * s, "fp32", False), "attention log-sum-exp")
+        if kernel.saves_rng_state:  # Philox seed and offset
+            tape.save(tape.new(2, "int64", False), "attention kernel state")
+        if packed:  # cu_seqlens_q (the same tensor as cu_seqlens_k)
+            tape.save(tape.new(documents + 1, "int32", False), "attention kernel state")
+    tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd), sdpa_backward_flops(b, h, s, sk, hd, hd) if rg else 0)
+    if pad or kernel.output_is_copy:  # out[..., :hd] reshaped: a copy
+        return tape.new(b * s * h * hd, dt, rg)
+    return out
 
 
 def cross_entropy(tape: Tape, logits: Tensor, targets: Tensor, *, upcast: bool) -> int:

@@ -8,7 +8,7 @@ from ..errors import LoraCostError
 from ..analytic.methods import all_methods
 from ..analytic.methods.base import all_options
 from ..analytic.optimizers import all_optimizers
-from ..spec import ATTENTIONS, PRECISIONS
+from ..spec import ATTENTION_SPELLINGS, PRECISIONS
 
 
 def method_choice() -> click.Choice:
@@ -22,7 +22,7 @@ def common_run_options(f):
         click.option("--targets", "-t", default=None, help="peft target_modules, comma separated (e.g. q_proj,v_proj), or all-linear. Default: query and value projections."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True),
         click.option("--optimizer", type=click.Choice(list(all_optimizers())), default="adamw", show_default=True),
-        click.option("--attention", type=click.Choice(ATTENTIONS), default="sdpa", show_default=True, help="transformers attention implementation."),
+        click.option("--attention", type=click.Choice(ATTENTION_SPELLINGS), default="sdpa", show_default=True, help="transformers attention implementation (flash-attention-2/3 and flex: the fused kernels; transformers' spellings flash_attention_2, flash_attention_3, flex_attention accepted)."),
         click.option("--dropout", type=float, default=0.0, show_default=True, help="Adapter dropout (peft lora_dropout)."),
         click.option("--model-dropout", type=float, default=None, help="Override the model's own dropout probabilities (default: its config's)."),
         method_option_flags,
@@ -68,3 +68,12 @@ def parse_targets(targets: str | None):
     if not parts:
         raise LoraCostError("--targets is empty")
     return parts
+
+
+# --- task "attention": the attention-kernel flags (one block)
+def attention_options(f):
+    """--packing: padding-free batches with the varlen flash kernels."""
+    return click.option("--packing", is_flag=True, default=False,
+                        help="Padding-free packing (TRL packing / DataCollatorWithFlattening): the --batch sequences of "
+                        "--seq tokens flattened into one row, kept apart by the varlen flash kernel; flash-attention-2/3 "
+                        "only.")(f)

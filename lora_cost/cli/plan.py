@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from ..attention_kernels import ATTENTION_SPELLINGS
+
 from ..errors import LoraCostError, shown
 from . import main
 from ..analytic.methods import all_methods
@@ -71,7 +73,7 @@ class LazyProgress:
 @click.option("--targets", "-t", default=None, help="peft target_modules or all-linear (default: query and value projections).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16", "amp-bf16", "amp-fp16"]), default="bf16", show_default=True)
 @click.option("--optimizer", default="adamw", show_default=True)
-@click.option("--attention", type=click.Choice(["sdpa", "eager"]), default="sdpa", show_default=True)
+@click.option("--attention", type=click.Choice(ATTENTION_SPELLINGS), default="sdpa", show_default=True)
 @click.option("--utilisation", type=float, default=0.4, show_default=True, help="Fraction of the GPU's peak throughput assumed for step times.")
 @method_option_flags
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")

@@ -156,8 +156,9 @@ def describe(model, optimizer, observed: Observed):
         notes.append("no integer input_ids seen at the model's forward: batch and sequence length unknown")
     cfg = hf.config if hf is not None else None
     attention = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
-    est_attention = attention if attention in ("sdpa", "eager") else "sdpa"
-    if attention not in (None, "sdpa", "eager"):
+    from ..attention_kernels import ATTENTION_SPELLINGS, canonical_attention
+    est_attention = canonical_attention(attention) if attention in ATTENTION_SPELLINGS else "sdpa"
+    if attention not in (None, *ATTENTION_SPELLINGS):
         notes.append(f"attention {attention!r} estimated as sdpa")
     ckpt = _checkpointing(hf)
     # the rank the adapters carry: AdaLoRA's init_r (its config's `r` is LoraConfig's unused field), else r

@@ -130,8 +130,25 @@ def build_model(name: str, config, run, notes: list | None = None):
                                     f"models ({name}); use --attention eager") from None
             raise LoraCostError(f"transformers cannot build {name}: {type(exc).__name__}: {text}"[:400]) from None
     model.config.use_cache = False
+    _use_fused_kernel(model, config, run, name)
     model.train()
     return model
+
+
+def _use_fused_kernel(model, config, run, name) -> None:
+    """flash-attention 2/3 and flex cannot be built on a CPU without flash-attn (transformers checks the
+    package): the model is built eager, then switched to the kernel, whose stand-in (kernels.py) runs it."""
+    from ..attention_kernels import get_kernel
+    kernel = get_kernel(run.attention)
+    if not kernel.fused:
+        return
+    flag = "_supports_flex_attn" if kernel.name == "flex" else "_supports_flash_attn"
+    if not getattr(type(model), flag, False):
+        raise LoraCostError(f"transformers has no {kernel.name} for {type(config).__name__[:-6]} models ({name}); "
+                            "use --attention sdpa or eager")
+    from .kernels import install
+    install(kernel.name)
+    model.config._attn_implementation = kernel.hf_name
 
 
 def build(spec, cfg: dict, run, method, target_names: tuple[str, ...]) -> Built:
@@ -151,6 +168,9 @@ def _attention(cls, config, run, notes: list) -> str | None:
     """The run's attention implementation; for `sdpa` (the default) on a model class that cannot run it
     (Gemma 2: `_supports_sdpa = False`, soft-capping), None: transformers' own default, which falls
     back to eager as a user who asks for nothing gets."""
+    from ..attention_kernels import is_fused
+    if is_fused(run.attention):
+        return "eager"  # then switched to the kernel (_use_fused_kernel)
     if run.attention != "sdpa":
         return run.attention
     # an auto class maps the config to its model class; a model class is its own

@@ -8,8 +8,10 @@ import warnings
 from dataclasses import replace
 
 from ..analytic.device import device_bytes
+from ..attention_kernels import is_fused
 from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
+from ..errors import LoraCostError
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
 from ..results import MemoryCategory
@@ -34,7 +36,8 @@ def plan(model, method: str, **kwargs):
 def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, seq: int = 512, precision: str = "bf16",
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
-          target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None) -> TraceResult:
+          target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
+          packing: bool = False) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -45,6 +48,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
         if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
+            if packing:
+                raise LoraCostError(f"--packing is modelled for the analytic engine's families only; {name} is "
+                                    f"model_type {cfg.get('model_type')!r}")
             from .anymodel import trace_any
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
@@ -53,7 +59,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
-                               target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                               target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
+                               packing=packing)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
@@ -130,8 +137,13 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     zero = tuple(sorted(op for op in sim.ops_seen if op not in rec.counted_ops))
     kernel = "eager" if run.attention == "eager" else "+".join(sorted(rec.backends)) or "none"
     notes = list(built.notes)
-    notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
-                 "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
+    if is_fused(run.attention):
+        notes.append(f"attention: {run.attention}, run by transformers' own integration code down to the kernel "
+                     "call; the kernel is a stand-in (trace/kernels.py) saving what the library's autograd Function "
+                     "saves (flash-attn and compiled flex cannot run on a CPU)")
+    else:
+        notes.append(f"attention: {kernel} (the kernel an sm80+ GPU picks for these tensors; sdpa and dropout are "
+                     "redirected from their CPU kernels to the CUDA ops, whose meta kernels give the saved shapes)")
     notes.append("not simulated: cuDNN attention and other kernels a library selects only on a real GPU, "
                  "torch.compile, cuBLAS workspaces; CPU-side tensors of the real run (AdamW step counters) are "
                  "excluded")

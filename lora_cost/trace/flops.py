@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import kernels
 from ..analytic.formulas.attention import sdpa_backward_from_shapes, sdpa_forward_from_shapes
 from .qlora import gemm_4bit_flops
 
@@ -35,6 +36,7 @@ def custom_mapping() -> dict:
         aten._scaled_dot_product_efficient_attention_backward: sdpa_backward_from_shapes,
         GEMM_4BIT: gemm_4bit_flops,
         aten._grouped_mm: grouped_mm_flops,
+        **kernels.flops_mapping(),  # flash-attention 2/3 and flex stand-ins (kernels.py)
     }
 
 

@@ -154,7 +154,42 @@ def step_inputs(run, ids, seq2seq: bool = False) -> dict:
     if seq2seq:  # labels of the decoder's length (the decoder input is them shifted right)
         vocab_ids = torch.randint(0, 2, (run.batch, run.decoder_seq))
         return {"input_ids": ids, "labels": vocab_ids}
+    if getattr(run, "packing", False):  # one flattened row; positions restart at each of the `batch` sequences
+        ids = ids.reshape(1, -1)
+        return {"input_ids": ids, "labels": ids, "position_ids": torch.arange(run.seq).repeat(run.batch)[None]}
     return {"input_ids": ids, "labels": ids}
+
+
+def _kernel_patches(run, model, autocast) -> list:
+    """flex: transformers' flex mask interface builds a BlockMask (create_block_mask evaluates the mask on
+    values); the stand-in kernel takes none (kernels.py). --packing: the padding-free path's value reads.
+    flash: transformers' `get_target_dtype` asks torch whether autocast is on for the query's device (the
+    trace's CUDA autocast is emulated, so it answers as CUDA would) and whether the model is quantized
+    (bitsandbytes' quantizer sets `config._is_quantized`; the trace's 4-bit weights are uint8 stand-ins)."""
+    from ..attention_kernels import get_kernel
+    from .kernels import packed_position_patches
+    out = []
+    if get_kernel(run.attention).casts_fp32_inputs:
+        import transformers.integrations.flash_attention as fa
+        quantized = any(p.dtype == torch.uint8 for p in model.parameters())
+        original = fa.get_target_dtype
+
+        def target_dtype(query, module):
+            if query.dtype != torch.float32:
+                return None
+            if autocast is not None and autocast.enabled:
+                return autocast.dtype
+            if quantized:
+                return module.config.dtype
+            return original(query, module)
+        out.append(mock.patch.object(fa, "get_target_dtype", target_dtype))
+    if get_kernel(run.attention).name == "flex":
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+        out.append(mock.patch.dict(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping,
+                                   {"flex_attention": lambda *args, **kwargs: None}))
+    if getattr(run, "packing", False):
+        out.extend(packed_position_patches(run))
+    return out
 
 
 def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
@@ -187,6 +222,8 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
     patch = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(patch)
+        for p in _kernel_patches(run, model, autocast):
+            stack.enter_context(p)
         stack.enter_context(mock.patch("torch.optim.adam._get_value", _get_value))
         stack.enter_context(any_dtype_grouped_mm())  # mixture-of-experts models (moe.py)
         stack.enter_context(mode)

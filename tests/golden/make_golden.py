@@ -71,6 +71,17 @@ def cases() -> list[dict]:
                             batch=2, seq=777))
     for r in (1, 7, 64, 1000):
         out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    # --- task "attention": the fused kernels (flash-attention 2/3, flex) and --packing
+    for attention in ("flash-attention-2", "flash-attention-3", "flex"):
+        out.append(dict(model="llama-3.1-8b", method="qlora", r=16, targets="all-linear", seq=8192,
+                        grad_checkpointing=True, attention=attention))
+        out.append(dict(model="mistral-7b", method="lora", r=16, batch=2, seq=6144, attention=attention))
+        out.append(dict(model="qwen2.5-7b", method="lora", r=8, batch=1, seq=4096, attention=attention, model_dropout=0.0))
+        out.append(dict(model="gemma-2-9b", method="lora", r=16, targets="all-linear", seq=4096, grad_checkpointing=True,
+                        attention=attention))
+    for attention in ("flash-attention-2", "flash-attention-3"):
+        out.append(dict(model="llama-3.2-1b", method="lora", r=16, batch=8, seq=1024, attention=attention, packing=True))
+        out.append(dict(model="llama-3.1-8b", method="lora", precision="amp-bf16", seq=2048, attention=attention))
     return out
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+from ...attention_kernels import is_fused
 from .. import ops
 from ...errors import LoraCostError, shown
 from ...spec import LinearSite, ModelSpec
@@ -129,13 +130,14 @@ def _forward(ctx) -> None:
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
     seq, kv_seq = ctx.seq, ctx.kv_seq
     # Gemma 2 cannot run sdpa (soft-capping): transformers' default falls back to eager
-    implementation = "eager" if spec.model_type == "gemma2" else run.attention
+    # (flash-attention 2/3 and flex take the soft-capping inside the kernel)
+    implementation = "eager" if spec.model_type == "gemma2" and not is_fused(run.attention) else run.attention
     softcap = spec.attn_softcap is not None and implementation == "eager"
 
     tape.scope = "embeddings"
     emb = ops.scale(tape, ctx.embedding(None, d))  # * embed_scale: the scaled-embedding module's output
     x = ctx.stream_input(ctx.method.input_embeddings(ctx, emb))
-    table = seq * hd  # position_ids are [1, s]: one table pair per rotary kind, shared by the batch
+    table = ctx.position_rows * hd  # position_ids are [1, s]: one table pair per rotary kind, shared by the batch
     kinds = ctx.stack.kinds if spec.model_type == "gemma3_text" else (None,)  # Gemma 2: one pair for all
     tables = {k: (tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)) for k in kinds}
     if kv_seq != seq and not x.rg:  # prefix keys: kept once (see llama.py)
@@ -149,7 +151,7 @@ def _forward(ctx) -> None:
     def block_of(kind: str):
         cos, sin = tables[kind if kind in tables else None]
         window = kind == SLIDING and spec.sliding_window is not None and seq > spec.sliding_window
-        masked = implementation != "eager" and (window or kv_seq != seq)
+        masked = implementation == "sdpa" and (window or kv_seq != seq)
 
         def block(x):
             a = norm(x)
@@ -187,7 +189,7 @@ def _forward(ctx) -> None:
 
 def _notes(spec: ModelSpec, run) -> tuple[str, ...]:
     out = []
-    if spec.model_type == "gemma2" and run.attention != "eager":
+    if spec.model_type == "gemma2" and run.attention == "sdpa":
         out.append("gemma2: attention runs transformers' eager path whatever is asked (Gemma2 cannot run sdpa, "
                    "which has no soft-capping): the [b, h, s, s] scores' tanh and softmax are saved")
     if spec.final_softcap is not None:

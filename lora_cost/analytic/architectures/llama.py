@@ -12,6 +12,7 @@ Qwen3 (modeling_qwen3.py Qwen3Attention) normalises each head's q and k with an 
 
 from __future__ import annotations
 
+from ...attention_kernels import is_fused
 from .. import ops
 from ...spec import LinearSite, ModelSpec
 from ...errors import LoraCostError
@@ -76,12 +77,13 @@ def _forward(ctx) -> None:
     q_site, k_site, v_site, o_site, gate, up, down = _sites(spec)
     seq = ctx.seq
     kv_seq = ctx.kv_seq  # a prefix (prefix tuning) lengthens the keys, and forces an explicit causal mask
-    masked = spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq
+    # flash / flex take the window inside the kernel (window_size, the block mask): no explicit mask
+    masked = (spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq) and not is_fused(run.attention)
     shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True, kv_seq=kv_seq)
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.word_embeddings(d))
-    table = seq * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
+    table = ctx.position_rows * spec.head_dim  # position_ids are [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
     if kv_seq != seq and not x.rg:
         # prefix keys: the first block's q and k need no gradient, so a later block is the first to save

@@ -29,6 +29,7 @@ non-quantised parameter.
 
 from __future__ import annotations
 
+from ...attention_kernels import is_fused
 from .. import ops
 from ...errors import LoraCostError
 from ...spec import LinearSite, ModelSpec, MoeShape
@@ -208,12 +209,13 @@ def _forward(ctx) -> None:
     d = spec.hidden
     q_site, k_site, v_site, o_site = _attention_sites(spec)
     seq, kv_seq = ctx.seq, ctx.kv_seq
-    masked = spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq
+    # flash / flex take the window inside the kernel (window_size, the block mask): no explicit mask
+    masked = (spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq) and not is_fused(run.attention)
     shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, spec.head_dim, causal=True, kv_seq=kv_seq)
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.word_embeddings(d))
-    table = seq * spec.head_dim
+    table = ctx.position_rows * spec.head_dim
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
     if kv_seq != seq and not x.rg:
         tape.save(cos, "rotary tables")

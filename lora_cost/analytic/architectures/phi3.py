@@ -24,6 +24,7 @@ the default here is `qkv_proj`, the fused matrix that holds the query and value 
 
 from __future__ import annotations
 
+from ...attention_kernels import is_fused
 from .. import ops
 from ..tape import Tensor
 from ...errors import LoraCostError, shown
@@ -114,13 +115,14 @@ def _forward(ctx) -> None:
     seq, kv_seq = ctx.seq, ctx.kv_seq
     n = ctx.tokens
     rotary = spec.rotary_dim or hd
-    masked = spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq
+    # flash / flex take the window inside the kernel (window_size, the block mask): no explicit mask
+    masked = (spec.sliding_window is not None and seq > spec.sliding_window or kv_seq != seq) and not is_fused(run.attention)
     shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, hd, causal=True, kv_seq=kv_seq)
     dropout = ctx.model_dropout(spec.hidden_dropout)
 
     tape.scope = "embeddings"
     x = ctx.stream_input(ctx.word_embeddings(d))
-    table = seq * rotary  # position_ids [1, s]: one table shared by the batch
+    table = ctx.position_rows * rotary  # position_ids [1, s]: one table shared by the batch
     cos, sin = tape.new(table, x.dtype, False), tape.new(table, x.dtype, False)
     if kv_seq != seq and not x.rg:
         tape.save(cos, "rotary tables")
