@@ -36,7 +36,7 @@ from .options import common_run_options, method_choice, method_options, parse_ta
 @click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels,
-             **option_flags):
+             peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
@@ -47,6 +47,10 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs["moe_imbalance"] = moe_imbalance
     if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
         kwargs.update(task=task, num_labels=num_labels)
+    if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
+        from .files import apply_to_estimate
+        model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,
+                                                  training_args, axolotl)
     note = None
     if engine == "auto":
         engine, note = _auto_engine(model)

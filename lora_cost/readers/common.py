@@ -1,0 +1,87 @@
+"""Mappings the Trainer, TRL and axolotl readers share: optimizer names, precision, attention, sharding.
+
+Each maps to lora-cost's own spelling and is checked against what this lora-cost accepts today
+(`base.accepted`); a value the library takes but lora-cost does not model yet is a warning naming it.
+"""
+
+from __future__ import annotations
+
+from .base import Collector, accepted
+
+# Trainer spellings whose implementation lora-cost models under another name today (the same optimizer
+# class: transformers/trainer_optimizer.py). Tried only when the dashed Trainer name itself is unknown.
+OPTIMIZER_FALLBACKS = {
+    "adamw_torch": "adamw",  # torch.optim.AdamW, foreach (lora-cost's "adamw")
+    "adamw_bnb_8bit": "adamw-8bit", "adamw_8bit": "adamw-8bit",  # bnb.optim.AdamW (optim_bits=8)
+    "paged_adamw_8bit": "paged-adamw-8bit", "paged_adamw_32bit": "paged-adamw-32bit",
+}
+# transformers >= 4.5x with torch >= 2.8: TrainingArguments.optim defaults to adamw_torch_fused (training_args.py)
+TRAINER_DEFAULT_OPTIM = "adamw_torch_fused"
+# the weight dtypes model-loading kwargs name (torch_dtype / dtype)
+DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
+               "float32": "fp32", "fp32": "fp32", "float": "fp32"}
+# attention_implementation spellings (transformers' attn_implementation) -> lora-cost's --attention
+ATTENTION_NAMES = {"eager": "eager", "sdpa": "sdpa", "flash_attention_2": "flash-attention-2",
+                   "flash_attention_3": "flash-attention-3", "flex_attention": "flex"}
+
+
+def set_optimizer(c: Collector, key: str, name: str, default: bool = False) -> None:
+    """An optimizer in Trainer's (or axolotl's) spelling."""
+    dashed = name.lower().replace("_", "-")
+    if accepted("optimizer", dashed):
+        chosen = dashed
+    elif name.lower() in OPTIMIZER_FALLBACKS and accepted("optimizer", OPTIMIZER_FALLBACKS[name.lower()]):
+        chosen = OPTIMIZER_FALLBACKS[name.lower()]
+    else:
+        what = f"Trainer's default optimizer {name}" if default else f"optimizer {name}"
+        c.warn(key, f"{what} is not modelled by this lora-cost; the estimate keeps its --optimizer (default: "
+               "foreach AdamW with its state-sized sqrt temporary)")
+        return
+    if chosen == "sgd":
+        c.warn(key, "Trainer's sgd is torch.optim.SGD without momentum unless optim_args sets it (no state); "
+               "lora-cost's sgd keeps a momentum buffer (an upper bound)")
+    c.set("optimizer", chosen, key)
+
+
+def set_attention(c: Collector, key: str, value: str) -> None:
+    name = ATTENTION_NAMES.get(value, value)
+    if accepted("attention", name):
+        c.set("attention", name, key)
+    else:
+        c.warn(key, f"attention {name} is not modelled by this lora-cost; the estimate keeps its --attention "
+               "(default sdpa)")
+
+
+def precision_from(c: Collector, key: str, bf16: bool | None, fp16: bool | None, weights: str | None) -> None:
+    """Trainer's bf16/fp16 flags run the step under torch.autocast (accelerate's mixed precision); the
+    weights keep the dtype they were loaded in (transformers 5 from_pretrained dtype="auto": the
+    checkpoint's, bf16 for most current models). 16-bit weights -> bf16/fp16, fp32 weights -> amp-bf16/amp-fp16."""
+    if bf16 and fp16:
+        raise c.error(key, "bf16 and fp16 cannot both be true")
+    half = "bf16" if bf16 else "fp16" if fp16 else None
+    if half is None:
+        if weights is not None:
+            c.set("precision", weights, key)
+        return
+    if weights == "fp32":
+        c.set("precision", f"amp-{half}", key)
+        return
+    c.set("precision", weights or half, key)
+    c.note(key, f"{half}=true: estimated as a model loaded in {weights or half} (the checkpoint's dtype under "
+           f"transformers' dtype='auto'); a model loaded in fp32 runs autocast over fp32 weights: --precision "
+           f"amp-{half}. Autocast over 16-bit weights, which casts the fp32 adapters' matmuls, is not modelled")
+
+
+def set_sharding(c: Collector, key: str, value) -> None:
+    """Trainer's fsdp (a string or list of FSDP options, training_args.py FSDPOption)."""
+    options = value.split() if isinstance(value, str) else value if isinstance(value, list) else None
+    if options is None or not all(isinstance(o, str) for o in options):
+        raise c.error(key, "must be a string or a list of FSDP options")
+    kinds = {"full_shard": "fsdp", "shard_grad_op": "fsdp-grad-op", "hybrid_shard": "hsdp",
+             "hybrid_shard_zero2": "hsdp"}
+    chosen = [kinds[o] for o in options if o in kinds]
+    if not chosen:
+        return
+    c.set("sharding", chosen[0], key)
+    if "offload" in options:
+        c.set("cpu_offload", True, key)
