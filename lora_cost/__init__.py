@@ -6,9 +6,10 @@ engine (which need torch) are imported only when asked for.
 
 from .errors import LoraCostError
 from .analytic.estimator import estimate, estimate_run
+from .readers.live import estimate_from
 from .results import Estimate
 
-__all__ = ["estimate", "estimate_run", "Estimate", "LoraCostError"]
+__all__ = ["estimate", "estimate_from", "estimate_run", "Estimate", "LoraCostError"]
 __version__ = "0.1.0"
 
 

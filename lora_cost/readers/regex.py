@@ -60,20 +60,27 @@ def _resolve(model: str, pattern: str, origin: str):
     if others:
         raise LoraCostError(f"{origin}: the regex matches {shown(others[0], 80)}, not a linear layer (lora-cost "
                             "models adapters on linear layers)")
-    parents = {}
-    for key in linears:
+    return names_of(hits, list(linears), origin)
+
+
+def names_of(hits: list[str], linear_keys: list[str], origin: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The --targets names of the adapted module keys `hits` among the model's linear keys: each module's own
+    name, or parent.name where the name alone is ambiguous (GPT-2's attn.c_proj and mlp.c_proj); a warning
+    for each name adapted in only some layers (LoRA on a subset of layers is not modelled)."""
+    parents: dict[str, set] = {}
+    for key in linear_keys:
         parts = key.split(".")
         parents.setdefault(parts[-1], set()).add(parts[-2] if len(parts) > 1 else "")
     names, warnings = [], []
     for key in hits:
         parts = key.split(".")
-        name = parts[-1] if len(parents[parts[-1]]) == 1 else ".".join(parts[-2:])
+        name = parts[-1] if len(parents.get(parts[-1], ())) <= 1 else ".".join(parts[-2:])
         if name not in names:
             names.append(name)
     for name in names:
-        every = [k for k in linears if k == name or k.endswith("." + name)]
+        every = [k for k in linear_keys if k == name or k.endswith("." + name)]
         chosen = [k for k in hits if k == name or k.endswith("." + name)]
         if len(chosen) < len(every):
-            warnings.append(f"{origin}: the regex adapts {len(chosen)} of the {len(every)} {name} modules (a subset "
+            warnings.append(f"{origin}: {len(chosen)} of the {len(every)} {name} modules are adapted (a subset "
                             "of layers), which is not modelled: the estimate adapts all of them (an upper bound)")
     return tuple(names), tuple(warnings)

@@ -42,7 +42,12 @@ _NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one train
 
 
 def read_training_args(path: str) -> Reading:
-    c = Collector(path, load_mapping(path, "TrainingArguments / SFTConfig"), "training args")
+    return training_args_reading(load_mapping(path, "TrainingArguments / SFTConfig"), path)
+
+
+def training_args_reading(data: dict, label: str) -> Reading:
+    """The Reading of TrainingArguments fields (a file's, or a live Trainer's `args.to_dict()`)."""
+    c = Collector(label, data, "training args")
     if c.has("per_device_train_batch_size"):
         c.set("batch", c.integer("per_device_train_batch_size"), "per_device_train_batch_size")
     for key in ("max_length", "max_seq_length"):  # TRL: max_length (max_seq_length before TRL 0.20)
