@@ -67,9 +67,10 @@ def precision_from(c: Collector, key: str, bf16: bool | None, fp16: bool | None,
         c.set("precision", f"amp-{half}", key)
         return
     c.set("precision", weights or half, key)
-    c.note(key, f"{half}=true: estimated as a model loaded in {weights or half} (the checkpoint's dtype under "
-           f"transformers' dtype='auto'); a model loaded in fp32 runs autocast over fp32 weights: --precision "
-           f"amp-{half}. Autocast over 16-bit weights, which casts the fp32 adapters' matmuls, is not modelled")
+    loaded = f"{weights} (the dtype it is loaded in)" if weights else f"{half} (the checkpoint's dtype under transformers' dtype='auto')"
+    c.note(key, f"{half}=true: estimated as a model loaded in {loaded}; a model loaded in fp32 runs autocast over "
+           f"fp32 weights: --precision amp-{half}. Autocast over 16-bit weights, which casts the fp32 adapters' "
+           "matmuls, is not modelled")
 
 
 def set_sharding(c: Collector, key: str, value) -> None:
