@@ -147,8 +147,8 @@ def test_training_args_precision_and_optimizer(tmp_path):
 def test_training_args_unmodelled_warn(tmp_path):
     path = write(tmp_path, "a.json", {
         "optim": "adamw_torch", "gradient_checkpointing": True, "gradient_checkpointing_kwargs": {"use_reentrant": True},
-        "torch_compile": True, "use_liger_kernel": True, "packing": True, "fsdp": "full_shard auto_wrap",
-        "deepspeed": "ds.json", "some_future_flag": 3})
+        "torch_compile": True, "use_liger_kernel": True, "packing": True, "fsdp": "full_shard offload auto_wrap",
+        "some_future_flag": 3})
     found = read(training_args=path)[1]
     text = "\n".join(found.warnings)
     for key in ("use_reentrant", "torch_compile", "some_future_flag"):
@@ -156,7 +156,41 @@ def test_training_args_unmodelled_warn(tmp_path):
     modelled_or_warned(found, "loss", "liger")
     modelled_or_warned(found, "packing", True)
     modelled_or_warned(found, "sharding", "fsdp")
-    modelled_or_warned(found, "deepspeed", "ds.json")
+    assert "sharding_options" in found.kwargs or "cpu_offload" in text
+
+
+def test_deepspeed_stage_read_from_its_file(tmp_path):
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}, "train_batch_size": "auto"}))
+    path = write(tmp_path, "a.json", {"deepspeed": "ds.json", "optim": "sgd"})  # found beside the training args
+    found = read(training_args=path)[1]
+    modelled_or_warned(found, "sharding", "zero3")
+    out = run("estimate", "--model", "gpt2", "--training-args", path)
+    assert out.exit_code == 0 and ("--gpus N" in out.output or "does not model" in out.output), out.output
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 5}}))
+    with pytest.raises(LoraCostError, match="key 'deepspeed'.*stage"):
+        read(training_args=path)
+    missing = write(tmp_path, "b.json", {"deepspeed": "elsewhere/ds.json", "optim": "sgd"})
+    assert any("not found" in w for w in read(training_args=missing)[1].warnings)
+
+
+def test_targets_other_options_add_are_used_once_they_exist(tmp_path, monkeypatch):
+    """After the attention/optimizer/loss/sharding options merge, the same files map to them: simulated
+    here by widening the keyword list the readers check against (the real list is estimate()'s signature)."""
+    import lora_cost.readers.base as base
+
+    wider = estimate_keywords() | {"packing", "loss", "gpus", "sharding", "sharding_options", "modules_to_save",
+                                   "load_in_8bit", "quant_storage"}
+    monkeypatch.setattr(base, "estimate_keywords", lambda: wider)
+    (tmp_path / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 2}}))
+    found = read(training_args=write(tmp_path, "a.json", {"use_liger_kernel": True, "packing": True, "optim": "sgd",
+                                                           "deepspeed": "ds.json", "ddp_bucket_cap_mb": 50}))[1]
+    assert found.kwargs["loss"] == "liger" and found.kwargs["packing"] is True and found.kwargs["sharding"] == "zero2"
+    assert found.kwargs["sharding_options"] == {"deepspeed_config": str(tmp_path / "ds.json"), "bucket_cap_mb": 50}
+    axo = read(axolotl=write(tmp_path, "a.yml", "adapter: lora\nload_in_8bit: true\nlora_modules_to_save: [embed_tokens]\n"
+                                                "chunked_cross_entropy: true\nchunked_cross_entropy_num_chunks: 4\n"))[1]
+    assert (axo.kwargs["load_in_8bit"], axo.kwargs["modules_to_save"], axo.kwargs["loss"]) == (
+        True, ("embed_tokens",), "chunked:4")
+    assert not any("does not model" in w for w in found.warnings + axo.warnings)
 
 
 @pytest.mark.parametrize("data, key", [

@@ -7,6 +7,7 @@ import click
 from click.core import ParameterSource
 
 from ..readers import model_of, read_files, settings_for
+from ..readers.common import DISTRIBUTED
 from .options import OPTION_PARAM
 
 # the CLI parameter of an estimate() keyword where their names differ
@@ -16,6 +17,11 @@ _EXPLICIT = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT, Parameter
 
 def _explicit(ctx: click.Context, param: str) -> bool:
     return param in ctx.params and ctx.get_parameter_source(param) in _EXPLICIT
+
+
+def _origin(found, target: str) -> str:
+    """The file and key a keyword's value came from (for a mapping keyword, its first entry's)."""
+    return found.origins.get(target) or next((o for t, o in found.origins.items() if t.startswith(target + ".")), "")
 
 
 def _say(lines, kind: str) -> None:
@@ -32,7 +38,16 @@ def apply_to_estimate(ctx: click.Context, model, method: str, kwargs: dict, peft
     _say(found.warnings, "warning")
     kwargs = dict(kwargs)
     for target, value in found.kwargs.items():
-        if target == "method":
+        if target in DISTRIBUTED and not kwargs.get("gpus"):
+            _say([f"{_origin(found, target)}: a data-parallel setting; give --gpus N (the launcher's world size) "
+                  "to estimate one rank of it (without --gpus: one GPU)"], "note")
+        elif target == "sharding_options":  # one entry per file key; a flag given for the entry wins
+            merged = dict(kwargs.get(target) or {})
+            for sub, v in value.items():
+                if not _explicit(ctx, sub):
+                    merged[sub] = v
+            kwargs[target] = merged
+        elif target == "method":
             if not _explicit(ctx, "method"):
                 method = value
         elif target == "targets" and _explicit(ctx, "targets"):
@@ -59,7 +74,7 @@ def apply_to_plan(ctx: click.Context, model, kwargs: dict, peft_config, training
     _say(found.warnings, "warning")
     kwargs = dict(kwargs)
     for target, value in found.kwargs.items():
-        origin = found.origins[target]
+        origin = _origin(found, target)
         if target == "method":
             if not _explicit(ctx, "methods"):
                 kwargs["methods"] = (value,)

@@ -14,7 +14,7 @@ liger_fused_linear_cross_entropy / chunked_cross_entropy -> loss; deepspeed; fsd
 from __future__ import annotations
 
 from .base import Collector, Reading, Setting, load_mapping
-from .common import DTYPE_NAMES, precision_from, set_attention, set_optimizer, set_sharding
+from .common import DTYPE_NAMES, precision_from, set_attention, set_deepspeed, set_optimizer, set_sharding
 from .regex import TargetRegex
 
 _NO_COST = (  # axolotl keys with no effect on one training step's memory or FLOPs
@@ -83,7 +83,7 @@ def read_axolotl(path: str) -> Reading:
     if c.flag("torch_compile"):
         c.warn("torch_compile", "torch.compile fuses kernels and changes what is saved; not modelled")
     if c.has("deepspeed"):
-        c.set("deepspeed", c.raw("deepspeed"), "deepspeed")
+        set_deepspeed(c, "deepspeed")
     if c.has("fsdp") and c.data["fsdp"] not in ("", []):
         set_sharding(c, "fsdp", c.raw("fsdp"))
     if c.data.get("unfrozen_parameters"):

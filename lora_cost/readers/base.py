@@ -26,7 +26,8 @@ from ..errors import LoraCostError, shown
 
 @dataclass(frozen=True)
 class Setting:
-    """One value a file gives: `target` is an estimate() keyword, a RunConfig field or a method option."""
+    """One value a file gives: `target` is an estimate() keyword, a RunConfig field, a method option, or
+    "keyword.entry" for one entry of a keyword that takes a mapping (sharding_options.cpu_offload)."""
 
     target: str
     value: object
@@ -194,7 +195,15 @@ def resolve(reading: Reading) -> Resolved:
     known = estimate_keywords()
     opts = method_option_names()
     for s in reading.settings:
-        if s.target in opts:
+        parent, _, sub = s.target.partition(".")
+        if sub:  # "sharding_options.cpu_offload": one entry of a keyword that takes a mapping
+            if parent in known:
+                kwargs.setdefault(parent, {})[sub] = s.value
+                origins[s.target] = s.origin
+            else:
+                warnings.append(f"{s.origin} sets {sub}={shown(s.value)} ({parent}), which this lora-cost does not "
+                                "model (the estimate ignores it)")
+        elif s.target in opts:
             try:
                 options[s.target] = opts[s.target].check(s.value)
             except LoraCostError as exc:

@@ -73,6 +73,11 @@ def precision_from(c: Collector, key: str, bf16: bool | None, fp16: bool | None,
            "matmuls, is not modelled")
 
 
+# settings that describe a data-parallel run: applied only with a world size (--gpus), which no training
+# file holds (the launcher's: torchrun --nproc-per-node, accelerate --num_processes)
+DISTRIBUTED = ("sharding", "sharding_options")
+
+
 def set_sharding(c: Collector, key: str, value) -> None:
     """Trainer's fsdp (a string or list of FSDP options, training_args.py FSDPOption)."""
     options = value.split() if isinstance(value, str) else value if isinstance(value, list) else None
@@ -85,4 +90,34 @@ def set_sharding(c: Collector, key: str, value) -> None:
         return
     c.set("sharding", chosen[0], key)
     if "offload" in options:
-        c.set("cpu_offload", True, key)
+        c.set("sharding_options.cpu_offload", True, key)
+
+
+def set_deepspeed(c: Collector, key: str) -> None:
+    """Trainer's / axolotl's `deepspeed`: the path of a DeepSpeed JSON config. Its ZeRO stage
+    (zero_optimization.stage) is the sharding; the file itself goes to the sharding model, which reads
+    buckets and offload from it. The path is tried as given, then beside the file naming it."""
+    from pathlib import Path
+
+    from ..errors import LoraCostError
+    from ..profiles import read_json
+
+    value = c.raw(key)
+    if not isinstance(value, str) or not value:
+        raise c.error(key, "must be the path of a DeepSpeed JSON config")
+    found = next((p for p in (Path(value), Path(c.path).parent / value) if p.is_file()), None)
+    if found is None:
+        c.warn(key, f"DeepSpeed config {value} not found here (the sharding is not read from it)")
+        return
+    try:
+        config = read_json(found)
+    except LoraCostError as exc:
+        raise LoraCostError(f"{c.origin(key)}: {exc}") from None
+    stage = (config.get("zero_optimization") or {}).get("stage", 0) if isinstance(config.get("zero_optimization", {}), dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise LoraCostError(f"{c.origin(key)}: {found}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if stage == 0:
+        c.warn(key, "ZeRO stage 0 (DeepSpeed's plain data parallelism) is not modelled")
+        return
+    c.set("sharding", f"zero{stage}", key)
+    c.set("sharding_options.deepspeed_config", str(found), key)

@@ -8,7 +8,7 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 - bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from)
 - optim -> optimizer (absent: Trainer's default adamw_torch_fused)
 - packing / padding_free (TRL) -> packing; use_liger_kernel -> loss liger
-- fsdp -> sharding; deepspeed -> deepspeed (a ZeRO config file)
+- fsdp -> sharding (applied with --gpus); deepspeed (a JSON config) -> sharding zero1/2/3 + the file
 - gradient_accumulation_steps: no effect on one step's memory (each micro-batch's backward adds into the
   same .grad tensors, `AccumulateGrad`) nor on its FLOPs (a step here is one micro-batch); a note says so.
 """
@@ -16,7 +16,7 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 from __future__ import annotations
 
 from .base import Collector, Reading, load_mapping
-from .common import DTYPE_NAMES, TRAINER_DEFAULT_OPTIM, precision_from, set_optimizer, set_sharding
+from .common import DTYPE_NAMES, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed, set_optimizer, set_sharding
 
 _NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one training step's memory or FLOPs
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
@@ -88,7 +88,7 @@ def training_args_reading(data: dict, label: str) -> Reading:
         set_sharding(c, "fsdp", c.raw("fsdp"))
     c.raw("fsdp_config")
     if c.has("deepspeed"):
-        c.set("deepspeed", c.raw("deepspeed"), "deepspeed")
+        set_deepspeed(c, "deepspeed")
     if c.raw("activation_offloading"):
         c.warn("activation_offloading", "activation offloading to the CPU is not modelled")
     if c.raw("neftune_noise_alpha"):
@@ -100,7 +100,7 @@ def training_args_reading(data: dict, label: str) -> Reading:
     if c.raw("label_smoothing_factor"):
         c.warn("label_smoothing_factor", "label smoothing's extra loss tensors are not modelled")
     if c.has("ddp_bucket_cap_mb"):
-        c.set("bucket_cap_mb", c.number("ddp_bucket_cap_mb"), "ddp_bucket_cap_mb")
+        c.set("sharding_options.bucket_cap_mb", c.number("ddp_bucket_cap_mb"), "ddp_bucket_cap_mb")
     c.raw("ddp_find_unused_parameters")
     c.irrelevant(_NO_COST)
     return c.finish("keys lora-cost does not read (not modelled)")
