@@ -52,8 +52,7 @@ def test_peft_lora_fields(tmp_path):
         "target_modules": ["q_proj", "v_proj"], "init_lora_weights": "pissa_niter_4", "fan_in_fan_out": False,
         "task_type": "CAUSAL_LM", "bias": "none", "alpha_pattern": {}, "rank_pattern": {}})
     reading, found = read(peft_config=path)
-    assert found.kwargs == {"method": "lora", "r": 16, "dropout": 0.1, "targets": ("q_proj", "v_proj"),
-                            "task": "causal-lm"}
+    assert found.kwargs == {"method": "lora", "r": 16, "dropout": 0.1, "targets": ("q_proj", "v_proj")}
     assert found.warnings == ()  # every key understood: alpha, rsLoRA, PiSSA init change no byte and no FLOP
 
 
@@ -72,7 +71,10 @@ def test_peft_dora_all_linear_and_methods(tmp_path):
                "feedforward_modules": ["down_proj"]}, {"method": "ia3", "targets": ("k_proj", "v_proj", "down_proj")}, {})]
     for data, kwargs, options in cases:
         found = read(peft_config=write(tmp_path, "c.json", data))[1]
-        assert found.kwargs == kwargs and found.method_options == options, (data, found)
+        assert found.kwargs == kwargs and found.method_options == options and not found.warnings, (data, found)
+    odd = read(peft_config=write(tmp_path, "d.json", {"peft_type": "IA3", "target_modules": ["k_proj", "up_proj"],
+                                                      "feedforward_modules": ["up_proj"]}))[1]
+    assert any("feedforward_modules" in w for w in odd.warnings)
 
 
 def test_peft_unmodelled_fields_warn(tmp_path):
@@ -338,3 +340,17 @@ def test_reader_targets_exist_today_or_warn():
     list of keywords is read from estimate()'s signature (no hand-kept copy)."""
     assert {"batch", "seq", "r", "targets", "precision", "optimizer", "attention", "grad_checkpointing",
             "dropout", "task"} <= estimate_keywords()
+
+
+def test_reading_files_imports_no_torch():
+    """The readers are torch-free (a regex target_modules alone builds the model on the meta device)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from lora_cost.cli import main; "
+            f"r = CliRunner().invoke(main, ['estimate', '--axolotl', {AXOLOTL!r}, '--training-args', {SFT_ARGS!r}, "
+            f"'--peft-config', {ADAPTER!r}, '--json']); assert r.exit_code == 0, r.output; "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

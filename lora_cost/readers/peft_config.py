@@ -64,9 +64,7 @@ def read_peft_config(path: str) -> Reading:
     if peft_type in ("LORA", "VERA", "ADALORA", "IA3"):
         _targets(c)
     if peft_type == "IA3" and c.has("feedforward_modules"):
-        c.names("feedforward_modules")
-        c.note("feedforward_modules", "read; lora-cost scales the input of its family's feed-forward modules, as "
-               "peft's defaults do (TRANSFORMERS_MODELS_TO_IA3_FEEDFORWARD_MODULES_MAPPING)")
+        _ia3_feedforward(c)
     if peft_type in ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING") and c.has("num_virtual_tokens"):
         c.set("virtual_tokens", c.integer("num_virtual_tokens"), "num_virtual_tokens")
     if peft_type == "P_TUNING":
@@ -101,10 +99,29 @@ def _targets(c: Collector) -> None:
         c.warn("target_parameters", "adapters on parameters (MoE experts) are not modelled from a peft config")
 
 
+def _ia3_feedforward(c: Collector) -> None:
+    """lora-cost's (IA)3 scales the input of the targeted modules that are a family's MLP output layer
+    (methods/ia3.py feedforward_targets); other feedforward_modules are a warning."""
+    from ..analytic.methods.ia3 import feedforward_targets
+
+    given = c.names("feedforward_modules")
+    targets = c.data.get("target_modules")
+    if isinstance(given, str) or isinstance(targets, str) or targets is None:
+        c.warn("feedforward_modules", "as a regex, or without a target list, not read: the estimate scales the "
+               "family's MLP output layer's input")
+        return
+    modelled = set(feedforward_targets(tuple(targets)))
+    if set(given) != modelled:
+        c.warn("feedforward_modules", f"{sorted(given)} differs from what lora-cost scales by input "
+               f"({sorted(modelled) or 'none'}: the MLP output layer among the targets); not modelled")
+
+
 def _task(c: Collector) -> None:
     task_type = c.text("task_type")
     if task_type is None:
         return
+    if task_type in ("CAUSAL_LM", "SEQ_2_SEQ_LM"):
+        return  # the LM head of a decoder or of T5: the family's own task, as without --task
     if task_type in TASK_TYPES:
         c.set("task", TASK_TYPES[task_type], "task_type")
     else:
