@@ -153,7 +153,8 @@ def _from_training_args(training_args, observed: dict) -> tuple[dict, list[str]]
     found = resolve(training_args_reading(data, "TrainingArguments"))
     run_fields = {f.name for f in fields(RunConfig)}
     extra = {k: v for k, v in found.kwargs.items() if k in run_fields and k not in observed}
-    notes = [w for w in found.warnings if "keys lora-cost does not read" not in w]
+    # the live optimizer object is what is estimated (its class, momentum and amsgrad read above), not `optim`
+    notes = [w for w in found.warnings if "keys lora-cost does not read" not in w and "key 'optim'" not in w]
     return extra, notes
 
 
