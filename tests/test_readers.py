@@ -235,6 +235,8 @@ def test_axolotl_keys(tmp_path):
         "method": "lora", "r": 4, "targets": ("c_attn",), "attention": "sdpa"}
     assert kw("micro_batch_size: 2\n").kwargs == {"method": "full", "batch": 2}  # no adapter: full fine-tuning
     assert kw("adapter: lora\npeft_use_dora: true\n").kwargs["method"] == "dora"
+    plus = kw("adapter: lora\nloraplus_lr_ratio: 8\n")
+    assert plus.kwargs["method"] == "lora-plus" and plus.method_options == {"lora_plus_ratio": 8.0}
     q = kw("adapter: qlora\nload_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"
            "  bnb_4bit_use_double_quant: false\n")
     assert q.kwargs["method"] == "qlora" and q.method_options == {"quant_type": "fp4", "double_quant": False}

@@ -34,7 +34,12 @@ _NO_COST = (  # axolotl keys with no effect on one training step's memory or FLO
     "liger_cross_entropy", "fsdp_config", "fsdp_version", "gradient_checkpointing_kwargs", "s2_attention",
     "cosine_min_lr_ratio", "optim_args", "save_safetensors", "report_to", "use_wandb", "use_mlflow",
     "torch_compile_backend", "torch_compile_mode", "trl", "rl", "unfrozen_parameters", "is_llama_derived_model",
-    "is_mistral_derived_model", "is_qwen_derived_model", "sequence_parallel_degree")
+    "is_mistral_derived_model", "is_qwen_derived_model", "sequence_parallel_degree", "hub_strategy", "save_strategy",
+    "eval_strategy", "evaluation_strategy", "dataloader_num_workers", "dataloader_pin_memory",
+    "dataloader_prefetch_factor", "low_cpu_mem_usage", "auto_resume_from_checkpoints", "use_tensorboard",
+    "cosine_constant_lr_ratio", "loraplus_lr_embedding", "dataset_shard_num", "dataset_shard_idx", "shuffle_before_merging_datasets",
+    "save_first_step", "include_tokens_per_second", "eval_causal_lm_metrics", "do_causal_lm_eval", "profiler_steps",
+    "loraplus_lr_ratio")
 
 
 def read_axolotl(path: str) -> Reading:
@@ -105,6 +110,7 @@ def _method(c: Collector) -> None:
             raise c.error("adapter", "must be lora or qlora with a quantised base (load_in_4bit/8bit)")
         return
     dora = c.flag("peft_use_dora")
+    chosen = "qlora" if adapter == "qlora" or four else "dora" if dora else "lora"
     if adapter == "qlora" or four:
         if adapter == "qlora" and eight:
             raise c.error("adapter", "qlora needs load_in_4bit, not load_in_8bit")
@@ -116,6 +122,13 @@ def _method(c: Collector) -> None:
         c.set("method", "dora" if dora else "lora", "peft_use_dora" if dora else "adapter")
         if eight:
             c.set("load_in_8bit", True, "load_in_8bit")
+    ratio = c.number("loraplus_lr_ratio")
+    if ratio is not None and chosen == "lora":
+        # LoRA+ (axolotl's loraplus_lr_ratio -> peft create_loraplus_optimizer): LoRA's memory and FLOPs
+        c.set("method", "lora-plus", "loraplus_lr_ratio")
+        c.set("lora_plus_ratio", ratio, "loraplus_lr_ratio")
+    elif ratio is not None:
+        c.note("loraplus_lr_ratio", "LoRA+ changes only B's learning rate: no cost of its own")
     if c.has("lora_r"):
         c.set("r", c.integer("lora_r"), "lora_r")
     if c.has("lora_dropout"):
