@@ -8,13 +8,16 @@ from .errors import LoraCostError
 from .analytic.estimator import estimate, estimate_run
 from .results import Estimate
 
-__all__ = ["estimate", "estimate_run", "Estimate", "LoraCostError"]
+__all__ = ["estimate", "estimate_from", "estimate_run", "Estimate", "LoraCostError"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
     """`lora_cost.profile` needs torch: imported on first use, never at import time (the trace engine
     is `lora_cost.trace.trace`, likewise imported only when asked for)."""
+    if name == "estimate_from":  # reads a live model (lora_cost/readers/live.py): imported on first use
+        from .readers.live import estimate_from
+        return estimate_from
     if name == "profile":
         from .profiler import profile
         return profile

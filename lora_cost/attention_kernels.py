@@ -90,6 +90,7 @@ register_kernel(AttentionKernel(
 
 ATTENTIONS: tuple[str, ...] = tuple(_REGISTRY)
 ATTENTION_SPELLINGS: tuple[str, ...] = tuple(_ALIASES)
+ALIASES: dict[str, str] = dict(_ALIASES)  # every accepted spelling -> its registry name
 
 
 def canonical_attention(name: object) -> str:

@@ -37,7 +37,7 @@ from .options import attention_options, common_run_options, method_choice, metho
 @attention_options
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels, packing,
-             **option_flags):
+             peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
@@ -50,6 +50,10 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs.update(task=task, num_labels=num_labels)
     if packing:
         kwargs["packing"] = True
+    if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
+        from .files import apply_to_estimate
+        model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,
+                                                  training_args, axolotl)
     note = None
     if engine == "auto":
         engine, note = _auto_engine(model)

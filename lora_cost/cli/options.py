@@ -18,7 +18,7 @@ def method_choice() -> click.Choice:
 def common_run_options(f):
     """--model, precision, optimizer, attention and method-option flags."""
     decorators = [
-        click.option("--model", "-m", required=True, help="Bundled profile, Hugging Face id alias, config.json or a directory holding one."),
+        click.option("--model", "-m", default=None, help="Bundled profile, Hugging Face id alias, config.json or a directory holding one (may come from --axolotl base_model or --peft-config base_model_name_or_path)."),
         click.option("--targets", "-t", default=None, help="peft target_modules, comma separated (e.g. q_proj,v_proj), or all-linear. Default: query and value projections."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True),
         click.option("--optimizer", type=click.Choice(list(all_optimizers())), default="adamw", show_default=True),
@@ -26,6 +26,7 @@ def common_run_options(f):
         click.option("--dropout", type=float, default=0.0, show_default=True, help="Adapter dropout (peft lora_dropout)."),
         click.option("--model-dropout", type=float, default=None, help="Override the model's own dropout probabilities (default: its config's)."),
         method_option_flags,
+        file_options,
         click.option("--gpu", default=None, help="A bundled GPU profile (lora-cost gpus): say whether it fits and how long a step takes."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
@@ -77,3 +78,26 @@ def attention_options(f):
                         help="Padding-free packing (TRL packing / DataCollatorWithFlattening): the --batch sequences of "
                         "--seq tokens flattened into one row, kept apart by the varlen flash kernel; flash-attention-2/3 "
                         "only.")(f)
+
+
+# --- readers: the run read from files users already have (lora_cost/readers) ---
+OPTION_PARAM = _OPTION_PARAM
+_OVERRIDE = " Flags given explicitly override the file's values."
+
+
+def file_options(f):
+    """--peft-config, --training-args, --axolotl (estimate and plan)."""
+    decorators = [
+        click.option("--peft-config", default=None, metavar="adapter_config.json",
+                     help="A peft config (LoraConfig, VeraConfig, ...): method, r, target_modules (list, regex or "
+                     "all-linear), dropout, modules_to_save, task_type." + _OVERRIDE),
+        click.option("--training-args", default=None, metavar="FILE",
+                     help="transformers TrainingArguments or TRL SFTConfig as JSON or YAML: batch, max_length, "
+                     "gradient checkpointing, bf16/fp16, optim, packing, use_liger_kernel." + _OVERRIDE),
+        click.option("--axolotl", default=None, metavar="FILE.yml",
+                     help="An axolotl config: base_model, adapter, lora_r, lora_target_modules, sequence_len, "
+                     "micro_batch_size, optimizer, flash_attention, sample_packing, ..." + _OVERRIDE),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f

@@ -13,7 +13,7 @@ from ..attention_kernels import ATTENTION_SPELLINGS
 from ..errors import LoraCostError, shown
 from . import main
 from ..analytic.methods import all_methods
-from .options import method_option_flags, method_options, parse_targets
+from .options import file_options, method_option_flags, method_options, parse_targets
 
 
 def _write(path: str, text: str) -> Path:
@@ -61,7 +61,7 @@ class LazyProgress:
 
 
 @main.command()
-@click.option("--model", "-m", required=True, help="Bundled profile, Hub id alias, config.json or a directory holding one.")
+@click.option("--model", "-m", default=None, help="Bundled profile, Hub id alias, config.json or a directory holding one (or from --axolotl/--peft-config).")
 @click.option("--gpu", default=None, help="A bundled GPU profile: its memory is the budget unless --budget is given.")
 @click.option("--budget", default=None, help="Memory budget, e.g. 40GiB, 24GB or a byte count.")
 @click.option("--margin", default="0", show_default=True, help="Keep this fraction (0.1) or percentage (10%) of the budget free.")
@@ -76,10 +76,11 @@ class LazyProgress:
 @click.option("--attention", type=click.Choice(ATTENTION_SPELLINGS), default="sdpa", show_default=True)
 @click.option("--utilisation", type=float, default=0.4, show_default=True, help="Fraction of the GPU's peak throughput assumed for step times.")
 @method_option_flags
+@file_options
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
-         html_path, as_json, **option_flags):
+         html_path, as_json, peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Find the largest rank and batch per method that fit a GPU or a memory budget."""
     from ..analytic.planner import parse_range, plan as run_plan, rank_candidates, sweep_size
     from ..units import parse_bytes
@@ -99,6 +100,10 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
                   batch_range=batch_range, rank_range=rank_range, precision=precision, optimizer=optimizer,
                   targets=parse_targets(targets), attention=attention, utilisation=utilisation,
                   method_options=method_options(option_flags))
+    if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
+        from .files import apply_to_plan
+        model, kwargs = apply_to_plan(click.get_current_context(), model, kwargs, peft_config, training_args, axolotl)
+        method_list = kwargs["methods"]
     total = sweep_size(len(method_list), len(rank_candidates(*rank_range)), 8)
     with LazyProgress(total) as progress:  # a bar on stderr once the sweep has run for a second
         result = run_plan(model, progress=progress, **kwargs)

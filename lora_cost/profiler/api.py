@@ -38,6 +38,9 @@ class Profiler:
         self.track_cpu_memory = track_cpu_memory
         self.monitor = StepMonitor(warmup, steps, flops, track_cpu_memory)
         self.result: ProfileResult | None = None
+        # a Trainer's TrainingArguments (ProfilerCallback sets it): what the live objects do not tell
+        # (use_liger_kernel, packing, sharding) is read from it as --training-args reads a file
+        self.training_args = None
         # a rank of a distributed run: its place, and the collectives it runs (comm.py)
         self.distributed = distributed_rank()
         self.comm = CommRecorder(self.monitor.warnings) if self.distributed and self.distributed[1] > 1 else None
@@ -93,7 +96,8 @@ class Profiler:
         if m.model is not None and m.optimizer is not None:
             from .introspect import Observed, describe
             params = parameter_table(m.model)
-            info, spec, run = describe(m.model, m.optimizer, Observed(m.input_shape, m.autocast_dtype))
+            info, spec, run = describe(m.model, m.optimizer, Observed(m.input_shape, m.autocast_dtype),
+                                          self.training_args)
             if spec is not None:
                 estimate = _estimate(spec, run, warnings)
                 if estimate is not None and any(hasattr(p, "_local_tensor") for p in m.model.parameters()):

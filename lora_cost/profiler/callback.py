@@ -25,6 +25,7 @@ class ProfilerCallback(TrainerCallback):
         self.result: ProfileResult | None = None
 
     def on_train_begin(self, args, state, control, **kwargs):
+        self.profiler.training_args = args  # the recipe the live objects do not show (lora_cost/readers)
         self.profiler.monitor.install()
 
     def on_train_end(self, args, state, control, **kwargs):

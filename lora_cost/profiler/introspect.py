@@ -108,13 +108,20 @@ def _optimizer(opt) -> tuple[str | None, str]:
     return mapped, note
 
 
-def _targets(peft_cfg) -> tuple[str, ...]:
+def _targets(model, peft_cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(targets, notes): the config's list sorted, "all-linear", or for a regex the names of the modules
+    peft adapted (lora_cost/readers/live.py, the reading `estimate_from` uses)."""
     t = getattr(peft_cfg, "target_modules", None)
     if t is None:
-        return ()
+        return (), ()
     if isinstance(t, str):
-        return (t,)  # "all-linear" or a regex (the estimator rejects what it cannot match, with a message)
-    return tuple(sorted(t))
+        if t == "all-linear":
+            return (t,), ()
+        from ..readers.live import _targets as adapted
+        _, base = _peft_config(model)
+        names, notes = adapted(model, base, peft_cfg)
+        return tuple(names or ()), tuple(notes)
+    return tuple(sorted(t)), ()
 
 
 def unwrap_parallel(model):
@@ -128,7 +135,41 @@ def unwrap_parallel(model):
     return model
 
 
-def describe(model, optimizer, observed: Observed):
+def _attention(cfg) -> tuple[str | None, str]:
+    """(the estimator's attention, a note): transformers' attn_implementation in lora-cost's spelling when
+    this lora-cost models it, else sdpa with a note."""
+    from ..readers.base import accepted
+    from ..readers.common import ATTENTION_NAMES
+
+    attention = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
+    mapped = ATTENTION_NAMES.get(attention, attention) if attention is not None else None
+    if mapped is not None and accepted("attention", mapped):
+        return mapped, ""
+    return "sdpa", f"attention {attention!r} estimated as sdpa" if attention is not None else ""
+
+
+def _from_training_args(training_args, observed: dict) -> tuple[dict, list[str]]:
+    """What a Trainer's TrainingArguments add to the live reading (the Liger loss, packing, sharding, ...),
+    through the --training-args reader: the live objects win where both tell (batch, precision, optimizer,
+    checkpointing), and a field this lora-cost does not model is a note."""
+    if training_args is None:
+        return {}, []
+    from dataclasses import fields
+
+    from ..readers.base import resolve
+    from ..readers.training_args import training_args_reading
+    from ..spec import RunConfig
+
+    data = training_args.to_dict() if hasattr(training_args, "to_dict") else dict(training_args)
+    found = resolve(training_args_reading(data, "TrainingArguments"))
+    run_fields = {f.name for f in fields(RunConfig)}
+    extra = {k: v for k, v in found.kwargs.items() if k in run_fields and k not in observed}
+    # the live optimizer object is what is estimated (its class, momentum and amsgrad read above), not `optim`
+    notes = [w for w in found.warnings if "keys lora-cost does not read" not in w and "key 'optim'" not in w]
+    return extra, notes
+
+
+def describe(model, optimizer, observed: Observed, training_args=None):
     """(ModelInfo, ModelSpec | None, RunConfig | None): the estimator inputs for this run, or the
     reason it cannot be estimated in ModelInfo.note."""
     from ..profiles import spec_from_config
@@ -156,15 +197,15 @@ def describe(model, optimizer, observed: Observed):
         notes.append("no integer input_ids seen at the model's forward: batch and sequence length unknown")
     cfg = hf.config if hf is not None else None
     attention = getattr(cfg, "_attn_implementation", None) if cfg is not None else None
-    from ..attention_kernels import ATTENTION_SPELLINGS, canonical_attention
-    est_attention = canonical_attention(attention) if attention in ATTENTION_SPELLINGS else "sdpa"
-    if attention not in (None, *ATTENTION_SPELLINGS):
-        notes.append(f"attention {attention!r} estimated as sdpa")
+    est_attention, why = _attention(cfg)
+    if why:
+        notes.append(why)
     ckpt = _checkpointing(hf)
     # the rank the adapters carry: AdaLoRA's init_r (its config's `r` is LoraConfig's unused field), else r
     r = (getattr(peft_cfg, "init_r", None) or getattr(peft_cfg, "r", None)) if peft_cfg is not None else None
     dropout = float(getattr(peft_cfg, "lora_dropout", 0.0) or getattr(peft_cfg, "vera_dropout", 0.0) or 0.0) if peft_cfg is not None else 0.0
-    targets = _targets(peft_cfg)
+    targets, why = _targets(model, peft_cfg) if peft_cfg is not None else ((), ())
+    notes.extend(why)
     inner = type(model).__name__
     info = dict(class_name=inner if inner == class_name else f"{inner} (in {class_name})", model_type=getattr(cfg, "model_type", None), method=method, r=r,
                 targets=targets, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
@@ -183,7 +224,11 @@ def describe(model, optimizer, observed: Observed):
             options = m.observed_options(model)
             if m.recognise_optimizer is not None:
                 options = {**options, **(m.recognise_optimizer(model, peft_cfg, optimizer) or {})}
-            run = RunConfig(method=method, r=None if m.base_trainable else r,
+            observed_fields = ("method", "r", "targets", "batch", "seq", "precision", "optimizer",
+                               "grad_checkpointing", "attention", "dropout", "method_options")
+            extra, why = _from_training_args(training_args, observed_fields)
+            notes.extend(why)
+            run = RunConfig(**extra, method=method, r=None if m.base_trainable else r,
                             targets=targets or None, batch=batch, seq=seq, precision=precision, optimizer=opt_name,
                             grad_checkpointing=ckpt, attention=est_attention, dropout=0.0 if m.base_trainable else dropout,
                             method_options=tuple(sorted(options.items())))

@@ -1,0 +1,67 @@
+"""Read the run from the files users already have: a peft adapter_config.json (`peft_config.py`), a
+TrainingArguments / TRL SFTConfig (`training_args.py`), an axolotl YAML (`axolotl.py`); and from a live
+or meta-device model (`live.py`, `lora_cost.estimate_from`). `base.py` checks every setting against
+what this lora-cost models. Torch-free, except a regex target_modules (`regex.py`) and `live.py`.
+
+Files are applied in the order axolotl, training args, peft config (a later file's value wins: the
+adapter's own config is the most specific); explicit CLI flags and Python keywords override them all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from ..errors import LoraCostError
+from .base import Reading, Resolved, Setting, resolve
+from .regex import TargetRegex, resolve_regex
+
+
+def read_files(peft_config: str | None = None, training_args: str | None = None,
+               axolotl: str | None = None) -> Reading:
+    reading = Reading()
+    if axolotl:
+        from .axolotl import read_axolotl
+        reading = reading + read_axolotl(axolotl)
+    if training_args:
+        from .training_args import read_training_args
+        reading = reading + read_training_args(training_args)
+    if peft_config:
+        from .peft_config import read_peft_config
+        reading = reading + read_peft_config(peft_config)
+    return reading
+
+
+def model_of(reading: Reading, explicit: str | None) -> str:
+    """The model: the explicit one, else the one the files name (checked here, with the file and key)."""
+    if explicit is not None:
+        return explicit
+    if reading.model is None:
+        raise LoraCostError("--model is required (or a file naming the model: axolotl base_model, peft "
+                            "base_model_name_or_path)")
+    from ..profiles import find_config
+
+    try:
+        find_config(reading.model.value)
+    except LoraCostError as exc:
+        raise LoraCostError(f"{reading.model.origin}: {exc}") from None
+    return reading.model.value
+
+
+def with_model(reading: Reading, model: str) -> Reading:
+    """Regex target_modules resolved against `model`'s module keys (peft's re.fullmatch)."""
+    settings, warnings = [], list(reading.warnings)
+    for s in reading.settings:
+        if isinstance(s.value, TargetRegex):
+            names, more = resolve_regex(model, s.value, s.origin)
+            s = replace(s, value=names)
+            warnings.extend(more)
+        settings.append(s)
+    return replace(reading, settings=tuple(settings), warnings=tuple(warnings))
+
+
+def settings_for(model: str, reading: Reading) -> Resolved:
+    """The files' settings for `model`, sorted into estimate() keywords and method options, checked."""
+    return resolve(with_model(reading, model))
+
+
+__all__ = ["Reading", "Resolved", "Setting", "read_files", "model_of", "settings_for"]

@@ -1,0 +1,119 @@
+"""`--training-args FILE`: transformers' TrainingArguments or TRL's SFTConfig as JSON or YAML (the
+dict `HfArgumentParser` reads, or `TrainingArguments.to_dict()`).
+
+Fields read (transformers 5 training_args.py, TRL sft_config.py):
+- per_device_train_batch_size -> batch; max_length / max_seq_length (TRL) -> seq
+- gradient_checkpointing -> grad_checkpointing; gradient_checkpointing_kwargs.use_reentrant: true is
+  reentrant checkpointing, not modelled (transformers 5 defaults to use_reentrant=False, modelled)
+- bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from)
+- optim -> optimizer (absent: Trainer's default adamw_torch_fused)
+- packing / padding_free (TRL) -> packing; use_liger_kernel -> loss liger
+- fsdp -> sharding (applied with --gpus); deepspeed (a JSON config) -> sharding zero1/2/3 + the file
+- gradient_accumulation_steps: no effect on one step's memory (each micro-batch's backward adds into the
+  same .grad tensors, `AccumulateGrad`) nor on its FLOPs (a step here is one micro-batch); a note says so.
+"""
+
+from __future__ import annotations
+
+from .base import Collector, Reading, load_mapping
+from .common import DTYPE_NAMES, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed, set_optimizer, set_sharding
+
+_NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one training step's memory or FLOPs
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
+    "prediction_loss_only", "per_device_eval_batch_size", "eval_accumulation_steps", "eval_delay", "learning_rate",
+    "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "num_train_epochs", "max_steps",
+    "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_ratio", "warmup_steps", "log_level", "log_level_replica",
+    "log_on_each_node", "logging_dir", "logging_strategy", "logging_first_step", "logging_steps",
+    "logging_nan_inf_filter", "save_strategy", "save_steps", "save_total_limit", "save_safetensors",
+    "save_on_each_node", "save_only_model", "seed", "data_seed", "use_cpu", "tf32", "local_rank", "ddp_backend",
+    "dataloader_drop_last", "eval_steps", "dataloader_num_workers", "dataloader_prefetch_factor", "past_index",
+    "run_name", "disable_tqdm", "remove_unused_columns", "label_names", "load_best_model_at_end",
+    "metric_for_best_model", "greater_is_better", "ignore_data_skip", "report_to", "push_to_hub", "hub_model_id",
+    "hub_strategy", "hub_token", "hub_private_repo", "hub_always_push", "hub_revision", "resume_from_checkpoint",
+    "include_num_input_tokens_seen", "group_by_length", "length_column_name", "dataloader_pin_memory",
+    "dataloader_persistent_workers", "skip_memory_metrics", "full_determinism", "bf16_full_eval", "fp16_full_eval",
+    "fp16_opt_level", "half_precision_backend", "auto_find_batch_size", "average_tokens_across_devices",
+    "batch_eval_metrics", "eval_on_start", "eval_use_gather_object", "restore_callback_states_from_checkpoint",
+    "accelerator_config", "optim_args", "project", "trackio_space_id", "enable_jit_checkpoint", "logging_nan_inf_filter",
+    # TRL SFTConfig
+    "dataset_text_field", "dataset_kwargs", "dataset_num_proc", "eos_token", "pad_token", "completion_only_loss",
+    "assistant_only_loss", "chat_template_path", "dataset_name", "pad_to_multiple_of", "eval_packing",
+    "shuffle_dataset", "model_init_kwargs", "packing_strategy", "max_seq_length", "padding_free")
+
+
+def read_training_args(path: str) -> Reading:
+    return training_args_reading(load_mapping(path, "TrainingArguments / SFTConfig"), path)
+
+
+def training_args_reading(data: dict, label: str) -> Reading:
+    """The Reading of TrainingArguments fields (a file's, or a live Trainer's `args.to_dict()`)."""
+    c = Collector(label, data, "training args")
+    if c.has("per_device_train_batch_size"):
+        c.set("batch", c.integer("per_device_train_batch_size"), "per_device_train_batch_size")
+    for key in ("max_length", "max_seq_length"):  # TRL: max_length (max_seq_length before TRL 0.20)
+        if c.has(key):
+            c.set("seq", c.integer(key), key)
+    steps = c.integer("gradient_accumulation_steps")
+    if steps and steps > 1:
+        c.note("gradient_accumulation_steps", f"{steps} micro-batches per optimizer step change no memory (each "
+               "backward adds into the same .grad tensors) and the FLOPs are per micro-batch")
+    if c.has("gradient_checkpointing"):
+        c.set("grad_checkpointing", c.flag("gradient_checkpointing"), "gradient_checkpointing")
+    kwargs = c.raw("gradient_checkpointing_kwargs")
+    if kwargs is not None:
+        if not isinstance(kwargs, dict):
+            raise c.error("gradient_checkpointing_kwargs", "must be a mapping")
+        if kwargs.get("use_reentrant") is True and c.data.get("gradient_checkpointing"):
+            c.warn("gradient_checkpointing_kwargs", "use_reentrant=true (torch.utils.checkpoint's reentrant "
+                   "variant) is not modelled; the estimate is non-reentrant checkpointing")
+        for k in set(kwargs) - {"use_reentrant"}:
+            c.warn("gradient_checkpointing_kwargs", f"{k} is not modelled")
+    precision_from(c, "bf16" if c.data.get("bf16") else "fp16" if c.data.get("fp16") else "bf16",
+                   c.flag("bf16"), c.flag("fp16"), _init_dtype(c))
+    optim = c.text("optim")
+    set_optimizer(c, "optim", optim or TRAINER_DEFAULT_OPTIM, default=optim is None)
+    for key in ("packing", "padding_free"):
+        if c.flag(key):
+            c.set("packing", True, key)
+    if c.flag("use_liger_kernel"):
+        c.set("loss", "liger", "use_liger_kernel")
+        c.note("use_liger_kernel", "Liger also swaps RMSNorm, RoPE and SwiGLU kernels; the loss is what --loss "
+               "liger models")
+    if c.flag("torch_compile"):
+        c.warn("torch_compile", "torch.compile fuses kernels and changes what is saved; not modelled (the estimate "
+               "is eager PyTorch)")
+    for key in ("torch_compile_backend", "torch_compile_mode"):
+        c.raw(key)
+    if c.has("fsdp") and c.data["fsdp"] not in ("", []):
+        set_sharding(c, "fsdp", c.raw("fsdp"))
+    c.raw("fsdp_config")
+    if c.has("deepspeed"):
+        set_deepspeed(c, "deepspeed")
+    if c.raw("activation_offloading"):
+        c.warn("activation_offloading", "activation offloading to the CPU is not modelled")
+    if c.raw("neftune_noise_alpha"):
+        c.warn("neftune_noise_alpha", "NEFTune's embedding noise is not modelled")
+    if c.raw("torch_empty_cache_steps"):
+        c.note("torch_empty_cache_steps", "emptying the cache changes reserved memory only, not the allocated peak")
+    if c.raw("optim_target_modules"):
+        c.set("optim_target_modules", c.data["optim_target_modules"], "optim_target_modules")
+    if c.raw("label_smoothing_factor"):
+        c.warn("label_smoothing_factor", "label smoothing's extra loss tensors are not modelled")
+    if c.has("ddp_bucket_cap_mb"):
+        c.set("sharding_options.bucket_cap_mb", c.number("ddp_bucket_cap_mb"), "ddp_bucket_cap_mb")
+    c.raw("ddp_find_unused_parameters")
+    c.irrelevant(_NO_COST)
+    return c.finish("keys lora-cost does not read (not modelled)")
+
+
+def _init_dtype(c: Collector):
+    """TRL's model_init_kwargs {"dtype"|"torch_dtype": ...}: the weights' dtype, when SFTTrainer loads the model."""
+    init = c.data.get("model_init_kwargs")
+    if not isinstance(init, dict):
+        return None
+    value = init.get("dtype", init.get("torch_dtype"))
+    if value in (None, "auto"):
+        return None
+    if value not in DTYPE_NAMES:
+        raise c.error("model_init_kwargs", f"dtype must be one of {', '.join(DTYPE_NAMES)} or auto")
+    return DTYPE_NAMES[value]
