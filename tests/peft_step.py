@@ -14,17 +14,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_cost import estimate
 
 B, S = 2, 24
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob")
 
 
-def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False) -> tuple[int, int, int]:
-    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model."""
+def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False,
+            auto_class: str = "AutoModelForCausalLM") -> tuple[int, int, int]:
+    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model
+    (`auto_class`: the transformers class of the task, AutoModelForMaskedLM for encoders)."""
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
     config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
     config.use_cache = False
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = getattr(transformers, auto_class).from_config(config, attn_implementation="eager", dtype=torch.float32)
     if method != "full":
         tg = "all-linear" if targets == "all-linear" else list(targets)
         if method == "ia3":  # targets: (target_modules, feedforward_modules)
@@ -77,9 +80,9 @@ def estimated(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool) -> 
     return e.memory.saved_activation_bytes, e.flops.forward, e.flops.backward
 
 
-def meta_model(cfg: dict):
+def meta_model(cfg: dict, auto_class: str = "AutoModelForCausalLM"):
     """The transformers model of a config.json dict, on the meta device (no memory)."""
     cfg = dict(cfg)
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        return getattr(transformers, auto_class).from_config(config)

@@ -13,6 +13,8 @@ What each family's classifier is (transformers 5):
   on every position (no pooler: add_pooling_layer=False).
 - RoBERTa (modeling_roberta.py RobertaClassificationHead): seq-cls: `hidden[:, 0]`, dropout, dense,
   tanh, dropout, out_proj (no pooler); token-cls as BERT.
+- DeBERTa-v2/v3 (modeling_deberta_v2.py): seq-cls: ContextPooler (`hidden[:, 0]`, dropout pooler_dropout,
+  dense d x d, gelu), dropout (cls_dropout, else hidden_dropout_prob), `classifier`; token-cls as BERT.
 Losses (loss/loss_utils.py): sequence classification is `cross_entropy(pooled.view(-1, labels), labels)`
 on the logits as they are (MSE for one label: regression); the decoders' token classification upcasts
 the logits (`logits.float()`), BERT/RoBERTa's `CrossEntropyLoss` does not.
@@ -143,11 +145,17 @@ def classifier_and_loss(ctx, x, *, token_dropout: float, upcast_tokens: bool) ->
     else:  # BERT: pooler dense + tanh + dropout + classifier; RoBERTa: dropout + dense + tanh + dropout + out_proj
         p = ctx.model_dropout(spec.hidden_dropout)
         first = _rows(x, b * spec.hidden)  # hidden[:, 0]: a view of the [n, d] storage
+        deberta = spec.disentangled
         if spec.model_type == "roberta":
             first = ops.dropout(tape, first, p)
+        elif deberta is not None:  # ContextPooler's dropout (pooler_dropout: not a dropout --model-dropout sets)
+            first = ops.dropout(tape, first, deberta.pooler_dropout)
+            if deberta.cls_dropout is not None:
+                p = deberta.cls_dropout
         if first.sid == x.sid and heads[0] in trains:
             tape.save(x, "linear inputs")  # a saved view keeps its whole storage
-        h = ops.tanh(tape, _linear(ctx, first, heads[0], heads[0] in trains))
+        h = _linear(ctx, first, heads[0], heads[0] in trains)
+        h = ops.gelu(tape, h) if deberta is not None else ops.tanh(tape, h)  # gelu saves its input, tanh its output
         h = ops.dropout(tape, h, p)
         pooled = _linear(ctx, h, heads[1], heads[1] in trains)
     ctx.logits_bytes = pooled.nbytes
