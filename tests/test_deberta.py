@@ -34,62 +34,12 @@ VARIANTS = {
 }
 QV = ("query_proj", "value_proj")
 CLASSES = {"masked-lm": "AutoModelForMaskedLM", "seq-cls": "AutoModelForSequenceClassification",
-           "token-cls": "AutoModelForTokenClassification"}
+           "token-cls": "AutoModelForTokenClassification"}  # as peft_step.TASK_CLASSES
 
 
 def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, task: str = "masked-lm", labels: int = 3):
-    """(saved bytes, forward FLOPs, backward FLOPs) of one real step of the tiny model."""
-    import peft
-    import torch
-    import transformers
-    from torch.utils.flop_counter import FlopCounterMode
-
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
-    kwargs.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
-    if task != "masked-lm":  # as the trace engine builds a classifier (lora_cost/trace/build.py hf_config)
-        config.num_labels = labels
-        if task == "seq-cls":
-            config.problem_type = "single_label_classification"
-    torch.manual_seed(0)
-    model = getattr(transformers, CLASSES[task]).from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if method != "full":
-        tg = "all-linear" if targets == "all-linear" else list(targets)
-        task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}.get(task)
-        if method == "vera":
-            conf = peft.VeraConfig(r=r, target_modules=tg, task_type=task_type)
-        else:
-            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora",
-                                   task_type=task_type)
-        model = peft.get_peft_model(model, conf)
-        if method == "lora-fa":
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
-            model.enable_input_require_grads()
-    model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.randint(2, cfg["vocab_size"], (B, S))
-    y = {"masked-lm": ids, "seq-cls": torch.randint(0, labels, (B,)), "token-cls": torch.randint(0, labels, (B, S))}[task]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=y).loss.backward()
-    with FlopCounterMode(display=False) as fwd:
-        loss = model(input_ids=ids, labels=y).loss
-    with FlopCounterMode(display=False) as bwd:
-        loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    from peft_step import measure_task
+    return measure_task(cfg, method, targets, r, ckpt, task, labels)
 
 
 def estimated(tmp_path, cfg, method, targets, r, ckpt, task="masked-lm", labels=3):

@@ -163,7 +163,8 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
         groups.append(ParamGroup(f"layer.*.{s.path}.bias", s.d_out, L, "bias"))
     groups.append(ParamGroup("layer.*.LayerNorm (x2)", 2 * d, 2 * L, "norm", bias_numel=d))
     # cls.predictions: transform.dense, transform.LayerNorm, the decoder tied to word_embeddings, its bias
-    groups += [ParamGroup("lm_head.transform.dense", d * d, 1, "head"), ParamGroup("lm_head.transform.dense.bias", d, 1, "bias"),
+    # transform.dense is an nn.Linear that is not the output embedding: bitsandbytes quantises it (kind "linear")
+    groups += [ParamGroup("lm_head.transform.dense", d * d, 1, "linear"), ParamGroup("lm_head.transform.dense.bias", d, 1, "bias"),
                ParamGroup("lm_head.transform.LayerNorm", 2 * d, 1, "norm", bias_numel=d),
                ParamGroup("lm_head.bias", spec.vocab, 1, "bias")]
     return [g for g in groups if g.numel > 0]
