@@ -177,7 +177,7 @@ def test_bad_config_is_one_line_exit_2(tmp_path, field, value, needle):
 
 
 @fast
-@pytest.mark.parametrize("method", ["prefix-tuning", "prompt-tuning", "adapter-houlsby"])
+@pytest.mark.parametrize("method", ["prefix-tuning", "prompt-tuning", "adapter-houlsby", "adalora"])
 def test_unmodelled_methods_are_refused(method):
     out = CliRunner().invoke(main, ["estimate", "--model", "deberta-v3-base", "--method", method, "--seq", "64"])
     lines = [ln for ln in out.output.splitlines() if ln.strip()]

@@ -71,6 +71,12 @@ def cases() -> list[dict]:
                             batch=2, seq=777))
     for r in (1, 7, 64, 1000):
         out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    # --- families task: DeBERTa-v2/v3 (masked-LM, the GLUE classifier)
+    for model in ("deberta-v3-base", "deberta-v3-large", "deberta-v2-xxlarge"):
+        for method in ("full", "lora", "dora", "qlora"):
+            out.append(dict(model=model, method=method, batch=8, seq=256, gpu="h100-80gb"))
+        out.append(dict(model=model, method="lora", r=16, task="seq-cls", num_labels=3, batch=32, seq=128,
+                        grad_checkpointing=True))
     return out
 
 
