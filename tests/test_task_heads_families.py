@@ -94,3 +94,21 @@ def test_classifier_counts():
     # BLOOM's token classifier is `classifier`, with a bias: 1,024 x 9 + 9 beside query_key_value's adapters
     e = estimate("bloom-560m", "lora", r=8, task="token-cls", num_labels=9, seq=64)
     assert e.trainable_params == 24 * 8 * (1024 + 3072) + 1024 * 9 + 9
+
+
+@pytest.mark.fast
+def test_plan_takes_the_task():
+    """`plan --task seq-cls`: every point is the classifier's estimate; methods without a classifier model are
+    skipped with their reason; a task the family lacks is one line, exit 2."""
+    args = ["plan", "--model", "deberta-v3-large", "--gpu", "rtx-4090-24gb", "--seq", "512", "--json",
+            "--methods", "lora,qlora", "--r", "8-8", "--batch", "1-4"]
+    out = CliRunner().invoke(main, [*args, "--task", "seq-cls", "--num-labels", "3"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert any("qlora" in s and "seq-cls" in s for s in doc["skipped"])
+    point = doc["methods"][0]["max_rank"]
+    e = estimate("deberta-v3-large", "lora", r=point["r"], batch=point["batch"], seq=512,
+                 grad_checkpointing=point["grad_checkpointing"], task="seq-cls", num_labels=3)
+    assert (point["peak_bytes"], point["trainable_params"]) == (e.memory.peak_bytes, e.trainable_params)
+    bad = CliRunner().invoke(main, [*args, "--task", "seq2seq"])
+    assert bad.exit_code == 2 and bad.output.count("\n") == 1 and "does not apply" in bad.output
