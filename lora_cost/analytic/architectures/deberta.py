@@ -177,6 +177,14 @@ def _heads_copy(tape, t: ops.Tensor, heads: int, rows: int) -> ops.Tensor:
     return tape.new(t.numel, t.dtype, t.rg) if heads > 1 and rows > 1 else t
 
 
+def _repeated_heads(tape, t: ops.Tensor, heads: int, rows: int, batch: int) -> ops.Tensor:
+    """A projection of the position table as the scores use it: transpose_for_scores (a copy for more than
+    one head), then `.repeat(batch, 1, 1)` to [batch*heads, rows, hd], always a new tensor (repeat saves
+    nothing: its backward sums over the copies)."""
+    t = _heads_copy(tape, t, heads, rows)
+    return tape.new(batch * t.numel, t.dtype, t.rg)
+
+
 def bmm(tape, a: ops.Tensor, b: ops.Tensor, batch: int, m: int, k: int, n: int) -> ops.Tensor:
     """torch.bmm [batch, m, k] @ [batch, k, n] (on autocast's lower-precision list): saves b when a needs a
     gradient and a when b does; 2*batch*m*k*n FLOPs forward, as much again per operand needing a gradient."""
@@ -267,9 +275,7 @@ def _forward(ctx) -> None:
                 pk = ctx.linear(r, pos_key)
             if g.share_att_key or g.p2c:
                 pq = ctx.linear(r, pos_query)
-            # transpose_for_scores (a copy for more than one head), then .repeat(b, 1, 1): a new tensor
-            pk = pk and tape.new(bh * rows2 * hd, _heads_copy(tape, pk, h, rows2).dtype, pk.rg)
-            pq = pq and tape.new(bh * rows2 * hd, _heads_copy(tape, pq, h, rows2).dtype, pq.rg)
+            pk, pq = (None if t is None else _repeated_heads(tape, t, h, rows2, b) for t in (pk, pq))
             score = None
             if g.c2p:
                 c2p = bmm(tape, q, pk, bh, s, hd, rows2)
