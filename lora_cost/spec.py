@@ -35,6 +35,28 @@ class LinearSite:
 
 
 @dataclass(frozen=True)
+class DisentangledShape:
+    """DeBERTa-v2/v3's disentangled attention (transformers modeling_deberta_v2.py): relative position
+    embeddings of `span` x 2 rows (position_buckets, else max_relative_positions), content-to-position
+    (`c2p`) and position-to-content (`p2c`) scores, the position projections shared with key_proj and
+    query_proj (`share_att_key`) or their own, a LayerNorm on the table (`norm_rel_ebd`), and the
+    convolution after the first layer (`conv_kernel`, 0: none; DeBERTa-v2 xlarge/xxlarge)."""
+
+    relative: bool
+    span: int
+    c2p: bool
+    p2c: bool
+    share_att_key: bool
+    norm_rel_ebd: bool
+    position_biased_input: bool
+    conv_kernel: int = 0
+    conv_groups: int = 1
+    conv_act: str = "tanh"
+    pooler_dropout: float = 0.0
+    cls_dropout: float | None = None
+
+
+@dataclass(frozen=True)
 class MoeShape:
     """A mixture-of-experts feed-forward (Mixtral, Qwen3-MoE): `experts` SwiGLU experts of width
     `expert_intermediate`, each token routed to `top_k` of them by a linear router; `dense_layers` lists the
@@ -84,6 +106,8 @@ class ModelSpec:
     gated_ffn: bool = False  # T5 v1.1 / flan / mT5: wi_0 and wi_1, the activation of one times the other
     source: str = ""
     moe: MoeShape | None = None  # mixture-of-experts models only
+    # --- families task: DeBERTa-v2/v3 only
+    disentangled: DisentangledShape | None = None
 
     def __post_init__(self) -> None:
         for attr in ("hidden", "layers", "heads", "kv_heads", "head_dim", "intermediate", "vocab"):

@@ -14,17 +14,20 @@ from torch.utils.flop_counter import FlopCounterMode
 from lora_cost import estimate
 
 B, S = 2, 24
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout")
+DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "attention_dropout", "hidden_dropout_prob",
+                "attention_probs_dropout_prob")
 
 
-def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False) -> tuple[int, int, int]:
-    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model."""
+def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False,
+            auto_class: str = "AutoModelForCausalLM") -> tuple[int, int, int]:
+    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model
+    (`auto_class`: the transformers class of the task, AutoModelForMaskedLM for encoders)."""
     kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
     kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
     config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
     config.use_cache = False
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = getattr(transformers, auto_class).from_config(config, attn_implementation="eager", dtype=torch.float32)
     if method != "full":
         tg = "all-linear" if targets == "all-linear" else list(targets)
         if method == "ia3":  # targets: (target_modules, feedforward_modules)
@@ -77,9 +80,67 @@ def estimated(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool) -> 
     return e.memory.saved_activation_bytes, e.flops.forward, e.flops.backward
 
 
-def meta_model(cfg: dict):
+def meta_model(cfg: dict, auto_class: str = "AutoModelForCausalLM"):
     """The transformers model of a config.json dict, on the meta device (no memory)."""
     cfg = dict(cfg)
     config = transformers.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        return getattr(transformers, auto_class).from_config(config)
+
+
+TASK_CLASSES = {"masked-lm": "AutoModelForMaskedLM", "seq-cls": "AutoModelForSequenceClassification",
+                "token-cls": "AutoModelForTokenClassification"}
+
+
+def measure_task(cfg: dict, method: str, targets, r: int, ckpt: bool, task: str = "masked-lm", labels: int = 3):
+    """(saved bytes, forward FLOPs, backward FLOPs) of one real step of the tiny model with the task's head: the
+    masked-LM head, or a classifier (`labels` classes) that peft trains as modules_to_save (task_type)."""
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs.update({k: 0.0 for k in DROPOUT_KEYS + ("classifier_dropout",)})
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
+    if task != "masked-lm":  # as the trace engine builds a classifier (lora_cost/trace/build.py hf_config)
+        config.num_labels = labels
+        if task == "seq-cls":
+            config.problem_type = "single_label_classification"
+            if config.pad_token_id is None:  # decoders pool the last non-pad token (trace/build.py hf_config)
+                eos = getattr(config, "eos_token_id", None)
+                config.pad_token_id = eos if isinstance(eos, int) else 0
+    torch.manual_seed(0)
+    model = getattr(transformers, TASK_CLASSES[task]).from_config(config, attn_implementation="eager", dtype=torch.float32)
+    if method != "full":
+        tg = "all-linear" if targets == "all-linear" else list(targets)
+        task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}.get(task)
+        if method == "vera":
+            conf = peft.VeraConfig(r=r, target_modules=tg, task_type=task_type)
+        else:
+            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora",
+                                   task_type=task_type)
+        model = peft.get_peft_model(model, conf)
+        if method == "lora-fa":
+            for name, p in model.named_parameters():
+                if "lora_A" in name:
+                    p.requires_grad_(False)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(2, cfg["vocab_size"], (B, S))
+    y = {"masked-lm": ids, "seq-cls": torch.randint(0, labels, (B,)), "token-cls": torch.randint(0, labels, (B, S))}[task]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=y).loss.backward()
+    with FlopCounterMode(display=False) as fwd:
+        loss = model(input_ids=ids, labels=y).loss
+    with FlopCounterMode(display=False) as bwd:
+        loss.backward()
+    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()

@@ -23,7 +23,7 @@ def shapes_from_config(cfg: dict) -> tuple:
     hidden = cfg.get("hidden_size", cfg.get("n_embd"))
     heads = cfg.get("num_attention_heads", cfg.get("n_head"))
     intermediate = cfg.get("intermediate_size", cfg.get("n_inner")) or 4 * hidden
-    head_dim = cfg.get("head_dim") or hidden // heads
+    head_dim = cfg.get("head_dim") or cfg.get("attention_head_size") or hidden // heads  # DeBERTa-v2: attention_head_size
     return (cfg.get("num_hidden_layers", cfg.get("n_layer")), hidden, heads, cfg.get("num_key_value_heads") or heads,
             head_dim, intermediate, cfg["vocab_size"], cfg.get("tie_word_embeddings", True))
 
@@ -33,7 +33,8 @@ def test_all_model_profiles_load():
     # 17 + Qwen3 0.6B, 1.7B, 4B, 8B, 14B, 32B + Phi-3-mini 4k, 128k, Phi-4, BLOOM-560m, BLOOMZ-7b1
     # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B + t5-base, t5-large, flan-t5-xl, flan-t5-xxl, t0-3b,
     # mt0-large, mt0-xxl + Mixtral 8x7B, 8x22B, Qwen3-30B-A3B, Qwen3-235B-A22B
-    assert len(files) == 46 == len(bundled_models())
+    # + DeBERTa-v3 base, large, DeBERTa-v2 xxlarge
+    assert len(files) == 49 == len(bundled_models())
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])

@@ -159,8 +159,9 @@ class StepContext:
         and whose head output and quotient briefly coexist. A decoder's --task seq-cls or token-cls runs
         its classifier instead (heads.py)."""
         if self.run.task in ("seq-cls", "token-cls"):
-            from .heads import DECODER_TOKEN_DROPOUT, classifier_and_loss
-            classifier_and_loss(self, x, token_dropout=self.model_dropout(DECODER_TOKEN_DROPOUT), upcast_tokens=True)
+            from .heads import classifier_and_loss, decoder_token_head
+            dropout, upcast = decoder_token_head(self.spec)
+            classifier_and_loss(self, x, token_dropout=self.model_dropout(dropout), upcast_tokens=upcast)
             return
         tape = self.tape
         tape.scope = "head"

@@ -13,6 +13,8 @@ What each family's classifier is (transformers 5):
   on every position (no pooler: add_pooling_layer=False).
 - RoBERTa (modeling_roberta.py RobertaClassificationHead): seq-cls: `hidden[:, 0]`, dropout, dense,
   tanh, dropout, out_proj (no pooler); token-cls as BERT.
+- DeBERTa-v2/v3 (modeling_deberta_v2.py): seq-cls: ContextPooler (`hidden[:, 0]`, dropout pooler_dropout,
+  dense d x d, gelu), dropout (cls_dropout, else hidden_dropout_prob), `classifier`; token-cls as BERT.
 Losses (loss/loss_utils.py): sequence classification is `cross_entropy(pooled.view(-1, labels), labels)`
 on the logits as they are (MSE for one label: regression); the decoders' token classification upcasts
 the logits (`logits.float()`), BERT/RoBERTa's `CrossEntropyLoss` does not.
@@ -32,6 +34,12 @@ from .architectures.base import ParamGroup
 from .methods.base import TensorGroup
 from .tape import Tensor
 
+# decoder-only families whose transformers classifiers score positions with `score` (Generic...Classification
+# in modeling_layers.py; GPT-2's and BLOOM's own classes are alike, their token classifier named `classifier`)
+DECODER_FAMILIES = ("llama", "gpt2", "gpt3", "phi3", "gemma", "moe", "bloom")
+# model types transformers 5.24 has no token classifier for (its auto mapping): Gemma 3 text has
+# Gemma3TextForSequenceClassification only
+NO_TOKEN_CLASSIFIER = ("gemma3_text",)
 # methods whose trace hooks pass the classifier to peft as a task model (modules_to_save); the others
 # (bottleneck adapters, prompt methods, QLoRA's 4-bit head, ...) are not modelled with a classifier yet
 CLASSIFIER_METHODS = ("full", "lora", "lora-fa", "dora", "vera", "lora-plus")
@@ -48,6 +56,8 @@ def check_task(arch, spec: ModelSpec, method, run: RunConfig) -> None:
     if task not in arch.tasks:
         kind = "a decoder-only model" if "causal-lm" in arch.tasks else "an encoder"
         raise LoraCostError(f"--task {task} does not apply to {spec.name} ({kind}); its tasks: {', '.join(arch.tasks)}")
+    if task == "token-cls" and spec.model_type in NO_TOKEN_CLASSIFIER:
+        raise LoraCostError(f"--task token-cls: transformers has no token classifier for {spec.model_type} ({spec.name})")
     if task in CLASSIFICATION_TASKS and method.name not in CLASSIFIER_METHODS:
         raise LoraCostError(f"--task {task} is modelled for {', '.join(CLASSIFIER_METHODS)}; not yet for {method.name} "
                             "(--engine trace runs it)")
@@ -56,10 +66,10 @@ def check_task(arch, spec: ModelSpec, method, run: RunConfig) -> None:
 def head_linears(spec: ModelSpec, task: str, labels: int) -> tuple[LinearSite, ...]:
     """The classifier's linear layers in order (path = their module path under the task model)."""
     d = spec.hidden
-    if spec.family in ("llama", "gpt2", "gpt3"):
+    if spec.family in DECODER_FAMILIES:
         if task == "seq-cls":
             return (LinearSite("score", d, labels, False, path="score"),)
-        name = "score" if spec.family == "llama" else "classifier"
+        name = "classifier" if spec.family in ("gpt2", "gpt3", "bloom") else "score"
         return (LinearSite(name, d, labels, True, path=name),)
     if task == "token-cls":
         return (LinearSite("classifier", d, labels, True, path="classifier"),)
@@ -113,6 +123,16 @@ def trainable_copy(spec: ModelSpec, run: RunConfig, task: str) -> list[TensorGro
     return out
 
 
+def decoder_token_head(spec: ModelSpec) -> tuple[float, bool]:
+    """A decoder's token classifier: (its dropout without a config value, whether its loss upcasts the logits).
+    GenericForTokenClassification: classifier_dropout, else hidden_dropout, else 0.1 (no family config has
+    the latter two), loss_function (`logits.float()`); BloomForTokenClassification: BLOOM's config has
+    hidden_dropout (0.0 by default), and nn.CrossEntropyLoss on the logits as they are."""
+    if spec.family == "bloom":
+        return spec.hidden_dropout, False
+    return DECODER_TOKEN_DROPOUT, True
+
+
 def _linear(ctx, x, site: LinearSite, trainable: bool):
     return ops.linear(ctx.tape, x, site.d_in, site.d_out, w_trainable=trainable, w_dtype=ctx.other_dtype, kind="lm_head")
 
@@ -134,7 +154,7 @@ def classifier_and_loss(ctx, x, *, token_dropout: float, upcast_tokens: bool) ->
         ctx.log_softmax_bytes = tape.saved[("loss", "log-softmax output")]
         ctx.method.after_loss(ctx)
         return
-    if spec.family in ("llama", "gpt2", "gpt3"):  # score every position, then index the last non-pad token
+    if spec.family in DECODER_FAMILIES:  # score every position, then index the last non-pad token
         every = _linear(ctx, x, heads[0], heads[0] in trains)
         tape.transient(every.nbytes)
         for _ in range(2):  # aten.index keeps arange(b) and the argmax of the non-pad positions (int64 [b])
@@ -143,11 +163,17 @@ def classifier_and_loss(ctx, x, *, token_dropout: float, upcast_tokens: bool) ->
     else:  # BERT: pooler dense + tanh + dropout + classifier; RoBERTa: dropout + dense + tanh + dropout + out_proj
         p = ctx.model_dropout(spec.hidden_dropout)
         first = _rows(x, b * spec.hidden)  # hidden[:, 0]: a view of the [n, d] storage
+        deberta = spec.disentangled
         if spec.model_type == "roberta":
             first = ops.dropout(tape, first, p)
+        elif deberta is not None:  # ContextPooler's dropout (pooler_dropout: not a dropout --model-dropout sets)
+            first = ops.dropout(tape, first, deberta.pooler_dropout)
+            if deberta.cls_dropout is not None:
+                p = deberta.cls_dropout
         if first.sid == x.sid and heads[0] in trains:
             tape.save(x, "linear inputs")  # a saved view keeps its whole storage
-        h = ops.tanh(tape, _linear(ctx, first, heads[0], heads[0] in trains))
+        h = _linear(ctx, first, heads[0], heads[0] in trains)
+        h = ops.gelu(tape, h) if deberta is not None else ops.tanh(tape, h)  # gelu saves its input, tanh its output
         h = ops.dropout(tape, h, p)
         pooled = _linear(ctx, h, heads[1], heads[1] in trains)
     ctx.logits_bytes = pooled.nbytes

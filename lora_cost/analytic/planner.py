@@ -129,7 +129,8 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
          methods: tuple[str, ...] = DEFAULT_METHODS, seq: int = 2048, batch_range: tuple[int, int] = (1, 64),
          rank_range: tuple[int, int] = (1, 1024), precision: str = "bf16", optimizer: str = "adamw",
          targets: tuple[str, ...] | None = None, attention: str = "sdpa", utilisation: float = DEFAULT_UTILISATION,
-         method_options: dict | None = None, progress: Callable[[int], None] | None = None) -> Plan:
+         method_options: dict | None = None, progress: Callable[[int], None] | None = None,
+         task: str | None = None, num_labels: int | None = None) -> Plan:
     """Sweep methods x checkpointing x rank x batch and keep what fits the budget. Each method gets
     the `method_options` it declares; an option none of the planned methods takes is an error."""
     t0 = time.perf_counter()
@@ -151,10 +152,21 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     if not methods:
         raise LoraCostError("--methods is empty")
     skipped = []
+    from .heads import CLASSIFIER_METHODS
     for m in (get_method(name) for name in methods):
         if m.precisions is not None and precision not in m.precisions:
             skipped.append(f"{m.name}: needs --precision {' or '.join(m.precisions)} (asked {precision})")
             methods = tuple(name for name in methods if name != m.name)
+        elif task in ("seq-cls", "token-cls") and m.name not in CLASSIFIER_METHODS:  # as estimate refuses them
+            skipped.append(f"{m.name}: --task {task} is not modelled for it (--engine trace runs it)")
+            methods = tuple(name for name in methods if name != m.name)
+    # absent flags leave every call (and its numbers) as they were; given, they are checked once, here
+    task_kwargs = {} if task is None and num_labels is None else dict(task=task, num_labels=num_labels)
+    if task_kwargs:
+        from .architectures import get_architecture
+        from .heads import check_task
+        task_run = RunConfig(batch=batch_range[1], seq=seq, r=rank_range[1], **task_kwargs)  # --num-labels' own rules
+        check_task(get_architecture(spec.model_type), spec, get_method("full"), task_run)  # the family has the task
     method_options = dict(method_options or {})
     own_options = {name: {o.name for o in get_method(name).options} for name in methods}
     for key in method_options:
@@ -175,7 +187,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         result = estimate(spec, method, r=r, targets=adapter_targets, batch=batch, seq=s, precision=precision,
                           optimizer=optimizer, grad_checkpointing=ckpt, attention=attention,
                           method_options={k: v for k, v in method_options.items() if k in own_options[method]},
-                          gpu=gpu, utilisation=utilisation, numbers_only=numbers_only)
+                          gpu=gpu, utilisation=utilisation, numbers_only=numbers_only, **task_kwargs)
         count[0] += 1
         if progress:
             progress(1)

@@ -80,6 +80,13 @@ class Tape:
         self._made_in[t.sid] = self.scope
         return t
 
+    def parameter(self, numel: int, dtype: str, rg: bool) -> Tensor:
+        """A parameter used as an activation (DeBERTa's rel_embeddings.weight fed to a linear): autograd
+        may keep it, but a parameter is never an activation (saved_tensors_hooks counts exclude them)."""
+        t = Tensor(numel, dtype, rg)
+        self._saved_ids.add(t.sid)  # saving it later adds nothing
+        return t
+
     def mark_saved(self) -> None:
         """A save event with no activation bytes (autograd keeps a parameter): still ends a stretch
         of recomputation under non-reentrant checkpointing."""

@@ -14,6 +14,7 @@ from ..errors import LoraCostError, shown
 from . import main
 from ..analytic.methods import all_methods
 from .options import file_options, method_option_flags, method_options, parse_targets
+from ..spec import TASKS
 
 
 def _write(path: str, text: str) -> Path:
@@ -75,12 +76,15 @@ class LazyProgress:
 @click.option("--optimizer", default="adamw", show_default=True)
 @click.option("--attention", type=click.Choice(ATTENTION_SPELLINGS), default="sdpa", show_default=True)
 @click.option("--utilisation", type=float, default=0.4, show_default=True, help="Fraction of the GPU's peak throughput assumed for step times.")
+@click.option("--task", type=click.Choice(list(TASKS)), default=None,
+              help="The head and loss, as in estimate (default: the family's own).")
+@click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 @method_option_flags
 @file_options
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
-         html_path, as_json, peft_config=None, training_args=None, axolotl=None, **option_flags):
+         task, num_labels, html_path, as_json, peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Find the largest rank and batch per method that fit a GPU or a memory budget."""
     from ..analytic.planner import parse_range, plan as run_plan, rank_candidates, sweep_size
     from ..units import parse_bytes
@@ -104,6 +108,8 @@ def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, prec
         from .files import apply_to_plan
         model, kwargs = apply_to_plan(click.get_current_context(), model, kwargs, peft_config, training_args, axolotl)
         method_list = kwargs["methods"]
+    if task is not None or num_labels is not None:
+        kwargs.update(task=task, num_labels=num_labels)
     total = sweep_size(len(method_list), len(rank_candidates(*rank_range)), 8)
     with LazyProgress(total) as progress:  # a bar on stderr once the sweep has run for a second
         result = run_plan(model, progress=progress, **kwargs)

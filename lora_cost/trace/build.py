@@ -19,7 +19,7 @@ from ..errors import LoraCostError
 from ..profiles import find_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-MASKED_LM = ("bert", "roberta")
+MASKED_LM = ("bert", "roberta", "deberta-v2")
 SEQ2SEQ = ("t5", "mt5")
 # the transformers auto class of each task (--task)
 AUTO_CLASSES = {"causal-lm": "AutoModelForCausalLM", "masked-lm": "AutoModelForMaskedLM",

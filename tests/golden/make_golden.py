@@ -82,6 +82,12 @@ def cases() -> list[dict]:
     for attention in ("flash-attention-2", "flash-attention-3"):
         out.append(dict(model="llama-3.2-1b", method="lora", r=16, batch=8, seq=1024, attention=attention, packing=True))
         out.append(dict(model="llama-3.1-8b", method="lora", precision="amp-bf16", seq=2048, attention=attention))
+    # --- families task: DeBERTa-v2/v3 (masked-LM, the GLUE classifier)
+    for model in ("deberta-v3-base", "deberta-v3-large", "deberta-v2-xxlarge"):
+        for method in ("full", "lora", "dora", "qlora"):
+            out.append(dict(model=model, method=method, batch=8, seq=256, gpu="h100-80gb"))
+        out.append(dict(model=model, method="lora", r=16, task="seq-cls", num_labels=3, batch=32, seq=128,
+                        grad_checkpointing=True))
     return out
 
 

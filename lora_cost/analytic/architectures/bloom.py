@@ -121,4 +121,5 @@ BLOOM = register_architecture(Architecture(
     family="bloom", model_types=("bloom",),
     description="BLOOM: ALiBi, fused query_key_value, embedding LayerNorm, GELU MLP, tied LM head (eager attention only)",
     from_config=_from_config, linear_sites=_sites, default_targets=("query_key_value",),
-    params=_params, forward=_forward))
+    params=_params, forward=_forward,
+    tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family

@@ -203,4 +203,5 @@ GEMMA = register_architecture(Architecture(
     description="Gemma 2/3 decoder: (1 + w) RMSNorms before and after each sublayer, scaled embeddings, "
                 "sliding and global attention layers, soft-capping, GeGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
-    params=_params, forward=_forward, stack=_stack, notes=_notes))
+    params=_params, forward=_forward, stack=_stack, notes=_notes,
+    tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family

@@ -271,4 +271,5 @@ MOE = register_architecture(Architecture(
     family="moe", model_types=("mixtral", "qwen3_moe"),
     description="Mixture-of-experts decoder (Mixtral, Qwen3-MoE): Llama attention, top-k routed SwiGLU experts",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
-    params=_params, forward=_forward, stack=_stack, notes=_notes))
+    params=_params, forward=_forward, stack=_stack, notes=_notes,
+    tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family

@@ -174,4 +174,5 @@ PHI3 = register_architecture(Architecture(
     family="phi3", model_types=("phi3",),
     description="Phi-3 / Phi-4: Llama-style decoder with fused qkv_proj and gate_up_proj",
     from_config=_from_config, linear_sites=_sites, default_targets=("qkv_proj",),
-    params=_params, forward=_forward))
+    params=_params, forward=_forward,
+    tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family
