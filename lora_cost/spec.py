@@ -139,6 +139,9 @@ class RunConfig:
     moe_imbalance: float | None = None
     task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
     num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
+    # -- task allocator: the caching allocator's settings and paged optimizer state --------------
+    alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF text (None: PyTorch's defaults)
+    paged_evictable: bool = False  # paged optimizer state may be evicted to the host (not counted on the GPU)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -164,6 +167,9 @@ class RunConfig:
             if self.task not in CLASSIFICATION_TASKS:
                 raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
             _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
+        if self.alloc_conf is not None:
+            from .analytic.allocator.config import parse_alloc_conf
+            parse_alloc_conf(self.alloc_conf)  # LoraCostError naming the bad option
 
     @property
     def labels(self) -> int:

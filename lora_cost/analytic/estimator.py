@@ -21,7 +21,7 @@ from .architectures.base import Architecture, stack_of
 from ..errors import LoraCostError
 from .methods import get_method
 from .budget import parameter_budget
-from .device import DEFAULT_UTILISATION, device_bytes, device_formula, gpu_fit
+from .device import DEFAULT_UTILISATION, device_formula, device_memory, gpu_fit, slack_reserved
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
 from .methods.base import Method
 from .optimizers import get_optimizer
@@ -81,7 +81,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None, alloc_conf: str | None = None, paged_evictable: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -92,7 +92,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, alloc_conf=alloc_conf,
+                    paged_evictable=paged_evictable)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -142,7 +143,9 @@ def validated_method_run(run: RunConfig):
     run = method.resolve(run)
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
-    get_optimizer(run.optimizer)
+    if run.paged_evictable and not get_optimizer(run.optimizer).paged:
+        raise LoraCostError(f"--paged-evictable applies to paged optimizers only (their state lives in CUDA managed "
+                            f"memory); {run.optimizer} keeps its state in device memory")
     return run, method
 
 
@@ -166,7 +169,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
-    device = device_bytes(peak.peak_bytes, paged)
+    dev = device_memory(slack_reserved(peak.peak_bytes), peak_bytes=peak.peak_bytes, family=spec.model_type, gpu=gpu,
+                        paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=_libraries(run))
+    device = dev.device_bytes
 
     fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in scopes)
     bwd = sum(rec.flops.get((s, "bwd"), 0) * reps.get(s, 1) for s in scopes)
@@ -186,10 +191,11 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
-        terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
+        terms=memory_terms(spec, run, method, opt, params, acts.total, rec), device=dev)
     flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
                          backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, run, recomputed))
-    fit = gpu_fit(load_gpu(gpu), device, fwd + bwd, run.precision, utilisation) if gpu is not None else None
+    fit = (gpu_fit(load_gpu(gpu), device, fwd + bwd, run.precision, utilisation, dev.uncertainty_bytes)
+           if gpu is not None else None)
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
@@ -197,7 +203,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=sum(s.blocks or L for s in sites) + method.modules_per_block * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
-        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        assumptions=_assumptions(run, opt, dev) + ((f"{method.name}: {method.note}",) if method.note else ())
         + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
@@ -220,11 +226,19 @@ def _task_note(run: RunConfig) -> tuple[str, ...]:
             "method peft trains a copy of it (task_type modules_to_save), counted as trainable",)
 
 
-def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
+def _libraries(run: RunConfig) -> tuple[str, ...]:
+    """Libraries with device state of their own that the step loads (cuda_context.py)."""
+    return ("bitsandbytes",) if run.method == "qlora" or get_optimizer(run.optimizer).paged or \
+        run.optimizer.endswith("8bit") else ()
+
+
+def _assumptions(run: RunConfig, opt, dev=None) -> tuple[str, ...]:
     kernel = ("kernel chosen as torch does on sm80+: flash for 16-bit, memory-efficient for fp32, math for fp32 "
               "grouped-query" if run.attention == "sdpa" else "transformers eager path")
     return (
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({kernel})",
-        device_formula(opt.paged),
-    )
+        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None),
+    ) + ((f"--alloc-conf {run.alloc_conf}: not modelled by the analytic engine's reserved memory (a slack on the "
+          "allocated peak); --engine trace replays the step through the allocator with these settings",)
+         if run.alloc_conf else ())
