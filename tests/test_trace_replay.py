@@ -149,3 +149,15 @@ def test_cublas_workspaces_follow_the_first_matmul_of_each_thread():
     assert sum(1 for key, _ in events if key[0] == "cublas_workspace") == 2  # the second step reuses them
     per_call = step_events(sim, steps=2, workspace=64, workspace_mode="per_call")
     assert sum(1 for key, n in per_call if key[0] == "cublas_call" and n == 64) == 3 * 2  # 3 matmuls, 2 steps
+
+
+def test_alloc_conf_reaches_the_replay(llama):
+    """expandable_segments:True: the two 32 MiB workspaces share the large pool's one segment, mapped in
+    20 MiB pages (64 MiB -> 4 pages, 80 MiB), the rest in 2 MiB small-pool pages."""
+    pytest.importorskip("torch")
+    from lora_cost.trace import trace
+
+    t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", alloc_conf="expandable_segments:True")
+    assert t.device.reserved_model == "allocator replay" and "expandable_segments:True" in " ".join(t.notes)
+    small = t.reserved_peak_bytes - 80 * MIB
+    assert small % (2 * MIB) == 0 and t.peak_bytes <= small + 80 * MIB < t.peak_bytes + 64 * MIB + 20 * MIB
