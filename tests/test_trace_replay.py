@@ -161,3 +161,21 @@ def test_alloc_conf_reaches_the_replay(llama):
     assert t.device.reserved_model == "allocator replay" and "expandable_segments:True" in " ".join(t.notes)
     small = t.reserved_peak_bytes - 80 * MIB
     assert small % (2 * MIB) == 0 and t.peak_bytes <= small + 80 * MIB < t.peak_bytes + 64 * MIB + 20 * MIB
+
+
+def test_replay_against_a_small_gpu_reports_running_out(llama, monkeypatch):
+    """With --gpu the replay is bounded by the GPU's memory less its CUDA context: a T4 holds this tiny
+    step; a made-up GPU leaving 8 MiB beside its context (the largest H100 figure, 772.8 MiB, for a GPU
+    without a measurement) cannot hold one 32 MiB sm90 workspace: the trace warns, and its numbers are
+    the unbounded replay's."""
+    pytest.importorskip("torch")
+    from lora_cost import profiles
+    from lora_cost.trace import trace
+
+    fine = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", gpu="t4-16gb")
+    assert not fine.warnings and fine.device.reserved_bytes == fine.reserved_peak_bytes
+    tinier = profiles.GpuProfile("tinier", "made up", 810_352_640 + 8 * MIB, 1.0, 1.0, "test", (9, 0))
+    monkeypatch.setattr(profiles, "load_gpu", lambda name: tinier)
+    t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", gpu="tinier")
+    assert any("runs out of memory" in w for w in t.warnings)
+    assert t.device_bytes > tinier.memory_bytes

@@ -86,7 +86,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         transformers.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss)
+    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=gpu)
 
 
 def _category(blk, rec) -> MemoryCategory:
@@ -103,7 +103,7 @@ def _category(blk, rec) -> MemoryCategory:
     return MemoryCategory.TEMPORARIES
 
 
-def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss) -> TraceResult:
+def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=None) -> TraceResult:
     sim = rec.sim
     phases = []
     for phase in ("forward", "backward", "optimizer"):
@@ -147,10 +147,23 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
                  "excluded")
     from ..analytic.allocator import parse_alloc_conf
     from ..analytic.allocator.workspaces import cublas_workspace_bytes
-    # sized for the calibration's GPU class (sm90: 32 MiB), or CUBLAS_WORKSPACE_CONFIG when set
+    from ..analytic.cuda_context import context_for
+    capability, capacity = (9, 0), None
+    if gpu is not None:  # replay against what the allocator may reserve there: the GPU less its context
+        from ..profiles import load_gpu
+        profile = load_gpu(gpu)
+        capability = profile.compute_capability or capability
+        capacity = max(profile.memory_bytes - context_for(profile.name, spec.model_type).bytes
+                       - (0 if run.paged_evictable else rec.paged_bytes), 0)
+    # sized for the GPU's compute capability (sm90, the calibration's, without --gpu), or CUBLAS_WORKSPACE_CONFIG
     reserved = replay_step(sim, parse_alloc_conf(run.alloc_conf),
-                           workspace=cublas_workspace_bytes((9, 0), os.environ.get("CUBLAS_WORKSPACE_CONFIG")),
-                           workspace_mode=WORKSPACE_MODE)
+                           workspace=cublas_workspace_bytes(capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG")),
+                           workspace_mode=WORKSPACE_MODE, capacity_bytes=capacity)
+    oom = reserved.out_of_memory
+    if oom:  # the sequence stopped at the failing request: its numbers come from the unbounded replay
+        reserved = replay_step(sim, parse_alloc_conf(run.alloc_conf),
+                               workspace=cublas_workspace_bytes(capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG")),
+                               workspace_mode=WORKSPACE_MODE)
     notes.append("reserved memory: the step's allocations and frees replayed through a model of PyTorch's caching "
                  f"allocator (lora_cost/analytic/allocator), {'settings ' + run.alloc_conf if run.alloc_conf else 'default settings'}, "
                  "one stream, cache warm, cuBLAS workspaces included")
@@ -158,9 +171,15 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
         notes.append("autocast: CUDA's op lists emulated at the function level (lora_cost/trace/autocast.py); ops "
                      "called inside other ops' C++ implementations are cast as their caller was")
     warnings = []
+    if oom:
+        warnings.append(f"the allocator replay runs out of memory on {gpu}: a request finds no room even after the "
+                        "cache is emptied (CUDA out of memory)")
+    elif reserved.alloc_retries:
+        warnings.append(f"on {gpu} the step fits only because the allocator empties its cache and retries "
+                        f"({reserved.alloc_retries} allocation retries: cudaFree of cached segments, a slow step)")
     if run.seq > spec.max_positions:
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
-    dev = device_memory(reserved.reserved_peak_bytes, peak_bytes=top.peak_bytes, family=spec.model_type,
+    dev = device_memory(reserved.reserved_peak_bytes, peak_bytes=top.peak_bytes, family=spec.model_type, gpu=gpu,
                         paged_bytes=rec.paged_bytes, paged_evictable=run.paged_evictable, replayed=True,
                         fragmentation_bytes=reserved.fragmentation_at_peak_bytes,
                         libraries=("bitsandbytes",) if m.name == "qlora" or rec.paged_bytes or "8bit" in run.optimizer else ())

@@ -41,17 +41,7 @@ def run_engines(model, method: str, *, gpu: str | None, both: bool, **kwargs) ->
     if both:
         from ..analytic.estimator import estimate
         analytic = estimate(model, method, gpu=gpu, **kwargs)  # validates the flags before torch loads
-    t = trace(model, method, **kwargs)
-    if gpu is not None and t.device is not None:  # the CUDA context of that GPU (cuda_context.py), not the H100's
-        from dataclasses import replace
-
-        from ..analytic.device import device_memory
-        d = t.device
-        dev = device_memory(d.reserved_bytes, peak_bytes=t.peak_bytes, family=t.family, gpu=gpu,
-                            paged_bytes=d.paged_bytes, paged_evictable=not d.paged_resident, replayed=True,
-                            fragmentation_bytes=d.fragmentation_bytes,
-                            libraries=("bitsandbytes",) if "bitsandbytes" in " ".join(t.notes) else ())
-        t = replace(t, device=dev, device_bytes=dev.device_bytes)
+    t = trace(model, method, gpu=gpu, **kwargs)
     fit = gpu_fit(t.device_bytes, t.flops_forward + t.flops_backward, t.precision, gpu,
                   t.device.uncertainty_bytes if t.device is not None else 0)
     diffs = tuple(differences(analytic, t)) if both else ()
