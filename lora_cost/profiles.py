@@ -147,6 +147,14 @@ class GpuProfile:
     bf16_tflops_dense: float
     fp32_tflops: float
     source: str
+    compute_capability: tuple[int, int] | None = None  # (major, minor): sizes the cuBLAS workspaces
+
+
+def _capability(text) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor)
 
 
 @lru_cache(maxsize=1)
@@ -156,7 +164,8 @@ def bundled_gpus() -> dict[str, GpuProfile]:
         d = read_json(path)
         try:
             gpu = GpuProfile(d["name"], d["description"], int(d["memory_bytes"]), float(d["bf16_tflops_dense"]),
-                             float(d["fp32_tflops"]), d.get("source", ""))
+                             float(d["fp32_tflops"]), d.get("source", ""),
+                             _capability(d.get("compute_capability")))
         except (KeyError, TypeError, ValueError) as exc:
             raise LoraCostError(f"{path}: malformed GPU profile ({exc})") from None
         if not (gpu.memory_bytes > 0 and 0 < gpu.bf16_tflops_dense < math.inf and 0 < gpu.fp32_tflops < math.inf):

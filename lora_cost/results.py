@@ -93,6 +93,22 @@ class PhasePeak:
 
 
 @dataclass(frozen=True)
+class DeviceMemory:
+    """What the GPU holds at the peak (analytic/device.py): the caching allocator's reserved segments, the
+    CUDA context and libraries outside it, and paged optimizer state when resident."""
+
+    reserved_bytes: int
+    context_bytes: int
+    paged_bytes: int  # bitsandbytes paged optimizer state (CUDA managed memory)
+    paged_resident: bool  # counted in device_bytes (False: --paged-evictable, the host may take it)
+    fragmentation_bytes: int  # reserved but not allocated at the allocated peak
+    device_bytes: int
+    uncertainty_bytes: int  # the stated uncertainty of device_bytes (verdict "tight" within it)
+    context_measured: bool  # a context measurement for this GPU and family (else the largest figure)
+    reserved_model: str  # "allocator replay" (trace engine) or "slack" (analytic engine)
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
     peak_phase: str
@@ -103,6 +119,7 @@ class MemoryEstimate:
     saved_activation_bytes: int  # what autograd keeps for backward (saved_tensors_hooks' count)
     saved_by_kind: tuple[Term, ...]
     terms: tuple[Term, ...]  # every stored quantity (weights, grads, states, ...), peak or not
+    device: DeviceMemory | None = None  # task allocator: how device_bytes is made up
 
     def stored_bytes(self, category: MemoryCategory) -> int | None:
         """Bytes of the stored quantities of one category (None when no term has it)."""
@@ -131,6 +148,8 @@ class GpuFit:
     headroom_bytes: int  # memory_bytes - device_bytes
     step_time_s: float  # FLOPs / (peak TFLOP/s x utilisation)
     utilisation: float
+    verdict: str = ""  # fits / tight / does not fit (tight: memory_bytes within the stated uncertainty)
+    uncertainty_bytes: int = 0
 
 
 @dataclass(frozen=True)

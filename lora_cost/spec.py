@@ -166,6 +166,9 @@ class RunConfig:
     # --- task "attention": padding-free packing (--packing: the --batch sequences of --seq tokens flattened
     # into one row with restarting position_ids, as DataCollatorWithFlattening / TRL packing do)
     packing: bool = False
+    # -- task allocator: the caching allocator's settings and paged optimizer state --------------
+    alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF text (None: PyTorch's defaults)
+    paged_evictable: bool = False  # paged optimizer state may be evicted to the host (not counted on the GPU)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -192,6 +195,9 @@ class RunConfig:
             if self.task not in CLASSIFICATION_TASKS:
                 raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
             _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
+        if self.alloc_conf is not None:
+            from .analytic.allocator.config import parse_alloc_conf
+            parse_alloc_conf(self.alloc_conf)  # LoraCostError naming the bad option
 
     @property
     def labels(self) -> int:

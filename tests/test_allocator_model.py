@@ -238,3 +238,15 @@ def test_replay_rejects_a_free_without_its_allocation():
     assert replay([alloc("e", 0), free("e")]).reserved_peak_bytes == 0  # an empty tensor: nothing reserved
     with pytest.raises(KeyError):
         replay([free("never")])
+
+
+def test_a_workspace_carved_from_a_cached_logits_block_costs_a_new_segment():
+    """Why the order of one 32 MiB cuBLAS workspace moves reserved memory by a logits-sized segment:
+    a 400 MiB request gets its own 400 MiB segment (>= 10 MiB: rounded to 2 MiB); freed, it is cached;
+    a 32 MiB request then takes it (best fit) and splits it (368 MiB > 1 MiB remain, no
+    max_split_size), so the next 400 MiB request finds no block and needs a second segment: 800 MiB.
+    The workspace taken first gets a 32 MiB segment of its own and the logits block is reused: 432 MiB."""
+    late = replay([alloc("logits", 400 * MIB), free("logits"), alloc("ws", 32 * MIB), alloc("logits2", 400 * MIB)])
+    assert late.reserved_peak_bytes == 800 * MIB and late.stats.segments == 2
+    early = replay([alloc("ws", 32 * MIB), alloc("logits", 400 * MIB), free("logits"), alloc("logits2", 400 * MIB)])
+    assert early.reserved_peak_bytes == 432 * MIB and early.stats.segments == 2

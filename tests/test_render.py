@@ -38,6 +38,7 @@ def test_engine_both_json(tiny_gpt2):
     # the trace's GPU fit, by hand from the data file: 989.4 dense BF16 TFLOP/s at 40% utilisation
     flops = traced["flops"]["forward"] + traced["flops"]["backward"]
     assert traced["gpu"] == {"name": "h100-80gb", "memory_bytes": h100["memory_bytes"], "fits": True,
+                             "verdict": "fits", "uncertainty_bytes": traced["memory"]["device_uncertainty_bytes"],
                              "headroom_bytes": h100["memory_bytes"] - traced["memory"]["device_bytes"],
                              "step_time_s": pytest.approx(flops / (h100["bf16_tflops_dense"] * 1e12 * 0.4), rel=1e-12),
                              "utilisation": 0.4}

@@ -89,9 +89,11 @@ def test_replay_reproduces_the_traced_allocated_peak(llama, calibration):
 
     t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", calibration=calibration)
     # every storage here is <= 1 MiB (the largest, the logits, is 2 x 32 x 256 x 4 B = 64 KiB): small-pool
-    # segments of 2 MiB only, and since they are split down to 512 B, no more of them than the peak needs
+    # segments of 2 MiB only, and since they are split down to 512 B, no more of them than the peak needs;
+    # plus the two 32 MiB cuBLAS workspaces (forward and backward thread), each its own large segment
+    workspaces = 2 * 32 * MIB
     assert t.reserved_peak_bytes % (2 * MIB) == 0
-    assert t.peak_bytes <= t.reserved_peak_bytes < t.peak_bytes + 4 * MIB
+    assert t.peak_bytes + workspaces <= t.reserved_peak_bytes < t.peak_bytes + workspaces + 4 * MIB
     assert t.reserved_after_step_bytes == t.reserved_peak_bytes  # nothing is ever released (no OOM)
     assert t.allocator_retries == 0
 
@@ -117,3 +119,63 @@ def test_replayed_allocated_peak_equals_the_trace(llama):
     traced_peak = max(p[0] for phase, p in rec.sim.peaks.items() if phase in ("forward", "backward", "optimizer"))
     result = replay(step_events(rec.sim, steps=2))
     assert result.allocated_peak_bytes == traced_peak
+
+
+class OpBlock(FakeBlock):
+    def __init__(self, name, raw, alloc, free=None, kind=None, op="add"):
+        super().__init__(name, raw, alloc, free, kind)
+        self.op = op
+
+
+@pytest.mark.fast
+def test_cublas_workspaces_follow_the_first_matmul_of_each_thread():
+    """CublasHandlePool.cpp: one workspace per (handle, stream), handles per thread: the first cuBLAS
+    op of the forward (Python thread) and of the backward (autograd's device thread) each allocate
+    one, kept for the process's life; later matmuls reuse them."""
+    w = OpBlock("w", 100, 1, kind="weights")
+    x = OpBlock("x", 10, 2, 9, op="embedding")
+    h = OpBlock("h", 10, 3, 8, op="mm")  # forward matmul: the Python thread's workspace after it
+    h2 = OpBlock("h2", 10, 4, 7, op="addmm")  # a second forward matmul: no new workspace
+    g = OpBlock("g", 10, 6, 9, op="mm")  # backward matmul: autograd thread's workspace
+    marks = [("forward", 1), ("backward", 5), ("optimizer", 9)]
+    sim = FakeSim([w, x, h, h2, g], marks, 9)
+    events = step_events(sim, steps=2, workspace=64)
+    ws = [(i, key) for i, (key, n) in enumerate(events) if key[0] == "cublas_workspace"]
+    names = {id(b): b.name for b in sim.blocks}
+    before = [names[events[i - 1][0][1]] for i, _ in ws]
+    assert before == ["h", "g"]  # right after the first forward and the first backward matmul output
+    assert all(events[i][1] == 64 for i, _ in ws)
+    assert not any(key[0] == "cublas_workspace" and n is None for key, n in events)  # never freed
+    assert sum(1 for key, _ in events if key[0] == "cublas_workspace") == 2  # the second step reuses them
+    per_call = step_events(sim, steps=2, workspace=64, workspace_mode="per_call")
+    assert sum(1 for key, n in per_call if key[0] == "cublas_call" and n == 64) == 3 * 2  # 3 matmuls, 2 steps
+
+
+def test_alloc_conf_reaches_the_replay(llama):
+    """expandable_segments:True: the two 32 MiB workspaces share the large pool's one segment, mapped in
+    20 MiB pages (64 MiB -> 4 pages, 80 MiB), the rest in 2 MiB small-pool pages."""
+    pytest.importorskip("torch")
+    from lora_cost.trace import trace
+
+    t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", alloc_conf="expandable_segments:True")
+    assert t.device.reserved_model == "allocator replay" and "expandable_segments:True" in " ".join(t.notes)
+    small = t.reserved_peak_bytes - 80 * MIB
+    assert small % (2 * MIB) == 0 and t.peak_bytes <= small + 80 * MIB < t.peak_bytes + 64 * MIB + 20 * MIB
+
+
+def test_replay_against_a_small_gpu_reports_running_out(llama, monkeypatch):
+    """With --gpu the replay is bounded by the GPU's memory less its CUDA context: a T4 holds this tiny
+    step; a made-up GPU leaving 8 MiB beside its context (the largest H100 figure, 772.8 MiB, for a GPU
+    without a measurement) cannot hold one 32 MiB sm90 workspace: the trace warns, and its numbers are
+    the unbounded replay's."""
+    pytest.importorskip("torch")
+    from lora_cost import profiles
+    from lora_cost.trace import trace
+
+    fine = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", gpu="t4-16gb")
+    assert not fine.warnings and fine.device.reserved_bytes == fine.reserved_peak_bytes
+    tinier = profiles.GpuProfile("tinier", "made up", 810_352_640 + 8 * MIB, 1.0, 1.0, "test", (9, 0))
+    monkeypatch.setattr(profiles, "load_gpu", lambda name: tinier)
+    t = trace(llama, "lora", r=4, batch=2, seq=32, precision="fp32", gpu="tinier")
+    assert any("runs out of memory" in w for w in t.warnings)
+    assert t.device_bytes > tinier.memory_bytes

@@ -1,31 +1,65 @@
-"""From a step's allocated peak to what the GPU shows, and whether the step fits a GPU (torch-free).
+"""From a step's memory to what the GPU shows, and whether the step fits a GPU (torch-free).
 
 Both engines end here: the analytic estimator with its predicted peak, the trace engine with its
-simulated one. `device_bytes` and `gpu_fit` are the only places these numbers are combined.
+replayed caching allocator. `device_memory` and `gpu_fit` are the only places these numbers are
+combined:
+
+    device = reserved (caching-allocator segments at the peak)
+           + CUDA context and libraries outside the allocator (cuda_context.py, per GPU and family)
+           + paged optimizer state (bitsandbytes paged optimizers: CUDA managed memory) unless the
+             host may take it (--paged-evictable)
+
+The trace engine's reserved memory is its replay through the allocator model (allocator/); the
+analytic engine does not produce an allocation sequence yet and keeps a slack on its allocated peak.
+Each carries its stated uncertainty (the measured spread of the H100 calibration rows, see
+docs/allocator.md), and the verdict is "tight" when the GPU's memory lies within it.
 """
 
 from __future__ import annotations
 
 from ..profiles import GpuProfile
-from ..results import GpuFit
+from ..results import DeviceMemory, GpuFit
 from ..units import fmt_bytes
+from .cuda_context import context_for
 
-# The caching allocator reserves more than it hands out: segments are rounded to 2 MiB (20 MiB for
-# requests of 1-10 MiB) and freed blocks stay cached for reuse, so fragments pile up. On the H100
-# calibration set the reserved peak exceeded the allocated peak by a median 10% (3% to 51%).
+# The analytic engine's reserved memory (no allocation sequence yet): the caching allocator reserves
+# more than it hands out (segments rounded to 2 MiB, 20 MiB for 1-10 MiB requests, freed blocks cached
+# and split). On the H100 calibration set the reserved peak exceeded the allocated peak by a median 10%
+# (3% to 51%).
 ALLOCATOR_SLACK = 0.10
-# The CUDA context (driver state, kernels, cuBLAS workspaces) is outside torch's counters: 0.73 to
-# 0.76 GiB on the calibration H100 (device used minus reserved, torch 2.11).
-CUDA_CONTEXT_BYTES = 3 * (1 << 28)  # 0.75 GiB
+# Stated uncertainty of each reserved model (relative, on reserved): the 90th percentile of its
+# |error| against measured peak_reserved over the 29 H100 rows (benchmarks/reserved_calibration.py;
+# docs/allocator.md). Not used to move a number, only to call a verdict "tight".
+SLACK_UNCERTAINTY = 0.104  # peak x 1.10 vs measured reserved: median 3.9%, p90 10.4%, worst 27.4% (29 rows)
+REPLAY_UNCERTAINTY = 0.10  # trace replay vs measured reserved: median 4.4%, p90 10.0%, worst 15.3% (29 rows)
 # Sustained fraction of peak tensor throughput assumed for a step-time estimate (typical training MFU).
 DEFAULT_UTILISATION = 0.4
 
 
-def device_bytes(peak_bytes: int, paged_bytes: int = 0) -> int:
-    """Device memory in use at the peak: the allocated peak plus the caching allocator's slack (its
-    reserved memory), the CUDA context, and optimizer state paged into CUDA managed memory
-    (bitsandbytes paged optimizers), which torch's allocator does not count."""
-    return int(peak_bytes * (1 + ALLOCATOR_SLACK)) + CUDA_CONTEXT_BYTES + paged_bytes
+def slack_reserved(peak_bytes: int) -> int:
+    """The analytic engine's reserved memory: the allocated peak plus the allocator slack."""
+    return int(peak_bytes * (1 + ALLOCATOR_SLACK))
+
+
+def device_memory(reserved_bytes: int, *, peak_bytes: int, family: str, gpu: str | None = None,
+                  paged_bytes: int = 0, paged_evictable: bool = False, libraries: tuple[str, ...] = (),
+                  replayed: bool = False, fragmentation_bytes: int | None = None) -> DeviceMemory:
+    """Device memory in use at the peak (see the module docstring)."""
+    ctx = context_for(gpu, family, libraries)
+    resident = 0 if paged_evictable else paged_bytes
+    rel = REPLAY_UNCERTAINTY if replayed else SLACK_UNCERTAINTY
+    frag = max(reserved_bytes - peak_bytes, 0) if fragmentation_bytes is None else fragmentation_bytes
+    return DeviceMemory(reserved_bytes=int(reserved_bytes), context_bytes=ctx.bytes, paged_bytes=int(paged_bytes),
+                        paged_resident=not paged_evictable, fragmentation_bytes=int(frag),
+                        device_bytes=int(reserved_bytes) + ctx.bytes + resident,
+                        uncertainty_bytes=int(rel * reserved_bytes) + ctx.spread_bytes,
+                        context_measured=ctx.measured, reserved_model="allocator replay" if replayed else "slack")
+
+
+def device_bytes(peak_bytes: int, paged_bytes: int = 0, family: str = "llama") -> int:
+    """The analytic device total for an allocated peak (the slack reserved model)."""
+    return device_memory(slack_reserved(peak_bytes), peak_bytes=peak_bytes, family=family,
+                         paged_bytes=paged_bytes).device_bytes
 
 
 def peak_tflops(gpu: GpuProfile, precision: str) -> float:
@@ -39,16 +73,30 @@ def step_time_s(gpu: GpuProfile, flops: int | float, precision: str, utilisation
     return flops / (peak_tflops(gpu, precision) * 1e12 * utilisation)
 
 
+def verdict(memory_bytes: int, device: int, uncertainty: int) -> str:
+    """fits / tight / does not fit: tight when the GPU's memory lies within the stated uncertainty."""
+    if abs(memory_bytes - device) <= uncertainty:
+        return "tight"
+    return "fits" if device < memory_bytes else "does not fit"
+
+
 def gpu_fit(gpu: GpuProfile, device: int, flops: int, precision: str,
-            utilisation: float = DEFAULT_UTILISATION) -> GpuFit:
+            utilisation: float = DEFAULT_UTILISATION, uncertainty: int = 0) -> GpuFit:
     """Whether `device` bytes fit the GPU, and the step time of `flops` at `utilisation` of its peak
     throughput (FLOPs / (peak TFLOP/s x utilisation), as nanoGPT's estimate_mfu inverts it)."""
     return GpuFit(gpu=gpu.name, memory_bytes=gpu.memory_bytes, fits=device <= gpu.memory_bytes,
                   headroom_bytes=gpu.memory_bytes - device,
-                  step_time_s=step_time_s(gpu, flops, precision, utilisation), utilisation=utilisation)
+                  step_time_s=step_time_s(gpu, flops, precision, utilisation), utilisation=utilisation,
+                  verdict=verdict(gpu.memory_bytes, device, uncertainty), uncertainty_bytes=int(uncertainty))
 
 
-def device_formula(paged: bool) -> str:
-    """`device_bytes` in words, for the assumptions a result lists."""
-    return (f"device memory = peak x {1 + ALLOCATOR_SLACK:.2f} (caching-allocator slack) + "
-            f"{fmt_bytes(CUDA_CONTEXT_BYTES)} CUDA context" + (" + paged optimizer state" if paged else ""))
+def device_formula(paged: bool, paged_evictable: bool = False, context_bytes: int | None = None) -> str:
+    """The device total in words, for the assumptions a result lists."""
+    ctx = fmt_bytes(context_bytes) if context_bytes is not None else "measured"
+    paged_part = ""
+    if paged:
+        paged_part = (" (paged optimizer state not counted: --paged-evictable lets the driver evict it to the host)"
+                      if paged_evictable else " + paged optimizer state (resident: CUDA managed memory on the GPU)")
+    return (f"device memory = reserved (allocated peak x {1 + ALLOCATOR_SLACK:.2f}, caching-allocator slack) + "
+            f"{ctx} CUDA context and libraries (measured per GPU: profiles/cuda_context.json)"
+            + paged_part)

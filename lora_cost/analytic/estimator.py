@@ -22,7 +22,7 @@ from ..attention_kernels import check_kernel_run, get_kernel
 from ..errors import LoraCostError
 from .methods import get_method
 from .budget import parameter_budget
-from .device import DEFAULT_UTILISATION, device_bytes, device_formula, gpu_fit
+from .device import DEFAULT_UTILISATION, device_formula, device_memory, gpu_fit, slack_reserved
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
 from .methods.base import Method
 from .optimizers import get_optimizer
@@ -83,7 +83,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None, packing: bool = False,
+             num_labels: int | None = None, packing: bool = False, alloc_conf: str | None = None,
+             paged_evictable: bool = False,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
@@ -98,7 +99,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing,
+                    alloc_conf=alloc_conf, paged_evictable=paged_evictable)
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
@@ -155,7 +157,9 @@ def validated_method_run(run: RunConfig):
     run = method.resolve(run)
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
-    get_optimizer(run.optimizer)
+    if run.paged_evictable and not get_optimizer(run.optimizer).paged:
+        raise LoraCostError(f"--paged-evictable applies to paged optimizers only (their state lives in CUDA managed "
+                            f"memory); {run.optimizer} keeps its state in device memory")
     return run, method
 
 
@@ -177,7 +181,10 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
-    device = device_bytes(peak.peak_bytes, paged)
+    dev = device_memory(slack_reserved(peak.peak_bytes), peak_bytes=peak.peak_bytes, family=spec.model_type, gpu=gpu,
+                        paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=_libraries(run))
+    device = dev.device_bytes
+
     sf = step_flops(rec, run.grad_checkpointing, stack)
     fwd, bwd, recomputed = sf.forward, sf.backward, sf.recomputed
 
@@ -186,10 +193,11 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
-        terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
+        terms=memory_terms(spec, run, method, opt, params, acts.total, rec), device=dev)
     flops = FlopEstimate(forward=fwd, backward=bwd, forward_uncounted=sf.forward_uncounted,
                          backward_uncounted=sf.backward_uncounted, terms=flop_terms(rec, run, recomputed))
-    fit = gpu_fit(load_gpu(gpu), device, sf.step_total, run.precision, utilisation) if gpu is not None else None
+    fit = (gpu_fit(load_gpu(gpu), device, sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
+           if gpu is not None else None)
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
@@ -197,7 +205,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         method_options=method.option_values(run), trainable_params=params.trainable_params,
         total_params=params.total_params, adapted_modules=sum(s.blocks or L for s in sites) + method.modules_per_block * L + len(head_sites),
         memory=memory, flops=flops, gpu=fit, warnings=tuple(warnings),
-        assumptions=_assumptions(run, opt) + ((f"{method.name}: {method.note}",) if method.note else ())
+        assumptions=_assumptions(run, opt, dev) + ((f"{method.name}: {method.note}",) if method.note else ())
         + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
@@ -220,7 +228,13 @@ def _task_note(run: RunConfig) -> tuple[str, ...]:
             "method peft trains a copy of it (task_type modules_to_save), counted as trainable",)
 
 
-def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
+def _libraries(run: RunConfig) -> tuple[str, ...]:
+    """Libraries with device state of their own that the step loads (cuda_context.py)."""
+    return ("bitsandbytes",) if run.method == "qlora" or get_optimizer(run.optimizer).paged or \
+        run.optimizer.endswith("8bit") else ()
+
+
+def _assumptions(run: RunConfig, opt, dev=None) -> tuple[str, ...]:
     packing = ((f"--packing: the {run.batch} sequences of {run.seq} tokens are flattened into one row with restarting "
                 "position_ids (DataCollatorWithFlattening, TRL padding-free); the varlen kernel keeps them apart "
                 "(cu_seqlens, no mask)",) if run.packing else ())
@@ -228,5 +242,7 @@ def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({get_kernel(run.attention).description})",
         *packing,
-        device_formula(opt.paged),
-    )
+        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None),
+    ) + ((f"--alloc-conf {run.alloc_conf}: not modelled by the analytic engine's reserved memory (a slack on the "
+          "allocated peak); --engine trace replays the step through the allocator with these settings",)
+         if run.alloc_conf else ())

@@ -4,7 +4,7 @@ bisections, benchmarks/sweep_speed.py).
 `step_numbers(spec, run)` returns exactly what `estimate_run(spec, run).memory.peak_bytes`,
 `.memory.device_bytes`, `.flops.total`, `.trainable_params` and `.gpu.step_time_s` would be: it
 calls the same functions (`validated_run`, the cached `affine_record`, `parameter_budget`,
-`activation_budget`, the candidate moments of `phase_peaks` (`peaks.peak_bytes`), `step_flops`, `device_bytes`, `gpu_fit`), and only skips what
+`activation_budget`, the candidate moments of `phase_peaks` (`peaks.peak_bytes`), `step_flops`, `device_memory`, `gpu_fit`), and only skips what
 explains the numbers (term descriptions, per-kind tables, assumptions, the `Estimate` object).
 `tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths.
 
@@ -22,7 +22,7 @@ from functools import lru_cache
 from .architectures import get_architecture
 from .architectures.base import stack_of
 from .budget import parameter_budget
-from .device import DEFAULT_UTILISATION, device_bytes, step_time_s
+from .device import DEFAULT_UTILISATION, device_memory, slack_reserved, step_time_s
 from .optimizers import get_optimizer
 from .peaks import activation_budget, peak_bytes
 from .record import affine_record
@@ -71,7 +71,7 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
     """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
     LoraCostError on bad input, as it does."""
-    from .estimator import _forward_key
+    from .estimator import _forward_key, _libraries
     if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
         return numbers_of(_full(spec, run, gpu, utilisation))
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
@@ -80,7 +80,9 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     rec, acts = _activations(spec, key, targets, run.r)
     params = parameter_budget(arch, spec, method, run, get_optimizer(run.optimizer), sites, head_sites)
     peak = peak_bytes(rec, acts, params, run, stack, adapted_blocks=adapted)
-    device = device_bytes(peak, params.state_bytes if params.paged else 0)
+    device = device_memory(slack_reserved(peak), peak_bytes=peak, family=spec.model_type, gpu=gpu,
+                           paged_bytes=params.state_bytes if params.paged else 0, paged_evictable=run.paged_evictable,
+                           libraries=_libraries(run)).device_bytes
     lines = _flop_lines(spec, key, targets)
     if lines is None:  # not all integers: evaluated at the rank itself
         flops = step_flops(rec, run.grad_checkpointing, stack)

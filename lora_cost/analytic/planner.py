@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from ..errors import LoraCostError, shown
-from .device import DEFAULT_UTILISATION
+from .device import DEFAULT_UTILISATION, verdict
 from .estimator import estimate
 from .methods import get_method
 from .methods.base import flag_of
@@ -46,6 +46,9 @@ class PlanPoint:
     step_time_s: float | None
     tokens_per_s: float | None
     components: tuple[Term, ...]
+    # fits / tight / does not fit against the usable budget (analytic/device.py verdict): "tight" when
+    # the budget lies within the estimate's stated uncertainty; `fits` stays device_bytes <= usable
+    verdict: str = ""
 
 
 @dataclass(frozen=True)
@@ -216,7 +219,9 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
                          peak_bytes=e.memory.peak_bytes, device_bytes=e.memory.device_bytes,
                          fits=e.memory.device_bytes <= usable, trainable_params=e.trainable_params,
                          flops_per_step=e.flops.total, step_time_s=step,
-                         tokens_per_s=(e.batch * e.seq / step) if step else None, components=e.memory.components)
+                         tokens_per_s=(e.batch * e.seq / step) if step else None, components=e.memory.components,
+                         verdict=verdict(usable, e.memory.device_bytes,
+                                         e.memory.device.uncertainty_bytes if e.memory.device else 0))
 
     batches = range(batch_range[0], batch_range[1] + 1)  # bisected, never listed
     seqs = sorted({s for s in SEQ_LADDER if s <= spec.max_positions} | {seq})
@@ -282,7 +287,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         if cheapest:
             smallest = point(min(cheapest, key=lambda e: e.memory.device_bytes))
     assumptions = (
-        f"fits: estimated device memory (peak allocated + 10% allocator slack + 0.75 GiB CUDA context) <= "
+        f"fits: estimated device memory (peak allocated + 10% allocator slack + the CUDA context measured per GPU, profiles/cuda_context.json) <= "
         f"budget {budget_bytes:,} B less a {100 * margin:.0f}% margin",
         f"step time: FLOPs / ({'GPU peak' if gpu_profile else 'no GPU given'} x {100 * utilisation:.0f}% utilisation)",
         f"precision {precision}, optimizer {optimizer}, attention {attention}, targets "

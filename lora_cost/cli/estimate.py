@@ -9,7 +9,8 @@ import click
 from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
-from .options import attention_options, common_run_options, method_choice, method_options, parse_targets
+from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, method_choice,
+                      method_options, parse_targets)
 
 
 @main.command()
@@ -35,6 +36,7 @@ from .options import attention_options, common_run_options, method_choice, metho
               "train the classification head too (peft modules_to_save).")
 @click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 @attention_options
+@allocator_flags
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels, packing,
              peft_config=None, training_args=None, axolotl=None, **option_flags):
@@ -50,6 +52,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs.update(task=task, num_labels=num_labels)
     if packing:
         kwargs["packing"] = True
+    kwargs.update(allocator_kwargs(option_flags))
     if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
         from .files import apply_to_estimate
         model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,

@@ -101,3 +101,30 @@ def file_options(f):
     for d in reversed(decorators):
         f = d(f)
     return f
+
+
+# -- task allocator: the caching allocator's settings and paged optimizer state (one block) ------
+def allocator_flags(f):
+    """--alloc-conf (PYTORCH_CUDA_ALLOC_CONF) and --paged-evictable."""
+    decorators = [
+        click.option("--alloc-conf", default=None,
+                     help="PYTORCH_CUDA_ALLOC_CONF for the step, e.g. expandable_segments:True,max_split_size_mb:512,"
+                     "garbage_collection_threshold:0.8 (the trace engine replays its allocations with these settings)."),
+        click.option("--paged-evictable", is_flag=True, default=False,
+                     help="Paged optimizers: the driver may evict their state to host memory, so it is not counted on "
+                     "the GPU (default: resident)."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def allocator_kwargs(params: dict) -> dict:
+    """Pop the allocator flags from a command's parameters: only the ones given reach the run."""
+    conf, evictable = params.pop("alloc_conf", None), params.pop("paged_evictable", False)
+    out = {}
+    if conf is not None:
+        out["alloc_conf"] = conf
+    if evictable:
+        out["paged_evictable"] = True
+    return out

@@ -65,6 +65,7 @@ class StepRecord:
     boundaries: list = field(default_factory=list)
     saved_max: int = 0
     reserved_peak: int | None = None
+    segments: tuple | None = None  # the real allocator's segments per kind at the step's end (CUDA only)
     forward_calls: int = 0  # from the detector, at the step's end
     backward_calls: int = 0
     instr_s: float = 0.0
@@ -153,6 +154,9 @@ class Measurement:
         record.forward_calls, record.backward_calls = forward_calls, backward_calls
         self._enter_phase(None)
         self._boundary("optimizer_end", backward_calls - 1)
+        if isinstance(self.counters, CudaCounters):
+            from .segments import record_segments  # memory_snapshot(): per segment kind (segments.py)
+            record.segments = record_segments()
         record.end_mark = self.clock.mark()
         self.record = None
         if self.tracker is not None:  # the CPU tracker's per-op bookkeeping is instrumentation too
@@ -255,4 +259,5 @@ class Measurement:
                                backward_calls=r.backward_calls, wall_s=wall,
                                peak_bytes=max((p.peak_bytes for p in phases), default=0),
                                peak_reserved_bytes=r.reserved_peak, saved_activation_bytes=int(r.saved_max),
-                               instrumentation_s=r.instr_s, phases=phases, boundaries=tuple(r.boundaries))
+                               instrumentation_s=r.instr_s, phases=phases, boundaries=tuple(r.boundaries),
+                               segments=r.segments)

@@ -109,6 +109,7 @@ class StepMeasurement:
     instrumentation_s: float  # time spent inside the profiler's own hooks during this step
     phases: tuple[PhaseMeasurement, ...]
     boundaries: tuple[Boundary, ...]
+    segments: tuple | None = None  # CUDA: profiler/segments.py SegmentKind per kind at the step's end
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,9 @@ def _build(cls, data):
     """Rebuild a (nested) frozen dataclass from `asdict` output; lists become tuples."""
     if data is None:
         return None
+    from .segments import SegmentKind
     nested = {"memory": Categories, "phases": PhaseMeasurement, "boundaries": Boundary, "by_module": ModuleFlops,
+              "segments": SegmentKind,
               "collectives": CollectiveTime}
     top = {"measured": StepMeasurement, "flops": FlopMeasurement, "params": ParamRow, "model": ModelInfo,
            "comparison": TermComparison, "environment": Environment, "oom": OomEvent, "overhead": Overhead,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..results import (Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, ServingEstimate,
+from ..results import (DeviceMemory, Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, ServingEstimate,
                        ServingVariant, Term)
 
 SERVING_CONVENTION = ("per generated token with a KV cache, attending to context_positions positions; matmul FLOPs, "
@@ -40,6 +40,7 @@ def estimate_to_json(e: Estimate) -> dict:
             "peak_bytes": m.peak_bytes,
             "peak_phase": m.peak_phase,
             "device_bytes": m.device_bytes,
+            **device_json(m.device),
             "steady_bytes": m.steady_bytes,
             "saved_activation_bytes": m.saved_activation_bytes,
             "components": _terms(m.components),
@@ -103,10 +104,31 @@ def serving_from_json(doc: dict) -> ServingEstimate:
                            merged=variant(doc["merged"]), unmerged=variant(doc["unmerged"]), note=doc["note"])
 
 
+def device_json(d) -> dict:
+    """How device_bytes is made up (analytic/device.py): reserved, context, fragmentation, paged state."""
+    if d is None:
+        return {}
+    return {"reserved_bytes": d.reserved_bytes, "context_bytes": d.context_bytes,
+            "fragmentation_bytes": d.fragmentation_bytes, "paged_optimizer_bytes": d.paged_bytes,
+            "paged_optimizer_resident": d.paged_resident, "device_uncertainty_bytes": d.uncertainty_bytes,
+            "context_measured": d.context_measured, "reserved_model": d.reserved_model}
+
+
+def device_from_json(mem: dict):
+    if "reserved_bytes" not in mem:
+        return None
+    return DeviceMemory(reserved_bytes=mem["reserved_bytes"], context_bytes=mem["context_bytes"],
+                        paged_bytes=mem["paged_optimizer_bytes"], paged_resident=mem["paged_optimizer_resident"],
+                        fragmentation_bytes=mem["fragmentation_bytes"], device_bytes=mem["device_bytes"],
+                        uncertainty_bytes=mem["device_uncertainty_bytes"], context_measured=mem["context_measured"],
+                        reserved_model=mem["reserved_model"])
+
+
 def gpu_fit_json(g: GpuFit | None) -> dict | None:
     if g is None:
         return None
-    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
+    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "verdict": g.verdict,
+            "uncertainty_bytes": g.uncertainty_bytes, "headroom_bytes": g.headroom_bytes,
             "step_time_s": g.step_time_s, "utilisation": g.utilisation}
 
 
@@ -125,7 +147,8 @@ def estimate_from_json(doc: dict) -> Estimate:
         phases=tuple(PhasePeak(phase, p["peak_bytes"], p["moment"], terms(p["terms"])) for phase, p in mem["phases"].items()),
         device_bytes=mem["device_bytes"], steady_bytes=mem["steady_bytes"],
         saved_activation_bytes=mem["saved_activation_bytes"], saved_by_kind=terms(mem["saved_by_kind"]),
-        terms=tuple(Term(t["name"], t["bytes"], t["formula"], t["explanation"]) for t in mem["terms"]))
+        terms=tuple(Term(t["name"], t["bytes"], t["formula"], t["explanation"]) for t in mem["terms"]),
+        device=device_from_json(mem))
     flops = FlopEstimate(forward=fl["forward"], backward=fl["backward"],
                          forward_uncounted=fl["forward_uncounted_by_flopcounter"],
                          backward_uncounted=fl["backward_uncounted_by_flopcounter"],
@@ -133,7 +156,8 @@ def estimate_from_json(doc: dict) -> Estimate:
     g = doc["gpu"]
     gpu = None if g is None else GpuFit(gpu=g["name"], memory_bytes=g["memory_bytes"], fits=g["fits"],
                                         headroom_bytes=g["headroom_bytes"], step_time_s=g["step_time_s"],
-                                        utilisation=g["utilisation"])
+                                        utilisation=g["utilisation"], verdict=g.get("verdict", ""),
+                                        uncertainty_bytes=g.get("uncertainty_bytes", 0))
     return Estimate(
         model=doc["model"], family=doc["family"], method=doc["method"], r=inputs["r"], targets=tuple(inputs["targets"]),
         batch=inputs["batch"], seq=inputs["seq"], precision=inputs["precision"], optimizer=inputs["optimizer"],

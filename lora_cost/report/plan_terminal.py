@@ -22,7 +22,8 @@ def render_plan(console: Console, p: Plan) -> None:
         table.add_row(mp.method, "yes" if mp.grad_checkpointing else "no", largest_r,
                       str(mp.max_batch.batch) if mp.max_batch else "[red]none[/]",
                       str(mp.reference_r) if mp.reference_r else "-",
-                      fmt_bytes(best.device_bytes) if best else "-", fmt_count(best.trainable_params) if best else "-",
+                      (fmt_bytes(best.device_bytes) + (" [yellow](tight)[/]" if best.verdict == "tight" else ""))
+                      if best else "-", fmt_count(best.trainable_params) if best else "-",
                       fmt_flops(best.flops_per_step) if best else "-",
                       f"{best.step_time_s * 1e3:.0f} ms" if best and best.step_time_s else "-")
     console.print(table)
@@ -31,6 +32,10 @@ def render_plan(console: Console, p: Plan) -> None:
         console.print(f"[red]Nothing fits {fmt_bytes(p.usable_bytes)}.[/] The smallest configuration is {s.method} r={s.r} "
                       f"batch {s.batch} with gradient checkpointing; it needs {fmt_bytes(s.device_bytes)} "
                       f"({fmt_bytes(s.device_bytes - p.usable_bytes)} more).")
+    if any((mp.max_batch or mp.max_rank) is not None and (mp.max_batch or mp.max_rank).verdict == "tight"
+           for mp in p.methods):
+        console.print("[yellow]tight[/]: the budget lies within the estimate's stated uncertainty (reserved-memory "
+                      "model and CUDA context); leave margin or check with --engine trace / the profiler.")
     for s in p.skipped:
         console.print(f"[yellow]skipped[/] {s}")
     for a in p.assumptions:

@@ -31,6 +31,13 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
             row.append(t.formula)
         table.add_row(*row)
     table.add_row("[bold]peak allocated[/]", f"[bold]{fmt_bytes(m.peak_bytes)}[/]", "100%", *([""] if explain else []))
+    if m.device is not None:
+        d = m.device
+        table.add_row("reserved (caching allocator)", fmt_bytes(d.reserved_bytes), "", *([""] if explain else []))
+        table.add_row("CUDA context + libraries", fmt_bytes(d.context_bytes), "", *([""] if explain else []))
+        if d.paged_bytes:
+            table.add_row("paged optimizer state" + ("" if d.paged_resident else " (evictable, not counted)"),
+                          fmt_bytes(d.paged_bytes), "", *([""] if explain else []))
     table.add_row("device (reserved + context)", fmt_bytes(m.device_bytes), "", *([""] if explain else []))
     console.print(table)
 
@@ -46,14 +53,20 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
                   f"total {fmt_flops(f.total)} (2 FLOPs per multiply-add)")
     if e.gpu is not None:
         g = e.gpu
-        verdict = "[green]fits[/]" if g.fits else "[red]does not fit[/]"
+        verdict = verdict_markup(g)
         console.print(f"{g.gpu}: {verdict} ({fmt_bytes(m.device_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
-                      f"{fmt_bytes(g.headroom_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
+                      f"{fmt_bytes(g.headroom_bytes)}, uncertainty {fmt_bytes(g.uncertainty_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
                       f"{100 * g.utilisation:.0f}% of peak throughput")
     if e.serving is not None:
         render_serving(console, e.serving)
     if explain:
         _render_explain(console, e)
+
+
+def verdict_markup(g) -> str:
+    """fits / tight / does not fit, coloured (tight: the GPU's memory is within the stated uncertainty)."""
+    word = g.verdict or ("fits" if g.fits else "does not fit")
+    return {"fits": "[green]fits[/]", "tight": "[yellow]tight[/]"}.get(word, "[red]does not fit[/]")
 
 
 def render_serving(console: Console, s: ServingEstimate) -> None:

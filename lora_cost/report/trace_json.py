@@ -5,14 +5,13 @@ from __future__ import annotations
 
 from ..results import GpuFit
 from ..trace.results import TraceResult
-from .jsonout import estimate_to_json, run_header
+from .jsonout import device_json, estimate_to_json, gpu_fit_json, run_header
 
 
 def _gpu(g: GpuFit | None) -> dict | None:
     if g is None:
         return None
-    return {"name": g.gpu, "memory_bytes": g.memory_bytes, "fits": g.fits, "headroom_bytes": g.headroom_bytes,
-            "step_time_s": g.step_time_s, "utilisation": g.utilisation}
+    return gpu_fit_json(g)
 
 
 def trace_to_json(t: TraceResult, gpu: GpuFit | None = None) -> dict:
@@ -24,6 +23,8 @@ def trace_to_json(t: TraceResult, gpu: GpuFit | None = None) -> dict:
             "peak_bytes": t.peak_bytes,
             "peak_phase": t.peak_phase,
             "device_bytes": t.device_bytes,
+            **device_json(t.device),
+            "allocator_retries": t.allocator_retries,
             "steady_bytes": t.steady_bytes,
             "saved_activation_bytes": t.saved_activation_bytes,
             "paged_optimizer_bytes": t.paged_optimizer_bytes,

@@ -35,12 +35,16 @@ def render_trace(console: Console, t, fit, explain: bool = False) -> None:
                       ", ".join(f"{cat.name} {fmt_bytes(cat.bytes)}" for cat in p.categories))
     c.print(table)
     c.print(f"peak {fmt_bytes(t.peak_bytes)} ({t.peak_phase}); saved activations {fmt_bytes(t.saved_activation_bytes)}; "
-            f"device estimate {fmt_bytes(t.device_bytes)}")
+            f"device estimate {fmt_bytes(t.device_bytes)}"
+            + (f" (reserved {fmt_bytes(t.device.reserved_bytes)} + context {fmt_bytes(t.device.context_bytes)}"
+               + (f" + paged state {fmt_bytes(t.device.paged_bytes)}" if t.device.paged_bytes and t.device.paged_resident else "")
+               + ")" if t.device is not None else ""))
     c.print(f"FLOPs forward {fmt_flops(t.flops_forward)}, backward {fmt_flops(t.flops_backward)}"
             + (f" (incl. {fmt_flops(t.flops_forward_uncounted)} FlopCounterMode does not see)" if t.flops_forward_uncounted else ""))
     if fit is not None:
-        c.print(f"{fit.gpu}: {'fits' if fit.fits else 'does NOT fit'} "
-                f"(headroom {fmt_bytes(fit.headroom_bytes)}), ~{fit.step_time_s:.3f} s/step")
+        word = fit.verdict or ("fits" if fit.fits else "does not fit")
+        c.print(f"{fit.gpu}: {word} (headroom {fmt_bytes(fit.headroom_bytes)}, uncertainty "
+                f"{fmt_bytes(fit.uncertainty_bytes)}), ~{fit.step_time_s:.3f} s/step")
     if explain:
         saved = Table(title="Saved activations by module")
         for col in ("module", "bytes", "tensors"):

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import resource
 import time
 import warnings
 from dataclasses import replace
 
-from ..analytic.device import device_bytes
+from ..analytic.device import device_memory
 from ..attention_kernels import is_fused
 from ..analytic.estimator import validated_run
 from ..analytic.optimizers import get_optimizer
@@ -17,6 +19,11 @@ from ..spec import ModelSpec, RunConfig
 from ..results import MemoryCategory
 from .replay import replay_step
 from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
+
+
+# How the cuBLAS workspaces reach the allocator (replay.py step_events): "cached" per thread's handle
+# (CublasHandlePool.cpp setWorkspaceForHandle, torch <= 2.11) or "per_call".
+WORKSPACE_MODE = "cached"
 
 
 def plan(model, method: str, **kwargs):
@@ -37,7 +44,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
-          packing: bool = False) -> TraceResult:
+          packing: bool = False, alloc_conf=None, paged_evictable: bool = False) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -55,12 +62,13 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                              dropout=dropout, model_dropout=model_dropout, method_options=method_options,
-                             task=task, num_labels=num_labels, calibration=calibration)
+                             task=task, num_labels=num_labels, calibration=calibration, alloc_conf=alloc_conf,
+                             paged_evictable=paged_evictable)
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
                                target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
-                               packing=packing)
+                               packing=packing, alloc_conf=alloc_conf, paged_evictable=paged_evictable)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
@@ -83,7 +91,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         transformers.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss)
+    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=gpu)
 
 
 def _category(blk, rec) -> MemoryCategory:
@@ -100,7 +108,7 @@ def _category(blk, rec) -> MemoryCategory:
     return MemoryCategory.TEMPORARIES
 
 
-def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss) -> TraceResult:
+def summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=None) -> TraceResult:
     sim = rec.sim
     phases = []
     for phase in ("forward", "backward", "optimizer"):
@@ -147,16 +155,45 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     notes.append("not simulated: cuDNN attention and other kernels a library selects only on a real GPU, "
                  "torch.compile, cuBLAS workspaces; CPU-side tensors of the real run (AdamW step counters) are "
                  "excluded")
-    reserved = replay_step(sim)
+    from ..analytic.allocator import parse_alloc_conf
+    from ..analytic.allocator.workspaces import cublas_workspace_bytes
+    from ..analytic.cuda_context import context_for
+    capability, capacity = (9, 0), None
+    if gpu is not None:  # replay against what the allocator may reserve there: the GPU less its context
+        from ..profiles import load_gpu
+        profile = load_gpu(gpu)
+        capability = profile.compute_capability or capability
+        capacity = max(profile.memory_bytes - context_for(profile.name, spec.model_type).bytes
+                       - (0 if run.paged_evictable else rec.paged_bytes), 0)
+    # sized for the GPU's compute capability (sm90, the calibration's, without --gpu), or CUBLAS_WORKSPACE_CONFIG
+    reserved = replay_step(sim, parse_alloc_conf(run.alloc_conf),
+                           workspace=cublas_workspace_bytes(capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG")),
+                           workspace_mode=WORKSPACE_MODE, capacity_bytes=capacity)
+    oom = reserved.out_of_memory
+    if oom:  # the sequence stopped at the failing request: its numbers come from the unbounded replay
+        reserved = replay_step(sim, parse_alloc_conf(run.alloc_conf),
+                               workspace=cublas_workspace_bytes(capability, os.environ.get("CUBLAS_WORKSPACE_CONFIG")),
+                               workspace_mode=WORKSPACE_MODE)
     notes.append("reserved memory: the step's allocations and frees replayed through a model of PyTorch's caching "
-                 "allocator (lora_cost/analytic/allocator), default settings, one stream, cache warm")
+                 f"allocator (lora_cost/analytic/allocator), {'settings ' + run.alloc_conf if run.alloc_conf else 'default settings'}, "
+                 "one stream, cache warm, cuBLAS workspaces included")
     if run.autocast_dtype:
         notes.append("autocast: CUDA's op lists emulated at the function level (lora_cost/trace/autocast.py); ops "
                      "called inside other ops' C++ implementations are cast as their caller was")
     warnings = []
+    if oom:
+        warnings.append(f"the allocator replay runs out of memory on {gpu}: a request finds no room even after the "
+                        "cache is emptied (CUDA out of memory)")
+    elif reserved.alloc_retries:
+        warnings.append(f"on {gpu} the step fits only because the allocator empties its cache and retries "
+                        f"({reserved.alloc_retries} allocation retries: cudaFree of cached segments, a slow step)")
     if run.seq > spec.max_positions:
         warnings.append(f"sequence length {run.seq} exceeds the model's maximum of {spec.max_positions} positions")
-    device = device_bytes(top.peak_bytes, rec.paged_bytes)
+    dev = device_memory(reserved.reserved_peak_bytes, peak_bytes=top.peak_bytes, family=spec.model_type, gpu=gpu,
+                        paged_bytes=rec.paged_bytes, paged_evictable=run.paged_evictable, replayed=True,
+                        fragmentation_bytes=reserved.fragmentation_at_peak_bytes,
+                        libraries=("bitsandbytes",) if m.name == "qlora" or rec.paged_bytes or "8bit" in run.optimizer else ())
+    device = dev.device_bytes
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
                      f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
@@ -177,7 +214,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
         notes=tuple(notes), warnings=tuple(warnings), trace_seconds=round(elapsed, 3), trace_max_rss_bytes=int(rss),
         paged_optimizer_bytes=int(rec.paged_bytes), reserved_peak_bytes=reserved.reserved_peak_bytes,
         reserved_after_step_bytes=reserved.reserved_after_bytes, fragmentation_bytes=reserved.fragmentation_at_peak_bytes,
-        allocator_retries=reserved.alloc_retries)
+        allocator_retries=reserved.alloc_retries, device=dev)
 
 
 def _pattern(module: str) -> str:

@@ -13,19 +13,59 @@ so the sequence replayed is:
   first `optimizer.step()` (torch/optim/adamw.py `_init_group`, one tensor after another), is
   allocated there rather than before the first step.
 
-Non-tensor allocations of a real run (the cuBLAS/cuBLASLt workspaces, which ATen takes from the same
-caching allocator) are not in the trace; `extra` lets a caller add allocations alive for the whole
-run.
+Non-tensor allocations: the cuBLAS/cuBLASLt workspaces (`workspace` bytes each, ATen takes them from
+the same caching allocator: lora_cost/analytic/allocator/workspaces.py) are allocated right after
+the output of the first cuBLAS op (mm, addmm, bmm...) of the first forward (the Python thread's
+handle) and of the first backward (autograd's device thread, which also recomputes checkpointed
+blocks), and never freed. `extra` lets a caller add other allocations alive for the whole run.
 """
 
 from __future__ import annotations
 
 from ..analytic.allocator import AllocatorConfig, ReplayResult, replay
+from ..analytic.allocator.workspaces import CUBLAS_OPS
 
 
-def step_events(sim, steps: int = 2, extra: tuple[int, ...] = ()) -> list[tuple]:
-    """The allocation/free sequence of the traced run (see the module docstring)."""
+def workspace_points(sim) -> list[int]:
+    """Event numbers after which a cuBLAS workspace is allocated: the first cuBLAS op's output in the
+    first forward and in the first backward (one handle per thread, see workspaces.py)."""
+    order = sorted(sim.marks, key=lambda m: m[1])
+    windows = []  # (start, end, thread)
+    for i, (label, start) in enumerate(order):
+        end = order[i + 1][1] if i + 1 < len(order) else sim.event
+        if label in ("warmup", "forward"):
+            windows.append((start, end, "main"))
+        elif label in ("warmup_backward", "backward"):
+            windows.append((start, end, "autograd"))
+    first: dict[str, int] = {}
+    for b in sorted(sim.blocks, key=lambda b: b.alloc):
+        if getattr(b, "op", None) not in CUBLAS_OPS:
+            continue
+        for start, end, thread in windows:
+            if start < b.alloc <= end and thread not in first:
+                first[thread] = b.alloc
+        if len(first) == 2:
+            break
+    return sorted(first.values())
+
+
+def cublas_points(sim) -> set[int]:
+    """Event numbers of every cuBLAS op's output allocation."""
+    return {b.alloc for b in sim.blocks if getattr(b, "op", None) in CUBLAS_OPS}
+
+
+def step_events(sim, steps: int = 2, extra: tuple[int, ...] = (), workspace: int = 0,
+                workspace_mode: str = "cached") -> list[tuple]:
+    """The allocation/free sequence of the traced run (see the module docstring). `workspace_mode`:
+    "cached" (one workspace per thread's handle, kept), "per_call" (allocated and freed around every
+    cuBLAS call: TORCH_CUBLAS_WORKSPACE_CACHE off), "none"."""
     marks = dict(reversed(sim.marks))  # first occurrence of each label
+    if workspace <= 0 or workspace_mode == "none":
+        ws_after, per_call = set(), set()
+    elif workspace_mode == "per_call":
+        ws_after, per_call = set(), cublas_points(sim)
+    else:
+        ws_after, per_call = set(workspace_points(sim)), set()
     starts = [e for label, e in sim.marks if label in ("warmup", "forward")]
     step_start = starts[0] if starts else sim.event
     state_at = marks.get("warmup_optimizer", marks.get("optimizer"))
@@ -63,6 +103,11 @@ def step_events(sim, steps: int = 2, extra: tuple[int, ...] = ()) -> list[tuple]
                 continue  # a storage from before the step (the input ids) is freed once, after the last step
             key = ("setup", id(b)) if before_step else (rep, id(b))
             events.append((key, b.raw if is_alloc else None))
+            if rep == 0 and is_alloc and event in ws_after:
+                events.append((("cublas_workspace", event), workspace))
+            if is_alloc and event in per_call:
+                events.append((("cublas_call", rep, event), workspace))
+                events.append((("cublas_call", rep, event), None))
         if pending:
             events.extend(state_events)
             pending = False
@@ -70,5 +115,5 @@ def step_events(sim, steps: int = 2, extra: tuple[int, ...] = ()) -> list[tuple]
 
 
 def replay_step(sim, config: AllocatorConfig | None = None, steps: int = 2, extra: tuple[int, ...] = (),
-                capacity_bytes: int | None = None) -> ReplayResult:
-    return replay(step_events(sim, steps, extra), config, capacity_bytes)
+                capacity_bytes: int | None = None, workspace: int = 0, workspace_mode: str = "cached") -> ReplayResult:
+    return replay(step_events(sim, steps, extra, workspace, workspace_mode), config, capacity_bytes)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..results import MemoryCategory, RunHeader
+from ..results import DeviceMemory, MemoryCategory, RunHeader
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,7 @@ class TraceResult(RunHeader):
     reserved_after_step_bytes: int = 0  # memory_reserved() after the measured step
     fragmentation_bytes: int = 0  # reserved but unallocated bytes at the allocated peak
     allocator_retries: int = 0  # > 0: the step fits only because the cache was emptied and the allocation retried
+    device: DeviceMemory | None = None  # reserved + context (+ resident paged state): analytic/device.py
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -19,7 +19,7 @@ class EngineRun:
     differences: tuple[Difference, ...]  # trace - analytic per term; empty without `both`
 
 
-def gpu_fit(device_bytes: int, flops: int, precision: str, gpu: str | None) -> GpuFit | None:
+def gpu_fit(device_bytes: int, flops: int, precision: str, gpu: str | None, uncertainty: int = 0) -> GpuFit | None:
     """The trace's device estimate and FLOPs against a bundled GPU, by the analytic engine's rule
     (analytic/device.py)."""
     if gpu is None:
@@ -27,7 +27,7 @@ def gpu_fit(device_bytes: int, flops: int, precision: str, gpu: str | None) -> G
     from ..analytic.device import gpu_fit as fit
     from ..profiles import load_gpu
 
-    return fit(load_gpu(gpu), device_bytes, flops, precision)
+    return fit(load_gpu(gpu), device_bytes, flops, precision, uncertainty=uncertainty)
 
 
 def run_engines(model, method: str, *, gpu: str | None, both: bool, **kwargs) -> EngineRun:
@@ -41,7 +41,8 @@ def run_engines(model, method: str, *, gpu: str | None, both: bool, **kwargs) ->
     if both:
         from ..analytic.estimator import estimate
         analytic = estimate(model, method, gpu=gpu, **kwargs)  # validates the flags before torch loads
-    t = trace(model, method, **kwargs)
-    fit = gpu_fit(t.device_bytes, t.flops_forward + t.flops_backward, t.precision, gpu)
+    t = trace(model, method, gpu=gpu, **kwargs)
+    fit = gpu_fit(t.device_bytes, t.flops_forward + t.flops_backward, t.precision, gpu,
+                  t.device.uncertainty_bytes if t.device is not None else 0)
     diffs = tuple(differences(analytic, t)) if both else ()
     return EngineRun(trace=t, gpu=fit, analytic=analytic, differences=diffs)

@@ -253,6 +253,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             if autocast is not None:
                 autocast.end_forward()
                 autocast.enabled = False
+            sim.mark("warmup_backward")
             warm.loss.backward()
             sim.mark("warmup_optimizer")
             opt.step()
