@@ -139,6 +139,8 @@ class RunConfig:
     moe_imbalance: float | None = None
     task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
     num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
+    # -- task "sharding": several GPUs (analytic/sharding/config.py ShardingSpec; None: one GPU, nothing changes)
+    sharding: "ShardingSpec | None" = None  # noqa: F821 (a torch-free frozen dataclass, imported where used)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)

@@ -72,7 +72,7 @@ def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
     a method whose sizes are not keeps its rank) and no optimizer."""
     affine = get_method(run.method).rank_affine
-    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw")
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None)
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -81,10 +81,13 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None, gpus: int | None = None, nodes: int = 1, sharding: str | None = None,
+             sharding_options: dict | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
-    decoder length (default `seq`). Raises LoraCostError on bad input."""
+    decoder length (default `seq`). `gpus`, `nodes`, `sharding` (ddp, fsdp, ... ; default fsdp) and
+    `sharding_options` (analytic/sharding/config.py ShardingSpec fields): the busiest rank of a data-parallel
+    run. Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -92,8 +95,19 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
+                    sharding=sharding_spec(gpus, nodes, sharding, sharding_options))
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
+
+
+def sharding_spec(gpus: int | None, nodes: int = 1, sharding: str | None = None, options: dict | None = None):
+    """The ShardingSpec of --gpus/--nodes/--sharding (None: one GPU, nothing changes)."""
+    if gpus is None:
+        if sharding is not None or nodes != 1 or options:
+            raise LoraCostError("--sharding, --nodes and their options need --gpus N")
+        return None
+    from .sharding import ShardingSpec
+    return ShardingSpec(strategy=sharding or "fsdp", gpus=gpus, nodes=nodes, **(options or {}))
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
@@ -163,9 +177,16 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
     acts = activation_budget(rec, run, stack)
-    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
+    rank = None
+    if run.sharding is not None:
+        from .sharding import rank_of  # only with --gpus: the one-GPU path stays as it was
+        rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)),
+                         rank=rank)
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
+    if rank is not None and params.paged:
+        paged = rank.paged_state
     device = device_bytes(peak.peak_bytes, paged)
 
     fwd = sum(rec.flops.get((s, "fwd"), 0) * reps.get(s, 1) for s in scopes)
@@ -186,10 +207,18 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
-        terms=memory_terms(spec, run, method, opt, params, acts.total, rec))
+        terms=memory_terms(spec, run, method, opt, params, acts.total, rec) + (() if rank is None else _rank_terms(rank)),
+        host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node)
     flops = FlopEstimate(forward=int(fwd), backward=int(bwd), forward_uncounted=int(uncounted),
                          backward_uncounted=int(uncounted_bwd), terms=flop_terms(rec, run, recomputed))
-    fit = gpu_fit(load_gpu(gpu), device, fwd + bwd, run.precision, utilisation) if gpu is not None else None
+    gpu_profile = load_gpu(gpu) if gpu is not None else None
+    fit = gpu_fit(gpu_profile, device, fwd + bwd, run.precision, utilisation) if gpu is not None else None
+    distributed = None
+    if rank is not None:
+        from .sharding import distributed_estimate
+        distributed = distributed_estimate(rank, gpu_profile, fit.step_time_s if fit else None)
+        if fit is not None:  # the step waits for the communication compute does not hide
+            fit = replace(fit, step_time_s=fit.step_time_s + (distributed.exposed_communication_time_s or 0.0))
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
@@ -202,7 +231,13 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
         + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run),
-        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
+        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None,
+        distributed=distributed)
+
+
+def _rank_terms(rank) -> tuple[Term, ...]:
+    from .sharding import sharding_terms
+    return sharding_terms(rank)
 
 
 def _serving(arch, spec, method, sites, head_sites, run):

@@ -52,7 +52,9 @@ def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> Activati
 
 
 def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
-                stack: Stack, adapted_blocks: bool) -> tuple[PhasePeak, ...]:
+                stack: Stack, adapted_blocks: bool, rank=None) -> tuple[PhasePeak, ...]:
+    """`rank` (sharding/rank.py RankModel, --gpus): the busiest rank's shards replace the steady terms,
+    gradients scale to the rank's share, and each moment gets the data-parallel library's buffers."""
     L = stack.layers
     logits, ls = rec.logits_bytes, rec.log_softmax_bytes
     saved = acts.total
@@ -77,7 +79,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)] + _dp(rank, "backward-block", i)
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
@@ -89,27 +91,31 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual),
                 # orphaned saves are among those buffers: count them once
-                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))]
+                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
+                ] + _dp(rank, "recompute", i)
 
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]
+             + _dp(rank, "forward-loss")),
             ("inside a block (largest short-lived buffer)",
-             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]),
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]
+             + _dp(rank, "forward-block")),
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
-              (C.GRADIENTS, params.early_gradient_bytes)]),
+              (C.GRADIENTS, params.early_gradient_bytes)] + _dp(rank, "backward-start")),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
             *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0))),
-            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)] + _dp(rank, "backward-end")),
         ],
         "optimizer": [
             ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
-                                (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries)]),
+                                (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries if rank is None
+                                 else rank.optimizer_temporaries)] + _dp(rank, "optimizer")),
             # the training loop's own update before zero_grad (AdaLoRA's rank allocator); ties go to the step
             ("the training loop's update after the optimizer step",
              [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.TRANSIENT_BUFFERS, params.loop_temporaries)]),
@@ -117,12 +123,23 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
               (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
+    if rank is not None:
+        steady = [(C.WEIGHTS, rank.weights), (C.TRAINABLE_WEIGHTS, rank.trainable),
+                  (C.OPTIMIZER_STATE, rank.optimizer_state), (C.LOOP_STATE, params.loop_state_bytes)]
+        share = rank.gradients / grads_total if grads_total else 0.0  # the rank's part of each gradient
+        candidates = {phase: [(where, [(c, int(v * share) if c == C.GRADIENTS else v) for c, v in terms])
+                              for where, terms in options] for phase, options in candidates.items()}
     phases = []
     for phase, options in candidates.items():
         where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))
         terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
+
+
+def _dp(rank, moment: str, i: int | None = None) -> list:
+    """The data-parallel library's buffers alive at a moment (none on one GPU)."""
+    return [] if rank is None else rank.gathered(moment, i)
 
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:
