@@ -108,6 +108,8 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
               (C.GRADIENTS, params.early_gradient_bytes)] + _dp(rank, "backward-start")),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
+            *_reduce_scatter_moments(rank, stack, acts, grads_head, params.per_layer_trainable_bytes if grads_blocks else 0,
+                                     logits),
             *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0))),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)] + _dp(rank, "backward-end")),
@@ -127,7 +129,15 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         steady = [(C.WEIGHTS, rank.weights), (C.TRAINABLE_WEIGHTS, rank.trainable),
                   (C.OPTIMIZER_STATE, rank.optimizer_state), (C.LOOP_STATE, params.loop_state_bytes)]
         share = rank.gradients / grads_total if grads_total else 0.0  # the rank's part of each gradient
-        candidates = {phase: [(where, [(c, int(v * share) if c == C.GRADIENTS else v) for c, v in terms])
+
+        def grads(phase: str, c, v: int) -> int:
+            if c != C.GRADIENTS:
+                return v
+            if not rank.exact_gradients:
+                return int(v * share)
+            return rank.gradients if phase == "optimizer" else 0  # FSDP: gathered() names them per moment
+
+        candidates = {phase: [(where, [(c, grads(phase, c, v)) for c, v in terms])
                               for where, terms in options] for phase, options in candidates.items()}
     phases = []
     for phase, options in candidates.items():
@@ -135,6 +145,18 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
+
+
+def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_head: int, per_layer: int,
+                            logits: int) -> list:
+    """FSDP: after a unit's backward its gradients are copied into the reduce-scatter input (the block's own
+    buffers are gone by then): the last and the first block."""
+    if rank is None or not rank.unit_reduce_scatter:
+        return []
+    L = stack.layers
+    return [(f"reduce-scatter after the {'first' if i == 0 else 'last'} block's backward",
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i])), (C.GRADIENTS, grads_head + per_layer * (L - 1 - i)),
+              (C.LOGITS, logits)] + _dp(rank, "reduce-scatter", i)) for i in sorted({0, L - 1})]
 
 
 def _dp(rank, moment: str, i: int | None = None) -> list:

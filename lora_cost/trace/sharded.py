@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from ..errors import LoraCostError
+
 
 @contextmanager
 def fake_world(world: int, rank: int = 0):
@@ -31,16 +33,61 @@ def decoder_layers(model):
     return [m for m in model.modules() if type(m).__name__ in names]
 
 
-def wrap(model, strategy: str, world: int, reshard_after_forward: bool = True):
+@contextmanager
+def fsdp_storage_hooks(sim):
+    """FSDP2 frees and re-allocates each unsharded parameter by resizing its storage
+    (_fsdp_param.py `free_storage`: `storage.resize_(0)`, `alloc_storage`), which no aten op of the step's
+    dispatch shows and no storage object's death reports: tell the simulated allocator."""
+    from torch.distributed.fsdp._fully_shard import _fsdp_param, _fsdp_param_group
+
+    orig_alloc, orig_free = _fsdp_param.alloc_storage, _fsdp_param.free_storage
+
+    def alloc(tensor):
+        orig_alloc(tensor)
+        sim.storage_resized(tensor, "fsdp alloc_storage")
+
+    def free(tensor):
+        sim.storage_freed(tensor)
+        orig_free(tensor)
+
+    _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = alloc, free, alloc
+    try:
+        yield
+    finally:
+        _fsdp_param.alloc_storage, _fsdp_param.free_storage, _fsdp_param_group.alloc_storage = (
+            orig_alloc, orig_free, orig_alloc)
+
+
+def mesh_of(world: int):
+    """A 1-D CPU device mesh over the world (built outside FakeTensorMode: it reads real rank tensors)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    return init_device_mesh("cpu", (world,))
+
+
+def wrap(model, strategy: str, world: int, reshard_after_forward: bool = True, mesh=None):
     """The model as the strategy wraps it (fully_shard per decoder layer + root, or DDP)."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, init_sync=False)  # the initial broadcast reads real values
+        ddp.register_comm_hook(None, _in_place_hook)
+        return ddp
+    if strategy not in ("fsdp", "fsdp-grad-op"):
+        raise LoraCostError(f"the trace engine runs DDP and FSDP2 (fsdp, fsdp-grad-op); {strategy} is analytic only "
+                            "(DeepSpeed cannot run on fake tensors; HSDP needs a 2-D mesh)")
     from torch.distributed.fsdp import fully_shard
     for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward)
-    fully_shard(model, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, mesh=mesh)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mesh=mesh)
     return model
+
+
+def _in_place_hook(state, bucket):
+    """DDP's default hook all-reduces the bucket in place and returns it; the fake process group's future
+    carries no value, so return the (same) bucket buffer: the memory is the default hook's."""
+    import torch
+    fut = torch.futures.Future()
+    fut.set_result(bucket.buffer())
+    return fut
 
 
 def _local(t):

@@ -71,7 +71,9 @@ class RankModel:
     unit_gathered: int = 0  # one layer's gathered parameters
     unit_unsharded_grads: int = 0  # one layer's gradients before they are reduce-scattered
     unit_reduce_scatter: int = 0  # one layer's reduce-scatter input
-    root_unsharded_grads: int = 0  # root's trainable gradients, produced at the head, reduced at the end
+    root_unsharded_grads: int = 0  # root's trainable gradients, reduced at the end of backward
+    root_head_grads: int = 0  # of those, the ones the head's backward makes (not the embeddings')
+    layer_sharded_grads: int = 0  # one layer's gradient shards (FSDP: the rank's part after its reduce-scatter)
     root_reduce_scatter: int = 0
     buckets: int = 0  # DDP buckets (persistent)
     backward_buckets: int = 0  # ZeRO ipg buckets (backward only)
@@ -81,38 +83,49 @@ class RankModel:
     overlapped_collectives: tuple[str, ...] = ()
 
     def gathered(self, moment: str, i: int | None = None) -> list[tuple[C, int]]:
-        """The parameters, prefetches and reduction buffers alive at a moment of the step (peaks.py names the
-        moments; i: the block whose backward or recomputation runs)."""
+        """The parameters, all-gather buffers and reduction buffers alive at a moment of the step (peaks.py
+        names the moments; i: the block whose backward or recomputation runs).
+
+        FSDP2 keeps the flat output of the latest all-gather until the next all-gather's copy-in
+        (_fsdp_param_group.py `AllGatherState`, freed at the latest by the root's final backward callback),
+        so one unit's all-gather buffer is alive beside the gathered units throughout forward and backward:
+        in forward the current unit's, in backward the next unit's prefetch (issued for the last layer at the
+        root's pre-backward). A unit reduce-scatters after its backward (`post_backward`: reshard, then
+        `foreach_reduce` copies the unsharded gradients into the reduce-scatter input)."""
         L, unit = self.layers, self.unit_gathered
         if not (unit or self.root_gathered or self.buckets or self.backward_buckets):
             return []
-        root = self.root_gathered
+        root, keep = self.root_gathered, self.keep_gathered
+        buffer = unit if self.backward_prefetch and not keep else 0  # the latest all-gather's flat output
         out: list[tuple[C, int]] = [(C.GRADIENT_BUCKETS, self.buckets)]
         if moment == "forward-loss":
-            out.append((C.GATHERED_PARAMETERS, root + (L * unit if self.keep_gathered else 0)))
-        elif moment == "forward-block":  # inside the last block: root + its unit (no later unit to prefetch)
-            out.append((C.GATHERED_PARAMETERS, root + (L * unit if self.keep_gathered else unit)))
+            out += [(C.GATHERED_PARAMETERS, root + (L * unit if keep else 0)), (C.PREFETCHED_PARAMETERS, buffer)]
+        elif moment == "forward-block":  # inside the last block: root + its unit, and its all-gather buffer
+            out += [(C.GATHERED_PARAMETERS, root + (L * unit if keep else unit)), (C.PREFETCHED_PARAMETERS, buffer)]
         elif moment in ("backward-start", "backward-head"):
-            out.append((C.GATHERED_PARAMETERS, root + (L * unit if self.keep_gathered else 0)))
+            out += [(C.GATHERED_PARAMETERS, root + (L * unit if keep else 0)), (C.PREFETCHED_PARAMETERS, buffer),
+                    (C.GRADIENT_BUCKETS, self.backward_buckets)]
             if moment == "backward-head":
-                out.append((C.UNSHARDED_GRADIENTS, self.root_unsharded_grads))
-            out.append((C.GRADIENT_BUCKETS, self.backward_buckets))
-        elif moment in ("backward-block", "recompute"):
+                out.append((C.UNSHARDED_GRADIENTS, self.root_head_grads))
+        elif moment in ("backward-block", "recompute", "reduce-scatter"):
             assert i is not None
-            alive = (i + 1) * unit if self.keep_gathered else unit
-            out.append((C.GATHERED_PARAMETERS, root + alive))
-            # backward prefetch (FSDP2 default: the next unit in reverse order is all-gathered ahead)
-            if self.backward_prefetch and not self.keep_gathered and i > 0:
-                out.append((C.PREFETCHED_PARAMETERS, unit))
-            out.append((C.UNSHARDED_GRADIENTS, self.root_unsharded_grads
-                        + (self.unit_unsharded_grads if moment == "backward-block" else 0)))
-            if moment == "backward-block":
+            out += [(C.GATHERED_PARAMETERS, root + ((i + 1) * unit if keep else unit)),
+                    (C.PREFETCHED_PARAMETERS, buffer if moment != "reduce-scatter" or i > 0 else 0),
+                    (C.UNSHARDED_GRADIENTS, self.root_head_grads
+                     + (self.unit_unsharded_grads if moment != "recompute" else 0)),
+                    (C.GRADIENTS, self.layer_sharded_grads * (L - 1 - i)),
+                    (C.GRADIENT_BUCKETS, self.backward_buckets)]
+            if moment == "reduce-scatter":
                 out.append((C.REDUCE_SCATTER_BUFFERS, self.unit_reduce_scatter))
-            out.append((C.GRADIENT_BUCKETS, self.backward_buckets))
         elif moment == "backward-end":  # the root's post-backward: its gradients reduce-scattered
             out += [(C.UNSHARDED_GRADIENTS, self.root_unsharded_grads), (C.REDUCE_SCATTER_BUFFERS, self.root_reduce_scatter),
-                    (C.GRADIENT_BUCKETS, self.backward_buckets)]
+                    (C.GRADIENT_BUCKETS, self.backward_buckets), (C.GRADIENTS, self.layer_sharded_grads * L)]
         return [(c, v) for c, v in out if v]
+
+    @property
+    def exact_gradients(self) -> bool:
+        """FSDP: the rank's gradients at each moment come from gathered(); the others scale the one-GPU ones."""
+        return bool(self.unit_gathered) and self.backward_prefetch
 
     @property
     def comm_bytes(self) -> dict[str, int]:
@@ -197,6 +210,9 @@ def _fsdp(tensors, sh: ShardingSpec, opt: Optimizer, L: int) -> RankModel:
                      root_gathered=per_unit(ROOT, gathered), unit_gathered=unit_ag,
                      unit_unsharded_grads=per_unit(LAYER, ugrads), unit_reduce_scatter=per_unit(LAYER, rs_in),
                      root_unsharded_grads=per_unit(ROOT, ugrads), root_reduce_scatter=per_unit(ROOT, rs_in),
+                     root_head_grads=sum(ugrads(t, n) for t, n in shards if t.unit == ROOT and not t.late),
+                     layer_sharded_grads=0 if sh.cpu_offload else
+                     sum(_bytes(t, n) for t, n in shards if t.unit == LAYER and t.trainable) // L,
                      keep_gathered=not sh.resharded, collectives=tuple(coll),
                      overlapped_collectives=("all_gather", "reduce_scatter", "all_reduce"))
 

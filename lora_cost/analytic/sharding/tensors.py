@@ -33,6 +33,7 @@ class ShardTensor:
     dtype: str
     trainable: bool
     unit: str  # LAYER: `count` is spread evenly over the decoder layers; ROOT: the root unit's
+    late: bool = False  # its gradient arrives at the end of backward (an embedding no LM head is tied to)
 
     @property
     def row(self) -> int:
@@ -84,7 +85,8 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
             dim0 = numel // spec.hidden  # nn.Embedding [rows, hidden], nn.Linear head [vocab, hidden]
         else:
             dim0 = numel  # norms and biases are 1-D
-        out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, dtype, trainable_base, unit))
+        late = g.kind == "embedding" and not (spec.tie_embeddings and dim0 == spec.vocab)
+        out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, dtype, trainable_base, unit, late))
     if not trainable_base:
         for s in sites:
             for t in method.trainable(s, run):
