@@ -71,6 +71,16 @@ def cases() -> list[dict]:
                             batch=2, seq=777))
     for r in (1, 7, 64, 1000):
         out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    # task "sharding": the busiest rank of several GPUs (appended: the rows above do not move)
+    for sharding in ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3"):
+        for method, gpus in (("full", 8), ("lora", 4)):
+            out.append(dict(model="llama-3.1-8b", method=method, gpus=gpus, sharding=sharding, seq=2048,
+                            grad_checkpointing=True, gpu="h100-80gb"))
+    out.append(dict(model="llama-3.1-70b", method="lora", r=16, targets="all-linear", seq=4096, gpus=8,
+                    sharding="fsdp", grad_checkpointing=True, gpu="h100-80gb"))
+    out.append(dict(model="llama-3.1-8b", method="full", gpus=4, sharding="zero3",
+                    sharding_options={"offload": "optimizer"}))
+    out.append(dict(model="llama-3.1-8b", method="full", gpus=16, nodes=2, sharding="hsdp", gpu="h100-80gb"))
     return out
 
 
