@@ -70,6 +70,10 @@ def test_deepspeed_estimator_if_installed():
     e = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero2")
     _, gpu = ds2.estimate_zero2_model_states_mem_needs(e.total_params, 8, 1, cpu_offload=False)
     assert _states(e) == gpu
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    e3 = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero3", sharding_options={"param_persistence_threshold": 0})
+    _, gpu3, _ = estimate_zero3_model_states_mem_needs(e3.total_params, 0, 8, 1, cpu_offload=False)
+    assert _states(e3) - 2 * e3.total_params // 8 == gpu3  # + the 16-bit gradient partition (see above)
 
 
 def test_ddp_keeps_buckets_of_the_trainable_only():
