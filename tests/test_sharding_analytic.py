@@ -130,3 +130,16 @@ def test_bad_input_is_one_line(args):
     out = CliRunner().invoke(main, ["estimate", "--model", "gpt2", *args])
     assert out.exit_code == 2, out.output
     assert len(out.output.strip().splitlines()) == 1
+
+
+def test_plan_over_gpu_counts_and_strategies():
+    out = CliRunner().invoke(main, ["plan", "--model", "llama-3.1-8b", "--gpu", "rtx-4090-24gb", "--gpus", "1,2,4",
+                                    "--sharding", "ddp,fsdp,zero3", "--methods", "full", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert len(doc["points"]) == 1 + 2 * 3  # one GPU alone, then 2 and 4 GPUs under each strategy
+    # full fine-tuning of 8B (16 B per parameter for bf16 AdamW) fits no 24 GB card alone; FSDP/ZeRO-3 over 4 do not
+    # either at 8B x 16 B / 4 = 32 GB of model states; the cheapest fitting point, if any, uses the fewest GPUs
+    assert not doc["points"][0]["fits"]
+    best = doc["best"]
+    assert best is None or best["gpus"] == min(p["gpus"] for p in doc["points"] if p["fits"])
