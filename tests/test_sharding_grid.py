@@ -66,9 +66,11 @@ if __name__ == "__main__":
     import tempfile
     tmp = Path(tempfile.mkdtemp())
     rows, t0 = [], time.time()
-    only = sys.argv[1:]  # e.g. "fsdp" to run one strategy
+    # filters: each argument a comma-separated group of values a configuration must all hold
+    # ("llama,ddp gpt2": llama under DDP, and every gpt2 configuration)
+    groups = [set(a.split(",")) for a in sys.argv[1:]]
     for config in grid():
-        if only and config[1] not in only:
+        if groups and not any(g <= set(map(str, config)) for g in groups):
             continue
         try:
             a, t = pair(tmp, *config)

@@ -171,9 +171,10 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
     if getattr(run, "sharding", None) is not None:  # rank 0 of N under torch's fake process group (sharded.py)
         from .sharded import fake_world, mesh_of, wrap
         world.enter_context(fake_world(run.sharding.gpus))
-        mesh = mesh_of(run.sharding.gpus) if run.sharding.strategy != "ddp" else None
-        with mode:
-            model = wrap(model, run.sharding.strategy, run.sharding.gpus, run.sharding.resharded, mesh=mesh)
+        if run.sharding.strategy != "ddp":  # DDP wraps inside the simulated allocator (_run_step): its buckets
+            mesh = mesh_of(run.sharding.gpus)
+            with mode:
+                model = wrap(model, run.sharding.strategy, run.sharding.gpus, run.sharding.resharded, mesh=mesh)
     with world:
         return _run_step(model, run, optimizer, vocab, calibration, loop, mode)
 
@@ -213,6 +214,15 @@ def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
         if getattr(run, "sharding", None) is not None and run.sharding.strategy != "ddp":
             from .sharded import fsdp_storage_hooks
             stack.enter_context(fsdp_storage_hooks(sim))
+        if getattr(run, "sharding", None) is not None and run.sharding.strategy == "ddp":
+            # DistributedDataParallel allocates its flat gradient buckets when it is built (reducer.cpp
+            # `initialize_buckets`, C++ ops the allocator's dispatch mode sees): build it here and name them
+            from .sharded import wrap
+            first = sim.event
+            model = wrap(model, "ddp", run.sharding.gpus)
+            for blk in sim.blocks:
+                if blk.alloc > first and blk.kind is None:
+                    blk.kind = "gradient_buckets"
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(sim.pack, sim.unpack))
         for p in model.parameters():
             sim.adopt(p, "trainable_weights" if p.requires_grad else "weights")
