@@ -2,7 +2,16 @@
 analytic per-rank model, on a grid of sharded configurations: strategies x world sizes x methods x
 checkpointing x families. The test runs a bounded subset; as a script it runs the whole grid and prints
 the per-rank peak's median and worst disagreement:
-    python tests/test_sharding_grid.py
+    python tests/test_sharding_grid.py                  # the whole grid (180 configurations)
+    python tests/test_sharding_grid.py llama,ddp gpt2   # filters
+
+Measured (torch 2.13, transformers 5.24, peft 0.21.2): 180 configurations, per-rank peak |analytic - trace| / trace
+median 0.17%, worst 6.62% (gpt2, fsdp, 8 ranks, LoRA, checkpointing); by strategy median/worst: fsdp 0.27/6.62%,
+fsdp-grad-op 0.22/5.80%, ddp 0.03/5.75%; without checkpointing 0.06/4.53%, with 0.88/6.62%. The four rows above 6%
+are gpt2 + FSDP + LoRA/DoRA + checkpointing (8 and 16 ranks), where the one-GPU model's block moment (its
+activation-gradient buffers and recomputed block, tests/test_trace_grid.py) lands on the moment the unit's gathered
+parameters and the prefetch are alive; at 64 ranks the trace's 512-byte rounding of many tiny shards (not in the
+analytic shard bytes, which are the storages' exact sizes) adds about 80 KB.
 """
 
 from __future__ import annotations
