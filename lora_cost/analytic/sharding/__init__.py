@@ -7,24 +7,28 @@ lists every parameter with its shape, rank.py says what a rank holds at each mom
 from __future__ import annotations
 
 from dataclasses import asdict
+from functools import lru_cache
 
 from ...results import DistributedEstimate, Term
-from ...units import fmt_bytes
-from .config import ShardingSpec
-from .rank import RankModel, rank_model
-from .tensors import shard_tensors
+from .config import ShardingSpec  # light: the CLI reads its choices; the rest loads with the first --gpus estimate
 
-__all__ = ["ShardingSpec", "RankModel", "rank_of", "distributed_estimate", "sharding_terms"]
+__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms"]
 
 
-def rank_of(arch, spec, method, run, opt, sites, head_sites) -> RankModel:
+def rank_of(arch, spec, method, run, opt, sites, head_sites):
+    """The busiest rank's RankModel (rank.py), cached: batch and length sweeps do not change it."""
+    key = run.__class__(method=run.method, r=run.r, precision=run.precision, method_options=run.method_options,
+                        targets=run.targets, task=run.task, num_labels=run.num_labels)
+    return _rank_of(arch, spec, method, key, run.sharding, opt, tuple(sites), tuple(head_sites))
+
+
+@lru_cache(maxsize=2048)
+def _rank_of(arch, spec, method, key, sharding, opt, sites, head_sites):
     from .deepspeed import apply_deepspeed_config
-    sharding = apply_deepspeed_config(run.sharding, spec.hidden)
-    tensors = shard_tensors(arch, spec, method, run.__class__(method=run.method, r=run.r, precision=run.precision,
-                                                               method_options=run.method_options, targets=run.targets,
-                                                               task=run.task, num_labels=run.num_labels),
-                            tuple(sites), tuple(head_sites))
-    return rank_model(tensors, sharding, opt, spec.layers, spec.hidden)
+    from .rank import rank_model
+    from .tensors import shard_tensors
+    sharding = apply_deepspeed_config(sharding, spec.hidden)
+    return rank_model(shard_tensors(arch, spec, method, key, sites, head_sites), sharding, opt, spec.layers, spec.hidden)
 
 
 OVERLAP = {
@@ -49,7 +53,7 @@ def _link(gpu, sharding: ShardingSpec) -> tuple[str | None, float | None]:
     return (name, bw * 1e9) if bw else (None, None)
 
 
-def distributed_estimate(rank: RankModel, gpu, compute_time_s: float | None) -> DistributedEstimate:
+def distributed_estimate(rank, gpu, compute_time_s: float | None) -> DistributedEstimate:
     sh = rank.sharding
     link, bandwidth = _link(gpu, sh)
     comm_time = exposed = None
@@ -67,8 +71,9 @@ def distributed_estimate(rank: RankModel, gpu, compute_time_s: float | None) -> 
                                overlap=OVERLAP[key] + "; step time = compute + the communication not hidden by it")
 
 
-def sharding_terms(rank: RankModel) -> tuple[Term, ...]:
+def sharding_terms(rank) -> tuple[Term, ...]:
     """The rank's stored quantities for memory.terms (--explain)."""
+    from ...units import fmt_bytes
     sh = rank.sharding
     what = {"ddp": "every rank holds the whole model", "zero1": "optimizer state partitioned",
             "zero2": "gradients and optimizer state partitioned", "zero3": "parameters, gradients, optimizer partitioned"}
