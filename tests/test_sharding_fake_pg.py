@@ -31,8 +31,8 @@ def analytic_rank(tmp_path, family, method, world, strategy="fsdp"):
     return rank_of(get_architecture(spec.model_type), spec, m, run, get_optimizer("adamw"), sites, heads)
 
 
-@pytest.mark.parametrize("family,method,world", [("llama", "full", 2), ("llama", "lora", 5), ("llama", "full", 7),
-                                                 ("gpt2", "full", 5), ("gpt2", "lora", 7), ("gpt2", "lora", 2)])
+@pytest.mark.parametrize("family,method,world", [("llama", "full", 2), ("llama", "lora", 5), ("gpt2", "full", 5),
+                                                 ("gpt2", "lora", 7)])
 def test_fsdp2_rank_shards_equal_fully_shard(tmp_path, family, method, world):
     model = tiny_models.build(family)
     if method == "lora":
