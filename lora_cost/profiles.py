@@ -148,6 +148,11 @@ class GpuProfile:
     fp32_tflops: float
     source: str
     compute_capability: tuple[int, int] | None = None  # (major, minor): sizes the cuBLAS workspaces
+    # per-GPU bandwidths in one direction, GB/s (1e9 B/s); None: the card has no such link
+    nvlink_bandwidth_GB_per_s: float | None = None
+    pcie_bandwidth_GB_per_s: float | None = None
+    infiniband_bandwidth_GB_per_s: float | None = None
+    interconnect_source: str = ""
 
 
 def _capability(text) -> tuple[int, int] | None:
@@ -163,13 +168,17 @@ def bundled_gpus() -> dict[str, GpuProfile]:
     for path in sorted((profiles_dir() / "gpus").glob("*.json")):
         d = read_json(path)
         try:
+            links = [None if d.get(k) is None else float(d[k]) for k in
+                     ("nvlink_bandwidth_GB_per_s", "pcie_bandwidth_GB_per_s", "infiniband_bandwidth_GB_per_s")]
             gpu = GpuProfile(d["name"], d["description"], int(d["memory_bytes"]), float(d["bf16_tflops_dense"]),
                              float(d["fp32_tflops"]), d.get("source", ""),
-                             _capability(d.get("compute_capability")))
+                             _capability(d.get("compute_capability")), *links, d.get("interconnect_source", ""))
         except (KeyError, TypeError, ValueError) as exc:
             raise LoraCostError(f"{path}: malformed GPU profile ({exc})") from None
         if not (gpu.memory_bytes > 0 and 0 < gpu.bf16_tflops_dense < math.inf and 0 < gpu.fp32_tflops < math.inf):
             raise LoraCostError(f"{path}: memory and throughput must be positive and finite")
+        if any(b is not None and not 0 < b < math.inf for b in links):
+            raise LoraCostError(f"{path}: interconnect bandwidths must be positive and finite (or null)")
         out[gpu.name] = gpu
     return out
 

@@ -67,6 +67,17 @@ class MemoryCategory(str, Enum):
                              "torch._foreach_sqrt(exp_avg_sq) for all tensors at once")
     TEMPORARIES = ("temporaries", "temporaries",
                    "everything else alive: op outputs not saved for backward, workspaces (the profiler's residual)")
+    # -- several GPUs (--gpus/--sharding, task "sharding"): buffers of the data-parallel libraries
+    GATHERED_PARAMETERS = ("gathered_parameters", "gathered parameters",
+                           "FSDP/ZeRO-3: all-gathered (unsharded) parameters of the units in use, and the root's")
+    PREFETCHED_PARAMETERS = ("prefetched_parameters", "prefetched parameters",
+                             "FSDP: the next unit's parameters, all-gathered ahead of its use")
+    UNSHARDED_GRADIENTS = ("unsharded_gradients", "unsharded gradients",
+                           "FSDP: full-size gradients of gathered parameters, before their reduce-scatter")
+    REDUCE_SCATTER_BUFFERS = ("reduce_scatter_buffers", "reduce-scatter buffers",
+                              "FSDP: a unit's reduce-scatter input (world x padded shard)")
+    GRADIENT_BUCKETS = ("gradient_buckets", "gradient buckets",
+                        "DDP's flat gradient buckets; ZeRO's contiguous reduce buckets (reduce_bucket_size)")
     EARLIER_STEPS = ("earlier_steps", "earlier steps", "storages left alive by an earlier step")
 
 
@@ -120,6 +131,7 @@ class MemoryEstimate:
     saved_by_kind: tuple[Term, ...]
     terms: tuple[Term, ...]  # every stored quantity (weights, grads, states, ...), peak or not
     device: DeviceMemory | None = None  # task allocator: how device_bytes is made up
+    host_bytes: int | None = None  # --gpus: host memory per node (offloaded state); None on one GPU
 
     def stored_bytes(self, category: MemoryCategory) -> int | None:
         """Bytes of the stored quantities of one category (None when no term has it)."""
@@ -185,6 +197,24 @@ class ServingEstimate:
 
 
 @dataclass(frozen=True)
+class DistributedEstimate:
+    """Several GPUs: the world, the strategy's settings and each rank's traffic per step."""
+
+    gpus: int
+    nodes: int
+    sharding: str
+    settings: dict  # the strategy's knobs as modelled (bucket sizes, dtypes, offload, ...)
+    communication_bytes: dict  # collective -> payload bytes per rank per step
+    wire_bytes: int  # bytes each rank sends per step (ring algorithms)
+    bandwidth_bytes_per_s: float | None  # per GPU, the link the collectives cross (None: no --gpu)
+    link: str | None  # nvlink | pcie | infiniband
+    compute_time_s: float | None
+    communication_time_s: float | None
+    exposed_communication_time_s: float | None  # the part not hidden behind compute
+    overlap: str  # the overlap assumption, in words
+
+
+@dataclass(frozen=True)
 class RunHeader:
     """The run as both engines describe it: the inputs after defaults are filled in, and the
     parameter counts. An `Estimate` and a `TraceResult` are each a header plus their engine's
@@ -218,6 +248,7 @@ class Estimate(RunHeader):
     warnings: tuple[str, ...]
     assumptions: tuple[str, ...]
     serving: ServingEstimate | None = None  # only when asked for (estimate --serving)
+    distributed: "DistributedEstimate | None" = None  # --gpus/--sharding only
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -169,6 +169,8 @@ class RunConfig:
     # -- task allocator: the caching allocator's settings and paged optimizer state --------------
     alloc_conf: str | None = None  # PYTORCH_CUDA_ALLOC_CONF text (None: PyTorch's defaults)
     paged_evictable: bool = False  # paged optimizer state may be evicted to the host (not counted on the GPU)
+    # -- task "sharding": several GPUs (analytic/sharding/config.py ShardingSpec; None: one GPU, nothing changes)
+    sharding: "ShardingSpec | None" = None  # noqa: F821 (a torch-free frozen dataclass, imported where used)
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)

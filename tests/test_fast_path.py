@@ -111,5 +111,6 @@ def test_every_estimate_option_is_known_to_the_numbers_path():
 
     from lora_cost.spec import RunConfig
     guarded = {f.name for f in fields(RunConfig)}  # a set RunConfig field unknown to fast.py takes the full path
-    handed_over = {"model", "gpu", "utilisation", "serving", "numbers_only"}
+    handed_over = {"model", "gpu", "utilisation", "serving", "numbers_only",
+                   "gpus", "nodes", "sharding_options"}  # these three become RunConfig.sharding (guarded)
     assert set(inspect.signature(estimate).parameters) - guarded == handed_over

@@ -74,7 +74,7 @@ def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
     a method whose sizes are not keeps its rank) and no optimizer."""
     affine = get_method(run.method).rank_affine
-    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw")
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None)
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -84,14 +84,16 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
              num_labels: int | None = None, packing: bool = False, alloc_conf: str | None = None,
-             paged_evictable: bool = False,
+             paged_evictable: bool = False, gpus: int | None = None, nodes: int = 1,
+             sharding: str | None = None, sharding_options: dict | None = None,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
-    decoder length (default `seq`). `numbers_only`: return `fast.StepNumbers` (peak, device bytes,
-    FLOPs, trainable parameters, step time: the same numbers, without the explanation; sweeps).
-    Raises LoraCostError on bad input."""
+    decoder length (default `seq`). `gpus`, `nodes`, `sharding` (ddp, fsdp, ... ; default fsdp) and
+    `sharding_options` (analytic/sharding/config.py ShardingSpec fields): the busiest rank of a data-parallel
+    run. `numbers_only`: return `fast.StepNumbers` (peak, device bytes, FLOPs, trainable parameters, step
+    time: the same numbers, without the explanation; sweeps). Raises LoraCostError on bad input."""
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
@@ -100,11 +102,22 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
                     moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing,
-                    alloc_conf=alloc_conf, paged_evictable=paged_evictable)
+                    alloc_conf=alloc_conf, paged_evictable=paged_evictable,
+                    sharding=sharding_spec(gpus, nodes, sharding, sharding_options))
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
+
+
+def sharding_spec(gpus: int | None, nodes: int = 1, sharding: str | None = None, options: dict | None = None):
+    """The ShardingSpec of --gpus/--nodes/--sharding (None: one GPU, nothing changes)."""
+    if gpus is None:
+        if sharding is not None or nodes != 1 or options:
+            raise LoraCostError("--sharding, --nodes and their options need --gpus N")
+        return None
+    from .sharding import ShardingSpec
+    return ShardingSpec(strategy=sharding or "fsdp", gpus=gpus, nodes=nodes, **(options or {}))
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):
@@ -178,9 +191,16 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     rec = affine_record(spec, _forward_key(run), frozenset(target_names)).at(run.r)
     params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
     acts = activation_budget(rec, run, stack)
-    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
+    rank = None
+    if run.sharding is not None:
+        from .sharding import rank_of  # only with --gpus: the one-GPU path stays as it was
+        rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+    phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)),
+                         rank=rank)
     peak = max(phases, key=lambda p: p.peak_bytes)
     paged = params.state_bytes if params.paged else 0
+    if rank is not None and params.paged:
+        paged = rank.paged_state
     dev = device_memory(slack_reserved(peak.peak_bytes), peak_bytes=peak.peak_bytes, family=spec.model_type, gpu=gpu,
                         paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=_libraries(run))
     device = dev.device_bytes
@@ -193,11 +213,19 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
         phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
-        terms=memory_terms(spec, run, method, opt, params, acts.total, rec), device=dev)
+        terms=memory_terms(spec, run, method, opt, params, acts.total, rec) + (() if rank is None else _rank_terms(rank)),
+        device=dev, host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node)
     flops = FlopEstimate(forward=fwd, backward=bwd, forward_uncounted=sf.forward_uncounted,
                          backward_uncounted=sf.backward_uncounted, terms=flop_terms(rec, run, recomputed))
-    fit = (gpu_fit(load_gpu(gpu), device, sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
+    gpu_profile = load_gpu(gpu) if gpu is not None else None
+    fit = (gpu_fit(gpu_profile, device, sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
            if gpu is not None else None)
+    distributed = None
+    if rank is not None:
+        from .sharding import distributed_estimate
+        distributed = distributed_estimate(rank, gpu_profile, fit.step_time_s if fit else None)
+        if fit is not None:  # the step waits for the communication compute does not hide
+            fit = replace(fit, step_time_s=fit.step_time_s + (distributed.exposed_communication_time_s or 0.0))
     return Estimate(
         model=spec.name, family=spec.model_type, method=method.name, r=run.r if not method.base_trainable else None,
         targets=target_names, batch=run.batch, seq=run.seq, precision=run.precision, optimizer=opt.name,
@@ -210,7 +238,13 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
         + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run),
-        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
+        serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None,
+        distributed=distributed)
+
+
+def _rank_terms(rank) -> tuple[Term, ...]:
+    from .sharding import sharding_terms
+    return sharding_terms(rank)
 
 
 def _serving(arch, spec, method, sites, head_sites, run):

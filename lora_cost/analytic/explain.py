@@ -24,6 +24,11 @@ COMPONENTS = {
     MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op",
     MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group",
     MemoryCategory.LOOP_STATE: "AdaLoRA: 3 x the adapter tensors (importance, its average, its uncertainty)",
+    MemoryCategory.GATHERED_PARAMETERS: "root unit + units in use: shards x padded dim-0 chunk x world, param dtype",
+    MemoryCategory.PREFETCHED_PARAMETERS: "one decoder-layer unit, all-gathered ahead (FSDP2 backward prefetch)",
+    MemoryCategory.UNSHARDED_GRADIENTS: "trainable elements of the gathered units x param dtype",
+    MemoryCategory.REDUCE_SCATTER_BUFFERS: "world x padded shard of a unit's trainable params x reduce dtype",
+    MemoryCategory.GRADIENT_BUCKETS: "DDP: trainable bytes (bucket_cap_mb buckets); ZeRO: reduce_bucket_size x dtype (x2 overlap_comm)",
 }
 
 _FLOP_KINDS = {

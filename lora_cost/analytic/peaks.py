@@ -53,9 +53,11 @@ def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> Activati
 
 
 def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
-                stack: Stack, adapted_blocks: bool) -> tuple[PhasePeak, ...]:
-    """Each phase's peak: its largest candidate moment (the first of equals), with the terms alive then."""
-    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks)
+                stack: Stack, adapted_blocks: bool, rank=None) -> tuple[PhasePeak, ...]:
+    """Each phase's peak: its largest candidate moment (the first of equals), with the terms alive then.
+    `rank` (sharding/rank.py RankModel, --gpus): the busiest rank's shards replace the steady terms,
+    gradients scale to the rank's share, and each moment gets the data-parallel library's buffers."""
+    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks, rank)
     phases = []
     for phase, options in candidates.items():
         where, extra = _largest(options)
@@ -65,9 +67,9 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
 
 
 def peak_bytes(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
-               stack: Stack, adapted_blocks: bool) -> int:
+               stack: Stack, adapted_blocks: bool, rank=None) -> int:
     """`max(p.peak_bytes for p in phase_peaks(...))` without building the terms (sweeps: fast.py)."""
-    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks)
+    steady, candidates = _moments(rec, acts, params, run, stack, adapted_blocks, rank)
     steady_bytes = 0
     for _, v in steady:
         steady_bytes += int(v)
@@ -93,7 +95,7 @@ def _largest(options: list) -> tuple:
 
 
 def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, run: RunConfig,
-             stack: Stack, adapted_blocks: bool) -> tuple[list, dict]:
+             stack: Stack, adapted_blocks: bool, rank=None) -> tuple[list, dict]:
     """(what is alive all step, {phase: [(where, [(category, bytes), ...]), ...]}): the candidate moments."""
     L = stack.layers
     logits, ls = rec.logits_bytes, rec.log_softmax_bytes
@@ -119,7 +121,7 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)] + _dp(rank, "backward-block", i)
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
@@ -131,27 +133,33 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual),
                 # orphaned saves are among those buffers: count them once
-                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))]
+                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
+                ] + _dp(rank, "recompute", i)
 
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]
+             + _dp(rank, "forward-loss")),
             ("inside a block (largest short-lived buffer)",
-             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]),
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]
+             + _dp(rank, "forward-block")),
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
-              (C.GRADIENTS, params.early_gradient_bytes)]),
+              (C.GRADIENTS, params.early_gradient_bytes)] + _dp(rank, "backward-start")),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
+            *_reduce_scatter_moments(rank, stack, acts, grads_head, params.per_layer_trainable_bytes if grads_blocks else 0,
+                                     logits),
             *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0))),
-            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)] + _dp(rank, "backward-end")),
         ],
         "optimizer": [
             ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
-                                (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries)]),
+                                (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries if rank is None
+                                 else rank.optimizer_temporaries)] + _dp(rank, "optimizer")),
             # the training loop's own update before zero_grad (AdaLoRA's rank allocator); ties go to the step
             ("the training loop's update after the optimizer step",
              [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.TRANSIENT_BUFFERS, params.loop_temporaries)]),
@@ -159,7 +167,38 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
               (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
+    if rank is not None:
+        steady = [(C.WEIGHTS, rank.weights), (C.TRAINABLE_WEIGHTS, rank.trainable),
+                  (C.OPTIMIZER_STATE, rank.optimizer_state), (C.LOOP_STATE, params.loop_state_bytes)]
+        share = rank.gradients / grads_total if grads_total else 0.0  # the rank's part of each gradient
+
+        def grads(phase: str, c, v: int) -> int:
+            if c != C.GRADIENTS:
+                return v
+            if not rank.exact_gradients:
+                return int(v * share)
+            return rank.gradients if phase == "optimizer" else 0  # FSDP: gathered() names them per moment
+
+        candidates = {phase: [(where, [(c, grads(phase, c, v)) for c, v in terms])
+                              for where, terms in options] for phase, options in candidates.items()}
     return steady, candidates
+
+
+def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_head: int, per_layer: int,
+                            logits: int) -> list:
+    """FSDP: after a unit's backward its gradients are copied into the reduce-scatter input (the block's own
+    buffers are gone by then): the last and the first block."""
+    if rank is None or not rank.unit_reduce_scatter:
+        return []
+    L = stack.layers
+    return [(f"reduce-scatter after the {'first' if i == 0 else 'last'} block's backward",
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i])), (C.GRADIENTS, grads_head + per_layer * (L - 1 - i)),
+              (C.LOGITS, logits)] + _dp(rank, "reduce-scatter", i)) for i in sorted({0, L - 1})]
+
+
+def _dp(rank, moment: str, i: int | None = None) -> list:
+    """The data-parallel library's buffers alive at a moment (none on one GPU)."""
+    return [] if rank is None else rank.gathered(moment, i)
 
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:

@@ -10,7 +10,7 @@ from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
 from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, method_choice,
-                      method_options, parse_targets)
+                      method_options, parse_targets, sharding_flags, sharding_kwargs)
 
 
 @main.command()
@@ -37,8 +37,11 @@ from .options import (allocator_flags, allocator_kwargs, attention_options, comm
 @click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 @attention_options
 @allocator_flags
+@sharding_flags
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels, packing,
+             gpus, nodes, sharding, offload, cpu_offload, deepspeed_config, reshard_after_forward, fsdp_param_dtype,
+             fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view,
              peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
@@ -53,6 +56,13 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
     if packing:
         kwargs["packing"] = True
     kwargs.update(allocator_kwargs(option_flags))
+    distributed = sharding_kwargs(gpus, nodes, sharding, offload, cpu_offload, deepspeed_config, reshard_after_forward,
+                                  fsdp_param_dtype, fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view)
+    if distributed:
+        kwargs.update(distributed)
+        if engine in ("trace", "both"):
+            raise LoraCostError("--gpus: the trace engine's per-rank step (fake process group) is not wired into the "
+                                "CLI yet; use --engine analytic")
     if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
         from .files import apply_to_estimate
         model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,

@@ -103,6 +103,29 @@ def file_options(f):
     return f
 
 
+# -- task "sharding": several GPUs (one contiguous block; analytic/sharding/config.py holds the defaults)
+def sharding_flags(f):
+    """--gpus, --nodes, --sharding and each strategy's options."""
+    from ..analytic.sharding.config import OFFLOADS, STRATEGIES
+    decorators = [
+        click.option("--gpus", type=int, default=None, help="Data-parallel world size: estimate the busiest rank (default: one GPU)."),
+        click.option("--nodes", type=int, default=1, show_default=True, help="Nodes the --gpus are spread over (must divide --gpus)."),
+        click.option("--sharding", type=click.Choice(STRATEGIES), default=None,
+                     help="How the model is split (default with --gpus: fsdp, FSDP2 fully_shard per decoder layer)."),
+        click.option("--offload", type=click.Choice(OFFLOADS), default=None, help="ZeRO: offload_optimizer (optimizer) or also offload_param (params) to the CPU."),
+        click.option("--cpu-offload", is_flag=True, default=False, help="FSDP: CPUOffloadPolicy (shards, gradients, optimizer state on the host)."),
+        click.option("--deepspeed", "deepspeed_config", default=None, help="A DeepSpeed JSON config: ZeRO stage, buckets, offload read from it."),
+        click.option("--reshard-after-forward/--no-reshard-after-forward", default=None, help="FSDP: free a unit's gathered parameters after its forward (fsdp: yes, fsdp-grad-op: no)."),
+        click.option("--fsdp-param-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="FSDP MixedPrecisionPolicy.param_dtype (default: the parameter's)."),
+        click.option("--fsdp-reduce-dtype", type=click.Choice(["fp32", "bf16", "fp16"]), default=None, help="FSDP MixedPrecisionPolicy.reduce_dtype (default: param dtype)."),
+        click.option("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default 25)."),
+        click.option("--gradient-as-bucket-view", is_flag=True, default=False, help="DDP: gradients are views of the buckets."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
 # -- task allocator: the caching allocator's settings and paged optimizer state (one block) ------
 def allocator_flags(f):
     """--alloc-conf (PYTORCH_CUDA_ALLOC_CONF) and --paged-evictable."""
@@ -128,3 +151,17 @@ def allocator_kwargs(params: dict) -> dict:
     if evictable:
         out["paged_evictable"] = True
     return out
+
+
+def sharding_kwargs(gpus, nodes, sharding, offload, cpu_offload, deepspeed_config, reshard_after_forward,
+                    fsdp_param_dtype, fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view) -> dict:
+    """`estimate()` keyword arguments of the sharding flags; {} when none is given (nothing changes)."""
+    options = {k: v for k, v in dict(offload=offload, cpu_offload=cpu_offload or None, deepspeed_config=deepspeed_config,
+                                     reshard_after_forward=reshard_after_forward, param_dtype=fsdp_param_dtype,
+                                     reduce_dtype=fsdp_reduce_dtype, bucket_cap_mb=bucket_cap_mb,
+                                     gradient_as_bucket_view=gradient_as_bucket_view or None).items() if v is not None}
+    if gpus is None and sharding is None and nodes == 1 and not options:
+        return {}
+    if gpus is not None and gpus < 1:
+        raise LoraCostError(f"--gpus must be a positive integer, got {gpus}")
+    return dict(gpus=gpus, nodes=nodes, sharding=sharding, sharding_options=options)

@@ -83,9 +83,18 @@ class LazyProgress:
 @file_options
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--gpus", "gpu_counts", default=None, help="Several GPUs: comma separated counts (1,2,4,8); per-rank memory "
+              "of each count x --sharding x method at the smallest --r and --batch of their ranges.")
+@click.option("--sharding", "strategies", default="ddp,fsdp,zero2,zero3", show_default=True,
+              help="With --gpus: comma separated strategies.")
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,
-         task, num_labels, html_path, as_json, peft_config=None, training_args=None, axolotl=None, **option_flags):
+         task, num_labels, html_path, as_json, peft_config=None, training_args=None, axolotl=None, gpu_counts=None,
+         strategies="ddp,fsdp,zero2,zero3", **option_flags):
     """Find the largest rank and batch per method that fit a GPU or a memory budget."""
+    if gpu_counts is not None:  # task "sharding": its own sweep (analytic/sharding/plan.py)
+        from .plan_sharded import run_sharded_plan
+        return run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precision, optimizer, attention,
+                                gpu_counts, strategies, html_path, as_json, option_flags)
     from ..analytic.planner import parse_range, plan as run_plan, rank_candidates, sweep_size
     from ..units import parse_bytes
     budget_bytes = None

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..results import (DeviceMemory, Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak, RunHeader, ServingEstimate,
-                       ServingVariant, Term)
+from ..results import (DeviceMemory, DistributedEstimate, Estimate, FlopEstimate, GpuFit, MemoryEstimate, PhasePeak,
+                       RunHeader, ServingEstimate, ServingVariant, Term)
 
 SERVING_CONVENTION = ("per generated token with a KV cache, attending to context_positions positions; matmul FLOPs, "
                       "2 per multiply-add (torch.utils.flop_counter), elementwise ops not counted; no timing")
@@ -61,7 +61,20 @@ def estimate_to_json(e: Estimate) -> dict:
     }
     if e.serving is not None:  # only when asked for (estimate --serving): absent otherwise
         doc["serving"] = serving_json(e.serving)
+    if e.distributed is not None:  # --gpus only: every other name keeps its meaning, for the busiest rank
+        d = e.distributed
+        doc["inputs"]["gpus"], doc["inputs"]["nodes"], doc["inputs"]["sharding"] = d.gpus, d.nodes, d.sharding
+        doc["inputs"]["sharding_settings"] = d.settings
+        doc["memory"]["host_bytes"] = m.host_bytes
+        doc["communication"] = communication_json(d)
     return doc
+
+
+def communication_json(d: DistributedEstimate) -> dict:
+    return {"bytes_per_rank": dict(d.communication_bytes), "wire_bytes_per_rank": d.wire_bytes,
+            "link": d.link, "bandwidth_bytes_per_s": d.bandwidth_bytes_per_s, "compute_time_s": d.compute_time_s,
+            "communication_time_s": d.communication_time_s,
+            "exposed_communication_time_s": d.exposed_communication_time_s, "overlap": d.overlap}
 
 
 def _variant_json(v: ServingVariant | None) -> dict | None:
@@ -148,7 +161,7 @@ def estimate_from_json(doc: dict) -> Estimate:
         device_bytes=mem["device_bytes"], steady_bytes=mem["steady_bytes"],
         saved_activation_bytes=mem["saved_activation_bytes"], saved_by_kind=terms(mem["saved_by_kind"]),
         terms=tuple(Term(t["name"], t["bytes"], t["formula"], t["explanation"]) for t in mem["terms"]),
-        device=device_from_json(mem))
+        device=device_from_json(mem), host_bytes=mem.get("host_bytes"))
     flops = FlopEstimate(forward=fl["forward"], backward=fl["backward"],
                          forward_uncounted=fl["forward_uncounted_by_flopcounter"],
                          backward_uncounted=fl["backward_uncounted_by_flopcounter"],
@@ -165,4 +178,14 @@ def estimate_from_json(doc: dict) -> Estimate:
         method_options=inputs["method_options"], trainable_params=doc["trainable_params"],
         total_params=doc["total_params"], adapted_modules=doc["adapted_modules"], memory=memory, flops=flops, gpu=gpu,
         warnings=tuple(doc["warnings"]), assumptions=tuple(doc["assumptions"]),
-        serving=serving_from_json(doc["serving"]) if "serving" in doc else None)
+        serving=serving_from_json(doc["serving"]) if "serving" in doc else None,
+        distributed=_distributed_from_json(doc) if "communication" in doc else None)
+
+
+def _distributed_from_json(doc: dict) -> DistributedEstimate:
+    c, i = doc["communication"], doc["inputs"]
+    return DistributedEstimate(gpus=i["gpus"], nodes=i["nodes"], sharding=i["sharding"], settings=i["sharding_settings"],
+                               communication_bytes=c["bytes_per_rank"], wire_bytes=c["wire_bytes_per_rank"],
+                               bandwidth_bytes_per_s=c["bandwidth_bytes_per_s"], link=c["link"],
+                               compute_time_s=c["compute_time_s"], communication_time_s=c["communication_time_s"],
+                               exposed_communication_time_s=c["exposed_communication_time_s"], overlap=c["overlap"])

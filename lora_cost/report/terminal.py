@@ -51,6 +51,8 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
 
     console.print(f"FLOPs per step: forward {fmt_flops(f.forward)}, backward {fmt_flops(f.backward)}, "
                   f"total {fmt_flops(f.total)} (2 FLOPs per multiply-add)")
+    if e.distributed is not None:
+        render_distributed(console, e)
     if e.gpu is not None:
         g = e.gpu
         verdict = verdict_markup(g)
@@ -67,6 +69,18 @@ def verdict_markup(g) -> str:
     """fits / tight / does not fit, coloured (tight: the GPU's memory is within the stated uncertainty)."""
     word = g.verdict or ("fits" if g.fits else "does not fit")
     return {"fits": "[green]fits[/]", "tight": "[yellow]tight[/]"}.get(word, "[red]does not fit[/]")
+
+
+def render_distributed(console: Console, e: Estimate) -> None:
+    """--gpus: whose numbers these are, the host memory and each collective's bytes."""
+    d = e.distributed
+    comm = ", ".join(f"{name} {fmt_bytes(v)}" for name, v in d.communication_bytes.items())
+    console.print(f"{d.sharding} over {d.gpus} GPUs ({d.nodes} node{'s' if d.nodes > 1 else ''}): the numbers above are "
+                  f"the busiest rank's; host memory per node {fmt_bytes(e.memory.host_bytes or 0)}")
+    console.print(f"communication per rank per step: {comm} ({fmt_bytes(d.wire_bytes)} sent over the ring)"
+                  + (f"; {d.communication_time_s * 1e3:.0f} ms over {d.link}, {d.exposed_communication_time_s * 1e3:.0f} ms "
+                     "not hidden by compute" if d.communication_time_s is not None else ""))
+    console.print(f"[dim]assumed: {d.overlap}[/]")
 
 
 def render_serving(console: Console, s: ServingEstimate) -> None:

@@ -62,6 +62,9 @@ class AllocatorSim(TorchDispatchMode):
 
     # -- storages ---------------------------------------------------------------------------
     def _register(self, t: torch.Tensor, kind: str | None, op: str) -> Block | None:
+        local = getattr(t, "_local_tensor", None)  # a DTensor (FSDP2's sharded parameters): its rank's local shard
+        if local is not None:
+            t = local
         if not isinstance(t, FakeTensor):
             return None
         st = t.untyped_storage()
@@ -90,6 +93,17 @@ class AllocatorSim(TorchDispatchMode):
             self.event += 1
             blk.free = self.event
             self.current -= blk.size
+
+    def storage_freed(self, t: torch.Tensor) -> None:
+        """`storage.resize_(0)` (FSDP2's `free_storage`): the storage object lives on, its memory is freed."""
+        key = t.untyped_storage()._cdata
+        blk = self.live.get(key)
+        if blk is not None:
+            self._release(key, blk)
+
+    def storage_resized(self, t: torch.Tensor, op: str) -> None:
+        """`storage.resize_(n)` back to its size (FSDP2's `alloc_storage`): an allocation of the same object."""
+        self._register(t, None, op)
 
     def adopt(self, t: torch.Tensor, kind: str) -> None:
         """A storage that exists before tracking starts (a parameter, buffer or optimizer state)."""

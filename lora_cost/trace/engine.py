@@ -44,7 +44,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
-          packing: bool = False, alloc_conf=None, paged_evictable: bool = False) -> TraceResult:
+          packing: bool = False, alloc_conf=None, paged_evictable: bool = False, sharding=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -68,7 +68,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
                                target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
-                               packing=packing, alloc_conf=alloc_conf, paged_evictable=paged_evictable)
+                               packing=packing, alloc_conf=alloc_conf, paged_evictable=paged_evictable,
+                               sharding=sharding)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config

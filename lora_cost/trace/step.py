@@ -121,11 +121,13 @@ def _recompute_under(model, attention: CudaAttention, autocast_dtype) -> None:
     def context_fn():
         return contextlib.nullcontext(), recompute_context()
 
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False, "context_fn": context_fn})
 
 
 def _is_seq2seq(model) -> bool:
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return bool(getattr(base.config, "is_encoder_decoder", False))
 
@@ -200,6 +202,19 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
     `trace_loop` (state the training loop keeps between steps, and its call after opt.step())."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     materialize(model, mode)
+    world = contextlib.ExitStack()
+    if getattr(run, "sharding", None) is not None:  # rank 0 of N under torch's fake process group (sharded.py)
+        from .sharded import fake_world, mesh_of, wrap
+        world.enter_context(fake_world(run.sharding.gpus))
+        if run.sharding.strategy != "ddp":  # DDP wraps inside the simulated allocator (_run_step): its buckets
+            mesh = mesh_of(run.sharding.gpus)
+            with mode:
+                model = wrap(model, run.sharding.strategy, run.sharding.gpus, run.sharding.resharded, mesh=mesh)
+    with world:
+        return _run_step(model, run, optimizer, vocab, calibration, loop, mode)
+
+
+def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(optimizer, trainable)
     init_state(opt, mode)
@@ -233,6 +248,18 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             stack.enter_context(autocast)
         stack.enter_context(counter)
         stack.enter_context(sim)
+        if getattr(run, "sharding", None) is not None and run.sharding.strategy != "ddp":
+            from .sharded import fsdp_storage_hooks
+            stack.enter_context(fsdp_storage_hooks(sim))
+        if getattr(run, "sharding", None) is not None and run.sharding.strategy == "ddp":
+            # DistributedDataParallel allocates its flat gradient buckets when it is built (reducer.cpp
+            # `initialize_buckets`, C++ ops the allocator's dispatch mode sees): build it here and name them
+            from .sharded import wrap
+            first = sim.event
+            model = wrap(model, "ddp", run.sharding.gpus)
+            for blk in sim.blocks:
+                if blk.alloc > first and blk.kind is None:
+                    blk.kind = "gradient_buckets"
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(sim.pack, sim.unpack))
         for p in model.parameters():
             sim.adopt(p, "trainable_weights" if p.requires_grad else "weights")

@@ -88,6 +88,16 @@ def cases() -> list[dict]:
             out.append(dict(model=model, method=method, batch=8, seq=256, gpu="h100-80gb"))
         out.append(dict(model=model, method="lora", r=16, task="seq-cls", num_labels=3, batch=32, seq=128,
                         grad_checkpointing=True))
+    # task "sharding": the busiest rank of several GPUs (appended: the rows above do not move)
+    for sharding in ("ddp", "fsdp", "fsdp-grad-op", "zero1", "zero2", "zero3"):
+        for method, gpus in (("full", 8), ("lora", 4)):
+            out.append(dict(model="llama-3.1-8b", method=method, gpus=gpus, sharding=sharding, seq=2048,
+                            grad_checkpointing=True, gpu="h100-80gb"))
+    out.append(dict(model="llama-3.1-70b", method="lora", r=16, targets="all-linear", seq=4096, gpus=8,
+                    sharding="fsdp", grad_checkpointing=True, gpu="h100-80gb"))
+    out.append(dict(model="llama-3.1-8b", method="full", gpus=4, sharding="zero3",
+                    sharding_options={"offload": "optimizer"}))
+    out.append(dict(model="llama-3.1-8b", method="full", gpus=16, nodes=2, sharding="hsdp", gpu="h100-80gb"))
     return out
 
 

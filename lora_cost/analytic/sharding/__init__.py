@@ -1,0 +1,91 @@
+"""Several GPUs (--gpus, --sharding): the busiest rank's memory, its traffic and a step time (torch-free).
+
+config.py holds the options and their library defaults, deepspeed.py reads a DeepSpeed config, tensors.py
+lists every parameter with its shape, rank.py says what a rank holds at each moment of the step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from functools import lru_cache
+
+from ...results import DistributedEstimate, Term
+from .config import ShardingSpec  # light: the CLI reads its choices; the rest loads with the first --gpus estimate
+
+__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms"]
+
+
+def rank_of(arch, spec, method, run, opt, sites, head_sites):
+    """The busiest rank's RankModel (rank.py), cached: batch and length sweeps do not change it."""
+    key = run.__class__(method=run.method, r=run.r, precision=run.precision, method_options=run.method_options,
+                        targets=run.targets, task=run.task, num_labels=run.num_labels)
+    return _rank_of(arch, spec, method, key, run.sharding, opt, tuple(sites), tuple(head_sites))
+
+
+@lru_cache(maxsize=2048)
+def _rank_of(arch, spec, method, key, sharding, opt, sites, head_sites):
+    from .deepspeed import apply_deepspeed_config
+    from .rank import rank_model
+    from .tensors import shard_tensors
+    sharding = apply_deepspeed_config(sharding, spec.hidden)
+    return rank_model(shard_tensors(arch, spec, method, key, sites, head_sites), sharding, opt, spec.layers, spec.hidden)
+
+
+OVERLAP = {
+    "ddp": "DDP all-reduces each bucket as its gradients are ready: overlapped with backward",
+    "fsdp": "FSDP2 overlaps all-gathers (prefetch) and reduce-scatters with compute",
+    "zero12": "ZeRO-1/2 reduce during backward (overlapped only with overlap_comm) and all-gather the updated "
+              "parameters after the optimizer step (not overlapped)",
+    "zero3": "ZeRO-3 prefetches and reduces while computing (overlap_comm)",
+}
+
+
+def _link(gpu, sharding: ShardingSpec) -> tuple[str | None, float | None]:
+    """The slowest link a step's collectives cross: InfiniBand across nodes, else NVLink or PCIe."""
+    if gpu is None:
+        return None, None
+    if sharding.nodes > 1:  # HSDP's all-reduce and every other strategy's ring cross nodes
+        bw, name = gpu.infiniband_bandwidth_GB_per_s, "infiniband"
+    elif gpu.nvlink_bandwidth_GB_per_s:
+        bw, name = gpu.nvlink_bandwidth_GB_per_s, "nvlink"
+    else:
+        bw, name = gpu.pcie_bandwidth_GB_per_s, "pcie"
+    return (name, bw * 1e9) if bw else (None, None)
+
+
+def distributed_estimate(rank, gpu, compute_time_s: float | None) -> DistributedEstimate:
+    sh = rank.sharding
+    link, bandwidth = _link(gpu, sh)
+    comm_time = exposed = None
+    if bandwidth and compute_time_s is not None:
+        overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
+        serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
+        comm_time = overlapped + serial
+        exposed = max(overlapped - compute_time_s, 0.0) + serial
+    key = sh.strategy if sh.strategy in ("ddp", "zero3") else ("zero12" if sh.strategy.startswith("zero") else "fsdp")
+    settings = {k: v for k, v in asdict(sh).items() if k not in ("strategy", "gpus", "nodes")}
+    return DistributedEstimate(gpus=sh.gpus, nodes=sh.nodes, sharding=sh.strategy, settings=settings,
+                               communication_bytes=rank.comm_bytes, wire_bytes=rank.wire_bytes,
+                               bandwidth_bytes_per_s=bandwidth, link=link, compute_time_s=compute_time_s,
+                               communication_time_s=comm_time, exposed_communication_time_s=exposed,
+                               overlap=OVERLAP[key] + "; step time = compute + the communication not hidden by it")
+
+
+def sharding_terms(rank) -> tuple[Term, ...]:
+    """The rank's stored quantities for memory.terms (--explain)."""
+    from ...units import fmt_bytes
+    sh = rank.sharding
+    what = {"ddp": "every rank holds the whole model", "zero1": "optimizer state partitioned",
+            "zero2": "gradients and optimizer state partitioned", "zero3": "parameters, gradients, optimizer partitioned"}
+    where = what.get(sh.strategy, f"every parameter sharded on dim 0 over {sh.shard_size} ranks, padded")
+    out = [Term("rank weights", rank.weights, f"{sh.strategy} x {sh.gpus} GPUs: {where}", "frozen parameters this rank stores"),
+           Term("rank trainable weights", rank.trainable, where, "trainable parameters this rank stores"),
+           Term("rank gradients", rank.gradients, where, "gradients this rank keeps after backward"),
+           Term("rank optimizer state", rank.optimizer_state,
+                "ZeRO: fp32 master partition + states" if sh.strategy.startswith("zero") else "states of the rank's shards",
+                "on the GPU"),
+           Term("host memory per rank", rank.host_bytes_per_rank, "offloaded state", f"x {sh.gpus_per_node} ranks per node")]
+    if rank.unit_gathered:
+        out.append(Term("gathered decoder layer", rank.unit_gathered, "one unit's all-gather output",
+                        f"{fmt_bytes(rank.unit_gathered)} per unit in use"))
+    return tuple(out)

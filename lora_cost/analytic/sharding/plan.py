@@ -1,0 +1,81 @@
+"""`lora-cost plan --gpus 1,2,4,8 --sharding ddp,fsdp,zero2,zero3`: the busiest rank of every GPU count x
+strategy x method at one rank and batch, and the cheapest configuration that fits (fewest GPUs, then the
+fastest step). torch-free; each point is one `estimate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ...errors import LoraCostError
+from ...results import Estimate
+
+
+@dataclass(frozen=True)
+class ShardedPoint:
+    gpus: int
+    sharding: str  # "single" for one GPU
+    method: str
+    peak_bytes: int
+    device_bytes: int
+    host_bytes: int
+    fits: bool | None
+    step_time_s: float | None
+    communication_bytes: int
+
+
+@dataclass(frozen=True)
+class ShardedPlan:
+    model: str
+    gpu: str | None
+    memory_bytes: int | None
+    points: tuple[ShardedPoint, ...]
+    skipped: tuple[str, ...]  # combinations refused, with the reason
+
+    @property
+    def best(self) -> ShardedPoint | None:
+        fitting = [p for p in self.points if p.fits]
+        return min(fitting, key=lambda p: (p.gpus, p.step_time_s or 0.0)) if fitting else None
+
+
+def parse_gpus(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise LoraCostError(f"--gpus must be comma separated GPU counts (1,2,4,8), got {text!r}") from None
+    if not out or any(not 1 <= g <= 1 << 20 for g in out):
+        raise LoraCostError(f"--gpus must be comma separated positive GPU counts, got {text!r}")
+    return out
+
+
+def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ...], methods: tuple[str, ...],
+                 gpu: str | None, rank_for: int | None = None, **kwargs) -> ShardedPlan:
+    """`rank_for`: the adapter rank of methods that take one (None: each method's default)."""
+    from ..estimator import estimate
+    from .config import STRATEGIES
+
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise LoraCostError(f"unknown sharding {s!r}; choose one of {', '.join(STRATEGIES)}")
+    points, skipped = [], []
+    for method in methods:
+        for n in gpus:
+            for s in (("single",) if n == 1 else strategies):
+                try:
+                    from ..methods import get_method
+                    m = get_method(method)
+                    extra = dict(r=rank_for) if rank_for and m.takes_rank and not m.base_trainable else {}
+                    if m.base_trainable:
+                        extra["targets"] = None
+                    e: Estimate = estimate(model, method, gpu=gpu, **({} if n == 1 else dict(gpus=n, sharding=s)),
+                                           **{**kwargs, **extra})
+                except LoraCostError as exc:
+                    skipped.append(f"{method} x {n} GPUs x {s}: {exc}")
+                    continue
+                d = e.distributed
+                points.append(ShardedPoint(n, s, method, e.memory.peak_bytes, e.memory.device_bytes,
+                                           e.memory.host_bytes or 0, e.gpu.fits if e.gpu else None,
+                                           e.gpu.step_time_s if e.gpu else None,
+                                           sum(d.communication_bytes.values()) if d else 0))
+    from ...profiles import load_gpu
+    mem = load_gpu(gpu).memory_bytes if gpu else None
+    return ShardedPlan(model, gpu, mem, tuple(points), tuple(skipped))

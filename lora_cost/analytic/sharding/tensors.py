@@ -1,0 +1,103 @@
+"""Every parameter tensor of a run with the shape facts sharding needs: its dim 0, its elements, its dtype,
+whether it trains, and which wrapping unit holds it (a decoder layer or the root). Torch-free.
+
+FSDP2 shards each parameter on dim 0 and ZeRO-3 each flattened parameter, so a group count of the
+architecture is not enough: the linears come from the architecture's linear sites (nn.Linear weight
+[d_out, d_in], GPT-2's Conv1D [d_in, d_out]: `LinearSite.fan_in_fan_out`), the adapters from the method's
+tensor names (peft lora_A [r, d_in], lora_B [d_out, r], DoRA's lora_magnitude_vector [d_out]), the rest from
+the architecture's groups (embeddings and LM heads [rows, hidden], norms and biases 1-D).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+from ...errors import LoraCostError
+from ..architectures.base import Architecture
+from ..budget import param_groups
+from ..methods.base import Method
+from ...spec import LinearSite, ModelSpec, RunConfig
+
+LAYER, ROOT = "layer", "root"
+
+
+@dataclass(frozen=True)
+class ShardTensor:
+    """`count` tensors of `numel` elements, `dim0` rows each (1-D tensors: dim0 == numel)."""
+
+    name: str
+    dim0: int
+    numel: int
+    count: int
+    dtype: str
+    trainable: bool
+    unit: str  # LAYER: `count` is spread evenly over the decoder layers; ROOT: the root unit's
+    late: bool = False  # its gradient arrives at the end of backward (an embedding no LM head is tied to)
+
+    @property
+    def row(self) -> int:
+        return self.numel // self.dim0
+
+
+# the sharding model covers these methods: the parameters they add and their shapes are listed below
+SHARDED_METHODS = ("full", "lora", "lora-plus", "dora")
+
+
+def _adapter_dim0(name: str, site: LinearSite, r: int) -> int:
+    if name.endswith("lora_A"):
+        return r  # peft lora_A = nn.Linear(d_in, r): weight [r, d_in]
+    if name.endswith("lora_B") or name.endswith("lora_magnitude_vector"):
+        return site.d_out  # lora_B = nn.Linear(r, d_out): weight [d_out, r]; DoRA magnitude [d_out]
+    raise LoraCostError(f"sharding: no shape known for adapter tensor {name}")
+
+
+@lru_cache(maxsize=1024)
+def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig,
+                  sites: tuple[LinearSite, ...], head_sites: tuple[LinearSite, ...]) -> tuple[ShardTensor, ...]:
+    if method.name not in SHARDED_METHODS:
+        raise LoraCostError(f"--gpus/--sharding model the methods {', '.join(SHARDED_METHODS)}; {method.name} "
+                            "is not modelled across GPUs yet")
+    if spec.moe is not None or spec.decoder_layers:
+        raise LoraCostError(f"--gpus/--sharding model dense decoder and encoder stacks; {spec.name} "
+                            f"({'mixture of experts' if spec.moe is not None else 'encoder-decoder'}) is not modelled yet")
+    if run.task in ("seq-cls", "token-cls"):
+        raise LoraCostError("--gpus/--sharding with a classification --task is not modelled yet")
+    L, dtype, trainable_base = spec.layers, run.weight_dtype, method.base_trainable
+    out: list[ShardTensor] = []
+    linear_total = 0
+    for s in arch.linear_sites(spec):
+        count = s.blocks or L
+        dim0 = s.d_in if s.fan_in_fan_out else s.d_out
+        out.append(ShardTensor(f"{s.path or s.name}.weight", dim0, s.d_in * s.d_out, count, dtype, trainable_base, LAYER))
+        linear_total += s.d_in * s.d_out * count
+    groups = param_groups(arch, spec, run.task, run.labels)
+    if linear_total != sum(g.total for g in groups if g.kind in ("linear", "kept-linear")):
+        raise LoraCostError(f"--gpus/--sharding: the linear layers of {spec.name} do not match its parameter "
+                            "groups; not modelled for this family yet")
+    for g in groups:
+        if g.kind in ("linear", "kept-linear"):
+            continue
+        unit = LAYER if "*" in g.name else ROOT
+        pieces = 2 if g.bias_numel else 1  # a LayerNorm group holds weight and bias, each [hidden]
+        numel = g.numel // pieces
+        if g.kind in ("embedding", "head") and numel % spec.hidden == 0:
+            dim0 = numel // spec.hidden  # nn.Embedding [rows, hidden], nn.Linear head [vocab, hidden]
+        else:
+            dim0 = numel  # norms and biases are 1-D
+        late = g.kind == "embedding" and not (spec.tie_embeddings and dim0 == spec.vocab)
+        out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, dtype, trainable_base, unit, late))
+    if not trainable_base:
+        for s in sites:
+            for t in method.trainable(s, run):
+                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run.r or 0), t.numel, t.count * (s.blocks or L),
+                                       t.dtype, True, LAYER))
+            if method.frozen(s, run):
+                raise LoraCostError(f"--gpus/--sharding: {method.name}'s frozen adapter tensors are not modelled yet")
+        for s in head_sites:
+            for t in method.trainable(s, run):
+                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run.r or 0), t.numel, t.count, t.dtype, True, ROOT))
+    for t in out:
+        if t.unit == LAYER and t.count % L:
+            raise LoraCostError(f"--gpus/--sharding: {t.name} is not in every layer; not modelled yet")
+    return tuple(out)

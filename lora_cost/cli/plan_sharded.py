@@ -1,0 +1,51 @@
+"""`lora-cost plan --gpus ...`: the per-rank sweep over GPU counts and strategies (task "sharding")."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+
+from ..errors import LoraCostError
+from .options import method_options, parse_targets
+
+
+def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precision, optimizer, attention, gpu_counts,
+                     strategies, html_path, as_json, option_flags) -> None:
+    from ..analytic.planner import parse_range
+    from ..analytic.sharding.plan import parse_gpus, plan_sharded
+    from ..units import fmt_bytes
+
+    if html_path:
+        raise LoraCostError("--html with --gpus is not drawn yet; use --json")
+    r_lo, _ = parse_range(ranks, "r")
+    b_lo, _ = parse_range(batches, "batch")
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    result = plan_sharded(model, gpus=parse_gpus(gpu_counts), strategies=tuple(s.strip() for s in strategies.split(",")
+                                                                               if s.strip()),
+                          methods=method_list, gpu=gpu, seq=seq, batch=b_lo, targets=parse_targets(targets),
+                          precision=precision, optimizer=optimizer, attention=attention,
+                          method_options=method_options(option_flags), rank_for=r_lo)
+    if as_json:
+        doc = {"model": result.model, "gpu": result.gpu, "memory_bytes": result.memory_bytes,
+               "points": [asdict(p) for p in result.points], "skipped": list(result.skipped),
+               "best": asdict(result.best) if result.best else None}
+        click.echo(json.dumps(doc, indent=2, allow_nan=False))
+        return
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=f"{result.model}: busiest rank per GPU count and strategy")
+    for col in ("method", "GPUs", "sharding", "peak", "device", "host/node", "fits", "step"):
+        table.add_column(col)
+    for p in result.points:
+        table.add_row(p.method, str(p.gpus), p.sharding, fmt_bytes(p.peak_bytes), fmt_bytes(p.device_bytes),
+                      fmt_bytes(p.host_bytes), "" if p.fits is None else ("yes" if p.fits else "no"),
+                      "" if p.step_time_s is None else f"{p.step_time_s * 1e3:.0f} ms")
+    console = Console()
+    console.print(table)
+    for s in result.skipped:
+        console.print(f"[dim]skipped: {s}[/]")
+    if result.best:
+        b = result.best
+        console.print(f"cheapest that fits: {b.method} on {b.gpus} GPU(s) with {b.sharding}")

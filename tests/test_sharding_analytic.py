@@ -1,0 +1,145 @@
+"""The per-rank analytic model (lora_cost/analytic/sharding): hand arithmetic of each library's padding,
+DeepSpeed's own model-state estimators, the JSON contract and bad input (torch-free)."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_cost import estimate
+from lora_cost.analytic.sharding.rank import fsdp_shard_numel, zero12_partition_numel, zero3_partition_numel
+from lora_cost.analytic.sharding.tensors import ShardTensor
+from lora_cost.cli import main
+
+pytestmark = pytest.mark.fast
+
+
+def test_fsdp2_pads_dim0_to_the_world():
+    # GPT-2's wte [50257, 768] over 8 ranks: torch.chunk gives ceil(50257 / 8) = 6283 rows to rank 0
+    wte = ShardTensor("wte", 50257, 50257 * 768, 1, "bf16", True, "root")
+    assert fsdp_shard_numel(wte, 8) == 6283 * 768
+    # a 1-D norm of 64 over 5 ranks: 13 elements each (5 x 13 = 65, one padding element)
+    assert fsdp_shard_numel(ShardTensor("ln", 64, 64, 1, "fp32", True, "layer"), 5) == 13
+
+
+def test_zero_partitions():
+    # ZeRO-1/2: the flat group padded to 2 x W: 1001 elements over 4 ranks -> 1008 / 4 = 252
+    assert zero12_partition_numel(1001, 4) == 252
+    # ZeRO-3: each parameter padded to W: 1001 over 4 -> 251
+    assert zero3_partition_numel(1001, 4) == 251
+
+
+def _states(e):
+    """Model states of the busiest rank: the optimizer phase's steady terms and the step's fp32 gradient."""
+    t = {x.name: x.value for x in e.memory.phases[-1].terms}
+    return sum(t.get(k, 0) for k in ("weights", "trainable_weights", "gradients", "optimizer_state",
+                                       "optimizer_temporaries"))
+
+
+# DeepSpeed 0.19.8's estimators, vendored (deepspeed/runtime/zero/stage_1_and_2.py
+# estimate_zero2_model_states_mem_needs, stage3.py estimate_zero3_model_states_mem_needs), no offload:
+def ds_zero2_gpu(P, gpus_per_node, nodes):
+    return 2 * P + int(18 * P / (gpus_per_node * nodes))
+
+
+def ds_zero3_gpu(P, largest_layer, gpus_per_node, nodes):
+    return 4 * largest_layer + int(18 * P / (gpus_per_node * nodes))
+
+
+@pytest.mark.parametrize("gpus", [2, 8, 64])
+def test_zero2_model_states_equal_deepspeeds_estimator(gpus):
+    e = estimate("llama-3.1-8b", "full", gpus=gpus, sharding="zero2")
+    P = e.total_params  # 8,030,261,248 = 2^12 x 1,960,513: the 2 x W alignment adds nothing
+    assert _states(e) == ds_zero2_gpu(P, gpus, 1)
+
+
+@pytest.mark.parametrize("gpus", [2, 8])
+def test_zero3_model_states_equal_deepspeeds_estimator(gpus):
+    # DeepSpeed's estimator partitions every parameter (no persistence): threshold 0 here. Its 18 x P / W
+    # counts the 16-bit params, fp32 master, fp32 gradient and both Adam states; our gradients term adds
+    # the 16-bit gradient partition (2 x P / W), which its comment lists for stage 2 only.
+    e = estimate("llama-3.1-8b", "full", gpus=gpus, sharding="zero3",
+                 sharding_options={"param_persistence_threshold": 0})
+    P = e.total_params
+    ds = ds_zero3_gpu(P, 0, gpus, 1)
+    assert _states(e) - 2 * P // gpus == ds
+
+
+def test_deepspeed_estimator_if_installed():
+    ds2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    e = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero2")
+    _, gpu = ds2.estimate_zero2_model_states_mem_needs(e.total_params, 8, 1, cpu_offload=False)
+    assert _states(e) == gpu
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    e3 = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero3", sharding_options={"param_persistence_threshold": 0})
+    _, gpu3, _ = estimate_zero3_model_states_mem_needs(e3.total_params, 0, 8, 1, cpu_offload=False)
+    assert _states(e3) - 2 * e3.total_params // 8 == gpu3  # + the 16-bit gradient partition (see above)
+
+
+def test_ddp_keeps_buckets_of_the_trainable_only():
+    one = estimate("llama-3.1-8b", "lora", r=16)
+    e = estimate("llama-3.1-8b", "lora", r=16, gpus=4, sharding="ddp")
+    peak = {t.name: t.value for t in e.memory.components}
+    trainable = next(t.value for t in one.memory.terms if t.name == "trainable weights")
+    assert peak["gradient_buckets"] == trainable  # frozen base weights are never bucketed
+    assert e.memory.peak_bytes == one.memory.peak_bytes + trainable
+
+
+def test_fsdp_shards_and_gathers():
+    e = estimate("llama-3.1-8b", "full", gpus=8, sharding="fsdp", grad_checkpointing=True, seq=2048)
+    one = estimate("llama-3.1-8b", "full", grad_checkpointing=True, seq=2048)
+    assert e.memory.peak_bytes < one.memory.peak_bytes / 3
+    kinds = {t.name for p in e.memory.phases for t in p.terms}
+    assert {"gathered_parameters", "prefetched_parameters"} <= kinds
+    c = e.distributed.communication_bytes
+    # every bf16 parameter is all-gathered in forward and, but for the root's (embed_tokens and lm_head
+    # [128256, 4096], the final norm [4096]: the root does not reshard after forward), again in backward;
+    # 8 divides every dim 0 here, so no padding
+    root = 2 * 128256 * 4096 + 4096
+    assert c["all_gather"] == 2 * (2 * e.total_params - root)
+    assert c["reduce_scatter"] == 2 * e.total_params
+
+
+def test_json_contract_and_unchanged_without_gpus():
+    run = lambda *a: CliRunner().invoke(main, ["estimate", "--model", "gpt2", "--json", *a])  # noqa: E731
+    plain = json.loads(run().output)
+    assert "communication" not in plain and "host_bytes" not in plain["memory"] and "gpus" not in plain["inputs"]
+    doc = json.loads(run("--gpus", "4", "--sharding", "zero3", "--offload", "optimizer", "--gpu", "h100-80gb").output)
+    assert doc["inputs"]["gpus"] == 4 and doc["inputs"]["sharding"] == "zero3"
+    assert doc["memory"]["host_bytes"] > 0 and doc["communication"]["bytes_per_rank"]["all_gather"] > 0
+    assert doc["communication"]["link"] == "nvlink"
+
+
+def test_deepspeed_config_auto(tmp_path):
+    cfg = tmp_path / "ds.json"
+    cfg.write_text(json.dumps({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto",
+                                                     "offload_optimizer": {"device": "cpu"}}}))
+    e = estimate("gpt2", "full", gpus=2, sharding="zero2", sharding_options={"deepspeed_config": str(cfg)})
+    assert e.memory.host_bytes > 0  # offload read from the file
+    assert e.distributed.settings["deepspeed_config"] == str(cfg)
+
+
+@pytest.mark.parametrize("args", [
+    ["--gpus", "0"], ["--gpus", "6", "--nodes", "4"], ["--gpus", "4", "--sharding", "fsdp", "--offload", "optimizer"],
+    ["--gpus", "4", "--sharding", "ddp", "--offload", "optimizer"], ["--gpus", "4", "--sharding", "ddp", "--cpu-offload"],
+    ["--sharding", "zero2"], ["--gpus", "2", "--sharding", "zero2", "--reshard-after-forward"],
+    ["--gpus", "2", "--sharding", "zero1", "--offload", "params"], ["--gpus", "2", "--sharding", "hsdp"],
+    ["--gpus", "2", "--method", "vera"],
+])
+def test_bad_input_is_one_line(args):
+    out = CliRunner().invoke(main, ["estimate", "--model", "gpt2", *args])
+    assert out.exit_code == 2, out.output
+    assert len(out.output.strip().splitlines()) == 1
+
+
+def test_plan_over_gpu_counts_and_strategies():
+    out = CliRunner().invoke(main, ["plan", "--model", "llama-3.1-8b", "--gpu", "rtx-4090-24gb", "--gpus", "1,2,4",
+                                    "--sharding", "ddp,fsdp,zero3", "--methods", "full", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert len(doc["points"]) == 1 + 2 * 3  # one GPU alone, then 2 and 4 GPUs under each strategy
+    # full fine-tuning of 8B (16 B per parameter for bf16 AdamW) fits no 24 GB card alone; FSDP/ZeRO-3 over 4 do not
+    # either at 8B x 16 B / 4 = 32 GB of model states; the cheapest fitting point, if any, uses the fewest GPUs
+    assert not doc["points"][0]["fits"]
+    best = doc["best"]
+    assert best is None or best["gpus"] == min(p["gpus"] for p in doc["points"] if p["fits"])
