@@ -115,6 +115,7 @@ ATTENTIONS = ("sdpa", "eager")
 TASKS = ("causal-lm", "masked-lm", "seq2seq", "seq-cls", "token-cls")
 CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
 MAX_LABELS = 1 << 20
+MASTER_WEIGHTS = (None, "fp32")  # task "optim": --master-weights
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,9 @@ class RunConfig:
     moe_imbalance: float | None = None
     task: str | None = None  # None: the family's default task (causal-lm for decoders, masked-lm for BERT/RoBERTa)
     num_labels: int | None = None  # seq-cls / token-cls only (None: 2, transformers' default)
+    # --- task "optim" (issue 9, Optimizers): lora_cost/analytic/optimizer_budget.py ---
+    master_weights: str | None = None  # "fp32": the optimizer keeps fp32 master copies of 16-bit trainable weights
+    optimizer_in_backward: bool = False  # each tensor stepped, its gradient freed, as soon as it is accumulated
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -164,6 +168,10 @@ class RunConfig:
             if self.task not in CLASSIFICATION_TASKS:
                 raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
             _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
+        if self.master_weights not in MASTER_WEIGHTS:  # task "optim"
+            raise LoraCostError(f"unknown --master-weights {self.master_weights!r}; choose fp32 (or leave it unset)")
+        if not isinstance(self.optimizer_in_backward, bool):
+            raise LoraCostError(f"--optimizer-in-backward is a flag, got {self.optimizer_in_backward!r}")
 
     @property
     def labels(self) -> int:

@@ -72,7 +72,8 @@ def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
     a method whose sizes are not keeps its rank) and no optimizer."""
     affine = get_method(run.method).rank_affine
-    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw")
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", master_weights=None,
+                   optimizer_in_backward=False)
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -81,7 +82,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None, master_weights: str | None = None,
+             optimizer_in_backward: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -92,7 +94,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, master_weights=master_weights,
+                    optimizer_in_backward=optimizer_in_backward)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -227,4 +230,18 @@ def _assumptions(run: RunConfig, opt) -> tuple[str, ...]:
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({kernel})",
         device_formula(opt.paged),
-    )
+    ) + _optimizer_notes(run, opt)
+
+
+def _optimizer_notes(run: RunConfig, opt) -> tuple[str, ...]:
+    """The optimizer's recipe, when it is not the default one (task "optim")."""
+    notes = ()
+    if opt.name != "adamw-torch":
+        notes += (f"optimizer {opt.name}: {opt.description}",)
+    if run.master_weights:
+        notes += ("master weights: the optimizer keeps an fp32 copy of each 16-bit trainable tensor and fp32 states; "
+                  "16-bit gradients are copied to fp32 at the step (Megatron-LM / DeepSpeed mixed precision)",)
+    if run.optimizer_in_backward:
+        notes += ("optimizer in backward (torchtune optimizer_in_bwd): each tensor is stepped and its gradient freed "
+                  "from register_post_accumulate_grad_hook; opt.step() after backward does nothing",)
+    return notes

@@ -58,10 +58,14 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     saved = acts.total
     scopes = stack.scopes
     fwd_transient = max([rec.forward_transient.get(s, 0) for s in ("embeddings", *stack.block_scopes, "head")] + [0])
-    grads_total = params.trainable_bytes
+    # --optimizer-in-backward (optimizer_budget.py): each gradient is freed by its own step inside backward,
+    # so no moment holds accumulated gradients; one tensor's gradient and step are alive instead
+    grads_total = 0 if params.in_backward else params.trainable_bytes
     grads_blocks = params.per_layer_trainable_bytes * L if adapted_blocks or params.base_trainable else 0
     # trained embeddings without a tied LM head (classifiers) get their gradient after the blocks' backward
     grads_head = max(grads_total - grads_blocks - params.late_gradient_bytes, 0)
+    if params.in_backward:
+        grads_blocks = grads_head = 0
     # the residual stream's width: the input of the blocks that stand for most of the stack
     residual = rec.block_input.get(stack.block_scopes[-1], 0)
 
@@ -77,7 +81,8 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
+                (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)]
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
@@ -105,7 +110,9 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
             *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0))),
-            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
+                                 (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)]),
+            *_head_step_moment(params, saved - acts.loss, logits, residual),
         ],
         "optimizer": [
             ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
@@ -116,13 +123,25 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
         ],
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
-              (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
+              (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes),
+              (C.MASTER_WEIGHTS, params.master_bytes)]
     phases = []
     for phase, options in candidates.items():
         where, extra = max(options, key=lambda o: sum(v for _, v in o[1]))
         terms = tuple(Term(_NAME[category], int(v), "", "", category) for category, v in steady + extra if v)
         phases.append(PhasePeak(phase, sum(t.value for t in terms), where, terms))
     return tuple(phases)
+
+
+def _head_step_moment(params: ParameterBudget, saved: int, logits: int, residual: int) -> list:
+    """--optimizer-in-backward with a trained LM head: its weight's gradient is stepped by the hook that
+    fires once the head's backward node is done (the logits' gradient freed, the hidden states' gradient,
+    one residual-stream tensor, alive), while every saved activation but the loss's is alive."""
+    if not params.in_backward or not params.lm_head_steps_early:
+        return []
+    return [("the LM head's gradient stepped in backward", [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits),
+                                                             (C.ACTIVATION_GRADIENT_BUFFERS, residual),
+                                                             (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)])]
 
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:

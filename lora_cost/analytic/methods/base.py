@@ -36,6 +36,8 @@ class TensorGroup:
     # its gradient exists from the start of backward (AdaLoRA's orthogonal regulariser, which runs after
     # the loss, reaches lora_A and lora_B before any block does) instead of arriving with its block
     grad_at_backward_start: bool = False
+    # the tensor's shape where a method knows it (Adafactor factors the second moment of matrices); () unknown
+    shape: tuple[int, ...] = ()
 
     @property
     def total_numel(self) -> int:
