@@ -9,7 +9,7 @@ import click
 from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
-from .options import common_run_options, method_choice, method_options, parse_targets
+from .options import common_run_options, method_choice, method_options, optimizer_options, parse_targets
 
 
 @main.command()
@@ -38,9 +38,11 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels,
              **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
+    optimizer_flags = optimizer_options(option_flags)
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(option_flags))
+    kwargs.update(optimizer_flags)
     if target_seq is not None:
         kwargs["target_seq"] = target_seq
     if moe_imbalance is not None:
