@@ -71,6 +71,20 @@ def cases() -> list[dict]:
                             batch=2, seq=777))
     for r in (1, 7, 64, 1000):
         out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    # task "optim" (issue 9): the optimizers added then, fp32 master weights and stepping in backward
+    for opt in ("adamw-torch-fused", "adafactor", "lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit"):
+        for method in ("full", "lora"):
+            out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
+    for opt in ("adamw-torch", "adamw-torch-fused", "adafactor", "adamw-bnb-8bit"):
+        for master, in_backward in ((True, False), (False, True), (True, True)):
+            kw = dict(model="llama-3.2-1b", method="full", optimizer=opt, batch=4, seq=1024)
+            kw.update({"master_weights": "fp32"} if master else {})
+            kw.update({"optimizer_in_backward": True} if in_backward else {})
+            out.append(kw)
+    for model in ("gpt2", "qwen2.5-0.5b"):  # tied embeddings: the head's gradient is stepped at the end
+        out.append(dict(model=model, method="full", optimizer_in_backward=True, batch=2, seq=512))
+    out.append(dict(model="llama-3.1-8b", method="lora", r=16, targets="all-linear", optimizer="adafactor",
+                    optimizer_in_backward=True, seq=2048, grad_checkpointing=True))
     return out
 
 
