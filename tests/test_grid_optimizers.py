@@ -44,7 +44,10 @@ SETTINGS_SOME = (
     ("roberta", "full", "amp-bf16", None, True),
 )
 CASES = [(opt, *s) for s in SETTINGS_ALL for opt in ALL] + [(opt, *s) for s in SETTINGS_SOME for opt in SOME] + [
-    ("adamw-torch-fused", "llama", "qlora", "bf16", None, True), ("adafactor", "mistral", "lora", "fp32", None, True)]
+    ("adamw-torch-fused", "llama", "qlora", "bf16", None, True), ("adafactor", "mistral", "lora", "fp32", None, True),
+    # GaLore (full fine-tuning only): projected linears, an untied LM head among them, master weights, in backward
+    ("galore-adamw", "llama", "full", "bf16", None, False), ("galore-adamw", "qwen2", "full", "fp16", None, False),
+    ("galore-adamw", "llama", "full", "bf16", "fp32", True)]
 IDS = [f"{o}-{f}-{m}-{p}{'-master' if mw else ''}{'-inbwd' if ib else ''}" for o, f, m, p, mw, ib in CASES]
 
 

@@ -60,6 +60,28 @@ def test_step_temporaries_by_hand():
     assert get_optimizer("adafactor").step_temporaries([a, b]) == 4 * 50_000 * 4 + 1000 * 4
 
 
+def test_galore_by_hand():
+    """A [4096, 1024] nn.Linear weight in bf16: projected gradient 128 x 4096 (m >= n: Vh[:128] is the projector,
+    128 x 1024); exp_avg and exp_avg_sq 128 x 4096 in bf16."""
+    g = TensorGroup("w", 4096 * 1024, 2, "bf16", shape=(4096, 1024), linear_weight=True)
+    opt = get_optimizer("galore-adamw")
+    assert opt.state_bytes(g) == 2 * (2 * 128 * 4096 * 2 + 128 * 1024 * 2)
+    # fp32: the projector is a view of the reduced SVD's Vh (1024 x 1024), which stays alive whole
+    assert opt.state_bytes(TensorGroup("w", 4096 * 1024, 1, "fp32", shape=(4096, 1024), linear_weight=True)) == \
+        2 * 128 * 4096 * 4 + 1024 * 1024 * 4
+    # steady step: projected gradient, denom, norm_grad (128 x 4096 each), project_back and its * scale (2 x m x n)
+    assert opt.step_temporaries([g]) == (3 * 128 * 4096 + 2 * 4096 * 1024) * 2
+    # not a linear weight (an embedding, a norm): AdamW states like the parameter
+    assert opt.state_bytes(TensorGroup("e", 1000, 1, "bf16", shape=(1000,))) == 2 * 1000 * 2
+    # on a model: llama-3.2-1b's block linears are projected; its LM head is tied (the embedding): not projected
+    full = estimate("llama-3.2-1b", "full", optimizer="galore-adamw", seq=64)
+    plain = estimate("llama-3.2-1b", "full", seq=64)
+    galore_state, adamw_state = (next(t.value for t in e.memory.terms if t.name == "optimizer state") for e in (full, plain))
+    assert galore_state < 0.3 * adamw_state
+    with pytest.raises(LoraCostError, match="galore-adamw"):
+        estimate("gpt2", "lora", optimizer="galore-adamw")
+
+
 def test_adafactor_refuses_unknown_shapes():
     with pytest.raises(LoraCostError, match="adafactor"):
         get_optimizer("adafactor").state_bytes(TensorGroup("x", 100, 1, "fp32"))

@@ -103,7 +103,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     groups = param_groups(arch, spec, run.task, run.labels)
     stored = base_weight_bytes(arch, spec, method.storage(run), run.task, run.labels)
     if method.base_trainable:
-        trainable = [TensorGroup(g.name, g.numel, g.count, dtype, shape=param_shape(arch, spec, g)) for g in groups]
+        trainable = [TensorGroup(g.name, g.numel, g.count, dtype, shape=param_shape(arch, spec, g),
+                                 linear_weight=is_linear_weight(arch, spec, g)) for g in groups]
         # groups named "...*..." repeat in every block (their count is a multiple of L)
         per_layer = sum(g.total // L for g in groups if "*" in g.name) * DTYPE_BYTES[dtype]
         frozen: list[TensorGroup] = []
@@ -151,6 +152,17 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         block_step_transient=ob.block_transient, head_step_transient=ob.head_transient,
         # a tied LM head is the input embedding: its gradient is complete (and stepped) only at the end
         lm_head_steps_early=method.base_trainable and not spec.tie_embeddings and run.task not in ("seq-cls", "token-cls"))
+
+
+def is_linear_weight(arch: Architecture, spec: ModelSpec, g) -> bool:
+    """A torch nn.Linear's weight: a block linear (not GPT-2's Conv1D) or an untied LM head (a tied one is
+    the embedding's parameter, named after it)."""
+    if g.kind == "head":
+        return True
+    if g.kind not in ("linear", "kept-linear") or not param_shape(arch, spec, g):
+        return False
+    return not any(s.fan_in_fan_out for s in arch.linear_sites(spec) if f".{s.path or s.name}.weight" in g.name
+                   or g.name.endswith(f"{s.name}.weight"))
 
 
 def param_shape(arch: Architecture, spec: ModelSpec, g) -> tuple[int, ...]:

@@ -145,7 +145,9 @@ def validated_method_run(run: RunConfig):
     run = method.resolve(run)
     if run.method != method.name or (method.takes_rank and run.r is None):
         run = replace(run, method=method.name, r=method.rank(run) if method.takes_rank else None)
-    get_optimizer(run.optimizer)
+    if get_optimizer(run.optimizer).name == "galore-adamw" and not method.base_trainable:  # task "optim"
+        raise LoraCostError(f"--optimizer galore-adamw projects the gradients of full-rank weights: it applies to "
+                            f"--method full, not {method.name} (whose adapters are already low-rank)")
     return run, method
 
 

@@ -129,6 +129,41 @@ def _adafactor_temporaries(groups: list[TensorGroup]) -> int:
     return _adafactor_tensor(top) + previous * FP32
 
 
+# GaLore as Trainer builds it (transformers trainer_optimizer.py `_get_galore_optimizer`, optim_args defaults)
+GALORE_RANK = 128
+
+
+def _galore_sides(g: TensorGroup) -> tuple[int, int, int, int]:
+    """(m, n, k, long side) of a projected [m, n] weight: rank k = min(128, m, n) (Vh[:rank] / U[:, :rank] of
+    a reduced SVD has at most min(m, n) rows / columns)."""
+    m, n = g.shape
+    return m, n, min(GALORE_RANK, m, n), max(m, n)
+
+
+def _galore_state(g: TensorGroup) -> int:
+    """galore_torch/adamw.py AdamW.step + galore_projector.py (proj_type 'std'): exp_avg and exp_avg_sq like
+    the projected gradient (k x long side, gradient dtype), and the projector's orthogonal matrix: cast back to
+    a 16-bit parameter's dtype (k x short side), or for fp32 a view of the SVD's Vh / U that keeps all of it
+    (short side squared, fp32). Other tensors: exp_avg and exp_avg_sq like the parameter."""
+    dt = DTYPE_BYTES[g.dtype]
+    if not (g.linear_weight and len(g.shape) == 2):
+        return 2 * g.total_numel * dt
+    m, n, k, long = _galore_sides(g)
+    projector = k * min(m, n) * dt if dt < FP32 else min(m, n) ** 2 * FP32
+    return g.count * (2 * k * long * dt + projector)
+
+
+def _galore_tensor(g: TensorGroup) -> int:
+    """A steady step (no SVD refresh) on one tensor: the projected gradient, `denom` and `norm_grad` (k x long
+    each), then project_back's matmul and its `* scale` (two m x n), all in the gradient dtype; an unprojected
+    tensor: `denom` and `norm_grad` like it."""
+    dt = DTYPE_BYTES[g.dtype]
+    if not (g.linear_weight and len(g.shape) == 2):
+        return 2 * g.numel * dt
+    m, n, k, long = _galore_sides(g)
+    return (3 * k * long + 2 * m * n) * dt
+
+
 @dataclass(frozen=True)
 class Optimizer:
     name: str
@@ -196,3 +231,6 @@ register_optimizer(Optimizer("paged-lion-8bit", "bitsandbytes PagedLion8bit: one
                              _bnb(1, True), paged=True))
 register_optimizer(Optimizer("paged-lion-32bit", "bitsandbytes PagedLion32bit: one fp32 state in CUDA managed memory",
                              _bnb(1, False), paged=True))
+register_optimizer(Optimizer("galore-adamw", "GaLore AdamW (galore_torch, rank 128, every nn.Linear weight): states of "
+                             "the rank-128 projected gradient + the projector; AdamW states elsewhere", _galore_state,
+                             _galore_tensor))

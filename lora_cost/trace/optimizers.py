@@ -2,7 +2,7 @@
 the documented bitsandbytes stand-in (optim8bit.py) where they do not, and two wrappers for
 --master-weights fp32 and --optimizer-in-backward (the rules: lora_cost/analytic/optimizer_budget.py).
 
-Real: torch.optim.AdamW foreach (`adamw-torch`) and fused (`adamw-torch-fused`: `_fused_adamw_` has a
+Stand-in: GaLore AdamW (galore.py, a transcription of galore_torch's step). Real: torch.optim.AdamW foreach (`adamw-torch`) and fused (`adamw-torch-fused`: `_fused_adamw_` has a
 meta kernel, and `_init_group` puts each `step` on the parameter's device), torch.optim.SGD,
 transformers' Adafactor as Trainer builds it. Their state is created by one real step on zero
 gradients before the traced step (AdamW and SGD keep the explicit construction of step.init_state).
@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 
-def make_base(name: str, params: list):
-    """The optimizer registered as `name` (canonical) over `params`."""
+def make_base(name: str, params: list, galore_targets: set = frozenset()):
+    """The optimizer registered as `name` (canonical) over `params` (GaLore: projecting `galore_targets`)."""
     if name == "adamw-torch":  # foreach: what PyTorch defaults to for CUDA tensors (CPU defaults to the loop)
         return torch.optim.AdamW(params, lr=1e-5, foreach=True)
     if name == "adamw-torch-fused":  # transformers trainer_optimizer.py _get_adamw_torch: fused=True
@@ -24,6 +24,9 @@ def make_base(name: str, params: list):
     if name == "adafactor":  # trainer_optimizer.py _get_adafactor
         from transformers.optimization import Adafactor
         return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
+    if name == "galore-adamw":  # trainer_optimizer.py _get_galore_optimizer; the stand-in of galore.py
+        from .galore import GaLoreAdamWStandIn
+        return GaLoreAdamWStandIn(params, galore_targets)
     from .optim8bit import BnbAdamStandIn
 
     return BnbAdamStandIn(params, lr=1e-5, eight_bit="8bit" in name, paged=name.startswith("paged"),
@@ -39,6 +42,22 @@ def warm_state(opt, mode) -> None:
             p.grad = torch.zeros_like(p)
         opt.step()
     opt.zero_grad(set_to_none=True)
+
+
+def state_tensors(opt):
+    """Every tensor an optimizer (or a wrapper of them) keeps between steps."""
+    if hasattr(opt, "per_tensor"):
+        for _, one in opt.per_tensor:
+            yield from state_tensors(one)
+    elif hasattr(opt, "inner"):
+        yield from state_tensors(opt.inner)
+    elif hasattr(opt, "state_tensors"):
+        yield from opt.state_tensors()
+    else:
+        for st in opt.state.values():
+            for v in st.values():
+                if isinstance(v, torch.Tensor):
+                    yield v
 
 
 class MasterWeights:
@@ -107,10 +126,18 @@ class InBackward:
         for _, opt in self.per_tensor:
             init_one(opt, mode)
 
-    def install(self) -> None:
+    def install(self, snapshot=None) -> None:
+        """`snapshot()`: the FLOP counter's per-op counts; what the steps count is kept apart in `step_flops`
+        (optimizer work, not the model's backward, though it runs inside it)."""
+        self.step_flops: dict[str, int] = {}
+
         def hook(p, opt):
+            before = snapshot() if snapshot else {}
             opt.step()
             opt.zero_grad(set_to_none=True)
+            for op, v in (snapshot() if snapshot else {}).items():
+                if v - before.get(op, 0):
+                    self.step_flops[op] = self.step_flops.get(op, 0) + v - before.get(op, 0)
 
         self.handles = [p.register_post_accumulate_grad_hook(lambda p, opt=opt: hook(p, opt)) for p, opt in self.per_tensor]
 

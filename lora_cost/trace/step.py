@@ -72,15 +72,21 @@ class Where:
             h2.remove()
 
 
-def make_optimizer(name: str, params: list, run=None):
+def make_optimizer(name: str, params: list, run=None, model=None):
     """The run's optimizer over `params` (trace/optimizers.py): the base optimizer, wrapped for fp32
     master weights and, with --optimizer-in-backward, one per tensor stepped from its gradient hook."""
     from .optimizers import InBackward, MasterWeights, make_base
 
     master = run is not None and run.master_weights == "fp32"
+    targets = set()
+    if name == "galore-adamw" and model is not None:
+        from .galore import galore_targets
+        targets = galore_targets(model)
 
     def one(ps):
-        return MasterWeights(ps, lambda ms: make_base(name, ms)) if master else make_base(name, ps)
+        if master:  # the masters stand for their parameters: GaLore projects a target's master
+            return MasterWeights(ps, lambda ms: make_base(name, ms, {id(m) for p, m in zip(ps, ms) if id(p) in targets}))
+        return make_base(name, ps, targets)
 
     if run is not None and run.optimizer_in_backward:
         return InBackward(params, one)
@@ -153,6 +159,11 @@ def _get_value(x):
     return x
 
 
+def _without(counts: dict, step_flops: dict) -> dict:
+    """Backward's FLOP counts less the optimizer steps run inside it (--optimizer-in-backward)."""
+    return {op: v - step_flops.get(op, 0) for op, v in counts.items()}
+
+
 def step_inputs(run, ids, seq2seq: bool = False) -> dict:
     """The step's keyword arguments: language-model labels are the input ids (seq2seq: the decoder's
     targets, which the model shifts into its decoder inputs); a sequence classifier takes one label per
@@ -179,7 +190,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     materialize(model, mode)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(optimizer, trainable, run)
+    opt = make_optimizer(optimizer, trainable, run, model)
     init_state(opt, mode)
     loop_state, loop_update = [], None
     if loop is not None:
@@ -214,14 +225,14 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             sim.adopt(p, "trainable_weights" if p.requires_grad else "weights")
         for b in model.buffers():
             sim.adopt(b, "weights")
-        for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor) and not getattr(opt, "paged", False):  # paged: managed memory
-                    sim.adopt(v, "optimizer_state")
+        if not getattr(opt, "paged", False):  # paged: managed memory
+            from .optimizers import state_tensors
+            for v in state_tensors(opt):
+                sim.adopt(v, "optimizer_state")
         for m in getattr(opt, "masters", []):  # --master-weights fp32
             sim.adopt(m, "master_weights")
         if hasattr(opt, "install"):  # --optimizer-in-backward: steps from gradient hooks
-            opt.install()
+            opt.install(lambda: flopmod.by_op(counter))
             stack.callback(opt.remove)
         for v in loop_state:
             sim.adopt(v, "loop_state")
@@ -264,7 +275,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
         sim.start_phase("end")
         del out, loss
     record = StepRecord(sim=sim, flops_fwd=flopmod.difference(after_forward, before),
-                        flops_bwd=flopmod.difference(after_backward, after_forward),
+                        flops_bwd=flopmod.difference(_without(after_backward, getattr(opt, "step_flops", {})), after_forward),
                         counted_ops=flopmod.counted_op_names(counter), backends=dict(attention.backends),
                         trainable_ids={id(p) for p in trainable}, grad_blocks=grad_blocks,
                         paged_bytes=opt.state_bytes() if getattr(opt, "paged", False) else 0)

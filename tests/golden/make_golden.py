@@ -85,6 +85,10 @@ def cases() -> list[dict]:
         out.append(dict(model=model, method="full", optimizer_in_backward=True, batch=2, seq=512))
     out.append(dict(model="llama-3.1-8b", method="lora", r=16, targets="all-linear", optimizer="adafactor",
                     optimizer_in_backward=True, seq=2048, grad_checkpointing=True))
+    for model in ("llama-3.2-1b", "llama-3.1-8b", "mistral-7b"):
+        out.append(dict(model=model, method="full", optimizer="galore-adamw", batch=2, seq=1024))
+    out.append(dict(model="llama-3.1-8b", method="full", optimizer="galore-adamw", master_weights="fp32",
+                    optimizer_in_backward=True, batch=2, seq=1024, grad_checkpointing=True))
     return out
 
 
