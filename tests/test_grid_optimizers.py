@@ -1,6 +1,6 @@
 """Analytic engine vs trace engine over optimizers x methods x precision x master weights x stepping in
-backward (issue 9). The trace runs the real torch / transformers optimizers (the bitsandbytes stand-in
-for the 8-bit, 32-bit-paged and Lion ones) and the wrappers of trace/optimizers.py.
+backward (issue 9). The trace runs the real torch / transformers optimizers (the documented stand-ins
+for bitsandbytes, torchao and GaLore) and the wrappers of trace/optimizers.py.
 
     python tests/test_grid_optimizers.py     # the per-term summary table
 """
@@ -31,7 +31,7 @@ def config_path(root: Path, family: str) -> str:
     return str(path)
 
 ALL = ("adamw-torch", "adamw-torch-fused", "sgd", "adafactor", "adamw-bnb-8bit", "paged-adamw-8bit", "paged-adamw-32bit",
-       "lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit")
+       "lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit", "adamw-torch-8bit", "adamw-torch-4bit")
 SOME = ("adamw-torch", "adamw-torch-fused", "adafactor", "sgd", "lion-32bit", "adamw-bnb-8bit")
 # (family, method, precision, master weights, in backward)
 SETTINGS_ALL = (("llama", "lora", "bf16", None, False), ("gpt2", "full", "bf16", None, False))

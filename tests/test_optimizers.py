@@ -60,6 +60,21 @@ def test_step_temporaries_by_hand():
     assert get_optimizer("adafactor").step_temporaries([a, b]) == 4 * 50_000 * 4 + 1000 * 4
 
 
+def test_torchao_low_bit_by_hand():
+    """torchao AdamW8bit / AdamW4bit: per state, codes + one fp32 scale per block + the qmap, each storage at least
+    512 B (the caching allocator's smallest block)."""
+    g = TensorGroup("w", 64 * 1024, 1, "bf16", shape=(64, 1024))
+    # 8-bit: 65536 B codes, 256 scales (1024 B), 256-entry qmap (1024 B)
+    assert get_optimizer("adamw-torch-8bit").state_bytes(g) == 2 * (65536 + 1024 + 1024)
+    # 4-bit: 32768 B codes, 512 scales (2048 B), 16-entry qmap (64 B -> 512 B)
+    assert get_optimizer("adamw-torch-4bit").state_bytes(g) == 2 * (32768 + 2048 + 512)
+    # below 4096 elements, or not a multiple of the block: zeros_like(p) in the parameter dtype
+    small = TensorGroup("a", 8 * 256, 1, "fp32", shape=(8, 256))
+    assert get_optimizer("adamw-torch-8bit").state_bytes(small) == 2 * 8 * 256 * 4
+    odd = TensorGroup("b", 4097 * 2, 1, "bf16", shape=(4097, 2))
+    assert get_optimizer("adamw-torch-4bit").state_bytes(odd) == 2 * 16896  # 16388 B rounded to 33 blocks of 512
+
+
 def test_galore_by_hand():
     """A [4096, 1024] nn.Linear weight in bf16: projected gradient 128 x 4096 (m >= n: Vh[:128] is the projector,
     128 x 1024); exp_avg and exp_avg_sq 128 x 4096 in bf16."""

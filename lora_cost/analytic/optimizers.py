@@ -18,6 +18,8 @@ step allocates and frees (temporaries), from the implementation it models:
   moments, fp32 vectors of numel/shape[-1] (rows) and numel/shape[-2] (columns) elements; others one
   fp32 exp_avg_sq like the tensor; and every tensor a 0-dim fp32 `RMS` on the device (a 512-byte block).
   The step loops over tensors (no foreach): see `_adafactor_temporaries`.
+* `adamw-torch-8bit`, `adamw-torch-4bit`: torchao's AdamW8bit / AdamW4bit (`_torchao`); `galore-adamw`:
+  GaLore's AdamW as Trainer builds it (`_galore_state`).
 * bitsandbytes (`optim/optimizer.py`): `adamw-bnb-8bit` (alias `adamw-8bit`) and `paged-adamw-8bit`
   keep two uint8 states plus one fp32 absmax per block of 256 for tensors of at least 4096 elements
   (`min_8bit_size`) and two fp32 states for smaller ones (Optimizer2State.init_state); the 32-bit ones
@@ -129,6 +131,31 @@ def _adafactor_temporaries(groups: list[TensorGroup]) -> int:
     return _adafactor_tensor(top) + previous * FP32
 
 
+# torchao low-bit AdamW (torchao/optim/adam.py `_AdamBase._new_buffer`): "follow bitsandbytes, only quantize
+# tensors >= 4096 values", and only those whose size divides by the block: 256 (AdamW8bit), 128 (AdamW4bit)
+TORCHAO_MIN_SIZE = 4096
+
+
+def torchao_block(bits: int) -> int:
+    return {8: 256, 4: 128}[bits]
+
+
+def _torchao(bits: int) -> Callable[[TensorGroup], int]:
+    """exp_avg and exp_avg_sq as OptimState{8,4}bit (subclass_{8,4}bit.py `zeros`): `codes` (bits per element,
+    uint8 storage), `scale` (one fp32 per block), `qmap` (2^bits fp32 entries) per state tensor; else
+    `torch.zeros_like(p)`. Each storage as the caching allocator counts it (at least 512 bytes)."""
+    block = torchao_block(bits)
+
+    def state(g: TensorGroup) -> int:
+        if g.numel >= TORCHAO_MIN_SIZE and g.numel % block == 0:
+            per = allocated(g.numel * bits // 8) + allocated(g.numel // block * FP32) + allocated(2 ** bits * FP32)
+        else:
+            per = allocated(g.numel * DTYPE_BYTES[g.dtype])
+        return 2 * g.count * per
+
+    return state
+
+
 # GaLore as Trainer builds it (transformers trainer_optimizer.py `_get_galore_optimizer`, optim_args defaults)
 GALORE_RANK = 128
 
@@ -234,3 +261,9 @@ register_optimizer(Optimizer("paged-lion-32bit", "bitsandbytes PagedLion32bit: o
 register_optimizer(Optimizer("galore-adamw", "GaLore AdamW (galore_torch, rank 128, every nn.Linear weight): states of "
                              "the rank-128 projected gradient + the projector; AdamW states elsewhere", _galore_state,
                              _galore_tensor))
+register_optimizer(Optimizer("adamw-torch-8bit", "torchao AdamW8bit: uint8 codes + fp32 scale per 256 + a 256-entry qmap "
+                             "per state (>= 4096 elements dividing by 256; else like the parameter); its compiled update's "
+                             "buffers not modelled", _torchao(8)))
+register_optimizer(Optimizer("adamw-torch-4bit", "torchao AdamW4bit: 4-bit codes + fp32 scale per 128 + a 16-entry qmap "
+                             "per state (>= 4096 elements dividing by 128; else like the parameter); its compiled update's "
+                             "buffers not modelled", _torchao(4)))

@@ -151,6 +151,9 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
                      f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
+    elif run.optimizer in ("adamw-torch-8bit", "adamw-torch-4bit", "galore-adamw"):
+        notes.append(f"{run.optimizer}: a stand-in with the library's state storage (lora_cost/trace/"
+                     f"{'galore.py' if run.optimizer == 'galore-adamw' else 'optim_torchao.py'})")
     elif run.optimizer not in ("adamw-torch", "adamw-torch-fused", "sgd", "adafactor"):
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage and an in-place update "
                      "(lora_cost/trace/optim8bit.py)")

@@ -24,6 +24,9 @@ def make_base(name: str, params: list, galore_targets: set = frozenset()):
     if name == "adafactor":  # trainer_optimizer.py _get_adafactor
         from transformers.optimization import Adafactor
         return Adafactor(params, lr=1e-5, scale_parameter=False, relative_step=False)
+    if name in ("adamw-torch-8bit", "adamw-torch-4bit"):  # trainer_optimizer.py: torchao AdamW8bit / AdamW4bit
+        from .optim_torchao import TorchaoAdamStandIn
+        return TorchaoAdamStandIn(params, bits=8 if "8bit" in name else 4)
     if name == "galore-adamw":  # trainer_optimizer.py _get_galore_optimizer; the stand-in of galore.py
         from .galore import GaLoreAdamWStandIn
         return GaLoreAdamWStandIn(params, galore_targets)

@@ -89,6 +89,9 @@ def cases() -> list[dict]:
         out.append(dict(model=model, method="full", optimizer="galore-adamw", batch=2, seq=1024))
     out.append(dict(model="llama-3.1-8b", method="full", optimizer="galore-adamw", master_weights="fp32",
                     optimizer_in_backward=True, batch=2, seq=1024, grad_checkpointing=True))
+    for opt in ("adamw-torch-8bit", "adamw-torch-4bit"):
+        for method in ("full", "lora"):
+            out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
     return out
 
 
