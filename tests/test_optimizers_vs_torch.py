@@ -109,3 +109,14 @@ def test_step_temporaries(name, dtype):
     predicted = get_optimizer(name).step_temporaries(groups(dtype))
     # the simulator rounds every buffer to 512 B and sees the scalars (norms, clamps) the analytic sum leaves out
     assert predicted <= measured <= predicted + 8 * 512 + 0.01 * predicted, (measured, predicted)
+
+
+def test_profiler_recognises_the_optimizers():
+    from transformers.optimization import Adafactor
+
+    from lora_cost.profiler.introspect import _optimizer
+
+    p = [torch.nn.Parameter(torch.zeros(4))]
+    assert _optimizer(torch.optim.AdamW(p, fused=True))[0] == "adamw-torch-fused"
+    assert _optimizer(torch.optim.AdamW(p))[0] == "adamw"
+    assert _optimizer(Adafactor(p, lr=1e-3, relative_step=False, scale_parameter=False))[0] == "adafactor"
