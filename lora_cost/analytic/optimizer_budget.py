@@ -10,7 +10,9 @@ fp32 (AdamW: 8 B/element). At the step the 16-bit gradients are copied into fp32
 masters, all of them before the update (Megatron `_copy_model_grads_to_main_grads`: `main_param.grad =
 model_param.grad.float()`), the inner optimizer updates the masters, and the masters are copied back
 into the 16-bit weights (`_copy_main_params_to_model_params`). Steady: 2 + 4 + 8 = 14 B per element,
-16 with the gradients. Tensors that are already fp32 (peft's adapters, amp/fp32 precision) get no
+16 with the gradients. (This is the `model_param.grad.float()` branch, 16-bit gradients. Megatron's DDP
+with `accumulate_allreduce_grads_in_fp32` and DeepSpeed's BF16_Optimizer accumulate gradients in
+persistent fp32 buffers instead, 2 B more per element: not what this flag models.) Tensors that are already fp32 (peft's adapters, amp/fp32 precision) get no
 copy. Without the flag the optimizer works on the parameters as they are: Trainer's bf16 full
 fine-tuning (`torch_dtype=bfloat16`, no master copy) keeps AdamW states in bf16; the bitsandbytes
 32-bit optimizers keep fp32 states whatever the weights (12 B per element with 16-bit weights and
