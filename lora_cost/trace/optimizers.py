@@ -124,10 +124,16 @@ class InBackward:
     def __init__(self, params: list, make_one) -> None:
         self.per_tensor = [(p, make_one([p])) for p in params]
         self.handles: list = []
+        for _, opt in self.per_tensor:
+            opt.part_of_many = True  # a master-weights wrapper of one fp32 tensor is fine; all of them is not
 
     def init_state(self, mode, init_one) -> None:
         for _, opt in self.per_tensor:
             init_one(opt, mode)
+        if any(isinstance(opt, MasterWeights) for _, opt in self.per_tensor) and not self.masters:
+            from ..errors import LoraCostError
+            raise LoraCostError("--master-weights fp32: every trainable tensor is already fp32: there is no 16-bit "
+                                "weight to keep a master copy of")
 
     def install(self, snapshot=None) -> None:
         """`snapshot()`: the FLOP counter's per-op counts; what the steps count is kept apart in `step_flops`
