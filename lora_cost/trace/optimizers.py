@@ -14,7 +14,9 @@ import torch
 
 
 def make_base(name: str, params: list, galore_targets: set = frozenset()):
-    """The optimizer registered as `name` (canonical) over `params` (GaLore: projecting `galore_targets`)."""
+    """The optimizer registered as `name` (any accepted spelling) over `params` (GaLore: projecting `galore_targets`)."""
+    from ..analytic.optimizers import get_optimizer
+    name = get_optimizer(name).name
     if name == "adamw-torch":  # foreach: what PyTorch defaults to for CUDA tensors (CPU defaults to the loop)
         return torch.optim.AdamW(params, lr=1e-5, foreach=True)
     if name == "adamw-torch-fused":  # transformers trainer_optimizer.py _get_adamw_torch: fused=True

@@ -77,6 +77,8 @@ def make_optimizer(name: str, params: list, run=None, model=None):
     master weights and, with --optimizer-in-backward, one per tensor stepped from its gradient hook."""
     from .optimizers import InBackward, MasterWeights, make_base
 
+    from ..analytic.optimizers import get_optimizer
+    name = get_optimizer(name).name
     master = run is not None and run.master_weights == "fp32"
     targets = set()
     if name == "galore-adamw" and model is not None:
