@@ -47,6 +47,8 @@ class MemoryCategory(str, Enum):
     BUFFERS = ("buffers", "buffers", "module buffers that are not parameters (rotary tables, position ids)")
     OPTIMIZER_STATE = ("optimizer_state", "optimizer state",
                        "optimizer buffers in torch's allocator (paged states are outside it)")
+    MASTER_WEIGHTS = ("master_weights", "fp32 master weights",
+                      "the optimizer's fp32 copy of 16-bit trainable weights (--master-weights fp32)")
     LOOP_STATE = ("loop_state", "training-loop state",
                   "kept between steps by the training loop outside the optimizer (AdaLoRA's rank allocator averages)")
     # -- what the step adds

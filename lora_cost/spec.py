@@ -139,6 +139,7 @@ PRECISIONS = ("fp32", "bf16", "fp16", "amp-bf16", "amp-fp16")
 TASKS = ("causal-lm", "masked-lm", "seq2seq", "seq-cls", "token-cls")
 CLASSIFICATION_TASKS = ("seq-cls", "token-cls")
 MAX_LABELS = 1 << 20
+MASTER_WEIGHTS = (None, "fp32")  # task "optim": --master-weights
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,9 @@ class RunConfig:
     paged_evictable: bool = False  # paged optimizer state may be evicted to the host (not counted on the GPU)
     # -- task "sharding": several GPUs (analytic/sharding/config.py ShardingSpec; None: one GPU, nothing changes)
     sharding: "ShardingSpec | None" = None  # noqa: F821 (a torch-free frozen dataclass, imported where used)
+    # --- task "optim" (issue 9, Optimizers): lora_cost/analytic/optimizer_budget.py ---
+    master_weights: str | None = None  # "fp32": the optimizer keeps fp32 master copies of 16-bit trainable weights
+    optimizer_in_backward: bool = False  # each tensor stepped, its gradient freed, as soon as it is accumulated
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -200,6 +204,10 @@ class RunConfig:
         if self.alloc_conf is not None:
             from .analytic.allocator.config import parse_alloc_conf
             parse_alloc_conf(self.alloc_conf)  # LoraCostError naming the bad option
+        if self.master_weights not in MASTER_WEIGHTS:  # task "optim"
+            raise LoraCostError(f"unknown --master-weights {self.master_weights!r}; choose fp32 (or leave it unset)")
+        if not isinstance(self.optimizer_in_backward, bool):
+            raise LoraCostError(f"--optimizer-in-backward is a flag, got {self.optimizer_in_backward!r}")
 
     @property
     def labels(self) -> int:

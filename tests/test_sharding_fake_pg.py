@@ -51,3 +51,16 @@ def test_estimate_uses_the_rank_shards(tmp_path):
     rank = analytic_rank(tmp_path, "llama", "full", 5)
     comps = {t.name: t.value for t in e.memory.phases[-1].terms}
     assert comps["trainable_weights"] == rank.trainable and comps["optimizer_state"] == rank.optimizer_state
+
+
+# DeepSpeed imports torch: kept out of the torch-free `-m fast` module test_sharding_analytic.py
+def test_deepspeed_estimator_if_installed():
+    from test_sharding_analytic import _states
+    ds2 = pytest.importorskip("deepspeed.runtime.zero.stage_1_and_2")
+    e = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero2")
+    _, gpu = ds2.estimate_zero2_model_states_mem_needs(e.total_params, 8, 1, cpu_offload=False)
+    assert _states(e) == gpu
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    e3 = estimate("llama-3.1-8b", "full", gpus=8, sharding="zero3", sharding_options={"param_persistence_threshold": 0})
+    _, gpu3, _ = estimate_zero3_model_states_mem_needs(e3.total_params, 0, 8, 1, cpu_offload=False)
+    assert _states(e3) - 2 * e3.total_params // 8 == gpu3  # + the 16-bit gradient partition (see above)

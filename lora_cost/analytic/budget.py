@@ -9,7 +9,9 @@ from functools import lru_cache
 from .architectures.base import Architecture
 from .methods.base import Method, TensorGroup, get_method
 from .methods.storage import BaseStorage
+from .optimizer_budget import optimizer_budget
 from .optimizers import Optimizer
+from ..errors import LoraCostError
 from ..spec import LinearSite, ModelSpec, RunConfig
 from ..units import DTYPE_BYTES
 
@@ -31,6 +33,12 @@ class ParameterBudget:
     loop_temporaries: int = 0  # that state's update after opt.step()
     # gradients that arrive only at the end of backward (trained embeddings no LM head is tied to: a classifier)
     late_gradient_bytes: int = 0
+    # --- task "optim": fp32 master copies, and steps inside backward (optimizer_budget.py) ---
+    master_bytes: int = 0
+    in_backward: bool = False
+    block_step_transient: int = 0  # in backward: the largest block tensor's gradient + its step's temporaries
+    head_step_transient: int = 0  # ... the largest tensor outside the blocks
+    lm_head_steps_early: bool = False  # an untied trained LM head: stepped right after the loss's backward
 
     @property
     def frozen_bytes(self) -> int:
@@ -43,7 +51,8 @@ class ParameterBudget:
     @property
     def steady_bytes(self) -> int:
         """Allocated between steps: every weight, the optimizer state and the training loop's own state."""
-        return self.frozen_bytes + self.trainable_bytes + self.allocated_state_bytes + self.loop_state_bytes
+        return (self.frozen_bytes + self.trainable_bytes + self.allocated_state_bytes + self.loop_state_bytes
+                + self.master_bytes)
 
 
 @lru_cache(maxsize=512)
@@ -79,13 +88,14 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     sites, head_sites = tuple(sites), tuple(head_sites)
     lookup = (arch, spec, method.name, run.r, run.precision, run.optimizer, run.method_options, run.targets,
-              run.task, run.num_labels, opt, sites, head_sites)
+              run.task, run.num_labels, run.master_weights, run.optimizer_in_backward, opt, sites, head_sites)
     found = _BUDGETS.get(lookup)
     if found is not None:  # a plain dict in front of the lru_cache: no RunConfig to build and validate
         return found
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
                     method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
-                    task=run.task, num_labels=run.num_labels)
+                    task=run.task, num_labels=run.num_labels, master_weights=run.master_weights,
+                    optimizer_in_backward=run.optimizer_in_backward)
     found = _parameter_budget(arch, spec, key, opt, sites, head_sites)
     if len(_BUDGETS) >= 8192:
         _BUDGETS.clear()
@@ -106,7 +116,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     groups = param_groups(arch, spec, run.task, run.labels)
     stored = base_weight_bytes(arch, spec, method.storage(run), run.task, run.labels)
     if method.base_trainable:
-        trainable = [TensorGroup(g.name, g.numel, g.count, dtype) for g in groups]
+        trainable = [TensorGroup(g.name, g.numel, g.count, dtype, shape=param_shape(arch, spec, g),
+                                 linear_weight=is_linear_weight(arch, spec, g)) for g in groups]
         # groups named "...*..." repeat in every block (their count is a multiple of L)
         per_layer = sum(g.total // L for g in groups if "*" in g.name) * DTYPE_BYTES[dtype]
         frozen: list[TensorGroup] = []
@@ -132,12 +143,53 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
             from .heads import trainable_copy
             trainable += trainable_copy(spec, run, run.task)
     loop_state, loop_temporaries = method.loop_state(trainable)
+    if run.optimizer_in_backward and loop_state:
+        raise LoraCostError(f"--optimizer-in-backward: {method.name}'s training loop reads the gradients after the "
+                            "optimizer step, and stepping in backward frees each one right after its own step")
+    # tensors inside the blocks: their gradients arrive block by block ("*" names repeat per block)
+    # (adapters: all but the LM head's, a classifier copy's and a prompt encoder's)
+    outside = tuple(f"{s.name}." for s in head_sites) + ("modules_to_save", "prompt_encoder")
+    block_groups = [g for g in trainable if "*" in g.name] if method.base_trainable else \
+        [g for g in trainable if not g.name.startswith(outside)]
+    ob = optimizer_budget(opt, trainable, run.master_weights, run.optimizer_in_backward, block_groups)
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
         base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),
-        per_layer_trainable_bytes=per_layer, state_bytes=sum(opt.state_bytes(g) for g in trainable), paged=opt.paged,
-        optimizer_temporaries=opt.step_temporaries(trainable), base_trainable=method.base_trainable,
+        per_layer_trainable_bytes=per_layer, state_bytes=ob.state_bytes, paged=opt.paged,
+        optimizer_temporaries=ob.step_temporaries, base_trainable=method.base_trainable,
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
         loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
         late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
-        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0)
+        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0,
+        master_bytes=ob.master_bytes, in_backward=run.optimizer_in_backward,
+        block_step_transient=ob.block_transient, head_step_transient=ob.head_transient,
+        # a tied LM head is the input embedding: its gradient is complete (and stepped) only at the end
+        lm_head_steps_early=method.base_trainable and not spec.tie_embeddings and run.task not in ("seq-cls", "token-cls"))
+
+
+def is_linear_weight(arch: Architecture, spec: ModelSpec, g) -> bool:
+    """A torch nn.Linear's weight: a block linear (not GPT-2's Conv1D) or an untied LM head (a tied one is
+    the embedding's parameter, named after it)."""
+    if g.kind == "head":
+        return True
+    if g.kind not in ("linear", "kept-linear") or not param_shape(arch, spec, g):
+        return False
+    return not any(s.fan_in_fan_out for s in arch.linear_sites(spec) if f".{s.path or s.name}.weight" in g.name
+                   or g.name.endswith(f"{s.name}.weight"))
+
+
+def param_shape(arch: Architecture, spec: ModelSpec, g) -> tuple[int, ...]:
+    """The shape of one tensor of a base parameter group where it is known (Adafactor factors matrices):
+    a block linear [d_out, d_in] (GPT-2's Conv1D stores [d_in, d_out]: the same two sides), an embedding or
+    LM head [rows, hidden], a norm or bias a vector; () where not known (routers, experts)."""
+    if g.kind in ("linear", "kept-linear"):
+        for s in arch.linear_sites(spec):
+            if f".{s.path or s.name}.weight" in g.name or g.name.endswith(f"{s.name}.weight"):
+                if s.d_in * s.d_out == g.numel:
+                    return (s.d_out, s.d_in)
+        return ()
+    if g.kind in ("embedding", "head") and g.numel % spec.hidden == 0:
+        return (g.numel // spec.hidden, spec.hidden)
+    if g.kind in ("norm", "bias"):
+        return (g.numel,)
+    return ()

@@ -74,7 +74,8 @@ def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
     a method whose sizes are not keeps its rank) and no optimizer."""
     affine = get_method(run.method).rank_affine
-    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None)
+    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None,
+                   master_weights=None, optimizer_in_backward=False)
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,
@@ -86,6 +87,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              num_labels: int | None = None, packing: bool = False, alloc_conf: str | None = None,
              paged_evictable: bool = False, gpus: int | None = None, nodes: int = 1,
              sharding: str | None = None, sharding_options: dict | None = None,
+             master_weights: str | None = None, optimizer_in_backward: bool = False,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
@@ -103,7 +105,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
                     moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing,
                     alloc_conf=alloc_conf, paged_evictable=paged_evictable,
-                    sharding=sharding_spec(gpus, nodes, sharding, sharding_options))
+                    sharding=sharding_spec(gpus, nodes, sharding, sharding_options),
+                    master_weights=master_weights, optimizer_in_backward=optimizer_in_backward)
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
@@ -173,6 +176,12 @@ def validated_method_run(run: RunConfig):
     if run.paged_evictable and not get_optimizer(run.optimizer).paged:
         raise LoraCostError(f"--paged-evictable applies to paged optimizers only (their state lives in CUDA managed "
                             f"memory); {run.optimizer} keeps its state in device memory")
+    if get_optimizer(run.optimizer).name == "galore-adamw" and not method.base_trainable:  # task "optim"
+        raise LoraCostError(f"--optimizer galore-adamw projects the gradients of full-rank weights: it applies to "
+                            f"--method full, not {method.name} (whose adapters are already low-rank)")
+    if run.sharding is not None and (run.master_weights or run.optimizer_in_backward):
+        raise LoraCostError("--master-weights and --optimizer-in-backward are modelled on one GPU only; "
+                            "drop them or --gpus")
     return run, method
 
 
@@ -279,4 +288,18 @@ def _assumptions(run: RunConfig, opt, dev=None) -> tuple[str, ...]:
         device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None),
     ) + ((f"--alloc-conf {run.alloc_conf}: not modelled by the analytic engine's reserved memory (a slack on the "
           "allocated peak); --engine trace replays the step through the allocator with these settings",)
-         if run.alloc_conf else ())
+         if run.alloc_conf else ()) + _optimizer_notes(run, opt)
+
+
+def _optimizer_notes(run: RunConfig, opt) -> tuple[str, ...]:
+    """The optimizer's recipe, when it is not the default one (task "optim")."""
+    notes = ()
+    if opt.name != "adamw-torch":
+        notes += (f"optimizer {opt.name}: {opt.description}",)
+    if run.master_weights:
+        notes += ("master weights: the optimizer keeps an fp32 copy of each 16-bit trainable tensor and fp32 states; "
+                  "16-bit gradients are copied to fp32 at the step (Megatron-LM / DeepSpeed mixed precision)",)
+    if run.optimizer_in_backward:
+        notes += ("optimizer in backward (torchtune optimizer_in_bwd): each tensor is stepped and its gradient freed "
+                  "from register_post_accumulate_grad_hook; opt.step() after backward does nothing",)
+    return notes

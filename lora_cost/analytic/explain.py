@@ -13,7 +13,9 @@ from ..spec import ModelSpec, RunConfig
 COMPONENTS = {
     MemoryCategory.WEIGHTS: "base weights (+ frozen adapter tensors) x storage dtype",
     MemoryCategory.TRAINABLE_WEIGHTS: "trainable elements x dtype bytes",
-    MemoryCategory.OPTIMIZER_STATE: "AdamW 2 x, SGD 1 x trainable bytes; 8-bit: 2 B + 8 B/256 per element",
+    MemoryCategory.OPTIMIZER_STATE: "AdamW 2 x, SGD 1 x trainable bytes; 8-bit: 2 B + 8 B/256 per element; Lion one "
+                                     "state; Adafactor fp32 rows + columns (optimizers.py)",
+    MemoryCategory.MASTER_WEIGHTS: "4 B x every 16-bit trainable element (--master-weights fp32)",
     MemoryCategory.SAVED_ACTIVATIONS: "sum over ops of the tensors autograd keeps",
     MemoryCategory.LOGITS: "batch x seq x vocab x dtype",
     MemoryCategory.LOGITS_FP32_COPY: "batch x seq x vocab x 4",
@@ -22,7 +24,9 @@ COMPONENTS = {
     MemoryCategory.RECOMPUTED_ACTIVATIONS: "one block's saved tensors",
     MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",
     MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op",
-    MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group",
+    MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group; Adafactor: fp32 "
+                                           "copies of the largest tensor; master weights: fp32 gradients; in backward: "
+                                           "one tensor's gradient and step",
     MemoryCategory.LOOP_STATE: "AdaLoRA: 3 x the adapter tensors (importance, its average, its uncertainty)",
     MemoryCategory.GATHERED_PARAMETERS: "root unit + units in use: shards x padded dim-0 chunk x world, param dtype",
     MemoryCategory.PREFETCHED_PARAMETERS: "one decoder-layer unit, all-gathered ahead (FSDP2 backward prefetch)",
@@ -65,7 +69,7 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
         Term("optimizer state", params.state_bytes, opt.description,
              "outside torch's allocator (paged)" if opt.paged else "allocated on the GPU", C.OPTIMIZER_STATE),
         Term("optimizer temporaries", params.optimizer_temporaries,
-             "foreach AdamW sqrt(exp_avg_sq) buffer" if params.optimizer_temporaries else "in-place update",
+             COMPONENTS[C.OPTIMIZER_TEMPORARIES] if params.optimizer_temporaries else "in-place update",
              "alive during opt.step()", C.OPTIMIZER_TEMPORARIES),
         Term("saved activations", saved_total, "per-op autograd rules over one forward pass"
              + (" (checkpointed: block inputs only)" if run.grad_checkpointing else ""),
@@ -77,7 +81,7 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
              C.LOGITS_FP32_COPY),
         Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward",
              C.LOSS_GRADIENT_BUFFERS),
-    ) + ((Term("rank allocator state", params.loop_state_bytes, COMPONENTS[C.LOOP_STATE],
+    ) + _optimizer_option_terms(params) + ((Term("rank allocator state", params.loop_state_bytes, COMPONENTS[C.LOOP_STATE],
                "peft RankAllocator's ipt, exp_avg_ipt and exp_avg_unc, kept outside the optimizer", C.LOOP_STATE),)
          if params.loop_state_bytes else ())
 
@@ -96,3 +100,19 @@ def saved_by_kind(rec: StepRecord, run: RunConfig, kept: tuple[int, ...]) -> tup
     if run.grad_checkpointing:
         totals["checkpointed block inputs"] = sum(kept)
     return tuple(Term(k, int(v), "", "") for k, v in sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def _optimizer_option_terms(params: ParameterBudget) -> tuple[Term, ...]:
+    """--master-weights fp32 and --optimizer-in-backward (optimizer_budget.py); absent without them."""
+    C = MemoryCategory
+    out = ()
+    if params.master_bytes:
+        out += (Term("fp32 master weights", params.master_bytes, COMPONENTS[C.MASTER_WEIGHTS],
+                     "the optimizer updates fp32 copies and writes them back to the 16-bit weights (Megatron-LM "
+                     "Float16OptimizerWithFloat16Params, DeepSpeed bf16/fp16 optimizers)", C.MASTER_WEIGHTS),)
+    if params.in_backward:
+        out += (Term("one tensor's step in backward", max(params.block_step_transient, params.head_step_transient),
+                     "its gradient + fp32 copy (master weights) + the optimizer's temporaries for it alone",
+                     "torchtune optimizer_in_bwd: register_post_accumulate_grad_hook steps and frees each gradient",
+                     C.OPTIMIZER_TEMPORARIES),)
+    return out

@@ -102,10 +102,14 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
     saved = acts.total
     scopes = stack.scopes
     fwd_transient = max([rec.forward_transient.get(s, 0) for s in ("embeddings", *stack.block_scopes, "head")] + [0])
-    grads_total = params.trainable_bytes
+    # --optimizer-in-backward (optimizer_budget.py): each gradient is freed by its own step inside backward,
+    # so no moment holds accumulated gradients; one tensor's gradient and step are alive instead
+    grads_total = 0 if params.in_backward else params.trainable_bytes
     grads_blocks = params.per_layer_trainable_bytes * L if adapted_blocks or params.base_trainable else 0
     # trained embeddings without a tied LM head (classifiers) get their gradient after the blocks' backward
     grads_head = max(grads_total - grads_blocks - params.late_gradient_bytes, 0)
+    if params.in_backward:
+        grads_blocks = grads_head = 0
     # the residual stream's width: the input of the blocks that stand for most of the stack
     residual = rec.block_input.get(stack.block_scopes[-1], 0)
 
@@ -121,7 +125,8 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)] + _dp(rank, "backward-block", i)
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
+                (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
@@ -154,7 +159,9 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
                                      logits),
             *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0))),
-            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)] + _dp(rank, "backward-end")),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
+                                 (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)] + _dp(rank, "backward-end")),
+            *_head_step_moment(params, saved - acts.loss, logits, residual),
         ],
         "optimizer": [
             ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
@@ -166,7 +173,8 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         ],
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),
-              (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes)]
+              (C.OPTIMIZER_STATE, params.allocated_state_bytes), (C.LOOP_STATE, params.loop_state_bytes),
+              (C.MASTER_WEIGHTS, params.master_bytes)]
     if rank is not None:
         steady = [(C.WEIGHTS, rank.weights), (C.TRAINABLE_WEIGHTS, rank.trainable),
                   (C.OPTIMIZER_STATE, rank.optimizer_state), (C.LOOP_STATE, params.loop_state_bytes)]
@@ -199,6 +207,17 @@ def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_he
 def _dp(rank, moment: str, i: int | None = None) -> list:
     """The data-parallel library's buffers alive at a moment (none on one GPU)."""
     return [] if rank is None else rank.gathered(moment, i)
+
+
+def _head_step_moment(params: ParameterBudget, saved: int, logits: int, residual: int) -> list:
+    """--optimizer-in-backward with a trained LM head: its weight's gradient is stepped by the hook that
+    fires once the head's backward node is done (the logits' gradient freed, the hidden states' gradient,
+    one residual-stream tensor, alive), while every saved activation but the loss's is alive."""
+    if not params.in_backward or not params.lm_head_steps_early:
+        return []
+    return [("the LM head's gradient stepped in backward", [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits),
+                                                             (C.ACTIVATION_GRADIENT_BUFFERS, residual),
+                                                             (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)])]
 
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:

@@ -10,7 +10,7 @@ from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
 from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, method_choice,
-                      method_options, parse_targets, sharding_flags, sharding_kwargs)
+                      method_options, optimizer_options, parse_targets, sharding_flags, sharding_kwargs)
 
 
 @main.command()
@@ -44,9 +44,11 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
              fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view,
              peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
+    optimizer_flags = optimizer_options(option_flags)
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
                   model_dropout=model_dropout, method_options=method_options(option_flags))
+    kwargs.update(optimizer_flags)
     if target_seq is not None:
         kwargs["target_seq"] = target_seq
     if moe_imbalance is not None:

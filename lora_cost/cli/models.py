@@ -1,4 +1,4 @@
-"""`lora-cost models`, `gpus` and `methods`: what is bundled."""
+"""`lora-cost models`, `gpus`, `methods` and `optimizers`: what is bundled."""
 
 from __future__ import annotations
 
@@ -41,3 +41,11 @@ def methods(as_json):
     """List the fine-tuning methods, their papers and the library recipe modelled."""
     from ..analytic.methods import all_methods
     _show(tuple(all_methods().values()), "methods", as_json)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def optimizers(as_json):
+    """List the optimizers (--optimizer), their other spellings and what each keeps."""
+    from ..analytic.optimizers import canonical_optimizers
+    _show(tuple(canonical_optimizers().values()), "optimizers", as_json)

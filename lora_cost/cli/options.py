@@ -21,12 +21,14 @@ def common_run_options(f):
         click.option("--model", "-m", default=None, help="Bundled profile, Hugging Face id alias, config.json or a directory holding one (may come from --axolotl base_model or --peft-config base_model_name_or_path)."),
         click.option("--targets", "-t", default=None, help="peft target_modules, comma separated (e.g. q_proj,v_proj), or all-linear. Default: query and value projections."),
         click.option("--precision", type=click.Choice(PRECISIONS), default="bf16", show_default=True),
-        click.option("--optimizer", type=click.Choice(list(all_optimizers())), default="adamw", show_default=True),
+        click.option("--optimizer", type=OptimizerChoice(list(all_optimizers())), default="adamw", show_default=True,
+                     help="Trainer's `optim` names, dashed or with underscores (adamw_torch_fused); adamw = adamw-torch."),
         click.option("--attention", type=click.Choice(ATTENTION_SPELLINGS), default="sdpa", show_default=True, help="transformers attention implementation (flash-attention-2/3 and flex: the fused kernels; transformers' spellings flash_attention_2, flash_attention_3, flex_attention accepted)."),
         click.option("--dropout", type=float, default=0.0, show_default=True, help="Adapter dropout (peft lora_dropout)."),
         click.option("--model-dropout", type=float, default=None, help="Override the model's own dropout probabilities (default: its config's)."),
         method_option_flags,
         file_options,
+        optimizer_option_flags,
         click.option("--gpu", default=None, help="A bundled GPU profile (lora-cost gpus): say whether it fits and how long a step takes."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
@@ -165,3 +167,32 @@ def sharding_kwargs(gpus, nodes, sharding, offload, cpu_offload, deepspeed_confi
     if gpus is not None and gpus < 1:
         raise LoraCostError(f"--gpus must be a positive integer, got {gpus}")
     return dict(gpus=gpus, nodes=nodes, sharding=sharding, sharding_options=options)
+
+
+# --- task "optim" (issue 9, Optimizers): optimizer flags --------------------------------------------
+class OptimizerChoice(click.Choice):
+    """The registered optimizer names; Trainer's underscore spelling (`adamw_torch_fused`) is accepted."""
+
+    def convert(self, value, param, ctx):
+        from ..registry import dashed
+        return super().convert(dashed(value) if isinstance(value, str) else value, param, ctx)
+
+
+def optimizer_option_flags(f):
+    """--master-weights and --optimizer-in-backward (lora_cost/analytic/optimizer_budget.py)."""
+    f = click.option("--optimizer-in-backward", "optimizer_in_backward", is_flag=True, default=False,
+                     help="Step each tensor from its gradient hook inside backward, freeing its gradient "
+                     "(torchtune optimizer_in_bwd).")(f)
+    return click.option("--master-weights", "master_weights", type=click.Choice(["fp32"]), default=None,
+                        help="Keep fp32 master copies of 16-bit trainable weights and fp32 optimizer states "
+                        "(Megatron-LM / DeepSpeed mixed precision).")(f)
+
+
+def optimizer_options(params: dict) -> dict:
+    """The optimizer flags among a command's parameters that were given (absent ones leave a call as it was)."""
+    out = {}
+    if params.pop("master_weights", None) is not None:
+        out["master_weights"] = "fp32"
+    if params.pop("optimizer_in_backward", False):
+        out["optimizer_in_backward"] = True
+    return out

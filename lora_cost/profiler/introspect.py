@@ -22,7 +22,13 @@ _OPTIMIZERS = {  # class name -> estimator optimizer
     "AdamW": "adamw", "Adam": "adamw", "AdamW8bit": "adamw-8bit", "Adam8bit": "adamw-8bit",
     "PagedAdamW": "paged-adamw-32bit", "PagedAdamW32bit": "paged-adamw-32bit", "PagedAdam32bit": "paged-adamw-32bit",
     "PagedAdamW8bit": "paged-adamw-8bit", "PagedAdam8bit": "paged-adamw-8bit", "SGD": "sgd",
+    # task "optim": transformers' Adafactor, bitsandbytes' Lion (Lion: optim_bits=32 by default)
+    "Adafactor": "adafactor", "Lion": "lion-32bit", "Lion32bit": "lion-32bit", "Lion8bit": "lion-8bit",
+    "PagedLion": "paged-lion-32bit", "PagedLion32bit": "paged-lion-32bit", "PagedLion8bit": "paged-lion-8bit",
 }
+# classes named like others whose module tells them apart (torchao's AdamW8bit is not bitsandbytes')
+_OPTIMIZERS_BY_MODULE = {("torchao", "AdamW8bit"): "adamw-torch-8bit", ("torchao", "AdamW4bit"): "adamw-torch-4bit",
+                         ("galore_torch", "AdamW"): "galore-adamw"}
 
 
 @dataclass(frozen=True)
@@ -97,7 +103,10 @@ def _precision(model, method: str | None, autocast_dtype) -> str | None:
 
 def _optimizer(opt) -> tuple[str | None, str]:
     name = type(opt).__name__
-    mapped = _OPTIMIZERS.get(name)
+    package = type(opt).__module__.split(".")[0]
+    mapped = _OPTIMIZERS_BY_MODULE.get((package, name), _OPTIMIZERS.get(name))
+    if mapped == "adamw" and any(g.get("fused") for g in opt.param_groups):
+        mapped = "adamw-torch-fused"
     if mapped is None:
         return None, f"optimizer {name} is not one the estimator knows"
     note = ""

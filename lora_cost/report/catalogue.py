@@ -61,3 +61,18 @@ def render_methods(console: Console, methods) -> None:
     for m in methods:
         table.add_row(m.name, m.paper, str(m.default_r or "-"), m.recipe)
     console.print(table)
+
+
+def optimizers_to_json(optimizers) -> list[dict]:
+    """`lora-cost optimizers --json`: one object per registered optimizer."""
+    return [{"name": o.name, "aliases": list(o.aliases), "description": o.description, "paged": o.paged}
+            for o in optimizers]
+
+
+def render_optimizers(console: Console, optimizers) -> None:
+    table = Table(title="Optimizers (--optimizer; Trainer's underscore spellings work too)")
+    for col in ("name", "also", "state and step modelled", "paged"):
+        table.add_column(col)
+    for o in optimizers:
+        table.add_row(o.name, ", ".join(o.aliases) or "-", o.description, "yes" if o.paged else "-")
+    console.print(table)

@@ -11,7 +11,7 @@ from .results import TraceResult
 # they are for (logits, loss and activation-gradient buffers, ...) are temporaries to it.
 _C = MemoryCategory
 SAME_IN_TRACE = {_C.WEIGHTS, _C.TRAINABLE_WEIGHTS, _C.OPTIMIZER_STATE, _C.SAVED_ACTIVATIONS, _C.GRADIENTS,
-                 _C.RECOMPUTED_ACTIVATIONS, _C.LOOP_STATE}
+                 _C.RECOMPUTED_ACTIVATIONS, _C.LOOP_STATE, _C.MASTER_WEIGHTS}
 
 
 def trace_category(name: str) -> MemoryCategory:

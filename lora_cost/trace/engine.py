@@ -44,7 +44,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
-          packing: bool = False, alloc_conf=None, paged_evictable: bool = False, sharding=None) -> TraceResult:
+          packing: bool = False, alloc_conf=None, paged_evictable: bool = False, sharding=None,
+          master_weights: str | None = None, optimizer_in_backward: bool = False) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -63,13 +64,15 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                              dropout=dropout, model_dropout=model_dropout, method_options=method_options,
                              task=task, num_labels=num_labels, calibration=calibration, alloc_conf=alloc_conf,
-                             paged_evictable=paged_evictable)
+                             paged_evictable=paged_evictable, master_weights=master_weights,
+                             optimizer_in_backward=optimizer_in_backward)
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
                                target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
                                packing=packing, alloc_conf=alloc_conf, paged_evictable=paged_evictable,
-                               sharding=sharding)
+                               sharding=sharding, master_weights=master_weights,
+                               optimizer_in_backward=optimizer_in_backward)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
@@ -198,9 +201,16 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "
                      f"its {rec.paged_bytes} B of paged state live in CUDA managed memory, outside the allocated peak")
-    elif run.optimizer not in ("adamw", "sgd"):
+    elif run.optimizer in ("adamw-torch-8bit", "adamw-torch-4bit", "galore-adamw"):
+        notes.append(f"{run.optimizer}: a stand-in with the library's state storage (lora_cost/trace/"
+                     f"{'galore.py' if run.optimizer == 'galore-adamw' else 'optim_torchao.py'})")
+    elif run.optimizer not in ("adamw-torch", "adamw-torch-fused", "sgd", "adafactor"):
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage and an in-place update "
                      "(lora_cost/trace/optim8bit.py)")
+    if run.master_weights or run.optimizer_in_backward:
+        notes.append("optimizer wrappers (lora_cost/trace/optimizers.py):"
+                     + (" fp32 master weights (Megatron-LM mixed precision)" if run.master_weights else "")
+                     + (" stepped in backward from gradient hooks (torchtune optimizer_in_bwd)" if run.optimizer_in_backward else ""))
     return TraceResult(
         model=spec.name, family=spec.model_type, method=m.name, r=None if m.base_trainable else run.r, targets=names,
         batch=run.batch, seq=run.seq, precision=run.precision, optimizer=run.optimizer,

@@ -1,10 +1,12 @@
-"""Stand-ins for bitsandbytes' 8-bit and paged AdamW (no CUDA kernels here), documented as such.
+"""Stand-ins for bitsandbytes' 8-bit, 32-bit and paged AdamW and Lion (no CUDA kernels here), documented as such.
 
 State, as bitsandbytes `optim/optimizer.py` Optimizer2State.init_state allocates it:
   * AdamW8bit (constants in lora_cost/analytic/formulas/storage.py): for a parameter of at least
     `min_8bit_size` (4096) elements, two uint8 states shaped
     like the parameter and, blockwise (256), two fp32 absmax vectors of ceil(n / 256); smaller
     parameters keep two fp32 states. The quantisation maps are shared by all parameters (counted once).
+  * 32-bit variants: fp32 states whatever the parameter dtype (init_state: `dtype = torch.float32`).
+  * Lion (Optimizer1State): `state1` (and `absmax1`) only: one state instead of two.
   * paged variants: the same states in CUDA managed memory (`F.get_paged`), outside PyTorch's
     caching allocator: they are not counted in the simulated allocated memory and are reported as
     `paged_optimizer_bytes`.
@@ -21,9 +23,9 @@ from ..analytic.formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, block
 
 
 class BnbAdamStandIn(torch.optim.Optimizer):
-    def __init__(self, params, lr: float = 1e-5, eight_bit: bool = True, paged: bool = False) -> None:
+    def __init__(self, params, lr: float = 1e-5, eight_bit: bool = True, paged: bool = False, states: int = 2) -> None:
         super().__init__(params, {"lr": lr})
-        self.eight_bit, self.paged = eight_bit, paged
+        self.eight_bit, self.paged, self.states = eight_bit, paged, states
 
     def init_state(self, mode) -> None:
         with mode:
@@ -33,13 +35,12 @@ class BnbAdamStandIn(torch.optim.Optimizer):
                     st["step"] = 1
                     if self.eight_bit and p.numel() >= BNB_8BIT_MIN_SIZE:
                         blocks = n_blocks(p.numel(), BNB_8BIT_BLOCK)
-                        st["state1"] = torch.zeros_like(p, dtype=torch.uint8)
-                        st["state2"] = torch.zeros_like(p, dtype=torch.uint8)
-                        st["absmax1"] = torch.zeros(blocks, dtype=torch.float32)
-                        st["absmax2"] = torch.zeros(blocks, dtype=torch.float32)
+                        for i in range(1, self.states + 1):
+                            st[f"state{i}"] = torch.zeros_like(p, dtype=torch.uint8)
+                            st[f"absmax{i}"] = torch.zeros(blocks, dtype=torch.float32)
                     else:
-                        st["state1"] = torch.zeros_like(p, dtype=torch.float32)
-                        st["state2"] = torch.zeros_like(p, dtype=torch.float32)
+                        for i in range(1, self.states + 1):
+                            st[f"state{i}"] = torch.zeros_like(p, dtype=torch.float32)
 
     def state_bytes(self) -> int:
         return sum(v.untyped_storage().nbytes() for st in self.state.values() for v in st.values()

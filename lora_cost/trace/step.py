@@ -72,24 +72,45 @@ class Where:
             h2.remove()
 
 
-def make_optimizer(name: str, params: list):
-    """torch.optim with foreach=True: what PyTorch defaults to for CUDA tensors (it defaults to
-    the per-tensor loop on CPU, whose temporaries differ)."""
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=1e-5, foreach=True)
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=1e-5, momentum=0.9, foreach=True)
-    from .optim8bit import BnbAdamStandIn
+def make_optimizer(name: str, params: list, run=None, model=None):
+    """The run's optimizer over `params` (trace/optimizers.py): the base optimizer, wrapped for fp32
+    master weights and, with --optimizer-in-backward, one per tensor stepped from its gradient hook."""
+    from .optimizers import InBackward, MasterWeights, make_base
 
-    return BnbAdamStandIn(params, lr=1e-5, eight_bit="8bit" in name, paged=name.startswith("paged"))
+    from ..analytic.optimizers import get_optimizer
+    name = get_optimizer(name).name
+    master = run is not None and run.master_weights == "fp32"
+    targets = set()
+    if name == "galore-adamw" and model is not None:
+        from .galore import galore_targets
+        targets = galore_targets(model)
+
+    def one(ps):
+        if master:  # the masters stand for their parameters: GaLore projects a target's master
+            return MasterWeights(ps, lambda ms: make_base(name, ms, {id(m) for p, m in zip(ps, ms) if id(p) in targets}))
+        return make_base(name, ps, targets)
+
+    if run is not None and run.optimizer_in_backward:
+        return InBackward(params, one)
+    return one(params)
 
 
 def init_state(opt, mode: FakeTensorMode) -> None:
-    """The state a first step creates (torch/optim/adamw.py, sgd.py `_init_group`): moments shaped
-    like the parameter in its dtype; AdamW's `step` counter is a CPU scalar (not device memory), kept
-    as a real tensor so that the update can read it."""
+    """The state a first step creates, before the traced step. AdamW foreach and SGD (torch/optim/adamw.py,
+    sgd.py `_init_group`): moments shaped like the parameter in its dtype; AdamW's `step` counter is a CPU
+    scalar (not device memory), kept as a real tensor so that the update can read it. The bitsandbytes
+    stand-in builds its own; the wrappers recurse; fused AdamW and Adafactor take one real step."""
+    from .optimizers import InBackward, MasterWeights, warm_state
+
+    if isinstance(opt, (InBackward, MasterWeights)):
+        opt.init_state(mode, init_state)
+        return
     if hasattr(opt, "init_state"):  # the bitsandbytes stand-in
         opt.init_state(mode)
+        return
+    foreach = isinstance(opt, torch.optim.SGD) or isinstance(opt, torch.optim.AdamW) and not opt.defaults.get("fused")
+    if not foreach:
+        warm_state(opt, mode)
         return
     for group in opt.param_groups:
         for p in group["params"]:
@@ -140,6 +161,11 @@ def _get_value(x):
         with unset_fake_temporarily():
             return x.item()
     return x
+
+
+def _without(counts: dict, step_flops: dict) -> dict:
+    """Backward's FLOP counts less the optimizer steps run inside it (--optimizer-in-backward)."""
+    return {op: v - step_flops.get(op, 0) for op, v in counts.items()}
 
 
 def step_inputs(run, ids, seq2seq: bool = False) -> dict:
@@ -216,7 +242,7 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
 
 def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
     trainable = [p for p in model.parameters() if p.requires_grad]
-    opt = make_optimizer(optimizer, trainable)
+    opt = make_optimizer(optimizer, trainable, run, model)
     init_state(opt, mode)
     loop_state, loop_update = [], None
     if loop is not None:
@@ -265,10 +291,15 @@ def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
             sim.adopt(p, "trainable_weights" if p.requires_grad else "weights")
         for b in model.buffers():
             sim.adopt(b, "weights")
-        for st in opt.state.values():
-            for v in st.values():
-                if isinstance(v, torch.Tensor) and not getattr(opt, "paged", False):  # paged: managed memory
-                    sim.adopt(v, "optimizer_state")
+        if not getattr(opt, "paged", False):  # paged: managed memory
+            from .optimizers import state_tensors
+            for v in state_tensors(opt):
+                sim.adopt(v, "optimizer_state")
+        for m in getattr(opt, "masters", []):  # --master-weights fp32
+            sim.adopt(m, "master_weights")
+        if hasattr(opt, "install"):  # --optimizer-in-backward: steps from gradient hooks
+            opt.install(lambda: flopmod.by_op(counter))
+            stack.callback(opt.remove)
         for v in loop_state:
             sim.adopt(v, "loop_state")
         del loop_state  # the loop's own tables hold them; a reference here would outlive their update
@@ -311,7 +342,7 @@ def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
         sim.start_phase("end")
         del out, loss
     record = StepRecord(sim=sim, flops_fwd=flopmod.difference(after_forward, before),
-                        flops_bwd=flopmod.difference(after_backward, after_forward),
+                        flops_bwd=flopmod.difference(_without(after_backward, getattr(opt, "step_flops", {})), after_forward),
                         counted_ops=flopmod.counted_op_names(counter), backends=dict(attention.backends),
                         trainable_ids={id(p) for p in trainable}, grad_blocks=grad_blocks,
                         paged_bytes=opt.state_bytes() if getattr(opt, "paged", False) else 0)

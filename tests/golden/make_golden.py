@@ -98,6 +98,27 @@ def cases() -> list[dict]:
     out.append(dict(model="llama-3.1-8b", method="full", gpus=4, sharding="zero3",
                     sharding_options={"offload": "optimizer"}))
     out.append(dict(model="llama-3.1-8b", method="full", gpus=16, nodes=2, sharding="hsdp", gpu="h100-80gb"))
+    # task "optim" (issue 9): the optimizers added then, fp32 master weights and stepping in backward
+    for opt in ("adamw-torch-fused", "adafactor", "lion-8bit", "lion-32bit", "paged-lion-8bit", "paged-lion-32bit"):
+        for method in ("full", "lora"):
+            out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
+    for opt in ("adamw-torch", "adamw-torch-fused", "adafactor", "adamw-bnb-8bit"):
+        for master, in_backward in ((True, False), (False, True), (True, True)):
+            kw = dict(model="llama-3.2-1b", method="full", optimizer=opt, batch=4, seq=1024)
+            kw.update({"master_weights": "fp32"} if master else {})
+            kw.update({"optimizer_in_backward": True} if in_backward else {})
+            out.append(kw)
+    for model in ("gpt2", "qwen2.5-0.5b"):  # tied embeddings: the head's gradient is stepped at the end
+        out.append(dict(model=model, method="full", optimizer_in_backward=True, batch=2, seq=512))
+    out.append(dict(model="llama-3.1-8b", method="lora", r=16, targets="all-linear", optimizer="adafactor",
+                    optimizer_in_backward=True, seq=2048, grad_checkpointing=True))
+    for model in ("llama-3.2-1b", "llama-3.1-8b", "mistral-7b"):
+        out.append(dict(model=model, method="full", optimizer="galore-adamw", batch=2, seq=1024))
+    out.append(dict(model="llama-3.1-8b", method="full", optimizer="galore-adamw", master_weights="fp32",
+                    optimizer_in_backward=True, batch=2, seq=1024, grad_checkpointing=True))
+    for opt in ("adamw-torch-8bit", "adamw-torch-4bit"):
+        for method in ("full", "lora"):
+            out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
     return out
 
 

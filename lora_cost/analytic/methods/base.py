@@ -36,6 +36,10 @@ class TensorGroup:
     # its gradient exists from the start of backward (AdaLoRA's orthogonal regulariser, which runs after
     # the loss, reaches lora_A and lora_B before any block does) instead of arriving with its block
     grad_at_backward_start: bool = False
+    # the tensor's shape where a method knows it (Adafactor factors the second moment of matrices); () unknown
+    shape: tuple[int, ...] = ()
+    # a weight of a torch nn.Linear (GaLore projects the gradients of these: Trainer optim_target_modules="all-linear")
+    linear_weight: bool = False
 
     @property
     def total_numel(self) -> int:

@@ -73,7 +73,8 @@ def dora_linear(ctx, x, site: LinearSite):
 
 
 def dora_trainable(site, run):
-    return lora_trainable(site, run) + [TensorGroup(f"{site.name}.lora_magnitude_vector", site.d_out, 1, ADAPTER_DTYPE)]
+    return lora_trainable(site, run) + [TensorGroup(f"{site.name}.lora_magnitude_vector", site.d_out, 1, ADAPTER_DTYPE,
+                                                          shape=(site.d_out,))]
 
 
 def weight_norm_flops(site: LinearSite, r: int) -> int:

@@ -20,9 +20,9 @@ ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True
 
 def lora_trainable(site: LinearSite, run: RunConfig, freeze_a: bool = False) -> list[TensorGroup]:
     r = run.r
-    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, ADAPTER_DTYPE)]
+    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, ADAPTER_DTYPE, shape=(site.d_out, r))]
     if not freeze_a:
-        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, ADAPTER_DTYPE))
+        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, ADAPTER_DTYPE, shape=(r, site.d_in)))
     return groups
 
 

@@ -152,9 +152,9 @@ def rank_model(tensors: tuple[ShardTensor, ...], sharding: ShardingSpec, opt: Op
         return _ddp(tensors, sharding, opt, layers)
     if s in ("fsdp", "fsdp-grad-op", "hsdp"):
         return _fsdp(tensors, sharding, opt, layers)
-    if opt.name not in ("adamw", "sgd"):
+    if opt.name not in ("adamw-torch", "adamw-torch-fused", "sgd"):  # registry names (adamw is adamw-torch's alias)
         raise LoraCostError(f"--sharding {s}: DeepSpeed runs its own optimizer on the fp32 partition; --optimizer "
-                            f"{opt.name} is not modelled with ZeRO (adamw or sgd)")
+                            f"{opt.name} is not modelled with ZeRO (adamw, adamw-torch-fused or sgd)")
     return _zero(tensors, sharding, opt, layers)
 
 
