@@ -34,6 +34,9 @@ class StepContext:
     logits_bytes: int = 0
     loss_copy_bytes: int = 0
     log_softmax_bytes: int = 0
+    # logits alive while the loss runs when that differs from `logits_bytes` (the logits kept until the step
+    # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
+    loss_logits_bytes: int | None = None
 
     @property
     def base_trainable(self) -> bool:
@@ -148,6 +151,10 @@ class StepContext:
         if self.run.task in ("seq-cls", "token-cls"):
             from .heads import DECODER_TOKEN_DROPOUT, classifier_and_loss
             classifier_and_loss(self, x, token_dropout=self.model_dropout(DECODER_TOKEN_DROPOUT), upcast_tokens=True)
+            return
+        if self.run.loss_kind != "standard":  # --loss liger | chunked (losses.py)
+            from .losses import loss_and_head
+            loss_and_head(self, x)
             return
         tape = self.tape
         tape.scope = "head"

@@ -81,7 +81,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None) -> Estimate:
+             num_labels: int | None = None, loss: str = "standard", adapter_dtype: str | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -92,7 +92,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, loss=loss, adapter_dtype=adapter_dtype)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -116,6 +116,10 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.task in ("seq-cls", "token-cls"):
         head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
     method.check(spec, sites + head_sites, run)
+    if run.loss != "standard":  # lossdtype
+        from .heads import task_of
+        from .losses import check_loss
+        check_loss(spec, run, task_of(arch, run))
     return run, method, target_names, sites, head_sites
 
 
@@ -125,6 +129,9 @@ def validated_method_run(run: RunConfig):
     the analytic engine does not know uses these alone (the real model checks the rest)."""
     method = get_method(run.method)
     method.check_options(run)
+    if run.adapter_dtype is not None:  # lossdtype
+        from .adapter_dtypes import check_adapter_dtype
+        check_adapter_dtype(method.name, run)
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")

@@ -42,12 +42,14 @@ class StepRecord:
     loss_copy_bytes: int
     log_softmax_bytes: int
     checkpoint_extra_bytes: int
+    loss_logits_bytes: int = 0  # logits alive while the loss runs (= logits_bytes but for --loss liger | chunked)
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
     scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
-               ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
+               ("checkpoint_extra",): ctx.checkpoint_extra_bytes,
+               ("loss_logits",): ctx.logits_bytes if ctx.loss_logits_bytes is None else ctx.loss_logits_bytes}
     for scope, b in ctx.block_input_bytes.items():
         scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -102,7 +104,8 @@ class AffineRecord:
         single = {name: a + b * dr for name, a, b in self.singles}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
-                          checkpoint_extra_bytes=single["checkpoint_extra"], **values)
+                          checkpoint_extra_bytes=single["checkpoint_extra"], loss_logits_bytes=single["loss_logits"],
+                          **values)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:

@@ -9,7 +9,7 @@ import click
 from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
-from .options import common_run_options, method_choice, method_options, parse_targets
+from .options import common_run_options, loss_dtype_kwargs, loss_dtype_options, method_choice, method_options, parse_targets
 
 
 @main.command()
@@ -34,9 +34,10 @@ from .options import common_run_options, method_choice, method_options, parse_ta
               help="The model's head and loss (default: the family's own, causal-lm or masked-lm). seq-cls/token-cls "
               "train the classification head too (peft modules_to_save).")
 @click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
+@loss_dtype_options
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels,
-             **option_flags):
+             loss, adapter_dtype, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
@@ -47,6 +48,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs["moe_imbalance"] = moe_imbalance
     if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
         kwargs.update(task=task, num_labels=num_labels)
+    kwargs.update(loss_dtype_kwargs(loss, adapter_dtype))
     note = None
     if engine == "auto":
         engine, note = _auto_engine(model)

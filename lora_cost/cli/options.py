@@ -68,3 +68,31 @@ def parse_targets(targets: str | None):
     if not parts:
         raise LoraCostError("--targets is empty")
     return parts
+
+
+# -- lossdtype: --loss and --adapter-dtype (issue 9), one block
+def loss_dtype_options(f):
+    """--loss standard|liger|chunked[:N] and --adapter-dtype fp32|bf16|fp16 (estimate)."""
+    from ..spec import ADAPTER_DTYPES
+
+    decorators = [
+        click.option("--loss", "loss", default="standard", show_default=True,
+                     help="Causal-LM loss: standard (transformers, full logits), liger (Liger fused linear "
+                     "cross-entropy: no logits), chunked[:N] (torchtune CEWithChunkedOutputLoss, N=8 chunks)."),
+        click.option("--adapter-dtype", "adapter_dtype", type=click.Choice(list(ADAPTER_DTYPES)), default=None,
+                     help="LoRA factors' dtype (default fp32: peft autocast_adapter_dtype=True); bf16/fp16: the "
+                     "model's dtype (autocast_adapter_dtype=False); qlora bf16: the QLoRA script's recast."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def loss_dtype_kwargs(loss: str, adapter_dtype) -> dict:
+    """The estimate()/trace() keyword arguments of the two flags; absent flags leave the call as it was."""
+    out = {}
+    if loss != "standard":
+        out["loss"] = loss
+    if adapter_dtype is not None:
+        out["adapter_dtype"] = adapter_dtype
+    return out

@@ -34,7 +34,8 @@ def plan(model, method: str, **kwargs):
 def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, seq: int = 512, precision: str = "bf16",
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
-          target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None) -> TraceResult:
+          target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None, loss: str = "standard",
+          adapter_dtype: str | None = None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -45,6 +46,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
         if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
+            if loss != "standard" or adapter_dtype is not None:
+                from ..errors import LoraCostError
+                raise LoraCostError("--loss and --adapter-dtype are modelled for the families the analytic engine knows")
             from .anymodel import trace_any
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
@@ -53,7 +57,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
     spec, run, m, names = plan(model, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
-                               target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels)
+                               target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
+                               loss=loss, adapter_dtype=adapter_dtype)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
@@ -69,6 +74,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             built = build(spec, cfg, run, m, names)
+            if run.loss != "standard":  # lossdtype: the loss replaces the CausalLM forward's tail
+                from .losses import install_loss
+                install_loss(built.model, run)
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
             rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration, loop=m.trace_loop)
