@@ -78,6 +78,7 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
+                    adapter_dtype=run.adapter_dtype,  # lossdtype: the factors' dtype
                     method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
                     task=run.task, num_labels=run.num_labels)
     return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))

@@ -122,6 +122,8 @@ def chunked_loss(ctx, x) -> None:
         # [b, s/N, H] into rows with a copy (aten::matmul reshape), which mm saves when the weight trains.
         # (Under autocast the cast to the autocast dtype keeps the strides, and that copy is the one saved.)
         piece = _rows(x, rows * H) if b == 1 or tape.autocast else tape.new(rows * H, x.dtype, x.rg)
+        if trains and piece.sid == x.sid and not tape.autocast:
+            tape.save(x, "linear inputs")  # a saved view keeps its whole storage: h itself
         logits.append(ops.linear(tape, piece, H, V, w_trainable=trains, w_dtype=ctx.other_dtype, kind="lm_head"))
     tape.scope = "loss"
     copy = 0

@@ -1,0 +1,250 @@
+"""--loss liger | chunked[:N] and --adapter-dtype: the rules against the libraries' source and against torch.
+
+- Liger's fused linear cross-entropy cannot run on a CPU (Triton): its chunk rule and what it saves are
+  checked against a verbatim excerpt of liger-kernel 0.8.5 (tests/data/liger_flce_0.8.5.txt), and the trace's
+  stand-in (lora_cost/trace/losses.py) against autograd's own cross-entropy gradients.
+- torchtune's chunked output and CEWithChunkedOutputLoss run on a CPU: implemented below as torchtune writes
+  them (independently of the trace's copy), the bytes autograd saves are counted with saved_tensors_hooks
+  on a real transformers (+ peft) model and compared with the analytic engine's count, byte for byte.
+- peft's adapters in the model's dtype (get_peft_model(..., autocast_adapter_dtype=False)) likewise.
+"""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from lora_cost import estimate
+from lora_cost.analytic.losses import liger_chunk_size
+from lora_cost.cli import main
+
+EXCERPT = Path(__file__).parent / "data" / "liger_flce_0.8.5.txt"
+LLAMA = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=512, max_position_embeddings=64)
+B, S = 2, 24
+
+
+def _excerpt_lines() -> list[str]:
+    return [line for line in EXCERPT.read_text().splitlines() if not line.startswith("#")]
+
+
+@pytest.mark.fast
+def test_liger_chunk_rule_is_the_sources():
+    """The four chunk-size lines of the excerpt, run with triton's cdiv / next_power_of_2, give liger_chunk_size."""
+    code = "\n".join(line.strip().split("  #")[0] for line in _excerpt_lines()
+                     if line.strip().startswith(("inc_factor", "chunk_size", "num_chunks")))
+    assert code.count("\n") == 3, code
+
+    class triton:  # the two helpers the lines call (triton/__init__.py cdiv, next_power_of_2)
+        cdiv = staticmethod(lambda a, b: (a + b - 1) // b)
+        next_power_of_2 = staticmethod(lambda n: 1 << (n - 1).bit_length())
+
+    for BT, H, V in [(16384, 4096, 128256), (4096, 4096, 32000), (256, 256, 3072), (200, 256, 2560), (7, 64, 512),
+                     (4096 * 4, 4096, 32000)]:
+        ns = {"triton": triton, "BT": BT, "H": H, "V": V, "chunk_mem_const": 1}
+        exec(code, ns)
+        assert liger_chunk_size(BT, H, V) == ns["chunk_size"], (BT, H, V)
+    # Llama-3-8B, 8 x 2048 tokens: cdiv(128256, 4096) = 32; cdiv(16384, 32) = 512, a power of 2 -> 512 rows
+    assert liger_chunk_size(16384, 4096, 128256) == 512
+    # the source's own comment: BT = 4096*4, V = 32000, H = 4096 ==> inc_factor = 8, chunk_size = 2048
+    assert liger_chunk_size(4096 * 4, 4096, 32000) == 2048
+
+
+@pytest.mark.fast
+def test_liger_saving_rule_is_the_sources():
+    """What the estimate assumes Liger keeps and allocates is what the quoted source says; where liger-kernel
+    is installed, the quote must still be in it."""
+    text = "\n".join(_excerpt_lines())
+    saved = re.search(r"ctx\.save_for_backward\(\s*grad_input\.detach\(\),\s*grad_weight\.detach\(\) if grad_weight "
+                      r"is not None else None,", text)
+    assert saved, "Liger saves the gradients computed in the forward"
+    assert "grad_input = torch.zeros_like(_input" in text and "grad_weight = torch.zeros_like(weight" in text
+    assert "torch.empty((chunk_size, V), dtype=_input.dtype" in text  # the reused logits buffer
+    assert "grad_logits_chunk = logits_chunk" in text  # the kernel overwrites the logits with their gradient
+    spec = importlib.util.find_spec("liger_kernel")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("liger-kernel not installed: the quote is checked against itself only")
+    source = (Path(list(spec.submodule_search_locations)[0]) / "ops" / "fused_linear_cross_entropy.py").read_text()
+    for line in _excerpt_lines():
+        assert line in source, line
+
+
+@pytest.mark.fast
+def test_liger_estimate_by_hand():
+    """Llama-3.1-8B, LoRA, 1 x 2048 tokens, bf16: Liger keeps grad_input (2048 x 4096 x 2 B = 16 MiB) and no logits;
+    the standard loss keeps the fp32 log-softmax (2048 x 128256 x 4 B = 1002 MiB) and the bf16 logits."""
+    kw = dict(r=8, seq=2048, precision="bf16")
+    std = estimate("llama-3.1-8b", "lora", **kw)
+    lig = estimate("llama-3.1-8b", "lora", loss="liger", **kw)
+    kinds = {t.name: t.value for t in lig.memory.saved_by_kind}
+    assert kinds["fused loss input gradient"] == 2048 * 4096 * 2
+    assert "log-softmax output" not in kinds
+    assert {t.name: t.value for t in std.memory.saved_by_kind}["log-softmax output"] == 2048 * 128256 * 4
+    assert std.memory.saved_activation_bytes - lig.memory.saved_activation_bytes == \
+        2048 * 128256 * 4 + 2048 * 8 + 4 - 2048 * 4096 * 2  # log-softmax, int64 targets, fp32 scalar vs grad_input
+    # FLOPs: the head's three matmuls all in the forward (frozen weight: logits and grad_input, 2 x 2 n d V)
+    head = 2 * 2048 * 4096 * 128256
+    assert lig.flops.forward - std.flops.forward == head
+    assert std.flops.backward - lig.flops.backward == head
+
+
+@pytest.mark.fast
+def test_adapter_dtype_halves_the_factors():
+    """bf16 factors: 2 bytes per trainable parameter instead of 4 (weights, gradients, AdamW's two moments)."""
+    fp32 = estimate("llama-2-7b", "lora", r=16, seq=256)
+    bf16 = estimate("llama-2-7b", "lora", r=16, seq=256, adapter_dtype="bf16")
+    n = fp32.trainable_params
+    assert n == bf16.trainable_params == 32 * 2 * 16 * (4096 + 4096)  # q, v in 32 layers
+    assert fp32.memory.steady_bytes - bf16.memory.steady_bytes == n * (4 - 2) * 3  # weights + 2 moments
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("args,needle", [
+    (["--loss", "chunked:0"], "positive integer"),
+    (["--loss", "fused"], "unknown --loss"),
+    (["--loss", "liger:4"], "unknown --loss"),
+    (["--loss", "chunked:3", "--seq", "512"], "must divide --seq"),
+    (["--loss", "liger", "--model", "gpt2"], "not gpt2"),
+    (["--loss", "liger", "--precision", "amp-bf16"], "autocast"),
+    (["--adapter-dtype", "bf16", "--method", "dora"], "not dora"),
+    (["--adapter-dtype", "fp16"], "on a bf16 model"),
+    (["--adapter-dtype", "fp16", "--method", "qlora"], "qlora takes"),
+    (["--loss", "chunked", "--model", "roberta-base"], "causal-LM loss"),
+])
+def test_bad_combinations_are_one_line(args, needle):
+    base = {"--model": "llama-2-7b"}
+    flat = list(args)
+    if "--model" not in flat:
+        flat += ["--model", base["--model"]]
+    result = CliRunner().invoke(main, ["estimate", "--engine", "analytic", *flat])
+    assert result.exit_code == 2, result.output
+    assert needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.fast
+def test_flags_reach_the_estimate():
+    result = CliRunner().invoke(main, ["estimate", "--engine", "analytic", "--model", "llama-2-7b", "--loss", "chunked",
+                                       "--adapter-dtype", "bf16", "--json"])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    plain = json.loads(CliRunner().invoke(main, ["estimate", "--engine", "analytic", "--model", "llama-2-7b",
+                                                 "--json"]).output)
+    assert got["memory"]["peak_bytes"] < plain["memory"]["peak_bytes"]
+
+
+# ---------------------------------------------------------------------------------------------- torch
+def _model(dtype, method, targets, r, ckpt, autocast_adapter_dtype=True):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.AutoConfig.for_model(**LLAMA)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
+    if method != "full":
+        conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=targets)
+        model = peft.get_peft_model(model, conf, autocast_adapter_dtype=autocast_adapter_dtype)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method != "full":
+            model.enable_input_require_grads()
+    model.train()
+    return model
+
+
+def _count_saved(model, step) -> int:
+    """Distinct storages saved for backward, parameters and buffers excluded (tests/test_saved_vs_torch.py)."""
+    import torch
+
+    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+    seen, alive = {}, []
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded and ptr not in seen:
+            seen[ptr] = t.untyped_storage().nbytes()
+            alive.append(t)  # no address reused while counting
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step().backward()
+    return sum(seen.values())
+
+
+def torchtune_chunked_step(model, ids, chunks: int):
+    """torchtune as written (modules/transformer.py chunked_output; modules/loss/ce_chunked_output_loss.py
+    CEWithChunkedOutputLoss; the recipe's label shift), on a transformers CausalLM."""
+    import torch
+    import torch.nn.functional as F
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    h = base.model(input_ids=ids)[0]
+    logits = [base.lm_head(chunk) for chunk in h.tensor_split(chunks, dim=1)]
+    labels = torch.hstack((ids[..., 1:], torch.full((ids.shape[0], 1), -100, dtype=ids.dtype)))
+    total_elements = (labels != -100).sum()
+    labels = [target_chunk.reshape(-1) for target_chunk in labels.chunk(chunks, dim=1)]
+    logits = [logit_chunk.reshape(-1, logit_chunk.size(-1)) for logit_chunk in logits]
+    total_loss = 0.0
+    for logits_chunk, labels_chunk in zip(logits, labels):
+        total_loss += F.cross_entropy(logits_chunk.float(), labels_chunk, ignore_index=-100, reduction="sum")
+    return total_loss / total_elements
+
+
+def _estimate(tmp_path, method, targets, r, ckpt, precision, batch=B, **kw):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA))
+    run = dict(batch=batch, seq=S, precision=precision, attention="eager", model_dropout=0.0, grad_checkpointing=ckpt)
+    if method != "full":
+        run.update(r=r, targets=",".join(targets) if isinstance(targets, list) else targets)
+    return estimate(str(path), method, **run, **kw)
+
+
+@pytest.mark.parametrize("method,targets,ckpt,chunks,batch", [
+    ("lora", ["q_proj", "v_proj"], False, 8, 2), ("lora", "all-linear", True, 4, 2), ("full", None, False, 4, 2),
+    ("full", None, False, 8, 1), ("lora", ["q_proj", "v_proj"], False, 3, 1),
+])
+def test_chunked_saved_bytes_equal_torch(tmp_path, method, targets, ckpt, chunks, batch):
+    torch = pytest.importorskip("torch")
+    model = _model(torch.float32, method, targets, 4, ckpt)
+    ids = torch.randint(2, LLAMA["vocab_size"], (batch, S))
+    measured = _count_saved(model, lambda: torchtune_chunked_step(model, ids, chunks))
+    e = _estimate(tmp_path, method, targets, 4, ckpt, "fp32", batch=batch, loss=f"chunked:{chunks}")
+    assert e.memory.saved_activation_bytes == measured
+
+
+@pytest.mark.parametrize("method,targets,ckpt", [("lora", "all-linear", False), ("lora", ["q_proj", "v_proj"], True)])
+def test_bf16_adapters_saved_bytes_equal_torch(tmp_path, method, targets, ckpt):
+    """peft with autocast_adapter_dtype=False on a bf16 model: bf16 factors, no fp32 copy of each input."""
+    torch = pytest.importorskip("torch")
+    model = _model(torch.bfloat16, method, targets, 4, ckpt, autocast_adapter_dtype=False)
+    assert {p.dtype for n, p in model.named_parameters() if "lora_" in n} == {torch.bfloat16}
+    ids = torch.randint(2, LLAMA["vocab_size"], (B, S))
+    measured = _count_saved(model, lambda: model(input_ids=ids, labels=ids).loss)
+    e = _estimate(tmp_path, method, targets, 4, ckpt, "bf16", adapter_dtype="bf16")
+    assert e.memory.saved_activation_bytes == measured
+    if not ckpt:  # under checkpointing only the block inputs are kept, in the model dtype either way
+        assert e.memory.saved_activation_bytes < _estimate(tmp_path, method, targets, 4, ckpt, "bf16").memory.saved_activation_bytes
+
+
+def test_liger_stand_in_gradients_are_cross_entropys():
+    """The stand-in computes in the forward what autograd computes for mean cross-entropy of x @ W.T (three
+    chunks here: cdiv(64, 16) = 4, next_power_of_2(cdiv(12, 4)) = 4 rows each), ignored labels included."""
+    torch = pytest.importorskip("torch")
+    from lora_cost.trace.losses import LigerFusedLinearCEStandIn
+
+    torch.manual_seed(0)
+    x = torch.randn(12, 16, requires_grad=True)
+    w = torch.randn(64, 16, requires_grad=True)
+    target = torch.randint(0, 64, (12,))
+    target[3] = -100
+    loss = LigerFusedLinearCEStandIn.apply(x, w, target)
+    loss.backward()
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(x2 @ w2.t(), target, ignore_index=-100)
+    ref.backward()
+    assert torch.allclose(loss, ref, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
