@@ -117,14 +117,15 @@ def chunked_loss(ctx, x) -> None:
     # labels shifted by the recipe: hstack((labels[..., 1:], ignore)) is a new [b, s] int64 tensor
     labels = tape.new(b * s, "int64", False)
     logits = []
-    for _ in range(N):
+    for i in range(N):
         # h.tensor_split(N, dim=1) gives views; for b > 1 they are not contiguous and the head's matmul folds
         # [b, s/N, H] into rows with a copy (aten::matmul reshape), which mm saves when the weight trains.
         # (Under autocast the cast to the autocast dtype keeps the strides, and that copy is the one saved.)
         piece = _rows(x, rows * H) if b == 1 or tape.autocast else tape.new(rows * H, x.dtype, x.rg)
         if trains and piece.sid == x.sid and not tape.autocast:
             tape.save(x, "linear inputs")  # a saved view keeps its whole storage: h itself
-        logits.append(ops.linear(tape, piece, H, V, w_trainable=trains, w_dtype=ctx.other_dtype, kind="lm_head"))
+        logits.append(ops.linear(tape, piece, H, V, w_trainable=trains, w_dtype=ctx.other_dtype, kind="lm_head",
+                                 cast_cached=i > 0 and trains))
     tape.scope = "loss"
     copy = 0
     first = None
