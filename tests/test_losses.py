@@ -248,3 +248,48 @@ def test_liger_stand_in_gradients_are_cross_entropys():
     ref.backward()
     assert torch.allclose(loss, ref, atol=1e-5)
     assert torch.allclose(x.grad, x2.grad, atol=1e-5) and torch.allclose(w.grad, w2.grad, atol=1e-5)
+
+
+# LLaMA-65B (Touvron et al. 2023, arXiv:2302.13971, Table 2: dim 8192, 64 heads, 80 layers; the published HF
+# config's intermediate_size 22016 and vocabulary 32000), as a config.json
+LLAMA_65B = dict(model_type="llama", hidden_size=8192, intermediate_size=22016, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=64, vocab_size=32000, max_position_embeddings=2048,
+                 rms_norm_eps=1e-5, tie_word_embeddings=False)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("model,claim_gb,factors", [
+    # r = 64 on all 7 linears of every layer: 80 x 64 x (4 x (8192 + 8192) + 3 x (8192 + 22016)) = 799,539,200
+    ("llama-65b", 1.0, 799_539_200),
+    # 32 x 64 x (2 x (4096 + 4096) + 2 x (4096 + 1024) + 3 x (4096 + 14336)) = 167,772,160
+    ("llama-3.1-8b", 2.0, 167_772_160),
+])
+def test_qlora_script_recast_claim(tmp_path, model, claim_gb, factors):
+    """The issue: the QLoRA script (artidoro/qlora qlora.py, --bf16, r=64 on every linear) keeps LoRA layers, embeddings
+    and LM head in bf16 where peft's prepare_model_for_kbit_training leaves fp32: "~1 GB too much at 65B, ~2 GB at
+    Llama-3.1-8B". Derived here from the shapes: the estimate's base weights hold embeddings and head at 4 B each
+    (2 V d elements, untied); the script saves 2 B of each, and 2 B per LoRA factor (--adapter-dtype bf16)."""
+    if model == "llama-65b":
+        path = tmp_path / "config.json"
+        path.write_text(json.dumps(LLAMA_65B))
+        model = str(path)
+    peft_fp32 = estimate(model, "qlora", r=64, targets="all-linear", seq=512)
+    script = estimate(model, "qlora", r=64, targets="all-linear", seq=512, adapter_dtype="bf16")
+    from lora_cost.profiles import load_model
+    spec = load_model(model)
+    V, d = spec.vocab, spec.hidden
+    fp32_terms = {t.name: t.value for t in peft_fp32.memory.terms}
+    norms = (2 * spec.layers + 1) * d * 4
+    from lora_cost.analytic.formulas.storage import nf4_bytes
+    linears = spec.layers * sum(nf4_bytes(n, double_quant=True) for n in (
+        d * d, d * spec.kv_heads * spec.head_dim, d * spec.kv_heads * spec.head_dim, d * d,
+        d * spec.intermediate, d * spec.intermediate, spec.intermediate * d))
+    # embeddings and head as the estimate stores them: fp32, 4 B x 2 V d
+    assert fp32_terms["base weights"] == pytest.approx(linears + norms + 4 * 2 * V * d, rel=1e-9)
+    embed_head_saving = (4 - 2) * 2 * V * d  # 8B: 2 x 2 x 128256 x 4096 = 2.10 GB; 65B: 2 x 2 x 32000 x 8192 = 1.05 GB
+    factor_saving = (peft_fp32.memory.steady_bytes - script.memory.steady_bytes) // 3  # weights + AdamW's 2 moments
+    assert peft_fp32.trainable_params == factors
+    assert factor_saving == (4 - 2) * factors
+    # the claim holds for the embeddings and head alone (1.05 GB, 2.10 GB: within 10%); the bf16 factors save
+    # 2 B x factors more in weights (1.60 GB at 65B, 0.34 GB at 8B), and as much again per AdamW moment
+    assert embed_head_saving / 1e9 == pytest.approx(claim_gb, rel=0.1)

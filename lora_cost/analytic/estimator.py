@@ -208,13 +208,21 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
-        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run),
+        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run)
+        + _lossdtype_notes(spec, run),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None)
 
 
 def _serving(arch, spec, method, sites, head_sites, run):
     from .serving import serving_estimate  # only when asked: the estimate path stays as it was
     return serving_estimate(arch, spec, method, sites, head_sites, run)
+
+
+def _lossdtype_notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
+    if run.loss == "standard" and run.adapter_dtype in (None, "fp32"):
+        return ()  # the output stays as it was
+    from .losses import notes
+    return notes(spec, run)
 
 
 def _task_note(run: RunConfig) -> tuple[str, ...]:

@@ -158,3 +158,23 @@ def loss_and_head(ctx, x) -> None:
     else:
         chunked_loss(ctx, x)
     ctx.method.after_loss(ctx)
+
+
+def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
+    """What an estimate with --loss liger | chunked or --adapter-dtype assumes (its assumptions list)."""
+    out = []
+    if run.loss_kind == "liger":
+        out.append(f"loss: Liger fused linear cross-entropy (liger-kernel 0.8.5 lce_forward): chunks of "
+                   f"{liger_chunk_size(run.tokens, spec.hidden, spec.vocab)} rows, no [tokens x vocab] logits, the input "
+                   "(and a trained head's weight) gradient computed in the forward and kept; only the fused loss is "
+                   "modelled: Trainer's use_liger_kernel also swaps RMSNorm, RoPE and SwiGLU for Liger kernels, whose "
+                   "saved tensors are those of transformers' modules here")
+    elif run.loss_kind == "chunked":
+        out.append(f"loss: torchtune CEWithChunkedOutputLoss over {run.loss_chunks} chunks (the LM head per chunk, fp32 "
+                   "upcast one chunk at a time; the logits deleted before backward, as torchtune's recipes do)")
+    if run.adapter_dtype not in (None, "fp32"):
+        out.append(f"adapters in {run.adapter_dtype}: peft get_peft_model(..., autocast_adapter_dtype=False) on a "
+                   f"{run.adapter_dtype} model, or the factors cast by hand as the QLoRA script casts its LoRA layers (its "
+                   "bf16 embeddings and head, which need Trainer's autocast, are not modelled); the layer input is not "
+                   "copied to fp32")
+    return tuple(out)

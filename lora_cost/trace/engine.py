@@ -77,6 +77,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             if run.loss != "standard":  # lossdtype: the loss replaces the CausalLM forward's tail
                 from .losses import install_loss
                 install_loss(built.model, run)
+            if run.loss != "standard" or run.adapter_dtype not in (None, "fp32"):
+                from ..analytic.losses import notes as lossdtype_notes
+                built.notes.extend(lossdtype_notes(spec, run))
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
             rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration, loop=m.trace_loop)
