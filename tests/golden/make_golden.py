@@ -71,6 +71,18 @@ def cases() -> list[dict]:
                             batch=2, seq=777))
     for r in (1, 7, 64, 1000):
         out.append(dict(model="llama-3.1-8b", method="dora", r=r, targets="all-linear", dropout=0.05, seq=1024))
+    # lossdtype: --loss liger | chunked[:N], --adapter-dtype
+    for model in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b"):
+        for method in ("full", "lora", "qlora"):
+            for loss, ckpt in (("liger", True), ("chunked", True), ("chunked:16", False), ("liger", False)):
+                out.append(dict(model=model, method=method, loss=loss, batch=2, seq=2048, grad_checkpointing=ckpt))
+    for model in ("llama-3.1-8b", "llama-2-7b"):
+        for method in ("lora", "lora-fa", "qlora"):
+            for loss in ("standard", "liger"):
+                out.append(dict(model=model, method=method, adapter_dtype="bf16", r=64, targets="all-linear", seq=1024,
+                                loss=loss))
+    out.append(dict(model="qwen2.5-0.5b", method="lora", precision="fp16", adapter_dtype="fp16", batch=2, seq=777,
+                    loss="chunked:7"))
     return out
 
 
