@@ -293,3 +293,40 @@ def test_qlora_script_recast_claim(tmp_path, model, claim_gb, factors):
     # the claim holds for the embeddings and head alone (1.05 GB, 2.10 GB: within 10%); the bf16 factors save
     # 2 B x factors more in weights (1.60 GB at 65B, 0.34 GB at 8B), and as much again per AdamW moment
     assert embed_head_saving / 1e9 == pytest.approx(claim_gb, rel=0.1)
+
+
+@pytest.mark.fast
+def test_quant_storage_same_bytes_other_numel():
+    """bnb_4bit_quant_storage: quantize_4bit packs into zeros(((n + 1) // (2 x itemsize), 1), dtype=storage). A 4096 x 4096
+    weight: 8,388,608 uint8, 4,194,304 bf16 or fp16, 2,097,152 fp32 elements; 8 MiB each."""
+    from lora_cost.analytic.formulas.storage import QUANT_STORAGE_BYTES, nf4_bytes, packed_4bit_numel
+
+    n = 4096 * 4096
+    assert [packed_4bit_numel(n, QUANT_STORAGE_BYTES[s]) for s in ("uint8", "bf16", "fp16", "fp32")] == \
+        [8_388_608, 4_194_304, 4_194_304, 2_097_152]
+    assert len({nf4_bytes(n, storage_bytes=b) for b in (1, 2, 4)}) == 1
+    peaks = {s: estimate("llama-3.1-8b", "qlora", r=16, seq=1024, method_options={"quant_storage": s}).memory.peak_bytes
+             for s in ("uint8", "bf16", "fp32")}
+    assert len(set(peaks.values())) == 1
+    result = CliRunner().invoke(main, ["estimate", "--engine", "analytic", "--model", "llama-2-7b", "--quant-storage", "bf16"])
+    assert result.exit_code == 2 and "does not apply to method lora" in result.output
+
+
+def test_quant_storage_trace_keeps_the_packed_dtype(tmp_path):
+    """The stand-in packs as bitsandbytes does, and peft's prepare_model_for_kbit_training leaves a 16-bit packed weight
+    alone because its class is named Params4bit (peft utils/other.py), so the traced steady memory does not move."""
+    pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import inspect
+
+    assert 'param.__class__.__name__ != "Params4bit"' in inspect.getsource(peft.prepare_model_for_kbit_training)
+    from lora_cost.trace import trace
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA))
+    runs = {s: trace(str(path), "qlora", r=4, batch=1, seq=16, method_options={"quant_storage": s})
+            for s in ("uint8", "bf16")}
+    assert runs["uint8"].steady_bytes == runs["bf16"].steady_bytes
+    # every packed weight holds half as many bf16 elements: the model's element count drops by a quarter of the linears
+    linears = 3 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96)
+    assert runs["uint8"].total_params - runs["bf16"].total_params == linears // 4

@@ -83,6 +83,9 @@ def cases() -> list[dict]:
                                 loss=loss))
     out.append(dict(model="qwen2.5-0.5b", method="lora", precision="fp16", adapter_dtype="fp16", batch=2, seq=777,
                     loss="chunked:7"))
+    for storage in ("bf16", "fp32"):
+        out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", seq=2048, grad_checkpointing=True,
+                        method_options={"quant_storage": storage}))
     return out
 
 
