@@ -170,6 +170,8 @@ class RunConfig:
     loss: str = "standard"
     # the adapters' parameter dtype (None: peft's default, fp32 via autocast_adapter_dtype=True)
     adapter_dtype: str | None = None
+    # peft modules_to_save on a causal LM ("embed_tokens", "lm_head"): trained copies (analytic/modules_to_save.py)
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -196,6 +198,9 @@ class RunConfig:
                 raise LoraCostError("--num-labels applies only to --task seq-cls or token-cls")
             _bounded_int("--num-labels", self.num_labels, MAX_LABELS)
         object.__setattr__(self, "loss", parse_loss(self.loss))  # lossdtype
+        if self.modules_to_save is not None:
+            from .analytic.modules_to_save import parse_modules
+            object.__setattr__(self, "modules_to_save", parse_modules(self.modules_to_save))
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise LoraCostError(f"unknown --adapter-dtype {self.adapter_dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}")
 

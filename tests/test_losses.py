@@ -330,3 +330,57 @@ def test_quant_storage_trace_keeps_the_packed_dtype(tmp_path):
     # every packed weight holds half as many bf16 elements: the model's element count drops by a quarter of the linears
     linears = 3 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 96)
     assert runs["uint8"].total_params - runs["bf16"].total_params == linears // 4
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("args,needle", [
+    (["--modules-to-save", "lm_head", "--model", "qwen2.5-0.5b"], "tied"),
+    (["--modules-to-save", "embed_tokens", "--method", "vera"], "not vera"),
+    (["--modules-to-save", "lm_head", "--loss", "chunked"], "not modelled yet"),
+    (["--modules-to-save", "score"], "not 'score'"),
+])
+def test_modules_to_save_refusals(args, needle):
+    flat = list(args) + ([] if "--model" in args else ["--model", "llama-2-7b"])
+    result = CliRunner().invoke(main, ["estimate", "--engine", "analytic", *flat])
+    assert result.exit_code == 2 and needle in result.output and len(result.output.strip().splitlines()) == 1, result.output
+
+
+@pytest.mark.fast
+def test_modules_to_save_by_hand():
+    """Llama-2-7B, LoRA r=8 on q, v, + embed_tokens and lm_head trained as bf16 copies: 2 x 32000 x 4096 more trainable
+    elements (each a weight and two AdamW moments of 2 B between steps)."""
+    plain = estimate("llama-2-7b", "lora", seq=512)
+    saved = estimate("llama-2-7b", "lora", seq=512, modules_to_save="embed_tokens,lm_head")
+    copies = 2 * 32000 * 4096
+    assert saved.trainable_params - plain.trainable_params == copies
+    assert saved.memory.steady_bytes - plain.memory.steady_bytes == copies * 2 * 3
+    # a trained head alone: it keeps its input (the final norm's bf16 output, 512 x 4096 x 2 B) and its weight
+    # gradient costs 2 x 512 x 4096 x 32000 FLOPs in backward. (A trained embedding also makes the first block
+    # compute and keep what its input gradient needs; test_modules_to_save_saved_bytes_equal_torch counts that.)
+    head = estimate("llama-2-7b", "lora", seq=512, modules_to_save="lm_head")
+    assert head.flops.backward - plain.flops.backward == 2 * 512 * 4096 * 32000
+    assert head.memory.saved_activation_bytes - plain.memory.saved_activation_bytes == 512 * 4096 * 2
+
+
+@pytest.mark.parametrize("dtype,modules,ckpt", [("fp32", ["embed_tokens", "lm_head"], False), ("bf16", ["lm_head"], False),
+                                                ("bf16", ["embed_tokens"], True)])
+def test_modules_to_save_saved_bytes_equal_torch(tmp_path, dtype, modules, ckpt):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    config = transformers.AutoConfig.for_model(**LLAMA)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager",
+                                                          dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    conf = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], modules_to_save=modules)
+    model = peft.get_peft_model(model, conf)
+    if ckpt:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    model.train()
+    ids = torch.randint(2, LLAMA["vocab_size"], (B, S))
+    measured = _count_saved(model, lambda: model(input_ids=ids, labels=ids).loss)
+    e = _estimate(tmp_path, "lora", ["q_proj", "v_proj"], 4, ckpt, dtype, modules_to_save=",".join(modules))
+    assert e.memory.saved_activation_bytes == measured
+    assert e.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -78,7 +78,7 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
-                    adapter_dtype=run.adapter_dtype,  # lossdtype: the factors' dtype
+                    adapter_dtype=run.adapter_dtype, modules_to_save=run.modules_to_save,  # lossdtype
                     method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
                     task=run.task, num_labels=run.num_labels)
     return _parameter_budget(arch, spec, key, opt, tuple(sites), tuple(head_sites))
@@ -119,6 +119,9 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         if run.task in ("seq-cls", "token-cls"):  # peft modules_to_save: a trainable copy of the classifier
             from .heads import trainable_copy
             trainable += trainable_copy(spec, run, run.task)
+        if run.modules_to_save:  # lossdtype: --modules-to-save embed_tokens,lm_head (modules_to_save.py)
+            from .modules_to_save import copies
+            trainable += copies(spec, run)
     loop_state, loop_temporaries = method.loop_state(trainable)
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
@@ -128,4 +131,7 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
         loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
         late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
-        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0)
+        if method.base_trainable and run.task in ("seq-cls", "token-cls")
+        # the trained embedding copy (--modules-to-save embed_tokens) gets its gradient at the end of backward
+        else spec.vocab * spec.hidden * DTYPE_BYTES[dtype] if run.modules_to_save and "embed_tokens" in run.modules_to_save
+        else 0)

@@ -81,7 +81,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              method_options: dict | None = None, gpu: str | None = None,
              utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
              target_seq: int | None = None, moe_imbalance: float | None = None, task: str | None = None,
-             num_labels: int | None = None, loss: str = "standard", adapter_dtype: str | None = None) -> Estimate:
+             num_labels: int | None = None, loss: str = "standard", adapter_dtype: str | None = None,
+             modules_to_save=None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). Raises LoraCostError on bad input."""
@@ -92,7 +93,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
                     method_options=tuple(sorted((method_options or {}).items())), target_seq=target_seq,
-                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, loss=loss, adapter_dtype=adapter_dtype)
+                    moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, loss=loss, adapter_dtype=adapter_dtype,
+                    modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save)
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
 
 
@@ -116,10 +118,12 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.task in ("seq-cls", "token-cls"):
         head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
     method.check(spec, sites + head_sites, run)
-    if run.loss != "standard":  # lossdtype
+    if run.loss != "standard" or run.modules_to_save:  # lossdtype
         from .heads import task_of
         from .losses import check_loss
+        from .modules_to_save import check_modules_to_save
         check_loss(spec, run, task_of(arch, run))
+        check_modules_to_save(spec, method.name, run, task_of(arch, run))
     return run, method, target_names, sites, head_sites
 
 

@@ -82,7 +82,7 @@ def liger_loss(ctx, x) -> None:
     H, V = spec.hidden, spec.vocab
     rows = x.numel // H
     w_dtype = ctx.other_dtype
-    trains = ctx.base_trainable  # the LM head's weight (tied or not) trains only under full fine-tuning
+    trains = ctx.head_trainable  # the LM head's weight (tied or not): full fine-tuning
     compute = ops.promote(x.dtype, w_dtype)
     chunk = liger_chunk_size(rows, H, V)
     tape.scope = "loss"
@@ -112,7 +112,7 @@ def chunked_loss(ctx, x) -> None:
     H, V, N = spec.hidden, spec.vocab, run.loss_chunks
     b, s = run.batch, ctx.seq
     rows = b * (s // N)
-    trains = ctx.base_trainable
+    trains = ctx.head_trainable  # full fine-tuning, or peft's trained copy (--modules-to-save lm_head)
     tape.scope = "head"
     # labels shifted by the recipe: hstack((labels[..., 1:], ignore)) is a new [b, s] int64 tensor
     labels = tape.new(b * s, "int64", False)

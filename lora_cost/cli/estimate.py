@@ -37,7 +37,7 @@ from .options import common_run_options, loss_dtype_kwargs, loss_dtype_options, 
 @loss_dtype_options
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels,
-             loss, adapter_dtype, **option_flags):
+             loss, adapter_dtype, modules_to_save, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
                   grad_checkpointing=grad_checkpointing, attention=attention, dropout=dropout,
@@ -48,7 +48,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         kwargs["moe_imbalance"] = moe_imbalance
     if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
         kwargs.update(task=task, num_labels=num_labels)
-    kwargs.update(loss_dtype_kwargs(loss, adapter_dtype))
+    kwargs.update(loss_dtype_kwargs(loss, adapter_dtype, modules_to_save))
     note = None
     if engine == "auto":
         engine, note = _auto_engine(model)

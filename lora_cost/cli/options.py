@@ -72,7 +72,7 @@ def parse_targets(targets: str | None):
 
 # -- lossdtype: --loss and --adapter-dtype (issue 9), one block
 def loss_dtype_options(f):
-    """--loss standard|liger|chunked[:N] and --adapter-dtype fp32|bf16|fp16 (estimate)."""
+    """--loss standard|liger|chunked[:N], --adapter-dtype fp32|bf16|fp16, --modules-to-save (estimate)."""
     from ..spec import ADAPTER_DTYPES
 
     decorators = [
@@ -82,15 +82,20 @@ def loss_dtype_options(f):
         click.option("--adapter-dtype", "adapter_dtype", type=click.Choice(list(ADAPTER_DTYPES)), default=None,
                      help="LoRA factors' dtype (default fp32: peft autocast_adapter_dtype=True); bf16/fp16: the "
                      "model's dtype (autocast_adapter_dtype=False); qlora bf16: the QLoRA script's recast."),
+        click.option("--modules-to-save", "modules_to_save", default=None,
+                     help="peft modules_to_save on a causal LM: embed_tokens and/or lm_head (comma separated) trained in "
+                     "full as copies (their gradients and optimizer state)."),
     ]
     for d in reversed(decorators):
         f = d(f)
     return f
 
 
-def loss_dtype_kwargs(loss: str, adapter_dtype) -> dict:
-    """The estimate()/trace() keyword arguments of the two flags; absent flags leave the call as it was."""
+def loss_dtype_kwargs(loss: str, adapter_dtype, modules_to_save=None) -> dict:
+    """The estimate()/trace() keyword arguments of these flags; absent flags leave the call as it was."""
     out = {}
+    if modules_to_save is not None:
+        out["modules_to_save"] = modules_to_save
     if loss != "standard":
         out["loss"] = loss
     if adapter_dtype is not None:

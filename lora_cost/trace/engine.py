@@ -35,7 +35,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           optimizer: str = "adamw", grad_checkpointing: bool = False, attention: str = "sdpa", dropout: float = 0.0,
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None, loss: str = "standard",
-          adapter_dtype: str | None = None) -> TraceResult:
+          adapter_dtype: str | None = None, modules_to_save=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -46,7 +46,7 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
         if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
-            if loss != "standard" or adapter_dtype is not None:
+            if loss != "standard" or adapter_dtype is not None or modules_to_save:
                 from ..errors import LoraCostError
                 raise LoraCostError("--loss and --adapter-dtype are modelled for the families the analytic engine knows")
             from .anymodel import trace_any
@@ -58,7 +58,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                                optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
                                dropout=dropout, model_dropout=model_dropout, method_options=method_options,
                                target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
-                               loss=loss, adapter_dtype=adapter_dtype)
+                               loss=loss, adapter_dtype=adapter_dtype,
+                               modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str)
+                               else modules_to_save)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config

@@ -96,7 +96,8 @@ def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False,
     if run.grad_checkpointing and not prepared:
         enable_checkpointing(model)
     cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=list(targets),
-                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets))
+                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets),
+                          modules_to_save=list(run.modules_to_save) if run.modules_to_save else None)
     model = peft_model(model, cfg)
     if run.adapter_dtype not in (None, "fp32"):
         cast_adapters(model, run.adapter_dtype)
