@@ -165,7 +165,7 @@ def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
     out = []
     if run.loss_kind == "liger":
         out.append(f"loss: Liger fused linear cross-entropy (liger-kernel 0.8.5 lce_forward): chunks of "
-                   f"{liger_chunk_size(run.tokens, spec.hidden, spec.vocab)} rows, no [tokens x vocab] logits, the input "
+                   f"{liger_chunk_size(run.tokens, spec.hidden, spec.vocab)} rows, no tokens x vocab logits, the input "
                    "(and a trained head's weight) gradient computed in the forward and kept; only the fused loss is "
                    "modelled: Trainer's use_liger_kernel also swaps RMSNorm, RoPE and SwiGLU for Liger kernels, whose "
                    "saved tensors are those of transformers' modules here")

@@ -86,6 +86,10 @@ def cases() -> list[dict]:
     for storage in ("bf16", "fp32"):
         out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", seq=2048, grad_checkpointing=True,
                         method_options={"quant_storage": storage}))
+    for modules, loss in (("embed_tokens,lm_head", "standard"), ("embed_tokens", "liger"), ("lm_head", "standard")):
+        for method in ("lora", "dora"):
+            out.append(dict(model="llama-3.1-8b", method=method, modules_to_save=modules, loss=loss, r=16, seq=1024,
+                            grad_checkpointing=True))
     return out
 
 
