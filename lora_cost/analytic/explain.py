@@ -82,10 +82,10 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
 def _loss_terms(run: RunConfig, rec: StepRecord) -> tuple[Term, ...]:
     """--loss liger | chunked: what the loss holds while it runs, in place of the logits above (losses.py)."""
     if run.loss_kind == "liger":
-        return (Term("fused loss logits chunk", rec.loss_logits_bytes, "chunk rows x vocab x compute dtype (liger_chunk_size)",
+        return (Term("fused loss logits chunk", rec.logits_at_loss_bytes, "chunk rows x vocab x compute dtype (liger_chunk_size)",
                      "Liger's per-chunk logits, overwritten by their gradient; no tokens x vocab logits", C_LOGITS),)
     if run.loss_kind == "chunked":
-        return (Term("chunked logits", rec.loss_logits_bytes, f"{run.loss_chunks} chunks x rows x vocab x dtype",
+        return (Term("chunked logits", rec.logits_at_loss_bytes, f"{run.loss_chunks} chunks x rows x vocab x dtype",
                      "every chunk's logits while the loss runs (deleted before backward); the fp32 copy and the "
                      "log-softmax gradients above are one chunk's", C_LOGITS),)
     return ()

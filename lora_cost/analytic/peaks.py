@@ -94,7 +94,7 @@ def phase_peaks(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.loss_logits_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]),
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]),
             ("inside a block (largest short-lived buffer)",
              [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]),
         ],
