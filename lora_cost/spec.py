@@ -142,6 +142,30 @@ MAX_LABELS = 1 << 20
 MASTER_WEIGHTS = (None, "fp32")  # task "optim": --master-weights
 
 
+# -- lossdtype: --loss and --adapter-dtype values
+LOSSES = ("standard", "liger", "chunked")
+# torchtune's CEWithChunkedOutputLoss(num_output_chunks=8) (torchtune/modules/loss/ce_chunked_output_loss.py)
+DEFAULT_LOSS_CHUNKS = 8
+MAX_LOSS_CHUNKS = 1 << 20
+ADAPTER_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def parse_loss(value: object) -> str:
+    """`standard`, `liger`, `chunked` or `chunked:N` -> its normal form (`chunked:8` for `chunked`)."""
+    if not isinstance(value, str):
+        raise LoraCostError(f"--loss must be one of standard, liger, chunked[:N], got {value!r}")
+    kind, _, n = value.strip().lower().partition(":")
+    if kind not in LOSSES or (n and kind != "chunked"):
+        raise LoraCostError(f"unknown --loss {value!r}; choose one of standard, liger, chunked[:N]")
+    if kind != "chunked":
+        return kind
+    if not n:
+        return f"chunked:{DEFAULT_LOSS_CHUNKS}"
+    if not n.isdigit() or not 1 <= int(n) <= MAX_LOSS_CHUNKS:
+        raise LoraCostError(f"--loss chunked:N takes N, a positive integer of at most {MAX_LOSS_CHUNKS:,}, got {n!r}")
+    return f"chunked:{int(n)}"
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """One training step's settings. Method-specific options live in `method_options`."""
@@ -175,6 +199,15 @@ class RunConfig:
     # --- task "optim" (issue 9, Optimizers): lora_cost/analytic/optimizer_budget.py ---
     master_weights: str | None = None  # "fp32": the optimizer keeps fp32 master copies of 16-bit trainable weights
     optimizer_in_backward: bool = False  # each tensor stepped, its gradient freed, as soon as it is accumulated
+    # -- lossdtype (issue 9: losses, adapter dtypes) --
+    # the causal-LM loss: "standard" (transformers' ForCausalLMLoss on full logits), "liger" (Liger's fused
+    # linear cross-entropy) or "chunked:N" (torchtune's CEWithChunkedOutputLoss over N chunks); see
+    # lora_cost/analytic/losses.py. Given as "chunked" it is normalised to "chunked:8".
+    loss: str = "standard"
+    # the adapters' parameter dtype (None: peft's default, fp32 via autocast_adapter_dtype=True)
+    adapter_dtype: str | None = None
+    # peft modules_to_save on a causal LM ("embed_tokens", "lm_head"): trained copies (analytic/modules_to_save.py)
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -208,6 +241,22 @@ class RunConfig:
             raise LoraCostError(f"unknown --master-weights {self.master_weights!r}; choose fp32 (or leave it unset)")
         if not isinstance(self.optimizer_in_backward, bool):
             raise LoraCostError(f"--optimizer-in-backward is a flag, got {self.optimizer_in_backward!r}")
+        object.__setattr__(self, "loss", parse_loss(self.loss))  # lossdtype
+        if self.modules_to_save is not None:
+            from .analytic.modules_to_save import parse_modules
+            object.__setattr__(self, "modules_to_save", parse_modules(self.modules_to_save))
+        if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
+            raise LoraCostError(f"unknown --adapter-dtype {self.adapter_dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}")
+
+    @property
+    def loss_kind(self) -> str:
+        """standard, liger or chunked (lossdtype)."""
+        return self.loss.split(":")[0]
+
+    @property
+    def loss_chunks(self) -> int:
+        """chunked:N's N (1 for the other losses)."""
+        return int(self.loss.split(":")[1]) if self.loss.startswith("chunked:") else 1
 
     @property
     def labels(self) -> int:

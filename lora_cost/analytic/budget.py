@@ -88,11 +88,13 @@ def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: R
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
     sites, head_sites = tuple(sites), tuple(head_sites)
     lookup = (arch, spec, method.name, run.r, run.precision, run.optimizer, run.method_options, run.targets,
-              run.task, run.num_labels, run.master_weights, run.optimizer_in_backward, opt, sites, head_sites)
+              run.task, run.num_labels, run.master_weights, run.optimizer_in_backward, run.adapter_dtype,
+              run.modules_to_save, opt, sites, head_sites)
     found = _BUDGETS.get(lookup)
     if found is not None:  # a plain dict in front of the lru_cache: no RunConfig to build and validate
         return found
     key = RunConfig(method=method.name, r=run.r, precision=run.precision, optimizer=run.optimizer,
+                    adapter_dtype=run.adapter_dtype, modules_to_save=run.modules_to_save,  # lossdtype
                     method_options=run.method_options, targets=run.targets,  # (IA)3's vectors depend on the targets
                     task=run.task, num_labels=run.num_labels, master_weights=run.master_weights,
                     optimizer_in_backward=run.optimizer_in_backward)
@@ -142,6 +144,9 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         if run.task in ("seq-cls", "token-cls"):  # peft modules_to_save: a trainable copy of the classifier
             from .heads import trainable_copy
             trainable += trainable_copy(spec, run, run.task)
+        if run.modules_to_save:  # lossdtype: --modules-to-save embed_tokens,lm_head (modules_to_save.py)
+            from .modules_to_save import copies
+            trainable += copies(spec, run)
     loop_state, loop_temporaries = method.loop_state(trainable)
     if run.optimizer_in_backward and loop_state:
         raise LoraCostError(f"--optimizer-in-backward: {method.name}'s training loop reads the gradients after the "
@@ -160,7 +165,10 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
         loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
         late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
-        if method.base_trainable and run.task in ("seq-cls", "token-cls") else 0,
+        if method.base_trainable and run.task in ("seq-cls", "token-cls")
+        # the trained embedding copy (--modules-to-save embed_tokens) gets its gradient at the end of backward
+        else spec.vocab * spec.hidden * DTYPE_BYTES[dtype] if run.modules_to_save and "embed_tokens" in run.modules_to_save
+        else 0,
         master_bytes=ob.master_bytes, in_backward=run.optimizer_in_backward,
         block_step_transient=ob.block_transient, head_step_transient=ob.head_transient,
         # a tied LM head is the input embedding: its gradient is complete (and stepped) only at the end

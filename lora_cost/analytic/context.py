@@ -35,6 +35,9 @@ class StepContext:
     logits_bytes: int = 0
     loss_copy_bytes: int = 0
     log_softmax_bytes: int = 0
+    # logits alive while the loss runs when that differs from `logits_bytes` (the logits kept until the step
+    # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
+    loss_logits_bytes: int | None = None
 
     @property
     def base_trainable(self) -> bool:
@@ -81,10 +84,17 @@ class StepContext:
             self._input_ids = self.tape.new(self.run.tokens, "int64", False)
         return self._input_ids
 
+    @property
+    def head_trainable(self) -> bool:
+        """The LM head's weight trains: full fine-tuning, or peft's trained copy (--modules-to-save lm_head)."""
+        return self.base_trainable or bool(self.run.modules_to_save and "lm_head" in self.run.modules_to_save)
+
     def embedding(self, rows: int | None, width: int) -> Tensor:
         """Look up `rows` new int64 indices (position or token-type ids), or the input ids when None."""
         indices = self.input_ids() if rows is None else self.tape.new(rows, "int64", False)
-        return ops.embedding(self.tape, indices, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
+        trains = self.base_trainable or (rows is None and bool(self.run.modules_to_save)
+                                         and "embed_tokens" in self.run.modules_to_save)
+        return ops.embedding(self.tape, indices, width, w_trainable=trains, w_dtype=self.other_dtype)
 
     def word_embeddings(self, width: int) -> Tensor:
         """The token embeddings of the input ids, as the method hands them to the first block (prompt
@@ -163,9 +173,13 @@ class StepContext:
             dropout, upcast = decoder_token_head(self.spec)
             classifier_and_loss(self, x, token_dropout=self.model_dropout(dropout), upcast_tokens=upcast)
             return
+        if self.run.loss_kind != "standard":  # --loss liger | chunked (losses.py)
+            from .losses import loss_and_head
+            loss_and_head(self, x)
+            return
         tape = self.tape
         tape.scope = "head"
-        logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.base_trainable,
+        logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.head_trainable,
                             w_dtype=self.other_dtype, kind="lm_head")
         if softcap:
             tape.transient(2 * logits.nbytes)  # the head output and logits / cap, before tanh

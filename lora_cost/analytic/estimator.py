@@ -88,6 +88,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              paged_evictable: bool = False, gpus: int | None = None, nodes: int = 1,
              sharding: str | None = None, sharding_options: dict | None = None,
              master_weights: str | None = None, optimizer_in_backward: bool = False,
+             loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
@@ -106,7 +107,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     moe_imbalance=moe_imbalance, task=task, num_labels=num_labels, packing=packing,
                     alloc_conf=alloc_conf, paged_evictable=paged_evictable,
                     sharding=sharding_spec(gpus, nodes, sharding, sharding_options),
-                    master_weights=master_weights, optimizer_in_backward=optimizer_in_backward)
+                    master_weights=master_weights, optimizer_in_backward=optimizer_in_backward,
+                    loss=loss, adapter_dtype=adapter_dtype,
+                    modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save)
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
@@ -147,6 +150,12 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.packing and method.virtual_tokens(run):
         raise LoraCostError(f"--packing with {method.name} is not modelled (its virtual tokens are prepended to each "
                             "row, not to each packed sequence)")
+    if run.loss != "standard" or run.modules_to_save:  # lossdtype
+        from .heads import task_of
+        from .losses import check_loss
+        from .modules_to_save import check_modules_to_save
+        check_loss(spec, run, task_of(arch, run))
+        check_modules_to_save(spec, method.name, run, task_of(arch, run))
     return run, method, target_names, sites, head_sites
 
 
@@ -156,6 +165,9 @@ def validated_method_run(run: RunConfig):
     the analytic engine does not know uses these alone (the real model checks the rest)."""
     method = get_method(run.method)
     method.check_options(run)
+    if run.adapter_dtype is not None:  # lossdtype
+        from .adapter_dtypes import check_adapter_dtype
+        check_adapter_dtype(method.name, run)
     if method.base_trainable:
         if run.r is not None:
             raise LoraCostError("--r does not apply to full fine-tuning")
@@ -246,7 +258,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         + ((f"encoder-decoder: the encoder runs at {run.seq} positions (--seq), the decoder at {run.decoder_seq} "
             "(--target-seq): labels of that length, shifted right as the decoder input; the loss is over them",)
            if spec.decoder_layers else ())
-        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run),
+        + tuple(method.notes(spec, sites, head_sites, run)) + tuple(arch.notes(spec, run)) + _task_note(run)
+        + _lossdtype_notes(spec, run),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None,
         distributed=distributed)
 
@@ -259,6 +272,13 @@ def _rank_terms(rank) -> tuple[Term, ...]:
 def _serving(arch, spec, method, sites, head_sites, run):
     from .serving import serving_estimate  # only when asked: the estimate path stays as it was
     return serving_estimate(arch, spec, method, sites, head_sites, run)
+
+
+def _lossdtype_notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
+    if run.loss == "standard" and run.adapter_dtype in (None, "fp32"):
+        return ()  # the output stays as it was
+    from .losses import notes
+    return notes(spec, run)
 
 
 def _task_note(run: RunConfig) -> tuple[str, ...]:

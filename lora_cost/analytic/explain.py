@@ -35,6 +35,8 @@ COMPONENTS = {
     MemoryCategory.GRADIENT_BUCKETS: "DDP: trainable bytes (bucket_cap_mb buckets); ZeRO: reduce_bucket_size x dtype (x2 overlap_comm)",
 }
 
+C_LOGITS = MemoryCategory.LOGITS
+
 _FLOP_KINDS = {
     "base": "frozen/trainable base linears: 2*n*d_in*d_out forward; backward 2*n*d_in*d_out per needed gradient",
     "adapter": "adapter matmuls (A, B, bases)",
@@ -59,7 +61,7 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
         Term("base weights", params.base_weight_bytes, method.storage(run).formula(params.total_params),
              "the pretrained model as stored during training", None if method.base_trainable else C.WEIGHTS),
         Term("trainable weights", params.trainable_bytes, f"{params.trainable_params:,} trainable parameters x their dtype",
-             "full fine-tuning: all weights; peft adapters: fp32 (peft autocast_adapter_dtype); "
+             "full fine-tuning: all weights; peft adapters: fp32 (peft autocast_adapter_dtype) unless --adapter-dtype; "
              "bottleneck adapters: the model's weight dtype", C.TRAINABLE_WEIGHTS),
         Term("frozen adapter tensors", params.frozen_adapter_bytes,
              "frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)", "adapter tensors that do not train",
@@ -81,9 +83,21 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
              C.LOGITS_FP32_COPY),
         Term("loss gradient buffers", 2 * ls, f"2 x {n:,} x {V:,} x {ls // max(n * V, 1)} B", "log-softmax backward",
              C.LOSS_GRADIENT_BUFFERS),
-    ) + _optimizer_option_terms(params) + ((Term("rank allocator state", params.loop_state_bytes, COMPONENTS[C.LOOP_STATE],
+    ) + _optimizer_option_terms(params) + _loss_terms(run, rec) + ((Term("rank allocator state", params.loop_state_bytes, COMPONENTS[C.LOOP_STATE],
                "peft RankAllocator's ipt, exp_avg_ipt and exp_avg_unc, kept outside the optimizer", C.LOOP_STATE),)
          if params.loop_state_bytes else ())
+
+
+def _loss_terms(run: RunConfig, rec: StepRecord) -> tuple[Term, ...]:
+    """--loss liger | chunked: what the loss holds while it runs, in place of the logits above (losses.py)."""
+    if run.loss_kind == "liger":
+        return (Term("fused loss logits chunk", rec.logits_at_loss_bytes, "chunk rows x vocab x compute dtype (liger_chunk_size)",
+                     "Liger's per-chunk logits, overwritten by their gradient; no tokens x vocab logits", C_LOGITS),)
+    if run.loss_kind == "chunked":
+        return (Term("chunked logits", rec.logits_at_loss_bytes, f"{run.loss_chunks} chunks x rows x vocab x dtype",
+                     "every chunk's logits while the loss runs (deleted before backward); the fp32 copy and the "
+                     "log-softmax gradients above are one chunk's", C_LOGITS),)
+    return ()
 
 
 def flop_terms(rec: StepRecord, run: RunConfig, recomputed: int) -> tuple[Term, ...]:

@@ -33,7 +33,7 @@ def cast(tape: Tape, x: Tensor, dtype: str) -> Tensor:
 
 
 def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w_dtype: str,
-           kind: str = "base", counted: bool = True, b_trainable: bool = False) -> Tensor:
+           kind: str = "base", counted: bool = True, b_trainable: bool = False, cast_cached: bool = False) -> Tensor:
     """nn.Linear / GPT-2 Conv1D (addmm): [n, d_in] @ [d_in, d_out].
 
     Saves the input for the weight gradient only if the weight trains; the weight itself is a
@@ -42,11 +42,13 @@ def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w
     A trainable bias (BitFit) saves nothing: addmm's `self` gradient is the incoming gradient summed
     over rows (derivatives.yaml `addmm`: self: maybe_multiply(grad, beta), no saved input), but the
     output then requires grad even when neither the input nor the weight does.
+    `cast_cached`: autocast already cast this weight in this forward and cached the copy (its cache keeps
+    casts of leaf tensors that require grad: a trained weight used again, as in a chunked LM head).
     """
     n = x.numel // d_in
     if tape.autocast:
         x = cast(tape, x, tape.autocast)
-        if x.rg:
+        if x.rg and not cast_cached:
             tape.save(tape.new(d_in * d_out, tape.autocast, False), "autocast weight copies")
         out_dtype = tape.autocast
     else:

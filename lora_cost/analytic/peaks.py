@@ -144,7 +144,7 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]
              + _dp(rank, "forward-loss")),
             ("inside a block (largest short-lived buffer)",
              [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]
@@ -223,10 +223,12 @@ def _head_step_moment(params: ParameterBudget, saved: int, logits: int, residual
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:
     """A classifier's logits are tiny, so the start of backward no longer dominates the head: backward
     through the final norm, every saved activation still alive, with the buffers of a block's backward
-    (--task seq-cls / token-cls only; a language model's moment is the log-softmax gradient's)."""
-    if run.task not in ("seq-cls", "token-cls"):
+    (--task seq-cls / token-cls, and --loss liger, whose loss hands on a saved gradient with no [n, vocab]
+    buffer; a standard language model's moment is the log-softmax gradient's)."""
+    if run.task not in ("seq-cls", "token-cls") and run.loss_kind != "liger":
         return []
-    return [("backward through the final norm (classifier)", [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits),
+    what = "classifier" if run.task in ("seq-cls", "token-cls") else "fused loss"
+    return [(f"backward through the final norm ({what})", [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits),
                                                                (C.GRADIENTS, grads_head),
                                                                (C.ACTIVATION_GRADIENT_BUFFERS, buffers)])]
 

@@ -42,12 +42,20 @@ class StepRecord:
     loss_copy_bytes: int
     log_softmax_bytes: int
     checkpoint_extra_bytes: int
+    # logits alive while the loss runs, where they differ from logits_bytes (--loss liger | chunked); None: the same
+    loss_logits_bytes: int | None = None
+
+    @property
+    def logits_at_loss_bytes(self) -> int:
+        return self.logits_bytes if self.loss_logits_bytes is None else self.loss_logits_bytes
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
     scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
                ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
+    if ctx.loss_logits_bytes is not None:  # lossdtype: only a loss other than the standard one sets it
+        scalars[("loss_logits",)] = ctx.loss_logits_bytes
     for scope, b in ctx.block_input_bytes.items():
         scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -130,7 +138,8 @@ class AffineRecord:
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
-                          checkpoint_extra_bytes=single["checkpoint_extra"], **values)
+                          checkpoint_extra_bytes=single["checkpoint_extra"], loss_logits_bytes=single.get("loss_logits"),
+                          **values)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:

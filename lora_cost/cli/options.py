@@ -105,6 +105,27 @@ def file_options(f):
     return f
 
 
+# -- lossdtype: --loss and --adapter-dtype (issue 9), one block
+def loss_dtype_options(f):
+    """--loss standard|liger|chunked[:N], --adapter-dtype fp32|bf16|fp16, --modules-to-save (estimate)."""
+    from ..spec import ADAPTER_DTYPES
+
+    decorators = [
+        click.option("--loss", "loss", default="standard", show_default=True,
+                     help="Causal-LM loss: standard (transformers, full logits), liger (Liger fused linear "
+                     "cross-entropy: no logits), chunked[:N] (torchtune CEWithChunkedOutputLoss, N=8 chunks)."),
+        click.option("--adapter-dtype", "adapter_dtype", type=click.Choice(list(ADAPTER_DTYPES)), default=None,
+                     help="LoRA factors' dtype (default fp32: peft autocast_adapter_dtype=True); bf16/fp16: the "
+                     "model's dtype (autocast_adapter_dtype=False); qlora bf16: the QLoRA script's recast."),
+        click.option("--modules-to-save", "modules_to_save", default=None,
+                     help="peft modules_to_save on a causal LM: embed_tokens and/or lm_head (comma separated) trained in "
+                     "full as copies (their gradients and optimizer state)."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
 # -- task "sharding": several GPUs (one contiguous block; analytic/sharding/config.py holds the defaults)
 def sharding_flags(f):
     """--gpus, --nodes, --sharding and each strategy's options."""
@@ -195,4 +216,16 @@ def optimizer_options(params: dict) -> dict:
         out["master_weights"] = "fp32"
     if params.pop("optimizer_in_backward", False):
         out["optimizer_in_backward"] = True
+    return out
+
+
+def loss_dtype_kwargs(loss: str, adapter_dtype, modules_to_save=None) -> dict:
+    """The estimate()/trace() keyword arguments of these flags; absent flags leave the call as it was."""
+    out = {}
+    if modules_to_save is not None:
+        out["modules_to_save"] = modules_to_save
+    if loss != "standard":
+        out["loss"] = loss
+    if adapter_dtype is not None:
+        out["adapter_dtype"] = adapter_dtype
     return out

@@ -45,7 +45,8 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           model_dropout=None, method_options=None, gpu=None, utilisation=None, calibration: bool = False,
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
           packing: bool = False, alloc_conf=None, paged_evictable: bool = False, sharding=None,
-          master_weights: str | None = None, optimizer_in_backward: bool = False) -> TraceResult:
+          master_weights: str | None = None, optimizer_in_backward: bool = False,
+          loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
@@ -59,6 +60,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             if packing:
                 raise LoraCostError(f"--packing is modelled for the analytic engine's families only; {name} is "
                                     f"model_type {cfg.get('model_type')!r}")
+            if loss != "standard" or adapter_dtype is not None or modules_to_save:
+                from ..errors import LoraCostError
+                raise LoraCostError("--loss and --adapter-dtype are modelled for the families the analytic engine knows")
             from .anymodel import trace_any
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
@@ -72,7 +76,10 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                                target_seq=target_seq, moe_imbalance=moe_imbalance, task=task, num_labels=num_labels,
                                packing=packing, alloc_conf=alloc_conf, paged_evictable=paged_evictable,
                                sharding=sharding, master_weights=master_weights,
-                               optimizer_in_backward=optimizer_in_backward)
+                               optimizer_in_backward=optimizer_in_backward,
+                               loss=loss, adapter_dtype=adapter_dtype,
+                               modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str)
+                               else modules_to_save)
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
@@ -88,6 +95,12 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             built = build(spec, cfg, run, m, names)
+            if run.loss != "standard":  # lossdtype: the loss replaces the CausalLM forward's tail
+                from .losses import install_loss
+                install_loss(built.model, run)
+            if run.loss != "standard" or run.adapter_dtype not in (None, "fp32"):
+                from ..analytic.losses import notes as lossdtype_notes
+                built.notes.extend(lossdtype_notes(spec, run))
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
             rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration, loop=m.trace_loop)

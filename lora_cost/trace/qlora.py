@@ -22,7 +22,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..analytic.formulas.storage import DQ_CODE_BYTES, NF4_BLOCK, NF4_DQ_BLOCK, blocks as n_blocks
+from ..analytic.formulas.storage import (DQ_CODE_BYTES, NF4_BLOCK, NF4_DQ_BLOCK, QUANT_STORAGE_BYTES, blocks as n_blocks,
+                                         packed_4bit_numel)
+
+QUANT_STORAGE_DTYPES = {"uint8": torch.uint8, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class Params4bit(nn.Parameter):
+    """The packed weight's class carries bitsandbytes' name: peft's prepare_model_for_kbit_training casts every
+    fp16/bf16 parameter to fp32 except those whose class is named Params4bit (utils/other.py), which matters once
+    the packed values are stored in a 16-bit dtype (--quant-storage)."""
 
 
 @torch.library.custom_op("lora_cost_trace::dequantize_4bit", mutates_args=())
@@ -78,13 +87,16 @@ class MatMul4Bit(torch.autograd.Function):
 class Linear4bitStandIn(nn.Linear):
     """Same storage, saved tensors and transients as bitsandbytes' Linear4bit (see module doc)."""
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, compute_dtype: torch.dtype, double_quant: bool = True) -> None:
+    def __init__(self, d_in: int, d_out: int, bias: bool, compute_dtype: torch.dtype, double_quant: bool = True,
+                 quant_storage: str = "uint8") -> None:
         nn.Module.__init__(self)
         self.in_features, self.out_features = d_in, d_out
         self.compute_dtype = compute_dtype
         numel = d_in * d_out
         blocks = n_blocks(numel, NF4_BLOCK)
-        self.weight = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8), requires_grad=False)
+        # functional.py quantize_4bit: zeros(((n + 1) // (2 * itemsize), 1), dtype=quant_storage)
+        packed = packed_4bit_numel(numel, QUANT_STORAGE_BYTES[quant_storage])
+        self.weight = Params4bit(torch.empty(packed, 1, dtype=QUANT_STORAGE_DTYPES[quant_storage]), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(d_out, dtype=compute_dtype), requires_grad=False) if bias else None
         if double_quant:
             self.register_buffer("absmax", torch.empty(blocks, dtype=torch.uint8))
@@ -101,7 +113,7 @@ class Linear4bitStandIn(nn.Linear):
         return MatMul4Bit.apply(x, self.weight, self.absmax, self.out_features, self.in_features, bias).to(inp_dtype)
 
 
-def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool) -> int:
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, quant_storage: str = "uint8") -> int:
     """Replace every nn.Linear / Conv1D except the output embedding and the modules the model keeps in
     fp32 (`_keep_in_fp32_modules`, T5's wo: quantizers/base.py adds them to modules_to_not_convert), as
     transformers' bnb loader does; those stay fp32 linears."""
@@ -123,6 +135,7 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
                 d_in, d_out = child.weight.shape
             else:
                 continue
-            setattr(parent, name, Linear4bitStandIn(d_in, d_out, child.bias is not None, compute_dtype, double_quant))
+            setattr(parent, name, Linear4bitStandIn(d_in, d_out, child.bias is not None, compute_dtype, double_quant,
+                                                    quant_storage))
             count += 1
     return count

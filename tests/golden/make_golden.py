@@ -119,6 +119,25 @@ def cases() -> list[dict]:
     for opt in ("adamw-torch-8bit", "adamw-torch-4bit"):
         for method in ("full", "lora"):
             out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
+    # lossdtype: --loss liger | chunked[:N], --adapter-dtype
+    for model in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b"):
+        for method in ("full", "lora", "qlora"):
+            for loss, ckpt in (("liger", True), ("chunked", True), ("chunked:16", False), ("liger", False)):
+                out.append(dict(model=model, method=method, loss=loss, batch=2, seq=2048, grad_checkpointing=ckpt))
+    for model in ("llama-3.1-8b", "llama-2-7b"):
+        for method in ("lora", "lora-fa", "qlora"):
+            for loss in ("standard", "liger"):
+                out.append(dict(model=model, method=method, adapter_dtype="bf16", r=64, targets="all-linear", seq=1024,
+                                loss=loss))
+    out.append(dict(model="qwen2.5-0.5b", method="lora", precision="fp16", adapter_dtype="fp16", batch=2, seq=777,
+                    loss="chunked:7"))
+    for storage in ("bf16", "fp32"):
+        out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", seq=2048, grad_checkpointing=True,
+                        method_options={"quant_storage": storage}))
+    for modules, loss in (("embed_tokens,lm_head", "standard"), ("embed_tokens", "liger"), ("lm_head", "standard")):
+        for method in ("lora", "dora"):
+            out.append(dict(model="llama-3.1-8b", method=method, modules_to_save=modules, loss=loss, r=16, seq=1024,
+                            grad_checkpointing=True))
     return out
 
 

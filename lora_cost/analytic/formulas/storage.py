@@ -29,10 +29,22 @@ def blocks(numel: int, block: int) -> int:
     return -(-numel // block)
 
 
-def nf4_bytes(numel: int, double_quant: bool = True) -> int:
+# bnb_4bit_quant_storage (lossdtype): the dtype the packed 4-bit values are stored in (FSDP + QLoRA keep them in
+# the model's dtype so that every parameter can be flattened together); bytes per element of that dtype
+QUANT_STORAGE_BYTES = {"uint8": 1, "bf16": 2, "fp16": 2, "fp32": 4}
+
+
+def packed_4bit_numel(numel: int, storage_bytes: int = 1) -> int:
+    """Elements of the packed tensor: bitsandbytes `functional.py` quantize_4bit,
+    `mod = dtype2bytes[quant_storage] * 2; out = torch.zeros(((n + 1) // mod, 1), dtype=quant_storage)`:
+    two 4-bit values per byte whatever the storage dtype (its bytes are n / 2 when 2 x itemsize divides n)."""
+    return (numel + 1) // (2 * storage_bytes)
+
+
+def nf4_bytes(numel: int, double_quant: bool = True, storage_bytes: int = 1) -> int:
     """Bytes of one 4-bit weight matrix (NF4 or FP4 store alike): packed values plus quantisation state."""
     first = blocks(numel, NF4_BLOCK)
-    packed = (numel + 1) // 2  # two 4-bit values per byte
+    packed = packed_4bit_numel(numel, storage_bytes) * storage_bytes  # two 4-bit values per byte
     if not double_quant:
         return packed + 4 * first  # one fp32 absmax per block
     # uint8 absmax per block, fp32 absmax per 256 blocks, the code table and the offset

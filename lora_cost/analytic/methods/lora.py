@@ -18,22 +18,28 @@ from .serving import ServingCost, adapter_bytes, casts_around, per_adapted_site
 ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True
 
 
+def adapter_dtype(run: RunConfig) -> str:
+    """The LoRA factors' dtype: fp32 (peft's default, autocast_adapter_dtype=True) unless --adapter-dtype
+    says otherwise (lora_cost/analytic/adapter_dtypes.py: which values each method takes, and why)."""
+    return run.adapter_dtype or ADAPTER_DTYPE
+
+
 def lora_trainable(site: LinearSite, run: RunConfig, freeze_a: bool = False) -> list[TensorGroup]:
-    r = run.r
-    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, ADAPTER_DTYPE, shape=(site.d_out, r))]
+    r, dtype = run.r, adapter_dtype(run)
+    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, dtype, shape=(site.d_out, r))]
     if not freeze_a:
-        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, ADAPTER_DTYPE, shape=(r, site.d_in)))
+        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, dtype, shape=(r, site.d_in)))
     return groups
 
 
 def lora_branch(ctx, x, site: LinearSite, *, freeze_a: bool = False):
     """The adapter path B(A(dropout(x))) of one module; returns (x cast to fp32, lora_A out, lora_B out)."""
     tape = ctx.tape
-    r = ctx.rank
-    xa = ops.cast(tape, x, ADAPTER_DTYPE) if not tape.autocast else x
+    r, dtype = ctx.rank, adapter_dtype(ctx.run)
+    xa = ops.cast(tape, x, dtype) if not tape.autocast else x
     xa = ops.dropout(tape, xa, ctx.run.dropout)
-    a = ops.linear(tape, xa, site.d_in, r, w_trainable=not freeze_a, w_dtype=ADAPTER_DTYPE, kind="adapter")
-    b = ops.linear(tape, a, r, site.d_out, w_trainable=True, w_dtype=ADAPTER_DTYPE, kind="adapter")
+    a = ops.linear(tape, xa, site.d_in, r, w_trainable=not freeze_a, w_dtype=dtype, kind="adapter")
+    b = ops.linear(tape, a, r, site.d_out, w_trainable=True, w_dtype=dtype, kind="adapter")
     return xa, a, b
 
 
@@ -66,7 +72,7 @@ def lora_serving(spec, sites, head_sites, run, *, method=None, note: str = "") -
     (Hu et al. 2021, Sec. 4.1)."""
     method = method or LORA
     activations = method.storage(run).linear_dtype
-    per_module_ops = LORA_BRANCH_OPS + casts_around(ADAPTER_DTYPE, activations)
+    per_module_ops = LORA_BRANCH_OPS + casts_around(adapter_dtype(run), activations)
     return ServingCost(
         mergeable=True,
         extra_weight_bytes_unmerged=adapter_bytes(method, spec, sites, head_sites, run),
@@ -90,8 +96,11 @@ def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False,
     if run.grad_checkpointing and not prepared:
         enable_checkpointing(model)
     cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=list(targets),
-                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets))
+                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets),
+                          modules_to_save=list(run.modules_to_save) if run.modules_to_save else None)
     model = peft_model(model, cfg)
+    if run.adapter_dtype not in (None, "fp32"):
+        cast_adapters(model, run.adapter_dtype)
     if freeze_a:
         for name, p in model.named_parameters():
             if ".lora_A." in name:
@@ -99,6 +108,21 @@ def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False,
     if run.grad_checkpointing and not prepared:
         enable_input_grads(model)
     return model, count_adapted(model, "lora_A")
+
+
+def cast_adapters(model, dtype: str) -> None:
+    """--adapter-dtype bf16|fp16: the LoRA factors of every peft LoraLayer cast to `dtype`, as
+    get_peft_model(..., autocast_adapter_dtype=False) leaves them on a model of that dtype and as the QLoRA
+    script's `module.to(torch.bfloat16)` makes them (only lora_A and lora_B are cast here: the script's
+    cast of the whole LoraLayer leaves a 4-bit base layer's packed integer weight as it is)."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    target = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.lora_A.to(target)
+            module.lora_B.to(target)
 
 
 def is_lora_config(peft_config) -> bool:

@@ -26,11 +26,18 @@ QUANT_TYPE = MethodOption("quant_type", "--quant-type", str, "nf4", "4-bit data 
 DOUBLE_QUANT = MethodOption("double_quant", "--double-quant", bool, True,
                             "double quantisation of the block constants (bnb_4bit_use_double_quant)")
 
+# lossdtype: bnb_4bit_quant_storage (bitsandbytes Params4bit(quant_storage=...), transformers BitsAndBytesConfig):
+# the packed weights as elements of a wider dtype; the bytes are the same, the element count divides by its size
+QUANT_STORAGE = MethodOption("quant_storage", "--quant-storage", str, "uint8",
+                             "dtype the packed 4-bit weights are stored in (bnb_4bit_quant_storage; same bytes)",
+                             choices=("uint8", "bf16", "fp16", "fp32"))
+
 
 def four_bit_storage(run) -> FourBitStorage:
     """bnb_4bit_compute_dtype follows --precision (bf16, or fp16)."""
     return FourBitStorage(compute_dtype="fp16" if run.precision == "fp16" else "bf16",
-                          double_quant=DOUBLE_QUANT.value(run), quant_type=QUANT_TYPE.value(run))
+                          double_quant=DOUBLE_QUANT.value(run), quant_type=QUANT_TYPE.value(run),
+                          quant_storage=QUANT_STORAGE.value(run))
 
 
 def apply_qlora(model, run, targets, notes):
@@ -42,7 +49,7 @@ def apply_qlora(model, run, targets, notes):
     from ...trace.qlora import quantize_linears
 
     compute = torch.float16 if run.precision == "fp16" else torch.bfloat16
-    quantize_linears(model, compute, DOUBLE_QUANT.value(run))
+    quantize_linears(model, compute, DOUBLE_QUANT.value(run), QUANT_STORAGE.value(run))
     model.is_loaded_in_4bit = True  # what transformers sets after a bitsandbytes 4-bit load
     peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
                                          gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -118,7 +125,7 @@ QLORA = register_method(Method(
     adapted_linear=lora_linear,
     storage=four_bit_storage,
     serving=qlora_serving,
-    options=(QUANT_TYPE, DOUBLE_QUANT),
+    options=(QUANT_TYPE, DOUBLE_QUANT, QUANT_STORAGE),
     precisions=("bf16", "fp16"),  # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype)
     apply_to_model=apply_qlora,
     recognise=recognise_qlora,

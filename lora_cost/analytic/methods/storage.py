@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from .. import ops
-from ..formulas.storage import NF4_BLOCK, nf4_bits_per_weight, nf4_bytes
+from ..formulas.storage import NF4_BLOCK, QUANT_STORAGE_BYTES, nf4_bits_per_weight, nf4_bytes
 from ...units import DTYPE_BYTES
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +76,7 @@ class FourBitStorage:
     compute_dtype: str  # bnb_4bit_compute_dtype
     double_quant: bool
     quant_type: str = "nf4"
+    quant_storage: str = "uint8"  # bnb_4bit_quant_storage: same bytes, numel = bytes / itemsize (lossdtype)
 
     @property
     def linear_dtype(self) -> str:
@@ -86,7 +87,7 @@ class FourBitStorage:
         return "fp32"
 
     def linear_bytes(self, numel: int) -> int:
-        return nf4_bytes(numel, double_quant=self.double_quant)
+        return nf4_bytes(numel, double_quant=self.double_quant, storage_bytes=QUANT_STORAGE_BYTES[self.quant_storage])
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
         """Linear4bit forward: x.to(compute) -> gemm_4bit -> .to(x.dtype); saves no activation. A site
@@ -107,8 +108,9 @@ class FourBitStorage:
 
     def formula(self, total_params: int) -> str:
         bits = nf4_bits_per_weight(self.double_quant)
-        return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}) + embeddings, "
-                "norms, biases, LM head in fp32")
+        packed = "" if self.quant_storage == "uint8" else f", packed in {self.quant_storage}"
+        return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}{packed}) + "
+                "embeddings, norms, biases, LM head in fp32")
 
 
 def dense(run: "RunConfig") -> DenseStorage:
