@@ -35,6 +35,7 @@ class StepContext:
     logits_bytes: int = 0
     loss_copy_bytes: int = 0
     log_softmax_bytes: int = 0
+    final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
 
     @property
     def base_trainable(self) -> bool:

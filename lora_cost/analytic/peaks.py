@@ -145,8 +145,8 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
               (C.GRADIENTS, params.early_gradient_bytes)]),
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
-            *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
-                                                                             rec.backward_transient.get(scopes[-1], 0))),
+            *_head_moment(run, acts.embeddings + sum(acts.kept) + rec.final_norm_saved_bytes, logits, grads_head,
+                          rec.norm_backward.get("head", 0)),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits)]),
         ],
         "optimizer": [
@@ -164,7 +164,9 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:
     """A classifier's logits are tiny, so the start of backward no longer dominates the head: backward
-    through the final norm, every saved activation still alive, with the buffers of a block's backward
+    through the final norm, with the blocks' saved activations and the norm's own still alive (the
+    classifier's and the loss's are freed once their nodes ran) and the gradient buffers at the peak of
+    the norm's backward (ops.rms_norm, ops.layer_norm; none where the family has no final norm: BERT)
     (--task seq-cls / token-cls only; a language model's moment is the log-softmax gradient's)."""
     if run.task not in ("seq-cls", "token-cls"):
         return []

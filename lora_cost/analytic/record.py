@@ -36,18 +36,20 @@ class StepRecord:
     orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
+    norm_backward: dict  # scope -> the gradient buffers at the peak of its largest norm backward
     largest: dict  # scope -> largest activation created
     block_input: dict  # block scope -> bytes of its input (the residual stream)
     logits_bytes: int
     loss_copy_bytes: int
     log_softmax_bytes: int
     checkpoint_extra_bytes: int
+    final_norm_saved_bytes: int = 0  # what the head's scope saved before the classifier (the final norm's saves)
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
     scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
-               ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
+               ("checkpoint_extra",): ctx.checkpoint_extra_bytes, ("final_norm_saved",): ctx.final_norm_saved_bytes}
     for scope, b in ctx.block_input_bytes.items():
         scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -64,7 +66,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     for scope, v in tape.uncounted_flops.items():
         scalars[("uncounted", scope)] = v
     lists = {}
-    for name in ("forward_transient", "backward_transient", "created"):
+    for name in ("forward_transient", "backward_transient", "created", "norm_backward"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -81,7 +83,8 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
-_MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
+_MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
+           "norm_backward": "norm_backward"}
 
 
 @dataclass(frozen=True)
@@ -125,12 +128,13 @@ class AffineRecord:
                 continue
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
-        for name in ("forward_transient", "backward_transient", "largest"):
+        for name in ("forward_transient", "backward_transient", "largest", "norm_backward"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
-                          checkpoint_extra_bytes=single["checkpoint_extra"], **values)
+                          checkpoint_extra_bytes=single["checkpoint_extra"],
+                          final_norm_saved_bytes=single["final_norm_saved"], **values)
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:

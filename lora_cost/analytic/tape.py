@@ -64,6 +64,8 @@ class Tape:
         self.orphaned: dict[str, int] = defaultdict(int)  # scope -> bytes saved for graphs dropped before backward
         self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
         self.backward_transient: dict[str, list[int]] = defaultdict(list)
+        # scope -> the gradient buffers alive at the peak of each norm's backward (ops.rms_norm, ops.layer_norm)
+        self.norm_backward: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
         # scopes that stand for several layers (stack.py), set by the context when blocks are not
         # checkpointed: a tensor made outside the blocks (RoPE tables) and first saved inside such a
@@ -135,6 +137,11 @@ class Tape:
         """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
         table = self.backward_transient if backward else self.forward_transient
         table[self.scope].append(nbytes)
+
+    def norm_backward_buffers(self, nbytes: int) -> None:
+        """The activation gradients alive at the peak of a norm's backward (the final norm's decides a
+        classifier's backward: peaks.py)."""
+        self.norm_backward[self.scope].append(nbytes)
 
     # -- summaries ---------------------------------------------------------------------------
     def saved_in(self, scope: str) -> int:
