@@ -7,7 +7,8 @@ The candidates, per phase (the largest of each phase is its peak):
               gradients on top of everything saved (the usual peak); in the last and the first
               block, where saved activations are partly freed and parameter gradients partly
               accumulated (with checkpointing, one block's recomputed activations are alive);
-              at the end, all gradients;
+              a classifier (tiny logits): in the final norm's backward, with that norm's gradient
+              buffers (ops.rms_norm, ops.layer_norm); at the end, all gradients;
   optimizer - all gradients plus the optimizer's temporaries (foreach AdamW: one state-sized buffer).
 The logits stay alive through backward and the optimizer step (the step's output object holds them).
 """
