@@ -110,15 +110,26 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
 
     def in_block(i: int) -> list[tuple[str, int]]:
         scope = scopes[i]
-        # activation gradients inside the block: an incoming and an outgoing gradient of the widest
-        # activation, and the residual stream's gradient in and out. (A product's backward briefly holds
-        # three of the widest, but with 3 the checkpointed 7B rows of the H100 calibration, where this
-        # moment decides the peak, are overestimated by 0.3-2.9%; with 2 they are within 1.7%.)
-        # an op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
-        # while that op runs, not on top of the widest activation's gradients: the larger of the two
-        grad_buffers = 2 * residual + max(2 * rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0))
-        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
-                (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
+        # activation gradients inside the block, at the backward of the op that consumed the widest
+        # activation (a product, act(gate) * up, or the linear after it): its incoming gradient and two
+        # outgoing ones (MulBackward0 returns both factors' gradients), three of the widest, and the
+        # residual stream's incoming gradient, which the block's skip connection passes on unchanged.
+        # An op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
+        # while that op runs, not on top of the widest activation's gradients: the larger of the two.
+        largest = rec.largest.get(scope, 0)
+        grad_buffers = residual + max(3 * largest, rec.backward_transient.get(scope, 0))
+        # By then the backward of every op after it has run and released its saved tensors
+        # (torch/csrc/autograd/engine.cpp: a node's saved variables are freed once it ran without
+        # retain_graph): alive of the block is what it saved before making the widest (tape.widest_moment:
+        # the largest of 3 x an activation's bytes + the block's saves when it was made)
+        block = min(max(rec.widest_moment.get(scope, 3 * largest + acts.body[i]) - 3 * largest, 0), acts.body[i])
+        if run.grad_checkpointing:
+            return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
+                    (C.RECOMPUTED_ACTIVATIONS, block + rec.orphaned.get(scope, 0)),
+                    (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
+                    (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
+        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i]) + block),
+                (C.RECOMPUTED_ACTIVATIONS, 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers)]
 

@@ -36,6 +36,7 @@ class StepRecord:
     orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
+    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it
     norm_backward: dict  # scope -> the gradient buffers at the peak of its largest norm backward
     largest: dict  # scope -> largest activation created
     block_input: dict  # block scope -> bytes of its input (the residual stream)
@@ -66,7 +67,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     for scope, v in tape.uncounted_flops.items():
         scalars[("uncounted", scope)] = v
     lists = {}
-    for name in ("forward_transient", "backward_transient", "created", "norm_backward"):
+    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -84,7 +85,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
-           "norm_backward": "norm_backward"}
+           "norm_backward": "norm_backward", "widest_moment": "widest_moment"}
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class AffineRecord:
                 continue
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
-        for name in ("forward_transient", "backward_transient", "largest", "norm_backward"):
+        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
