@@ -110,19 +110,22 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
 
     def in_block(i: int) -> list[tuple[str, int]]:
         scope = scopes[i]
-        # activation gradients inside the block, at the backward of the op that consumed the widest
-        # activation (a product, act(gate) * up, or the linear after it): its incoming gradient and two
-        # outgoing ones (MulBackward0 returns both factors' gradients), three of the widest, and the
-        # residual stream's incoming gradient, which the block's skip connection passes on unchanged.
-        # An op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
-        # while that op runs, not on top of the widest activation's gradients: the larger of the two.
-        largest = rec.largest.get(scope, 0)
-        grad_buffers = residual + max(3 * largest, rec.backward_transient.get(scope, 0))
-        # By then the backward of every op after it has run and released its saved tensors
-        # (torch/csrc/autograd/engine.cpp: a node's saved variables are freed once it ran without
+        # Two moments inside the block's backward; the larger is its peak.
+        # (1) At the backward of the op that consumed the widest activation (a product, act(gate) * up):
+        # its incoming gradient and two outgoing ones (MulBackward0 returns both factors' gradients),
+        # three of the widest, and the residual stream's incoming gradient, which the skip connection
+        # passes on unchanged. By then the backward of every op after it has run and released its saved
+        # tensors (torch/csrc/autograd/engine.cpp: a node's saved variables are freed once it ran without
         # retain_graph): alive of the block is what it saved before making the widest (tape.widest_moment:
-        # the largest of 3 x an activation's bytes + the block's saves when it was made)
+        # the largest of 3 x an activation's bytes + the block's saves when it was made).
+        # (2) An op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases), alive
+        # while that op runs: the block's last linear has them too, with nearly every save of the block
+        # still alive, and the residual gradient in and out.
+        largest, transient = rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0)
         block = min(max(rec.widest_moment.get(scope, 3 * largest + acts.body[i]) - 3 * largest, 0), acts.body[i])
+        grad_buffers = residual + 3 * largest
+        if transient and acts.body[i] + 2 * residual + transient > block + grad_buffers:
+            block, grad_buffers = acts.body[i], 2 * residual + transient
         if run.grad_checkpointing:
             return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                     (C.RECOMPUTED_ACTIVATIONS, block + rec.orphaned.get(scope, 0)),
