@@ -76,10 +76,6 @@ CASES = grid()
 IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[3]}" for f, m, s in CASES]
 # Known disagreements (strict: they must keep failing until fixed), measured 2026-11-30:
 KNOWN = {
-    # peaks 6.3-6.6% over the trace (Mixtral, checkpointing): the analytic in-block backward moment keeps the whole recomputed block alive
-    # while the widest gradient ([n k, 2I]) forms; by then the trace has freed the expert outputs saved after it
-    "mixtral-dora-bf16-ckpt-sdpa": "analytic peak 6.6% above the trace (conservative in-block moment)",
-    "mixtral-qlora-bf16-ckpt-sdpa": "analytic peak 6.3% above the trace (conservative in-block moment)",
     # backward FLOPs 2.5% under the trace: the trace's 4-bit stand-in (trace/qlora.py) saves the packed weight
     # with save_for_backward after its gemm, so checkpoint recomputation reruns the dense block's last 4-bit
     # down_proj gemm; bitsandbytes keeps it on ctx (no save), which the analytic early stop models

@@ -38,6 +38,7 @@ class StepContext:
     # logits alive while the loss runs when that differs from `logits_bytes` (the logits kept until the step
     # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
     loss_logits_bytes: int | None = None
+    final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
 
     @property
     def base_trainable(self) -> bool:

@@ -145,6 +145,7 @@ def classifier_and_loss(ctx, x, *, token_dropout: float, upcast_tokens: bool) ->
     heads = head_linears(spec, task, labels)
     trains = set(saved_modules(spec, task, labels)) if not ctx.base_trainable else set(heads)
     tape.scope = "head"
+    ctx.final_norm_saved_bytes = tape.saved_in("head")  # the final norm's saves (the family ran it in this scope)
     if task == "token-cls":
         h = ops.dropout(tape, x, token_dropout)
         logits = _linear(ctx, h, heads[0], heads[0] in trains)

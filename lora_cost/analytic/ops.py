@@ -73,6 +73,9 @@ def layer_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, b_traina
         tape.save(x, "norm inputs")
         tape.save(tape.new(rows, "fp32", False), "norm statistics")
         tape.save(tape.new(rows, "fp32", False), "norm statistics")
+        # native_layer_norm_backward is one kernel (aten/src/ATen/native/cuda/layer_norm_kernel.cu
+        # layer_norm_backward_cuda): the incoming gradient and grad_input, both x's shape and dtype
+        tape.norm_backward_buffers(2 * x.nbytes)
     return tape.new(x.numel, x.dtype, rg)
 
 
@@ -85,6 +88,12 @@ def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, w_dtype: s
     saves h and the rsqrt; `w * h` saves the normalised h (in x's dtype) only if w trains.
     """
     rows = x.numel // width
+    if x.rg or w_trainable:
+        # backward, op by op (torch/csrc/autograd/FunctionsManual.cpp): the product's gradient of h waits
+        # to be summed with the variance path's; MeanBackward1 expands and divides (one fp32 [n, d]);
+        # PowBackward0 is pow_backward = grad * (2 * h.pow(1)): three fp32 [n, d] at its last allocation.
+        # Five fp32 [n, d] buffers then (the incoming gradient, consumed by the first products, is gone).
+        tape.norm_backward_buffers(5 * x.numel * 4)
     h = cast(tape, x, "fp32")
     if x.rg:
         tape.save(h, "norm inputs")
@@ -107,6 +116,12 @@ def gemma_rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> T
     gradient of h (every call makes its own), and a trainable w saves the fp32 normalised h.
     """
     rows = x.numel // width
+    if x.rg or w_trainable:
+        # backward as LlamaRMSNorm's (rms_norm), op by op (torch/csrc/autograd/FunctionsManual.cpp): the product's gradient of h waits
+        # to be summed with the variance path's; MeanBackward1 expands and divides (one fp32 [n, d]);
+        # PowBackward0 is pow_backward = grad * (2 * h.pow(1)): three fp32 [n, d] at its last allocation.
+        # Five fp32 [n, d] buffers then (the incoming gradient, consumed by the first products, is gone).
+        tape.norm_backward_buffers(5 * x.numel * 4)
     h = cast(tape, x, "fp32")
     if x.rg:
         tape.save(h, "norm inputs")

@@ -7,7 +7,8 @@ The candidates, per phase (the largest of each phase is its peak):
               gradients on top of everything saved (the usual peak); in the last and the first
               block, where saved activations are partly freed and parameter gradients partly
               accumulated (with checkpointing, one block's recomputed activations are alive);
-              at the end, all gradients;
+              a classifier (tiny logits): in the final norm's backward, with that norm's gradient
+              buffers (ops.rms_norm, ops.layer_norm); at the end, all gradients;
   optimizer - all gradients plus the optimizer's temporaries (foreach AdamW: one state-sized buffer).
 The logits stay alive through backward and the optimizer step (the step's output object holds them).
 """
@@ -115,15 +116,30 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
 
     def in_block(i: int) -> list[tuple[str, int]]:
         scope = scopes[i]
-        # activation gradients inside the block: an incoming and an outgoing gradient of the widest
-        # activation, and the residual stream's gradient in and out. (A product's backward briefly holds
-        # three of the widest, but with 3 the checkpointed 7B rows of the H100 calibration, where this
-        # moment decides the peak, are overestimated by 0.3-2.9%; with 2 they are within 1.7%.)
-        # an op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases) are alive
-        # while that op runs, not on top of the widest activation's gradients: the larger of the two
-        grad_buffers = 2 * residual + max(2 * rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0))
-        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
-                (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0) if run.grad_checkpointing else 0),
+        # Two moments inside the block's backward; the larger is its peak.
+        # (1) At the backward of the op that consumed the widest activation (a product, act(gate) * up):
+        # its incoming gradient and two outgoing ones (MulBackward0 returns both factors' gradients),
+        # three of the widest, and the residual stream's incoming gradient, which the skip connection
+        # passes on unchanged. By then the backward of every op after it has run and released its saved
+        # tensors (torch/csrc/autograd/engine.cpp: a node's saved variables are freed once it ran without
+        # retain_graph): alive of the block is what it saved before making the widest (tape.widest_moment:
+        # the largest of 3 x an activation's bytes + the block's saves when it was made).
+        # (2) An op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases), alive
+        # while that op runs: the block's last linear has them too, with nearly every save of the block
+        # still alive, and the residual gradient in and out.
+        largest, transient = rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0)
+        block = min(max(rec.widest_moment.get(scope, 3 * largest + acts.body[i]) - 3 * largest, 0), acts.body[i])
+        grad_buffers = residual + 3 * largest
+        if transient and acts.body[i] + 2 * residual + transient > block + grad_buffers:
+            block, grad_buffers = acts.body[i], 2 * residual + transient
+        if run.grad_checkpointing:
+            return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
+                    (C.RECOMPUTED_ACTIVATIONS, block + rec.orphaned.get(scope, 0)),
+                    (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
+                    (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
+                    (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
+        return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i]) + block),
+                (C.RECOMPUTED_ACTIVATIONS, 0),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
                 (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
@@ -157,8 +173,12 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
             *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
             *_reduce_scatter_moments(rank, stack, acts, grads_head, params.per_layer_trainable_bytes if grads_blocks else 0,
                                      logits),
-            *_head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
-                                                                             rec.backward_transient.get(scopes[-1], 0))),
+            # a classifier: the final norm's backward with its own saves (accuracy13); the fused loss (liger):
+            # every save alive and a block's backward buffers
+            *(_head_moment(run, acts.embeddings + sum(acts.kept) + rec.final_norm_saved_bytes, logits, grads_head,
+                           rec.norm_backward.get("head", 0)) if run.task in ("seq-cls", "token-cls") else
+              _head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
+                                                                             rec.backward_transient.get(scopes[-1], 0)))),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
                                  (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)] + _dp(rank, "backward-end")),
             *_head_step_moment(params, saved - acts.loss, logits, residual),
@@ -222,9 +242,12 @@ def _head_step_moment(params: ParameterBudget, saved: int, logits: int, residual
 
 def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffers: int) -> list:
     """A classifier's logits are tiny, so the start of backward no longer dominates the head: backward
-    through the final norm, every saved activation still alive, with the buffers of a block's backward
-    (--task seq-cls / token-cls, and --loss liger, whose loss hands on a saved gradient with no [n, vocab]
-    buffer; a standard language model's moment is the log-softmax gradient's)."""
+    through the final norm. A classifier (--task seq-cls / token-cls): the blocks' saved activations and the
+    norm's own still alive (the classifier's and the loss's are freed once their nodes ran) and the gradient
+    buffers at the peak of the norm's backward (ops.rms_norm, ops.layer_norm; none where the family has no
+    final norm: BERT). --loss liger, whose loss hands on a saved gradient with no [n, vocab] buffer: every
+    saved activation alive with a block's backward buffers. A standard language model's moment is the
+    log-softmax gradient's."""
     if run.task not in ("seq-cls", "token-cls") and run.loss_kind != "liger":
         return []
     what = "classifier" if run.task in ("seq-cls", "token-cls") else "fused loss"

@@ -36,6 +36,8 @@ class StepRecord:
     orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
+    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it
+    norm_backward: dict  # scope -> the gradient buffers at the peak of its largest norm backward
     largest: dict  # scope -> largest activation created
     block_input: dict  # block scope -> bytes of its input (the residual stream)
     logits_bytes: int
@@ -48,12 +50,14 @@ class StepRecord:
     @property
     def logits_at_loss_bytes(self) -> int:
         return self.logits_bytes if self.loss_logits_bytes is None else self.loss_logits_bytes
+    final_norm_saved_bytes: int = 0  # what the head's scope saved before the classifier (the final norm's saves)
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     """(scalars, candidate lists) of one simulated forward."""
     scalars = {("logits",): ctx.logits_bytes, ("loss_copy",): ctx.loss_copy_bytes, ("log_softmax",): ctx.log_softmax_bytes,
-               ("checkpoint_extra",): ctx.checkpoint_extra_bytes}
+               ("checkpoint_extra",): ctx.checkpoint_extra_bytes,
+               ("final_norm_saved",): ctx.final_norm_saved_bytes}
     if ctx.loss_logits_bytes is not None:  # lossdtype: only a loss other than the standard one sets it
         scalars[("loss_logits",)] = ctx.loss_logits_bytes
     for scope, b in ctx.block_input_bytes.items():
@@ -72,7 +76,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     for scope, v in tape.uncounted_flops.items():
         scalars[("uncounted", scope)] = v
     lists = {}
-    for name in ("forward_transient", "backward_transient", "created"):
+    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -89,7 +93,8 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned")
-_MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest"}
+_MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
+           "norm_backward": "norm_backward", "widest_moment": "widest_moment"}
 
 
 @dataclass(frozen=True)
@@ -133,12 +138,13 @@ class AffineRecord:
                 continue
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
-        for name in ("forward_transient", "backward_transient", "largest"):
+        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], loss_logits_bytes=single.get("loss_logits"),
+                          final_norm_saved_bytes=single["final_norm_saved"],
                           **values)
 
 

@@ -64,6 +64,11 @@ class Tape:
         self.orphaned: dict[str, int] = defaultdict(int)  # scope -> bytes saved for graphs dropped before backward
         self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
         self.backward_transient: dict[str, list[int]] = defaultdict(list)
+        # scope -> the gradient buffers alive at the peak of each norm's backward (ops.rms_norm, ops.layer_norm)
+        self.norm_backward: dict[str, list[int]] = defaultdict(list)
+        # scope -> per activation created: three times its bytes (its gradient in, two out: peaks.py in_block)
+        # plus what the scope had saved when it was made (alive when that gradient forms)
+        self.widest_moment: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
         # scopes that stand for several layers (stack.py), set by the context when blocks are not
         # checkpointed: a tensor made outside the blocks (RoPE tables) and first saved inside such a
@@ -76,7 +81,9 @@ class Tape:
     # -- bookkeeping -------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
         t = Tensor(numel, dtype, rg)
-        self.created[self.scope].append(numel * DTYPE_BYTES[dtype])
+        nbytes = numel * DTYPE_BYTES[dtype]
+        self.created[self.scope].append(nbytes)
+        self.widest_moment[self.scope].append(3 * nbytes + self.saved_by_scope.get(self.scope, 0))
         self._made_in[t.sid] = self.scope
         return t
 
@@ -135,6 +142,11 @@ class Tape:
         """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
         table = self.backward_transient if backward else self.forward_transient
         table[self.scope].append(nbytes)
+
+    def norm_backward_buffers(self, nbytes: int) -> None:
+        """The activation gradients alive at the peak of a norm's backward (the final norm's decides a
+        classifier's backward: peaks.py)."""
+        self.norm_backward[self.scope].append(nbytes)
 
     # -- summaries ---------------------------------------------------------------------------
     def saved_in(self, scope: str) -> int:
