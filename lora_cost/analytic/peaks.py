@@ -45,7 +45,7 @@ def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> Activati
     scopes = stack.scopes
     body = tuple(map(rec.saved.get, scopes, repeat(0, len(scopes))))
     if run.grad_checkpointing:  # the checkpoint keeps each block's input (and shared positional args once)
-        kept = tuple(map(rec.block_input.get, scopes, repeat(0, len(scopes))))
+        kept = tuple(rec.block_input.get(s, 0) + rec.kept_past_checkpoint.get(s, 0) for s in scopes)
         kept = (kept[0] + rec.checkpoint_extra_bytes,) + kept[1:]
     else:
         kept = body
