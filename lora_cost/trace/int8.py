@@ -80,7 +80,8 @@ class MatMul8bitLt(torch.autograd.Function):
             grad = grad.reshape(-1, grad.shape[-1])
             w = ctx.cb.to(ctx.dtype_a, copy=True).mul_(ctx.scb.unsqueeze(1).mul(1.0 / 127.0))
             grad_x = torch.matmul(grad.to(ctx.dtype_a), w).view(ctx.shape)
-        ctx.tensors = None
+        # as bitsandbytes, ctx.tensors is not cleared: autograd releases saved tensors after a node's backward,
+        # not its ctx attributes, so A lives until the graph is freed (after the whole backward)
         return grad_x, None, None, None
 
 
