@@ -190,8 +190,8 @@ def test_targets_other_options_add_are_used_once_they_exist(tmp_path, monkeypatc
     assert found.kwargs["sharding_options"] == {"deepspeed_config": str(tmp_path / "ds.json"), "bucket_cap_mb": 50}
     axo = read(axolotl=write(tmp_path, "a.yml", "adapter: lora\nload_in_8bit: true\nlora_modules_to_save: [embed_tokens]\n"
                                                 "chunked_cross_entropy: true\nchunked_cross_entropy_num_chunks: 4\n"))[1]
-    assert (axo.kwargs["load_in_8bit"], axo.kwargs["modules_to_save"], axo.kwargs["loss"]) == (
-        True, ("embed_tokens",), "chunked:4")
+    assert (axo.kwargs["method"], axo.kwargs["modules_to_save"], axo.kwargs["loss"]) == (
+        "lora-8bit", ("embed_tokens",), "chunked:4")  # issue9b: load_in_8bit is the lora-8bit method
     assert not any("does not model" in w for w in found.warnings + axo.warnings)
 
 
@@ -240,7 +240,7 @@ def test_axolotl_keys(tmp_path):
     q = kw("adapter: qlora\nload_in_4bit: true\nbnb_config_kwargs:\n  bnb_4bit_quant_type: fp4\n"
            "  bnb_4bit_use_double_quant: false\n")
     assert q.kwargs["method"] == "qlora" and q.method_options == {"quant_type": "fp4", "double_quant": False}
-    modelled_or_warned(kw("adapter: lora\nload_in_8bit: true\n"), "load_in_8bit", True)
+    assert kw("adapter: lora\nload_in_8bit: true\n").kwargs["method"] == "lora-8bit"  # issue9b
     modelled_or_warned(kw("adapter: lora\nsample_packing: true\n"), "packing", True)
     modelled_or_warned(kw("adapter: lora\nchunked_cross_entropy: true\n"), "loss", "chunked")
     modelled_or_warned(kw("adapter: lora\nlora_modules_to_save: [lm_head]\n"), "modules_to_save", ("lm_head",))

@@ -73,7 +73,8 @@ def base_weight_bytes(arch: Architecture, spec: ModelSpec, storage: BaseStorage,
     total = 0.0
     for g in param_groups(arch, spec, task, labels):
         if g.kind == "linear":
-            total += g.count * storage.linear_bytes(g.numel)
+            shape = param_shape(arch, spec, g)
+            total += g.count * storage.linear_bytes(g.numel, shape[0] if shape else 0)
         else:
             total += g.total * DTYPE_BYTES[storage.other_dtype]
     return int(total)

@@ -293,7 +293,7 @@ def _task_note(run: RunConfig) -> tuple[str, ...]:
 
 def _libraries(run: RunConfig) -> tuple[str, ...]:
     """Libraries with device state of their own that the step loads (cuda_context.py)."""
-    return ("bitsandbytes",) if run.method == "qlora" or get_optimizer(run.optimizer).paged or \
+    return ("bitsandbytes",) if run.method in ("qlora", "lora-8bit") or get_optimizer(run.optimizer).paged or \
         run.optimizer.endswith("8bit") else ()
 
 

@@ -44,8 +44,8 @@ class StepNumbers:
 
 # What `activation_budget` and `phase_peaks` read of a StepRecord (peaks.py); the rest is left empty.
 # tests/test_fast_path.py would see a field read and missing here (the numbers would differ).
-PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "forward_transient", "backward_transient", "largest",
-                         "norm_backward", "widest_moment"})
+PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "kept_past_checkpoint", "forward_transient",
+                         "backward_transient", "largest", "norm_backward", "widest_moment"})
 
 
 @lru_cache(maxsize=65536)

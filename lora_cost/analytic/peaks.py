@@ -46,7 +46,7 @@ def activation_budget(rec: StepRecord, run: RunConfig, stack: Stack) -> Activati
     scopes = stack.scopes
     body = tuple(map(rec.saved.get, scopes, repeat(0, len(scopes))))
     if run.grad_checkpointing:  # the checkpoint keeps each block's input (and shared positional args once)
-        kept = tuple(map(rec.block_input.get, scopes, repeat(0, len(scopes))))
+        kept = tuple(rec.block_input.get(s, 0) + rec.kept_past_checkpoint.get(s, 0) for s in scopes)
         kept = (kept[0] + rec.checkpoint_extra_bytes,) + kept[1:]
     else:
         kept = body
@@ -113,6 +113,9 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         grads_blocks = grads_head = 0
     # the residual stream's width: the input of the blocks that stand for most of the stack
     residual = rec.block_input.get(stack.block_scopes[-1], 0)
+    # issue9b: inputs bitsandbytes' MatMul8bitLt keeps as ctx attributes live while the graph does (autograd
+    # releases a node's saved tensors after its backward, not its ctx attributes): with the logits, to the end
+    held = sum(rec.kept_past_checkpoint.get(s, 0) for s in scopes)
 
     def in_block(i: int) -> list[tuple[str, int]]:
         scope = scopes[i]
@@ -179,17 +182,17 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
                            rec.norm_backward.get("head", 0)) if run.task in ("seq-cls", "token-cls") else
               _head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                              rec.backward_transient.get(scopes[-1], 0)))),
-            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
+            ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.SAVED_ACTIVATIONS, held),
                                  (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)] + _dp(rank, "backward-end")),
             *_head_step_moment(params, saved - acts.loss, logits, residual),
         ],
         "optimizer": [
-            ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits),
+            ("optimizer step", [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.SAVED_ACTIVATIONS, held),
                                 (C.OPTIMIZER_TEMPORARIES, params.optimizer_temporaries if rank is None
                                  else rank.optimizer_temporaries)] + _dp(rank, "optimizer")),
             # the training loop's own update before zero_grad (AdaLoRA's rank allocator); ties go to the step
             ("the training loop's update after the optimizer step",
-             [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.TRANSIENT_BUFFERS, params.loop_temporaries)]),
+             [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.SAVED_ACTIVATIONS, held), (C.TRANSIENT_BUFFERS, params.loop_temporaries)]),
         ],
     }
     steady = [(C.WEIGHTS, params.frozen_bytes), (C.TRAINABLE_WEIGHTS, params.trainable_bytes),

@@ -10,7 +10,7 @@ candidate lines, pruned to those that can win for some r >= 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property, lru_cache
 
 from .architectures import get_architecture
@@ -46,6 +46,8 @@ class StepRecord:
     checkpoint_extra_bytes: int
     # logits alive while the loss runs, where they differ from logits_bytes (--loss liger | chunked); None: the same
     loss_logits_bytes: int | None = None
+    # issue9b: scope -> bytes kept by ctx attributes that checkpointing cannot drop (tape.keep_past_checkpoint)
+    kept_past_checkpoint: dict = field(default_factory=dict)
 
     @property
     def logits_at_loss_bytes(self) -> int:
@@ -70,7 +72,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
         scalars[("flops", key)] = v
     for key, v in tape.flops.items():
         scalars[("flops_by_kind", key)] = v
-    for name in ("flops_after_last_save", "uncounted_after_last_save", "orphaned"):
+    for name in ("flops_after_last_save", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint"):
         for scope, v in getattr(tape, name).items():
             scalars[(name, scope)] = v
     for scope, v in tape.uncounted_flops.items():
@@ -92,7 +94,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
-           "uncounted", "uncounted_after_last_save", "orphaned")
+           "uncounted", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
            "norm_backward": "norm_backward", "widest_moment": "widest_moment"}
 

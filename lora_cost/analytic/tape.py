@@ -62,6 +62,10 @@ class Tape:
         self.flops_after_last_save: dict[str, int] = defaultdict(int)
         self.uncounted_after_last_save: dict[str, int] = defaultdict(int)
         self.orphaned: dict[str, int] = defaultdict(int)  # scope -> bytes saved for graphs dropped before backward
+        # issue9b: scope -> bytes an autograd Function keeps as plain ctx attributes (bitsandbytes MatMul8bitLt's
+        # ctx.tensors): saved_tensors_hooks never see them, so non-reentrant checkpointing cannot drop them
+        self.kept_past_checkpoint: dict[str, int] = defaultdict(int)
+        self._kept_ids: set[int] = set()
         self.forward_transient: dict[str, list[int]] = defaultdict(list)  # scope -> short-lived buffers
         self.backward_transient: dict[str, list[int]] = defaultdict(list)
         # scope -> the gradient buffers alive at the peak of each norm's backward (ops.rms_norm, ops.layer_norm)
@@ -113,6 +117,12 @@ class Tape:
             scope = made_in  # shared by the layers this scope stands for: kept once
         self.saved[(scope, kind)] += nbytes
         self.saved_by_scope[scope] += nbytes
+
+    def keep_past_checkpoint(self, t: Tensor) -> None:
+        """`t` is held by a ctx attribute until its op's backward, checkpointed or not (counted once per storage)."""
+        if t.sid not in self._kept_ids:
+            self._kept_ids.add(t.sid)
+            self.kept_past_checkpoint[self.scope] += t.nbytes
 
     def matmul(self, kind: str, m: int, k: int, n: int, *, grad_a: bool, grad_b: bool, counted: bool = True) -> None:
         """[m, k] @ [k, n]: 2mkn forward; backward 2mkn for each operand that needs a gradient."""

@@ -7,7 +7,7 @@ lora_dropout; lora_target_modules (list or regex) / lora_target_linear -> target
 sequence_len -> seq; micro_batch_size -> batch; gradient_checkpointing (true; "offload"/"unsloth" not
 modelled) and its kwargs; optimizer (Trainer's names); bf16/fp16 (+ torch_dtype); flash_attention ->
 flash-attention-2, sdp_attention -> sdpa, flex_attention -> flex, eager_attention -> eager;
-sample_packing -> packing; load_in_8bit; bnb_config_kwargs (quant type, double quant, quant storage);
+sample_packing -> packing; load_in_8bit -> lora-8bit; bnb_config_kwargs (quant type, double quant, quant storage);
 liger_fused_linear_cross_entropy / chunked_cross_entropy -> loss; deepspeed; fsdp; torch_compile (warns).
 """
 
@@ -110,7 +110,7 @@ def _method(c: Collector) -> None:
             raise c.error("adapter", "must be lora or qlora with a quantised base (load_in_4bit/8bit)")
         return
     dora = c.flag("peft_use_dora")
-    chosen = "qlora" if adapter == "qlora" or four else "dora" if dora else "lora"
+    chosen = "qlora" if adapter == "qlora" or four else "lora-8bit" if eight else "dora" if dora else "lora"
     if adapter == "qlora" or four:
         if adapter == "qlora" and eight:
             raise c.error("adapter", "qlora needs load_in_4bit, not load_in_8bit")
@@ -118,10 +118,12 @@ def _method(c: Collector) -> None:
             c.warn("peft_use_dora", "DoRA on 4-bit weights is not modelled; estimated as QLoRA")
         c.set("method", "qlora", "adapter" if adapter == "qlora" else "load_in_4bit")
         _bnb(c)
+    elif eight:  # issue9b: LoRA on an LLM.int8() base (lora_cost/analytic/methods/lora_8bit.py)
+        if dora:
+            c.warn("peft_use_dora", "DoRA on 8-bit weights is not modelled; estimated as LoRA on the 8-bit base")
+        c.set("method", "lora-8bit", "load_in_8bit")
     else:
         c.set("method", "dora" if dora else "lora", "peft_use_dora" if dora else "adapter")
-        if eight:
-            c.set("load_in_8bit", True, "load_in_8bit")
     ratio = c.number("loraplus_lr_ratio")
     if ratio is not None and chosen == "lora":
         # LoRA+ (axolotl's loraplus_lr_ratio -> peft create_loraplus_optimizer): LoRA's memory and FLOPs

@@ -155,8 +155,8 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     for b in sim.saved_blocks:
         saved_by_op[b.op] = saved_by_op.get(b.op, 0) + b.raw
     fwd, bwd = sum(rec.flops_fwd.values()), sum(rec.flops_bwd.values())
-    uncounted_fwd = rec.flops_fwd.get("gemm_4bit", 0)
-    uncounted_bwd = rec.flops_bwd.get("gemm_4bit", 0)
+    uncounted_fwd = rec.flops_fwd.get("gemm_4bit", 0) + rec.flops_fwd.get("int8_linear_matmul", 0)
+    uncounted_bwd = rec.flops_bwd.get("gemm_4bit", 0) + rec.flops_bwd.get("int8_linear_matmul", 0)
     ops = tuple(OpFlops(k, "forward", v) for k, v in sorted(rec.flops_fwd.items())) + \
         tuple(OpFlops(k, "backward", v) for k, v in sorted(rec.flops_bwd.items()))
     zero = tuple(sorted(op for op in sim.ops_seen if op not in rec.counted_ops))
@@ -209,7 +209,7 @@ def summarise(spec, run, m, names, built, rec, total_params, trainable_params, e
     dev = device_memory(reserved.reserved_peak_bytes, peak_bytes=top.peak_bytes, family=spec.model_type, gpu=gpu,
                         paged_bytes=rec.paged_bytes, paged_evictable=run.paged_evictable, replayed=True,
                         fragmentation_bytes=reserved.fragmentation_at_peak_bytes,
-                        libraries=("bitsandbytes",) if m.name == "qlora" or rec.paged_bytes or "8bit" in run.optimizer else ())
+                        libraries=("bitsandbytes",) if m.name in ("qlora", "lora-8bit") or rec.paged_bytes or "8bit" in run.optimizer else ())
     device = dev.device_bytes
     if rec.paged_bytes:
         notes.append(f"bitsandbytes {run.optimizer}: a stand-in with the same state storage (lora_cost/trace/optim8bit.py); "

@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from . import kernels
 from ..analytic.formulas.attention import sdpa_backward_from_shapes, sdpa_forward_from_shapes
+from .int8 import int8_matmul_flops
 from .qlora import gemm_4bit_flops
 
 aten = torch.ops.aten
@@ -35,6 +36,7 @@ def custom_mapping() -> dict:
         aten._scaled_dot_product_flash_attention_backward: sdpa_backward_from_shapes,
         aten._scaled_dot_product_efficient_attention_backward: sdpa_backward_from_shapes,
         GEMM_4BIT: gemm_4bit_flops,
+        torch.ops.lora_cost_trace.int8_linear_matmul: int8_matmul_flops,  # issue9b: LLM.int8()
         aten._grouped_mm: grouped_mm_flops,
         **kernels.flops_mapping(),  # flash-attention 2/3 and flex stand-ins (kernels.py)
     }

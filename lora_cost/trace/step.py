@@ -193,13 +193,14 @@ def _kernel_patches(run, model, autocast) -> list:
     values); the stand-in kernel takes none (kernels.py). --packing: the padding-free path's value reads.
     flash: transformers' `get_target_dtype` asks torch whether autocast is on for the query's device (the
     trace's CUDA autocast is emulated, so it answers as CUDA would) and whether the model is quantized
-    (bitsandbytes' quantizer sets `config._is_quantized`; the trace's 4-bit weights are uint8 stand-ins)."""
+    (bitsandbytes' quantizer sets `config._is_quantized`; the trace's 4-bit weights are uint8 stand-ins, its
+    8-bit ones int8)."""
     from ..attention_kernels import get_kernel
     from .kernels import packed_position_patches
     out = []
     if get_kernel(run.attention).casts_fp32_inputs:
         import transformers.integrations.flash_attention as fa
-        quantized = any(p.dtype == torch.uint8 for p in model.parameters())
+        quantized = any(p.dtype in (torch.uint8, torch.int8) for p in model.parameters())  # 4-bit, int8 (issue9b)
         original = fa.get_target_dtype
 
         def target_dtype(query, module):

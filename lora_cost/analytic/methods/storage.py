@@ -29,7 +29,7 @@ class BaseStorage(Protocol):
     @property
     def other_dtype(self) -> str: ...  # embeddings, norms, biases, LM head
 
-    def linear_bytes(self, numel: int) -> int: ...  # one stored linear weight of `numel` elements
+    def linear_bytes(self, numel: int, rows: int = 0) -> int: ...  # one stored linear weight ([rows, numel/rows])
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor": ...  # forward on the tape
 
@@ -50,7 +50,7 @@ class DenseStorage:
     def other_dtype(self) -> str:
         return self.dtype
 
-    def linear_bytes(self, numel: int) -> int:
+    def linear_bytes(self, numel: int, rows: int = 0) -> int:
         return numel * DTYPE_BYTES[self.dtype]
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
@@ -86,7 +86,7 @@ class FourBitStorage:
     def other_dtype(self) -> str:
         return "fp32"
 
-    def linear_bytes(self, numel: int) -> int:
+    def linear_bytes(self, numel: int, rows: int = 0) -> int:
         return nf4_bytes(numel, double_quant=self.double_quant, storage_bytes=QUANT_STORAGE_BYTES[self.quant_storage])
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
@@ -110,6 +110,56 @@ class FourBitStorage:
         bits = nf4_bits_per_weight(self.double_quant)
         packed = "" if self.quant_storage == "uint8" else f", packed in {self.quant_storage}"
         return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}{packed}) + "
+                "embeddings, norms, biases, LM head in fp32")
+
+
+# issue9b: LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339; bitsandbytes 0.50.2 nn/modules.py Linear8bitLt,
+# Int8Params; autograd/_functions.py MatMul8bitLt; backends/default/ops.py int8_mixed_scaled_mm / int8_scaled_mm).
+INT8_ROW_SCALE_BYTES = 4  # SCB: one fp32 absmax per output row (F.int8_vectorwise_quant of the weight)
+
+
+@dataclass(frozen=True)
+class EightBitStorage:
+    """bitsandbytes 8-bit linears (`load_in_8bit`), everything else fp32 (peft's prepare_model_for_kbit_training).
+
+    Storage: Int8Params CB (one int8 per weight) + SCB (one fp32 per output row). Forward
+    (MatMul8bitLt.forward, frozen weight = the fast path): `F.int8_vectorwise_quant(A.to(torch.float16))`
+    makes an fp16 copy of the input (freed after the call), CA (int8, one per input value) and SCA (fp32, one
+    per row); int8_scaled_mm multiplies into an int32 [rows, d_out] accumulator and dequantises into the output
+    in A's dtype. When the input needs a gradient `ctx.tensors = (CAt, subA, A)`: CAt is None (no weight
+    gradient), subA holds the outlier columns (threshold 6.0) of A - data dependent, none for the fake inputs
+    the trace runs, so counted as 0 here (a lower bound: each outlier column adds rows x 4 B) - and A, the
+    input itself (a view: no bytes when something else keeps it). Backward: `state.CB.to(A.dtype, copy=True)`
+    a [d_out, d_in] transient in A's dtype, times SCB/127, then the grad_A matmul."""
+
+    def linear_bytes(self, numel: int, rows: int = 0) -> int:
+        return numel + INT8_ROW_SCALE_BYTES * rows
+
+    @property
+    def linear_dtype(self) -> str:
+        return "fp32"  # the output follows A's dtype: fp32 hidden states after prepare_model_for_kbit_training
+
+    @property
+    def other_dtype(self) -> str:
+        return "fp32"
+
+    def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
+        tape = ctx.tape
+        if not site.quantised:
+            return ops.linear(tape, x, site.d_in, site.d_out, w_trainable=False, w_dtype=self.other_dtype)
+        n = x.numel // site.d_in
+        half = 0 if x.dtype == "fp16" else 2 * n * site.d_in  # A.to(torch.float16)
+        codes = n * site.d_in + 4 * n  # CA (int8) + SCA (fp32 per row)
+        tape.transient(max(half + codes, codes + 4 * n * site.d_out))  # quantisation, then the int32 accumulator
+        if x.rg:
+            tape.save(x, "8-bit matmul inputs")  # ctx.tensors = (None, subA, A): a ctx attribute,
+            tape.keep_past_checkpoint(x)  # held through non-reentrant checkpointing too
+            tape.transient(DTYPE_BYTES[x.dtype] * site.d_in * site.d_out + 4 * site.d_out, backward=True)
+        tape.matmul("base", n, site.d_in, site.d_out, grad_a=x.rg, grad_b=False, counted=False)
+        return tape.new(n * site.d_out, x.dtype, x.rg)
+
+    def formula(self, total_params: int) -> str:
+        return ("linear weights in int8 (LLM.int8(): 1 B each + one fp32 scale per output row) + "
                 "embeddings, norms, biases, LM head in fp32")
 
 
