@@ -71,9 +71,17 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
     """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
     LoraCostError on bad input, as it does."""
-    from .estimator import _forward_key
     if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
         return numbers_of(_full(spec, run, gpu, utilisation))
+    return _numbers(spec, run, gpu, utilisation)
+
+
+@lru_cache(maxsize=65536)
+def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
+    """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
+    that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
+    never cached)."""
+    from .estimator import _forward_key
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
     stack = stack_of(arch, spec)
     key = _forward_key(run)
