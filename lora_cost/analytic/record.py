@@ -248,6 +248,16 @@ def _batch_line(spec, run, targets) -> BatchLine:
     return BatchLine()
 
 
+def _clear_records_and_lines(clear_records=affine_record.cache_clear) -> None:
+    """`affine_record.cache_clear()` forgets the batch lines too: they hold raw simulations, and whoever
+    clears the records (a test that swaps an architecture) means the forward to be simulated again."""
+    clear_records()
+    _batch_line.cache_clear()
+
+
+affine_record.cache_clear = _clear_records_and_lines
+
+
 def _line_through(b1: int, r1: tuple, b2: int, r2: tuple):
     """(b1, raw at b1, slopes per unit of batch) or None when an entry has no exact integer line."""
     db, slopes = b2 - b1, []
