@@ -45,6 +45,8 @@ class StepNumbers:
 # What `activation_budget` and `phase_peaks` read of a StepRecord (peaks.py); the rest is left empty.
 # tests/test_fast_path.py would see a field read and missing here (the numbers would differ).
 PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "forward_transient", "backward_transient", "largest"})
+# What `step_flops` reads of a StepRecord (stepflops.py): the per-kind tables are left empty.
+FLOP_FIELDS = frozenset({"flops", "flops_after_last_save", "uncounted", "uncounted_after_last_save"})
 
 
 @lru_cache(maxsize=65536)
@@ -91,7 +93,7 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
     device = device_bytes(peak, params.state_bytes if params.paged else 0)
     lines = _flop_lines(spec, key, targets)
     if lines is None:  # not all integers: evaluated at the rank itself
-        flops = step_flops(rec, run.grad_checkpointing, stack)
+        flops = step_flops(affine_record(spec, key, targets).at(run.r, only=FLOP_FIELDS), run.grad_checkpointing, stack)
         total, raw = flops.forward + flops.backward, flops.step_total
     else:
         dr = (run.r or 1) - 1
@@ -116,7 +118,7 @@ def _flop_lines(spec: ModelSpec, key: RunConfig, targets: frozenset) -> tuple[tu
     so the total is too: two evaluations give it exactly (tests/test_fast_path.py compares). None when a
     sum is not an integer (a float would not be reproduced to the last bit)."""
     affine, stack = affine_record(spec, key, targets), stack_of(get_architecture(spec.model_type), spec)
-    f1, f2 = (step_flops(affine.at(r), key.grad_checkpointing, stack) for r in (1, 2))
+    f1, f2 = (step_flops(affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack) for r in (1, 2))
     t1, t2 = f1.forward + f1.backward, f2.forward + f2.backward
     if not all(type(v) is int for v in (f1.step_total, f2.step_total)):
         return None
