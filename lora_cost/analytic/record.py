@@ -167,10 +167,11 @@ def affine_record(spec, run, targets) -> AffineRecord:
     """Simulate at r = 1 and r = 2 (once when the method has no rank) and keep the affine form; at a
     batch >= 2 the simulation may be replaced by the batch line's exact interpolation (`BatchLine`)."""
     if run.batch >= BatchLine.FIRST:
-        raw = _batch_line(spec, replace(run, batch=BatchLine.FIRST), targets).raw_at(spec, run, targets)
-    else:
-        raw = _simulate_ranks(spec, run, targets)
-    return _affine_of(*raw)
+        line = _batch_line(spec, replace(run, batch=BatchLine.FIRST), targets)
+        if line.state == "affine":
+            return line.record_at(run.batch)
+        return _affine_of(*line.raw_at(spec, run, targets))
+    return _affine_of(*_simulate_ranks(spec, run, targets))
 
 
 def _affine_of(s1, l1, s2, l2) -> AffineRecord:
@@ -209,12 +210,27 @@ class BatchLine:
     tests/test_fast_path.py and tests/test_batch_line.py compare with direct simulation."""
 
     FIRST = 2  # the smallest batch on the line (batch 1 takes other code paths, see above)
-    __slots__ = ("points", "line", "state")
+    __slots__ = ("points", "line", "state", "compiled")
 
     def __init__(self):
         self.points: dict[int, tuple] = {}  # batch -> raw forward (at most three, until decided)
         self.line = None  # (b1, values at b1, slopes) once two points are known
         self.state = "sampling"  # -> "affine" (verified) or "simulate" (not affine: every batch simulated)
+        self.compiled = None  # once affine: the AffineRecord's entries with their slopes in the batch
+
+    def record_at(self, b: int) -> AffineRecord:
+        """`_affine_of(*self.raw_at(...))` at batch b once the line is verified, without the raw dicts:
+        each entry (value at r = 1, slope in r) is itself affine in the batch (a difference of two
+        lines), so it is evaluated directly, in the order `_affine_of` gives (tests compare)."""
+        if self.compiled is None:
+            self.compiled = _compile(self.line)
+        b1, fields, singles, maxima = self.compiled
+        d = b - b1
+        return AffineRecord(
+            fields=tuple((name, tuple((k, a + da * d, s + ds * d) for k, a, s, da, ds in items)) for name, items in fields),
+            maxima=tuple((name, tuple((scope, _envelope([(a + da * d, s + ds * d) for a, s, da, ds in lines]))
+                                      for scope, lines in items)) for name, items in maxima),
+            singles=tuple((name, a + da * d, s + ds * d) for name, a, s, da, ds in singles))
 
     def raw_at(self, spec, run, targets) -> tuple:
         b = run.batch
@@ -256,6 +272,27 @@ def _clear_records_and_lines(clear_records=affine_record.cache_clear) -> None:
 
 
 affine_record.cache_clear = _clear_records_and_lines
+
+
+def _compile(line) -> tuple:
+    """The line as AffineRecord entries: (b1, fields, singles, maxima), each entry's value at r = 1 and
+    slope in r at b1 with their slopes per unit of batch, grouped and ordered as `_affine_of` does."""
+    b1, (s1, l1, s2, l2), (t1, m1, t2, m2) = line
+    grouped: dict[str, list] = {name: [] for name in _FIELDS}
+    singles = []
+    for key, v in s1.items():
+        entry = (v, s2.get(key, 0) - v, t1[key], t2.get(key, 0) - t1[key])
+        if len(key) == 1:
+            singles.append((key[0], *entry))
+        else:
+            grouped[key[0]].append((key[1], *entry))
+    maxima: dict[str, list] = {}
+    for (name, scope), v in l1.items():
+        w, dv, dw = l2[(name, scope)], m1[(name, scope)], m2[(name, scope)]
+        maxima.setdefault(_MAXIMA[name], []).append(
+            (scope, tuple((a, c - a, da, dc - da) for a, c, da, dc in zip(v, w, dv, dw))))
+    return (b1, tuple((k, tuple(v)) for k, v in grouped.items()), tuple(singles),
+            tuple((k, tuple(v)) for k, v in maxima.items()))
 
 
 def _line_through(b1: int, r1: tuple, b2: int, r2: tuple):
