@@ -98,3 +98,14 @@ def test_an_error_is_raised_at_every_batch_and_never_cached():
     for b in (2, 3, 4, 5):
         with pytest.raises(LoraCostError):
             record.affine_record(spec, replace(key, batch=b), frozenset())
+
+
+def test_revalued_equals_replace():
+    from lora_cost.analytic.record import revalued
+    run = RunConfig(method="lora", r=8, targets=("q_proj",), batch=4, seq=256, optimizer="sgd", attention="flash_attention_2")
+    for changes in (dict(r=1, optimizer="adamw"), dict(batch=2), dict(r=2), {}):
+        new = revalued(run, **changes)
+        assert new == replace(run, **changes) and hash(new) == hash(replace(run, **changes))
+        assert type(new) is RunConfig and new.tokens == replace(run, **changes).tokens
+    with pytest.raises(TypeError):
+        revalued(run, rank=2)
