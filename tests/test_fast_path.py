@@ -127,3 +127,22 @@ def test_flops_at_the_rank_itself_when_not_integers(monkeypatch):
         assert estimate(**kw, numbers_only=True) == numbers_of(estimate(**kw))
     finally:
         fast._numbers.cache_clear()
+
+
+@pytest.mark.fast
+def test_the_sweep_pauses_the_collector_and_restores_it():
+    import gc
+
+    from lora_cost.analytic.fast import without_cyclic_gc
+    seen = []
+    sweep = without_cyclic_gc(lambda fail: seen.append(gc.isenabled()) or (1 / 0 if fail else 7))
+    assert gc.isenabled() and sweep(False) == 7 and gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        sweep(True)
+    assert gc.isenabled() and seen == [False, False]
+    gc.disable()
+    try:
+        sweep(False)
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
