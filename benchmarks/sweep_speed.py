@@ -7,7 +7,10 @@ Not a timed test: the number depends on the machine. The issue asks for >= 50,00
 on one core (warm) and a 70B `plan` under 1 s. "cold" starts from empty caches (every new
 model/method/targets/length/batch simulates the forward); "warm" repeats the same sweep (the best
 of three passes). Both the full estimate and the numbers-only path the planner bisects with
-(`numbers_only=True`, analytic/fast.py) are timed. Times are CPU times of this process.
+(`numbers_only=True`, analytic/fast.py) are timed, and the numbers-only path on a planner-like grid
+(the same sweep at batches 1-64 and four optimizers, cold: `grid`). Times are CPU times of this process.
+The estimate loops run with Python's cyclic collector on, as a user's loop would; `plan` pauses it
+(fast.without_cyclic_gc).
 """
 
 from __future__ import annotations

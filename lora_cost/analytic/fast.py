@@ -9,7 +9,10 @@ explains the numbers (term descriptions, per-kind tables, assumptions, the `Esti
 `tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths.
 
 Cache layers, each keyed on everything its value depends on:
+  - the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
   - the validated run (method defaults, targets resolved) per (spec, run);
+  - the forward per (spec, run at rank 1 without its optimizer, targets), and at batch >= 2 its exact
+    line in the batch (record.py's `affine_record`, `BatchLine`);
   - the record at a rank per (affine record, rank) (record.py's `AffineRecord.at`);
   - the parameter budget per (spec, method, rank, precision, optimizer, targets) (budget.py).
 """
