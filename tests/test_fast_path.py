@@ -114,3 +114,36 @@ def test_every_estimate_option_is_known_to_the_numbers_path():
     handed_over = {"model", "gpu", "utilisation", "serving", "numbers_only",
                    "gpus", "nodes", "sharding_options"}  # these three become RunConfig.sharding (guarded)
     assert set(inspect.signature(estimate).parameters) - guarded == handed_over
+
+
+@pytest.mark.fast
+def test_flops_at_the_rank_itself_when_not_integers(monkeypatch):
+    """When a FLOP sum is not an integer `_flop_lines` gives None and the FLOPs are evaluated at the run's
+    rank from the record's FLOP fields (the record of the peak path has none of them)."""
+    from lora_cost.analytic import fast
+    monkeypatch.setattr(fast, "_flop_lines", lambda *a: None)
+    fast._numbers.cache_clear()
+    try:
+        kw = dict(model="llama-3.2-1b", method="lora", r=8, batch=2, seq=256, gpu="h100-80gb")
+        assert estimate(**kw, numbers_only=True) == numbers_of(estimate(**kw))
+    finally:
+        fast._numbers.cache_clear()
+
+
+@pytest.mark.fast
+def test_the_sweep_pauses_the_collector_and_restores_it():
+    import gc
+
+    from lora_cost.analytic.fast import without_cyclic_gc
+    seen = []
+    sweep = without_cyclic_gc(lambda fail: seen.append(gc.isenabled()) or (1 / 0 if fail else 7))
+    assert gc.isenabled() and sweep(False) == 7 and gc.isenabled()
+    with pytest.raises(ZeroDivisionError):
+        sweep(True)
+    assert gc.isenabled() and seen == [False, False]
+    gc.disable()
+    try:
+        sweep(False)
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()

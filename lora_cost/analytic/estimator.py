@@ -28,7 +28,7 @@ from .methods.base import Method
 from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
 from ..profiles import load_gpu, load_model
-from .record import affine_record
+from .record import affine_record, revalued
 from .stepflops import step_flops
 from ..results import Estimate, FlopEstimate, MemoryEstimate, Term
 from ..spec import LinearSite, ModelSpec, RunConfig
@@ -74,8 +74,8 @@ def _forward_key(run: RunConfig) -> RunConfig:
     """The run as far as the forward simulation is concerned: rank 1 (the record is affine in r;
     a method whose sizes are not keeps its rank) and no optimizer."""
     affine = get_method(run.method).rank_affine
-    return replace(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None,
-                   master_weights=None, optimizer_in_backward=False)
+    return revalued(run, r=1 if run.r is not None and affine else run.r, optimizer="adamw", sharding=None,
+                    master_weights=None, optimizer_in_backward=False)  # all valid values
 
 
 def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = None, targets=None, batch: int = 1,

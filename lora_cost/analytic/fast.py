@@ -9,15 +9,19 @@ explains the numbers (term descriptions, per-kind tables, assumptions, the `Esti
 `tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths.
 
 Cache layers, each keyed on everything its value depends on:
+  - the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
   - the validated run (method defaults, targets resolved) per (spec, run);
+  - the forward per (spec, run at rank 1 without its optimizer, targets), and at batch >= 2 its exact
+    line in the batch (record.py's `affine_record`, `BatchLine`);
   - the record at a rank per (affine record, rank) (record.py's `AffineRecord.at`);
   - the parameter budget per (spec, method, rank, precision, optimizer, targets) (budget.py).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import MISSING, dataclass, fields
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 from .architectures import get_architecture
 from .architectures.base import stack_of
@@ -46,6 +50,8 @@ class StepNumbers:
 # tests/test_fast_path.py would see a field read and missing here (the numbers would differ).
 PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "kept_past_checkpoint", "forward_transient",
                          "backward_transient", "largest", "norm_backward", "widest_moment"})
+# What `step_flops` reads of a StepRecord (stepflops.py): the per-kind tables are left empty.
+FLOP_FIELDS = frozenset({"flops", "flops_after_last_save", "uncounted", "uncounted_after_last_save"})
 
 
 @lru_cache(maxsize=65536)
@@ -72,9 +78,17 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
     """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
     LoraCostError on bad input, as it does."""
-    from .estimator import _forward_key, _libraries
     if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
         return numbers_of(_full(spec, run, gpu, utilisation))
+    return _numbers(spec, run, gpu, utilisation)
+
+
+@lru_cache(maxsize=65536)
+def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
+    """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
+    that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
+    never cached)."""
+    from .estimator import _forward_key, _libraries
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
     stack = stack_of(arch, spec)
     key = _forward_key(run)
@@ -86,7 +100,7 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                            libraries=_libraries(run)).device_bytes
     lines = _flop_lines(spec, key, targets)
     if lines is None:  # not all integers: evaluated at the rank itself
-        flops = step_flops(rec, run.grad_checkpointing, stack)
+        flops = step_flops(affine_record(spec, key, targets).at(run.r, only=FLOP_FIELDS), run.grad_checkpointing, stack)
         total, raw = flops.forward + flops.backward, flops.step_total
     else:
         dr = (run.r or 1) - 1
@@ -111,7 +125,7 @@ def _flop_lines(spec: ModelSpec, key: RunConfig, targets: frozenset) -> tuple[tu
     so the total is too: two evaluations give it exactly (tests/test_fast_path.py compares). None when a
     sum is not an integer (a float would not be reproduced to the last bit)."""
     affine, stack = affine_record(spec, key, targets), stack_of(get_architecture(spec.model_type), spec)
-    f1, f2 = (step_flops(affine.at(r), key.grad_checkpointing, stack) for r in (1, 2))
+    f1, f2 = (step_flops(affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack) for r in (1, 2))
     t1, t2 = f1.forward + f1.backward, f2.forward + f2.backward
     if not all(type(v) is int for v in (f1.step_total, f2.step_total)):
         return None
@@ -127,3 +141,23 @@ def numbers_of(e) -> StepNumbers:
     """The headline numbers of a full `Estimate`."""
     return StepNumbers(e.memory.peak_bytes, e.memory.device_bytes, e.flops.total, e.trainable_params,
                        e.gpu.step_time_s if e.gpu is not None else None)
+
+
+def without_cyclic_gc(sweep):
+    """Run a sweep (the planner's) with Python's cyclic garbage collector paused, and restore it after.
+
+    A sweep allocates many objects that live on in the estimator's caches (runs, records, budgets) and
+    makes no reference cycles (a whole benchmark sweep: `gc.get_stats()` counts 0 collected); each
+    full collection traverses every cached object again, a quarter of a 70B plan's time
+    (benchmarks/sweep_speed.py: 0.36 s with the collector, 0.28 s without). Reference counting
+    frees everything as usual; the collector resumes, as it was, when the sweep returns or raises."""
+    @wraps(sweep)
+    def paused(*args, **kwargs):
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return sweep(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return paused

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 from ..errors import LoraCostError, shown
 from .device import DEFAULT_UTILISATION, verdict
 from .estimator import estimate
+from .fast import without_cyclic_gc
 from .methods import get_method
 from .methods.base import flag_of
 from ..profiles import load_gpu, load_model
@@ -128,6 +129,7 @@ def _largest(candidates: Sequence[int], fits: Callable[[int], bool]) -> int | No
     return best
 
 
+@without_cyclic_gc  # speed2: a sweep makes no reference cycles (fast.py)
 def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None, margin: float = 0.0,
          methods: tuple[str, ...] = DEFAULT_METHODS, seq: int = 2048, batch_range: tuple[int, int] = (1, 64),
          rank_range: tuple[int, int] = (1, 1024), precision: str = "bf16", optimizer: str = "adamw",

@@ -10,7 +10,7 @@ candidate lines, pruned to those that can win for some r >= 1.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields as dataclass_fields
 from functools import cached_property, lru_cache
 
 from .architectures import get_architecture
@@ -18,6 +18,27 @@ from .architectures.base import stack_of
 from .context import make_context
 from .methods import get_method
 from .tape import Tape
+from ..spec import RunConfig
+
+def revalued(run: RunConfig, **changes) -> RunConfig:
+    """`dataclasses.replace(run, **changes)` for changes known valid (rank 1 or 2, batch 2, AdamW), without
+    running RunConfig's validation again: the record caches derive keys from every run they see,
+    and re-validating each (`replace` calls `__post_init__`) was a tenth of a sweep's time. Only the
+    dataclass fields are copied (never a cached value of the old run); equal to `replace`'s result
+    (tests/test_batch_line.py)."""
+    new = object.__new__(RunConfig)
+    values = new.__dict__
+    for name in _RUN_FIELDS:
+        values[name] = run.__dict__[name]
+    for name, value in changes.items():
+        if name not in values:
+            raise TypeError(f"RunConfig has no field {name!r}")
+        values[name] = value
+    return new
+
+
+_RUN_FIELDS = tuple(f.name for f in dataclass_fields(RunConfig))
+
 
 @dataclass(frozen=True)
 class StepRecord:
@@ -168,15 +189,30 @@ def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
     return scalars, lists
 
 
-@lru_cache(maxsize=4096)
-def affine_record(spec, run, targets) -> AffineRecord:
-    """Simulate at r = 1 and r = 2 (once when the method has no rank) and keep the affine form."""
+def _simulate_ranks(spec, run, targets) -> tuple:
+    """The raw forward at r = 1 and r = 2 (the same simulation twice when the method has no rank, or
+    is simulated at the run's own rank): (scalars at 1, lists at 1, scalars at 2, lists at 2)."""
     method, arch = get_method(run.method), get_architecture(spec.model_type)
     s1, l1 = simulate(spec, run, method, arch, targets)
-    if run.r is None or not method.rank_affine:  # no rank, or simulated at the run's own rank
-        s2, l2 = s1, l1
-    else:
-        s2, l2 = simulate(spec, replace(run, r=2), method, arch, targets)
+    if run.r is None or not method.rank_affine:
+        return s1, l1, s1, l1
+    s2, l2 = simulate(spec, revalued(run, r=2), method, arch, targets)
+    return s1, l1, s2, l2
+
+
+@lru_cache(maxsize=4096)
+def affine_record(spec, run, targets) -> AffineRecord:
+    """Simulate at r = 1 and r = 2 (once when the method has no rank) and keep the affine form; at a
+    batch >= 2 the simulation may be replaced by the batch line's exact interpolation (`BatchLine`)."""
+    if run.batch >= BatchLine.FIRST:
+        line = _batch_line(spec, revalued(run, batch=BatchLine.FIRST), targets)
+        if line.state == "affine":
+            return line.record_at(run.batch)
+        return _affine_of(*line.raw_at(spec, run, targets))
+    return _affine_of(*_simulate_ranks(spec, run, targets))
+
+
+def _affine_of(s1, l1, s2, l2) -> AffineRecord:
     grouped: dict[str, list] = {name: [] for name in _FIELDS}
     singles = []
     for key, v in s1.items():
@@ -191,3 +227,148 @@ def affine_record(spec, run, targets) -> AffineRecord:
     return AffineRecord(fields=tuple((k, tuple(v)) for k, v in grouped.items()),
                         maxima=tuple((k, tuple(v)) for k, v in maxima.items()),
                         singles=tuple(singles))
+
+
+class BatchLine:
+    """The raw forward of one run at every batch >= 2, as an exact integer line in the batch.
+
+    Every size the tape sees is a count of rows (batch x seq tokens, batch x heads x seq x seq scores)
+    times widths fixed by the model, plus sizes that do not depend on the batch (weights cast for the
+    forward, adapter factors): so each byte count and FLOP count is affine in the batch. Not at batch 1:
+    transformers takes other paths there (Phi-3's eager attention keeps a view of the fused qkv only
+    when `bsz == 1`, phi3.py; GPT-2's cross-attention mask likewise), so batch 1 is always simulated.
+    A family may also branch on the data (a max(...) whose winner changes with the batch): that is what
+    the check below catches, and then every batch is simulated, as without this line.
+
+    Lazy, so that a sweep that asks for one or two batches pays nothing extra: the first two batches
+    asked for (>= 2) are simulated and give the line; the third is simulated too and compared, entry by
+    entry, with the line's value there; only once it is equal is the line used (exact integers:
+    value at b1 + slope * (b - b1), the slope an integer; any entry that is not an integer, a key or a
+    candidate list that is not in both samples, or a slope that is not whole, and the line is refused).
+    tests/test_fast_path.py and tests/test_batch_line.py compare with direct simulation."""
+
+    FIRST = 2  # the smallest batch on the line (batch 1 takes other code paths, see above)
+    __slots__ = ("points", "line", "state", "compiled")
+
+    def __init__(self):
+        self.points: dict[int, tuple] = {}  # batch -> raw forward (at most three, until decided)
+        self.line = None  # (b1, values at b1, slopes) once two points are known
+        self.state = "sampling"  # -> "affine" (verified) or "simulate" (not affine: every batch simulated)
+        self.compiled = None  # once affine: the AffineRecord's entries with their slopes in the batch
+
+    def record_at(self, b: int) -> AffineRecord:
+        """`_affine_of(*self.raw_at(...))` at batch b once the line is verified, without the raw dicts:
+        each entry (value at r = 1, slope in r) is itself affine in the batch (a difference of two
+        lines), so it is evaluated directly, in the order `_affine_of` gives (tests compare)."""
+        if self.compiled is None:
+            self.compiled = _compile(self.line)
+        b1, fields, singles, maxima = self.compiled
+        d = b - b1
+        return AffineRecord(
+            fields=tuple((name, tuple((k, a + da * d, s + ds * d) for k, a, s, da, ds in items)) for name, items in fields),
+            maxima=tuple((name, tuple((scope, _envelope([(a + da * d, s + ds * d) for a, s, da, ds in lines]))
+                                      for scope, lines in items)) for name, items in maxima),
+            singles=tuple((name, a + da * d, s + ds * d) for name, a, s, da, ds in singles))
+
+    def raw_at(self, spec, run, targets) -> tuple:
+        b = run.batch
+        if self.state == "affine":
+            return _line_value(self.line, b)
+        if b in self.points:
+            return self.points[b]
+        raw = _simulate_ranks(spec, run, targets)
+        if self.state == "simulate":
+            return raw
+        self.points[b] = raw
+        if len(self.points) == 2:
+            (b1, r1), (b2, r2) = sorted(self.points.items())
+            self.line = _line_through(b1, r1, b2, r2)
+            if self.line is None:
+                self._decide("simulate")
+        elif len(self.points) == 3:
+            self._decide("affine" if _line_value(self.line, b) == raw else "simulate")
+        return raw
+
+    def _decide(self, state: str) -> None:
+        self.state = state
+        self.points = {}
+        if state == "simulate":
+            self.line = None
+
+
+@lru_cache(maxsize=4096)
+def _batch_line(spec, run, targets) -> BatchLine:
+    """One line per run less its batch (the key is the run at batch FIRST)."""
+    return BatchLine()
+
+
+def _clear_records_and_lines(clear_records=affine_record.cache_clear) -> None:
+    """`affine_record.cache_clear()` forgets the batch lines too: they hold raw simulations, and whoever
+    clears the records (a test that swaps an architecture) means the forward to be simulated again."""
+    clear_records()
+    _batch_line.cache_clear()
+
+
+affine_record.cache_clear = _clear_records_and_lines
+
+
+def _compile(line) -> tuple:
+    """The line as AffineRecord entries: (b1, fields, singles, maxima), each entry's value at r = 1 and
+    slope in r at b1 with their slopes per unit of batch, grouped and ordered as `_affine_of` does."""
+    b1, (s1, l1, s2, l2), (t1, m1, t2, m2) = line
+    grouped: dict[str, list] = {name: [] for name in _FIELDS}
+    singles = []
+    for key, v in s1.items():
+        entry = (v, s2.get(key, 0) - v, t1[key], t2.get(key, 0) - t1[key])
+        if len(key) == 1:
+            singles.append((key[0], *entry))
+        else:
+            grouped[key[0]].append((key[1], *entry))
+    maxima: dict[str, list] = {}
+    for (name, scope), v in l1.items():
+        w, dv, dw = l2[(name, scope)], m1[(name, scope)], m2[(name, scope)]
+        maxima.setdefault(_MAXIMA[name], []).append(
+            (scope, tuple((a, c - a, da, dc - da) for a, c, da, dc in zip(v, w, dv, dw))))
+    return (b1, tuple((k, tuple(v)) for k, v in grouped.items()), tuple(singles),
+            tuple((k, tuple(v)) for k, v in maxima.items()))
+
+
+def _line_through(b1: int, r1: tuple, b2: int, r2: tuple):
+    """(b1, raw at b1, slopes per unit of batch) or None when an entry has no exact integer line."""
+    db, slopes = b2 - b1, []
+    for part1, part2 in zip(r1, r2):
+        if part1.keys() != part2.keys():
+            return None
+        if part1 and isinstance(next(iter(part1.values())), list):  # candidate lists
+            slope = {}
+            for k, v1 in part1.items():
+                v2 = part2[k]
+                if len(v1) != len(v2):
+                    return None
+                row = []
+                for a, c in zip(v1, v2):
+                    if type(a) is not int or type(c) is not int or (c - a) % db:
+                        return None
+                    row.append((c - a) // db)
+                slope[k] = row
+        else:
+            slope = {}
+            for k, a in part1.items():
+                c = part2[k]
+                if type(a) is not int or type(c) is not int or (c - a) % db:
+                    return None
+                slope[k] = (c - a) // db
+        slopes.append(slope)
+    return b1, r1, tuple(slopes)
+
+
+def _line_value(line, b: int) -> tuple:
+    b1, raw, slopes = line
+    d = b - b1
+    out = []
+    for part, slope in zip(raw, slopes):
+        if part and isinstance(next(iter(part.values())), list):
+            out.append({k: [a + s * d for a, s in zip(v, slope[k])] for k, v in part.items()})
+        else:
+            out.append({k: a + slope[k] * d for k, a in part.items()})
+    return tuple(out)
