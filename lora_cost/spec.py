@@ -28,6 +28,10 @@ class LinearSite:
     # False: kept out of 4-bit quantisation and in fp32 under QLoRA (transformers' `_keep_in_fp32_modules`,
     # which the bnb quantiser adds to modules_to_not_convert: T5's wo)
     quantised: bool = True
+    # moeexperts: E > 0 for a 3-D expert parameter [E, d_out, d_in] (transformers' fused MoE experts) that peft
+    # adapts through `lora.ParamWrapper` (target_parameters): its lora_A is one nn.Linear(d_in, E r) and its
+    # lora_B one nn.Linear(E r, d_out) (peft tuners/lora/layer.py ParamWrapper.update_layer)
+    experts: int = 0
 
     def matches(self, target: str) -> bool:
         """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""

@@ -18,11 +18,18 @@ from .serving import ServingCost, adapter_bytes, casts_around, per_adapted_site
 ADAPTER_DTYPE = "fp32"  # peft autocast_adapter_dtype=True
 
 
+def lora_rank_rows(site: LinearSite, r: int) -> int:
+    """Rows of lora_A (columns of lora_B): r, or E r on a 3-D expert parameter, where peft's ParamWrapper
+    stacks one rank-r factor per expert in a single nn.Linear (tuners/lora/layer.py ParamWrapper.update_layer:
+    `nn.Linear(in_features, r * num_experts)`, `nn.Linear(r * num_experts, out_features)`)."""
+    return r * max(site.experts, 1)
+
+
 def lora_trainable(site: LinearSite, run: RunConfig, freeze_a: bool = False) -> list[TensorGroup]:
-    r = run.r
-    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, ADAPTER_DTYPE)]
+    rows = lora_rank_rows(site, run.r)
+    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * rows, 1, ADAPTER_DTYPE)]
     if not freeze_a:
-        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, ADAPTER_DTYPE))
+        groups.insert(0, TensorGroup(f"{site.name}.lora_A", rows * site.d_in, 1, ADAPTER_DTYPE))
     return groups
 
 
