@@ -24,8 +24,10 @@ def run(*args):
     (("--model", "qwen3-30b-a3b", "--moe-imbalance", "0.5"), "--moe-imbalance must be a number from 1"),
     (("--model", "mixtral-8x7b", "--moe-imbalance", "nan"), "--moe-imbalance must be a number from 1"),
     (("--model", "llama-2-7b", "--moe-imbalance", "1.5"), "mixture-of-experts models only"),
-    (("--model", "mixtral-8x7b", "--targets", "all-linear"), "engine trace"),
-    (("--model", "qwen3-30b-a3b", "--targets", "q_proj,down_proj"), "engine trace"),
+    # adapters on the experts: lora.ParamWrapper refuses DoRA and dropout; peft fuses w1 and w3 (one needs the other)
+    (("--model", "mixtral-8x7b", "--method", "dora", "--targets", "all-linear"), "lora.ParamWrapper"),
+    (("--model", "qwen3-30b-a3b", "--targets", "q_proj,down_proj", "--dropout", "0.05"), "lora_dropout != 0"),
+    (("--model", "mixtral-8x7b", "--targets", "w1,w2"), "needs w3 too"),
     (("--model", "mixtral-8x7b", "--targets", "gate_up_proj"), "matches nothing"),
 ])
 def test_moe_bad_input_is_one_line_exit_2(args, needle):

@@ -35,6 +35,7 @@ from ...errors import LoraCostError
 from ...spec import LinearSite, ModelSpec, MoeShape
 from ..stack import Stack
 from ..methods.lora import ADAPTER_DTYPE
+from ...units import DTYPE_BYTES
 from ..tape import Tensor
 from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, flag, integer, prob,
                    register_architecture, require)
@@ -192,6 +193,12 @@ def adapted_parameter(ctx, experts: int, d_in: int, d_out: int, rank: int, dtype
     the factors themselves (parameters), the add and the cast keep nothing. W' is a new tensor of W's size."""
     tape = ctx.tape
     freeze_a = ctx.method.name == "lora-fa"
+    w_bytes = max(experts, 1) * d_out * d_in * DTYPE_BYTES[dtype]
+    # nn.utils.parametrize.register_parametrization (unsafe=False) evaluates the proxy once to check its dtype and
+    # shape (ParametrizationList.__init__: `Z = self()`), outside `cached()`: one more W + s B A forward whose
+    # result and graph are dropped at once (FlopCounterMode counts it; a W-sized transient)
+    tape.add_flops("adapter", 2 * max(experts, 1) * d_out * rank * d_in, 0)
+    tape.transient(w_bytes)
     if experts:
         copies = dtype != ADAPTER_DTYPE
         make = tape.new if copies else tape.parameter
