@@ -32,6 +32,9 @@ class LinearSite:
     # adapts through `lora.ParamWrapper` (target_parameters): its lora_A is one nn.Linear(d_in, E r) and its
     # lora_B one nn.Linear(E r, d_out) (peft tuners/lora/layer.py ParamWrapper.update_layer)
     experts: int = 0
+    # False: peft's `all-linear` does not reach it (a parameter named only through target_parameters: the fused
+    # experts.gate_up_proj, which all-linear reaches as the v4 gate and up projections at rank 2r instead)
+    all_linear: bool = True
 
     def matches(self, target: str) -> bool:
         """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""

@@ -43,6 +43,7 @@ from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGrou
 # the names peft maps to the router and the experts' target_parameters, per model type
 EXPERT_TARGETS = {"mixtral": ("gate", "w1", "w3", "w2"), "qwen3_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
 SPARSE, DENSE = "moe", "dense"
+FUSED = "gate_up_proj"  # transformers 5's fused expert parameter [E, 2I, d]
 
 
 def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
@@ -108,10 +109,16 @@ def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     if not sparse:
         return _attention_sites(spec)
     router, gate, up, down = EXPERT_TARGETS[spec.model_type]
-    return (*_attention_sites(spec), LinearSite(router, d, e, False, path="mlp.gate", blocks=sparse),
-            LinearSite(gate, d, 2 * i, False, path=f"mlp.experts.{gate}", blocks=sparse, experts=e),
-            LinearSite(up, d, 2 * i, False, path=f"mlp.experts.{up}", blocks=sparse, experts=e),
-            LinearSite(down, i, d, False, path=f"mlp.experts.{down}", blocks=sparse, experts=e))
+    sites = (*_attention_sites(spec), LinearSite(router, d, e, False, path="mlp.gate", blocks=sparse),
+             LinearSite(gate, d, 2 * i, False, path=f"mlp.experts.{gate}", blocks=sparse, experts=e),
+             LinearSite(up, d, 2 * i, False, path=f"mlp.experts.{up}", blocks=sparse, experts=e),
+             LinearSite(down, i, d, False, path=f"mlp.experts.{down}", blocks=sparse, experts=e),
+             # the parameters by their transformers 5 names (peft target_parameters): rank r, no fusion rule
+             LinearSite(FUSED, d, 2 * i, False, path=f"mlp.experts.{FUSED}", blocks=sparse, experts=e, all_linear=False))
+    if down != "down_proj":  # Mixtral's w2 is the parameter experts.down_proj
+        sites += (LinearSite("down_proj", i, d, False, path="mlp.experts.down_proj", blocks=sparse, experts=e,
+                             all_linear=False),)
+    return sites
 
 
 def _stack(spec: ModelSpec) -> Stack:
@@ -160,10 +167,12 @@ def expert_adapters(ctx) -> tuple[bool, int, int]:
     factor 0 meaning not adapted; checked as peft checks them (`_convert_peft_config_moe`)."""
     if ctx.base_trainable:
         return False, 0, 0
-    router, gate, up, down = _sites(ctx.spec)[4:] if len(_sites(ctx.spec)) > 4 else (None,) * 4
-    if router is None:
+    sites = _sites(ctx.spec)
+    if len(sites) == 4:  # no sparse block
         return False, 0, 0
-    hit = [s for s in (router, gate, up, down) if _picked(s, ctx.targets)]
+    router, gate, up, down, fused = sites[4:9]
+    down_v5 = sites[9] if len(sites) > 9 else None
+    hit = [s for s in sites[4:] if _picked(s, ctx.targets)]
     if not hit:
         return False, 0, 0
     names = ", ".join(s.name for s in hit)
@@ -180,7 +189,13 @@ def expert_adapters(ctx) -> tuple[bool, int, int]:
         have, missing = (gate, up) if _picked(gate, ctx.targets) else (up, gate)
         raise LoraCostError(f"{ctx.spec.name}: target {have.name} needs {missing.name} too: peft cannot convert one "
                             "without the other, both are fused into experts.gate_up_proj")
-    return _picked(router, ctx.targets), 2 if _picked(gate, ctx.targets) else 0, 1 if _picked(down, ctx.targets) else 0
+    for a, b in ((gate, fused), (down, down_v5)):
+        if b is not None and _picked(a, ctx.targets) and _picked(b, ctx.targets):
+            raise LoraCostError(f"{ctx.spec.name}: {a.name} and {b.name} name the same expert parameter "
+                                f"(experts.{b.name}); target it once")
+    gate_up = 2 if _picked(gate, ctx.targets) else 1 if _picked(fused, ctx.targets) else 0
+    down_rank = 1 if _picked(down, ctx.targets) or down_v5 is not None and _picked(down_v5, ctx.targets) else 0
+    return _picked(router, ctx.targets), gate_up, down_rank
 
 
 def adapted_parameter(ctx, experts: int, d_in: int, d_out: int, rank: int, dtype: str) -> Tensor:
@@ -196,8 +211,10 @@ def adapted_parameter(ctx, experts: int, d_in: int, d_out: int, rank: int, dtype
     w_bytes = max(experts, 1) * d_out * d_in * DTYPE_BYTES[dtype]
     # nn.utils.parametrize.register_parametrization (unsafe=False) evaluates the proxy once to check its dtype and
     # shape (ParametrizationList.__init__: `Z = self()`), outside `cached()`: one more W + s B A forward whose
-    # result and graph are dropped at once (FlopCounterMode counts it; a W-sized transient)
-    tape.add_flops("adapter", 2 * max(experts, 1) * d_out * rank * d_in, 0)
+    # result and graph are dropped at once (a W-sized transient; FlopCounterMode counts the baddbmm of the experts'
+    # proxy, while the router's proxy only adds the delta its wrapper computed once before registering)
+    if experts:
+        tape.add_flops("adapter", 2 * experts * d_out * rank * d_in, 0)
     tape.transient(w_bytes)
     if experts:
         copies = dtype != ADAPTER_DTYPE

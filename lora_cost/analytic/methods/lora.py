@@ -92,12 +92,15 @@ def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False,
     `prepared`: prepare_model_for_kbit_training already enabled checkpointing and input gradients."""
     import peft
 
-    from ...trace.adapters import count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model
+    from ...trace.adapters import (count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model,
+                                   split_parameter_targets)
 
     if run.grad_checkpointing and not prepared:
         enable_checkpointing(model)
-    cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=list(targets),
-                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets))
+    modules, parameters = split_parameter_targets(model, list(targets))
+    cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=modules or None,
+                          target_parameters=parameters or None, use_dora=use_dora,
+                          fan_in_fan_out=fan_in_fan_out(model, targets))
     model = peft_model(model, cfg)
     if freeze_a:
         for name, p in model.named_parameters():
