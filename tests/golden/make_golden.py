@@ -88,6 +88,13 @@ def cases() -> list[dict]:
             out.append(dict(model=model, method=method, batch=8, seq=256, gpu="h100-80gb"))
         out.append(dict(model=model, method="lora", r=16, task="seq-cls", num_labels=3, batch=32, seq=128,
                         grad_checkpointing=True))
+    # --- task "moeexperts": LoRA on the router and the fused expert parameters (peft lora.ParamWrapper)
+    out.append(dict(model="mixtral-8x7b", method="lora", r=16, targets="all-linear", seq=1024, grad_checkpointing=True))
+    out.append(dict(model="mixtral-8x7b", method="qlora", r=16, targets="all-linear", seq=1024, grad_checkpointing=True))
+    out.append(dict(model="qwen3-30b-a3b", method="lora", r=8, targets="q_proj,v_proj,experts.gate_up_proj,experts.down_proj",
+                    seq=2048))
+    out.append(dict(model="qwen3-30b-a3b", method="lora-fa", r=8, targets="gate_proj,up_proj,down_proj", batch=2,
+                    seq=1024, grad_checkpointing=True))
     return out
 
 

@@ -19,11 +19,11 @@ never on how tokens spread over experts, and no per-expert buffer exists: the ro
 
 Adapters: peft (utils/transformers_weight_conversion.py `_convert_peft_config_moe`) maps the v4 names of the
 expert and router linears (Mixtral w1/w3/w2/gate; Qwen3-MoE gate_proj/up_proj/down_proj/gate) and `all-linear`
-onto `target_parameters`, wrapping the 3-D expert tensors in `lora.ParamWrapper`, which materialises
-W + s B A for the whole expert stack on every forward. The analytic engine models adapters on the attention
-projections (q_proj, k_proj, v_proj, o_proj); targeting the router or the experts is refused with a pointer to
-`--engine trace`, which runs peft itself. QLoRA: bitsandbytes quantises nn.Linear modules only, so the experts
-and the router stay 16-bit and `prepare_model_for_kbit_training` casts them to fp32 like every other
+onto `target_parameters` (the fused gate and up projections at rank 2r, `rank_pattern`), wrapping the parameters in
+`lora.ParamWrapper`; the parameters can also be named directly (`experts.gate_up_proj`, rank r). ParamWrapper
+(tuners/lora/layer.py) materialises W' = W + s B A for the whole expert stack on every forward (`adapted_parameter`),
+which the grouped GEMM keeps for backward with its input. QLoRA: bitsandbytes quantises nn.Linear modules only, so
+the experts and the router stay 16-bit and `prepare_model_for_kbit_training` casts them to fp32 like every other
 non-quantised parameter.
 """
 
@@ -109,7 +109,7 @@ def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
     if not sparse:
         return _attention_sites(spec)
     router, gate, up, down = EXPERT_TARGETS[spec.model_type]
-    sites = (*_attention_sites(spec), LinearSite(router, d, e, False, path="mlp.gate", blocks=sparse),
+    sites = (*_attention_sites(spec), LinearSite(router, d, e, False, path="mlp.gate", blocks=sparse, experts=1),
              LinearSite(gate, d, 2 * i, False, path=f"mlp.experts.{gate}", blocks=sparse, experts=e),
              LinearSite(up, d, 2 * i, False, path=f"mlp.experts.{up}", blocks=sparse, experts=e),
              LinearSite(down, i, d, False, path=f"mlp.experts.{down}", blocks=sparse, experts=e),
