@@ -26,6 +26,8 @@ SETTINGS = (  # (precision, grad_checkpointing, targets, attention, model_dropou
     ("fp32", False, "experts", "sdpa", 0.0, 1, 200),
     ("bf16", True, "all-linear", "sdpa", 0.0, 2, 128),
     ("amp-bf16", False, "gate", "eager", 0.0, 1, 128),
+    # the parameters by their own names (peft target_parameters: gate_up_proj at rank r)
+    ("bf16", False, "q_proj,experts.gate_up_proj,experts.down_proj", "sdpa", 0.0, 2, 128),
 )
 
 
@@ -57,7 +59,7 @@ def _compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, 
 
 
 CASES = grid()
-IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[2].replace(',', '+')}" for f, m, s in CASES]
+IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[2].replace(',', '+').replace('experts.', '')}" for f, m, s in CASES]
 
 
 # Known disagreements (strict: they must keep failing until fixed), measured 2026-12-01: with checkpointing the
