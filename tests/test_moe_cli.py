@@ -83,3 +83,12 @@ def test_94_layer_moe_estimate_is_fast():
     subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, check=False)
     torch_import = time.perf_counter() - t0
     assert float(out[0]) < max(0.1 * torch_import, 0.5), (out, torch_import)
+
+
+def test_expert_adapters_serving_gives_no_number():
+    """peft's ParamWrapper rebuilds W + s B A per forward call, not per token: no unmerged serving number."""
+    from lora_cost import estimate
+
+    s = estimate("mixtral-8x7b", "lora", r=16, targets="all-linear", seq=64, serving=True).serving
+    assert s.unmerged is None and s.merged is None and "ParamWrapper" in s.note
+    assert estimate("mixtral-8x7b", "lora", r=16, seq=64, serving=True).serving.unmerged is not None
