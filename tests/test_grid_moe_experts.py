@@ -62,15 +62,10 @@ CASES = grid()
 IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[2].replace(',', '+').replace('experts.', '')}" for f, m, s in CASES]
 
 
-# Known disagreements (strict: they must keep failing until fixed), measured 2026-12-01: with checkpointing the
-# analytic in-block backward moment keeps the whole recomputed block (its W' copies of the expert stack included)
-# alive while the expert stack's gradient forms; the trace has freed part of it by then (conservative side)
+# Known disagreements (strict: they must keep failing until fixed), measured 2026-12-01:
 KNOWN = {
-    "mixtral-lora-bf16-ckpt-all-linear": "analytic peak 10.2% above the trace (conservative in-block moment)",
-    "mixtral-lora-fa-bf16-ckpt-all-linear": "analytic peak 10.6% above the trace (conservative in-block moment)",
-    "mixtral-qlora-bf16-ckpt-all-linear": "analytic peak 14.5% above the trace (conservative in-block moment)",
-    "qwen3_moe-qlora-bf16-ckpt-all-linear": "analytic peak 8.9% above the trace; backward FLOPs 2.1% under it "
-                                            "(the 4-bit stand-in's early stop, see test_grid_moe.KNOWN)",
+    "qwen3_moe-qlora-bf16-ckpt-all-linear": "backward FLOPs 2.1% under the trace: the 4-bit stand-in's save after "
+                                            "its gemm changes the early stop (see test_grid_moe.KNOWN)",
 }
 MARKS = [pytest.mark.xfail(reason=KNOWN[i], strict=True) if i in KNOWN else () for i in IDS]
 

@@ -227,7 +227,9 @@ def adapted_parameter(ctx, experts: int, d_in: int, d_out: int, rank: int, dtype
     else:
         tape.mark_saved()  # B @ A keeps the (parameter) factors
         tape.matmul("adapter", d_out, rank, d_in, grad_a=True, grad_b=not freeze_a)
-    return tape.new(max(experts, 1) * d_out * d_in, dtype, True)
+    # not an activation the block's gradients run through (peaks.py's widest activation): its one gradient is the
+    # backward transient the caller records
+    return Tensor(max(experts, 1) * d_out * d_in, dtype, True)
 
 
 def moe_feed_forward(ctx, x):
@@ -244,6 +246,7 @@ def moe_feed_forward(ctx, x):
         logits = ops.linear(tape, x, d, E, w_trainable=True, w_dtype=ctx.other_dtype, kind="router")
         if x.rg and not tape.autocast:  # under autocast linear keeps its low-precision copy of W' instead
             tape.save(router_w, "adapted expert weights")
+        tape.transient(router_w.nbytes, backward=True)  # W''s [E, d] gradient, read by the delta's matmul backward
     else:
         logits = ops.linear(tape, x, d, E, w_trainable=ctx.base_trainable, w_dtype=ctx.other_dtype, kind="router")
     # Mixtral: softmax(logits.float()); Qwen3-MoE: softmax(logits, dtype=float): both an fp32 [n, E] result
