@@ -28,6 +28,14 @@ class LinearSite:
     # False: kept out of 4-bit quantisation and in fp32 under QLoRA (transformers' `_keep_in_fp32_modules`,
     # which the bnb quantiser adds to modules_to_not_convert: T5's wo)
     quantised: bool = True
+    # moeexperts: E >= 1 for a parameter peft adapts through `lora.ParamWrapper` (target_parameters): a 3-D expert
+    # stack [E, d_out, d_in] (transformers' fused MoE experts), or E = 1 for a 2-D one (the MoE router's weight); its
+    # lora_A is one nn.Linear(d_in, E r) and its lora_B one nn.Linear(E r, d_out) (peft tuners/lora/layer.py
+    # ParamWrapper.update_layer). 0: an nn.Linear
+    experts: int = 0
+    # False: peft's `all-linear` does not reach it (a parameter named only through target_parameters: the fused
+    # experts.gate_up_proj, which all-linear reaches as the v4 gate and up projections at rank 2r instead)
+    all_linear: bool = True
 
     def matches(self, target: str) -> bool:
         """peft's `target_modules` rule for one name: the module name, or a dotted suffix of its path."""

@@ -24,9 +24,11 @@ def run(*args):
     (("--model", "qwen3-30b-a3b", "--moe-imbalance", "0.5"), "--moe-imbalance must be a number from 1"),
     (("--model", "mixtral-8x7b", "--moe-imbalance", "nan"), "--moe-imbalance must be a number from 1"),
     (("--model", "llama-2-7b", "--moe-imbalance", "1.5"), "mixture-of-experts models only"),
-    (("--model", "mixtral-8x7b", "--targets", "all-linear"), "engine trace"),
-    (("--model", "qwen3-30b-a3b", "--targets", "q_proj,down_proj"), "engine trace"),
-    (("--model", "mixtral-8x7b", "--targets", "gate_up_proj"), "matches nothing"),
+    # adapters on the experts: lora.ParamWrapper refuses DoRA and dropout; peft fuses w1 and w3 (one needs the other)
+    (("--model", "mixtral-8x7b", "--method", "dora", "--targets", "all-linear"), "lora.ParamWrapper"),
+    (("--model", "qwen3-30b-a3b", "--targets", "q_proj,down_proj", "--dropout", "0.05"), "lora_dropout != 0"),
+    (("--model", "mixtral-8x7b", "--targets", "w1,w2"), "needs w3 too"),
+    (("--model", "mixtral-8x7b", "--targets", "up_proj"), "matches nothing"),  # Qwen3-MoE's v4 name, not Mixtral's
 ])
 def test_moe_bad_input_is_one_line_exit_2(args, needle):
     result = run(*args)
@@ -81,3 +83,12 @@ def test_94_layer_moe_estimate_is_fast():
     subprocess.run([sys.executable, "-c", "import torch"], capture_output=True, check=False)
     torch_import = time.perf_counter() - t0
     assert float(out[0]) < max(0.1 * torch_import, 0.5), (out, torch_import)
+
+
+def test_expert_adapters_serving_gives_no_number():
+    """peft's ParamWrapper rebuilds W + s B A per forward call, not per token: no unmerged serving number."""
+    from lora_cost import estimate
+
+    s = estimate("mixtral-8x7b", "lora", r=16, targets="all-linear", seq=64, serving=True).serving
+    assert s.unmerged is None and s.merged is None and "ParamWrapper" in s.note
+    assert estimate("mixtral-8x7b", "lora", r=16, seq=64, serving=True).serving.unmerged is not None

@@ -55,7 +55,7 @@ def _resolve_targets(arch: Architecture, spec: ModelSpec, base_trainable: bool, 
     if targets is None:
         wanted = tuple(arch.default_targets) if defaults is None else tuple(defaults)
     elif tuple(targets) == (ALL_LINEAR,):
-        wanted = tuple(dict.fromkeys(s.name for s in (*block_sites, *head_sites)))
+        wanted = tuple(dict.fromkeys(s.name for s in (*block_sites, *head_sites) if s.all_linear))
     else:
         wanted = tuple(t.strip() for t in targets if t.strip())
         if not wanted:

@@ -48,6 +48,11 @@ def serving_estimate(arch: Architecture, spec: ModelSpec, method: Method, sites:
     if method.serving is None:
         return ServingEstimate(**base, mergeable=None, extra_positions=0, merged=None, unmerged=None,
                                note=f"{method.name} does not describe its serving cost yet: no number is given")
+    if any(s.experts for s in sites):  # moeexperts
+        return ServingEstimate(**base, mergeable=True, extra_positions=0, merged=None, unmerged=None,
+                               note="adapters on the MoE router or experts (peft lora.ParamWrapper) rebuild W + s B A "
+                                    "for the whole expert stack on every forward call, not per token: their serving "
+                                    "cost is not described yet, no number is given (merged: none beyond the base)")
     cost: ServingCost = method.serving(spec, sites, head_sites, run)
     base_flops = base["base_matmul_flops_per_token"] + base["base_attention_flops_per_token"]
     extra_attention = attention_flops_per_token(spec, cost.extra_positions)

@@ -96,7 +96,27 @@ def _targets(c: Collector) -> None:
         c.names("exclude_modules")
         c.warn("exclude_modules", "not modelled: the estimate adapts every module target_modules names")
     if c.raw("target_parameters"):
-        c.warn("target_parameters", "adapters on parameters (MoE experts) are not modelled from a peft config")
+        _target_parameters(c)
+
+
+def _target_parameters(c: Collector) -> None:
+    """peft target_parameters (lora.ParamWrapper on nn.Parameters: transformers 5's MoE experts) join the targets
+    by their names (`experts.gate_up_proj`, `down_proj`); the router's `gate.weight` is the module `gate`, which
+    peft maps to that same parameter at the same rank. Next to a regex target_modules they cannot be listed."""
+    given = c.names("target_parameters")
+    if isinstance(given, str):
+        given = (given,)
+    names = tuple(t[:-len(".weight")] if t.endswith(".weight") else t for t in given)
+    modules = c.data.get("target_modules")
+    if modules is None:
+        c.set("targets", names, "target_parameters")
+    elif isinstance(modules, list):  # already read as a tuple of names (_targets): one list of both
+        listed = next(s.value for s in c.settings if s.target == "targets")
+        c.settings = [s for s in c.settings if s.target != "targets"]
+        c.set("targets", tuple(dict.fromkeys(listed + names)), "target_parameters")
+    else:
+        c.warn("target_parameters", "next to a regex or all-linear target_modules, not read: name the modules "
+               "and parameters as lists")
 
 
 def _ia3_feedforward(c: Collector) -> None:

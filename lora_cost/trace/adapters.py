@@ -36,6 +36,18 @@ def peft_model(model, cfg):
                                 [:400]) from None
 
 
+def split_parameter_targets(model, targets) -> tuple[list[str], list[str]]:
+    """(target_modules, target_parameters): a name no module answers to but a parameter does (transformers 5's
+    fused expert parameters `gate_up_proj`, Mixtral's `experts.down_proj`) is a peft `target_parameters` entry,
+    adapted by lora.ParamWrapper at rank r; everything else stays a module name (peft itself maps the v4 expert
+    and router names onto parameters, utils/transformers_weight_conversion.py `_convert_peft_config_moe`)."""
+    modules = [name for name, _ in model.named_modules()]
+    params = [name for name, _ in model.named_parameters()]
+    found = lambda t, names: any(n == t or n.endswith("." + t) for n in names)  # noqa: E731
+    by_param = [t for t in targets if not found(t, modules) and found(t, params)]
+    return [t for t in targets if t not in by_param], by_param
+
+
 def count_adapted(model, attr: str) -> int:
     """Modules holding a non-empty adapter dict `attr` (peft's lora_A, vera_lambda_b, ...)."""
     return sum(1 for m in model.modules() if hasattr(m, attr) and len(getattr(m, attr)) > 0)

@@ -138,6 +138,13 @@ def cases() -> list[dict]:
         for method in ("lora", "dora"):
             out.append(dict(model="llama-3.1-8b", method=method, modules_to_save=modules, loss=loss, r=16, seq=1024,
                             grad_checkpointing=True))
+    # --- task "moeexperts": LoRA on the router and the fused expert parameters (peft lora.ParamWrapper)
+    out.append(dict(model="mixtral-8x7b", method="lora", r=16, targets="all-linear", seq=1024, grad_checkpointing=True))
+    out.append(dict(model="mixtral-8x7b", method="qlora", r=16, targets="all-linear", seq=1024, grad_checkpointing=True))
+    out.append(dict(model="qwen3-30b-a3b", method="lora", r=8, targets="q_proj,v_proj,experts.gate_up_proj,experts.down_proj",
+                    seq=2048))
+    out.append(dict(model="qwen3-30b-a3b", method="lora-fa", r=8, targets="gate_proj,up_proj,down_proj", batch=2,
+                    seq=1024, grad_checkpointing=True))
     return out
 
 

@@ -19,11 +19,11 @@ never on how tokens spread over experts, and no per-expert buffer exists: the ro
 
 Adapters: peft (utils/transformers_weight_conversion.py `_convert_peft_config_moe`) maps the v4 names of the
 expert and router linears (Mixtral w1/w3/w2/gate; Qwen3-MoE gate_proj/up_proj/down_proj/gate) and `all-linear`
-onto `target_parameters`, wrapping the 3-D expert tensors in `lora.ParamWrapper`, which materialises
-W + s B A for the whole expert stack on every forward. The analytic engine models adapters on the attention
-projections (q_proj, k_proj, v_proj, o_proj); targeting the router or the experts is refused with a pointer to
-`--engine trace`, which runs peft itself. QLoRA: bitsandbytes quantises nn.Linear modules only, so the experts
-and the router stay 16-bit and `prepare_model_for_kbit_training` casts them to fp32 like every other
+onto `target_parameters` (the fused gate and up projections at rank 2r, `rank_pattern`), wrapping the parameters in
+`lora.ParamWrapper`; the parameters can also be named directly (`experts.gate_up_proj`, rank r). ParamWrapper
+(tuners/lora/layer.py) materialises W' = W + s B A for the whole expert stack on every forward (`adapted_parameter`),
+which the grouped GEMM keeps for backward with its input. QLoRA: bitsandbytes quantises nn.Linear modules only, so
+the experts and the router stay 16-bit and `prepare_model_for_kbit_training` casts them to fp32 like every other
 non-quantised parameter.
 """
 
@@ -34,6 +34,8 @@ from .. import ops
 from ...errors import LoraCostError
 from ...spec import LinearSite, ModelSpec, MoeShape
 from ..stack import Stack
+from ..methods.lora import ADAPTER_DTYPE
+from ...units import DTYPE_BYTES
 from ..tape import Tensor
 from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, flag, integer, prob,
                    register_architecture, require)
@@ -41,6 +43,7 @@ from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGrou
 # the names peft maps to the router and the experts' target_parameters, per model type
 EXPERT_TARGETS = {"mixtral": ("gate", "w1", "w3", "w2"), "qwen3_moe": ("gate", "gate_proj", "up_proj", "down_proj")}
 SPARSE, DENSE = "moe", "dense"
+FUSED = "gate_up_proj"  # transformers 5's fused expert parameter [E, 2I, d]
 
 
 def _from_config(name: str, cfg: dict, source: str) -> ModelSpec:
@@ -95,13 +98,27 @@ def _attention_sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
 
 
 def _sites(spec: ModelSpec) -> tuple[LinearSite, ...]:
-    """The attention projections, plus the router and expert names peft accepts (their shapes are one
-    expert's; targeting them is refused in the forward, see the module docstring)."""
+    """The attention projections, plus the router and expert names peft accepts, in the sparse blocks only.
+    peft maps these v4 names onto transformers 5's parameters (`_MOE_TARGET_MODULE_MAPPING`): the router to
+    `gate.weight` (a 2-D [E, d] parameter of a TopKRouter, not an nn.Linear), the gate and up projections to
+    the fused `gate_up_proj` [E, 2I, d], the down projection to `down_proj` [E, d, I]. The two names fused into
+    gate_up_proj are two sites of the one parameter: peft gives it rank 2r (`rank_pattern`), so each carries
+    half of its lora_A [E 2r, d] and lora_B [2I, E 2r] (r E (d + 2I) each)."""
     d, e, i = spec.hidden, spec.moe.experts, spec.moe.expert_intermediate
-    gate, up, down = EXPERT_TARGETS[spec.model_type][1:]
-    return (*_attention_sites(spec), LinearSite("gate", d, e, False, path="mlp.gate"),
-            LinearSite(gate, d, i, False, path=f"mlp.experts.{gate}"), LinearSite(up, d, i, False, path=f"mlp.experts.{up}"),
-            LinearSite(down, i, d, False, path=f"mlp.experts.{down}"))
+    sparse = spec.layers - len(spec.moe.dense_layers)
+    if not sparse:
+        return _attention_sites(spec)
+    router, gate, up, down = EXPERT_TARGETS[spec.model_type]
+    sites = (*_attention_sites(spec), LinearSite(router, d, e, False, path="mlp.gate", blocks=sparse, experts=1),
+             LinearSite(gate, d, 2 * i, False, path=f"mlp.experts.{gate}", blocks=sparse, experts=e),
+             LinearSite(up, d, 2 * i, False, path=f"mlp.experts.{up}", blocks=sparse, experts=e),
+             LinearSite(down, i, d, False, path=f"mlp.experts.{down}", blocks=sparse, experts=e),
+             # the parameters by their transformers 5 names (peft target_parameters): rank r, no fusion rule
+             LinearSite(FUSED, d, 2 * i, False, path=f"mlp.experts.{FUSED}", blocks=sparse, experts=e, all_linear=False))
+    if down != "down_proj":  # Mixtral's w2 is the parameter experts.down_proj
+        sites += (LinearSite("down_proj", i, d, False, path="mlp.experts.down_proj", blocks=sparse, experts=e,
+                             all_linear=False),)
+    return sites
 
 
 def _stack(spec: ModelSpec) -> Stack:
@@ -135,15 +152,84 @@ def _params(spec: ModelSpec) -> list[ParamGroup]:
 
 
 
-def _check_targets(ctx) -> None:
-    expert_names = set(EXPERT_TARGETS[ctx.spec.model_type])
-    hit = sorted(t for t in ctx.targets if t in expert_names or t.rsplit(".", 1)[-1] in expert_names)
-    if hit and not ctx.base_trainable:
+# methods whose peft layer is lora.ParamWrapper on a targeted parameter and that the engines model: LoRA and what
+# only changes the optimizer (LoRA+) or freezes lora_A (LoRA-FA); QLoRA leaves the experts unquantised.
+# ParamWrapper raises on use_dora and on lora_dropout != 0 (peft tuners/lora/layer.py ParamWrapper.__init__)
+PARAM_WRAPPER_METHODS = ("lora", "qlora", "lora-fa", "lora-plus")
+
+
+def _picked(site: LinearSite, targets) -> bool:
+    return site.name in targets or any(site.matches(t) for t in targets)
+
+
+def expert_adapters(ctx) -> tuple[bool, int, int]:
+    """What peft adapts in a sparse block: (the router?, gate_up_proj's rank factor, down_proj's), a rank
+    factor 0 meaning not adapted; checked as peft checks them (`_convert_peft_config_moe`)."""
+    if ctx.base_trainable:
+        return False, 0, 0
+    sites = _sites(ctx.spec)
+    if len(sites) == 4:  # no sparse block
+        return False, 0, 0
+    router, gate, up, down, fused = sites[4:9]
+    down_v5 = sites[9] if len(sites) > 9 else None
+    hit = [s for s in sites[4:] if _picked(s, ctx.targets)]
+    if not hit:
+        return False, 0, 0
+    names = ", ".join(s.name for s in hit)
+    method = ctx.method.name
+    if method not in PARAM_WRAPPER_METHODS:
         raise LoraCostError(
-            f"{ctx.spec.name}: targeting the router or the experts ({', '.join(hit)}; all-linear includes them) "
-            "makes peft wrap the 3-D expert parameters (lora.ParamWrapper, target_parameters), which the analytic "
-            "engine does not model yet; adapt the attention projections (q_proj,k_proj,v_proj,o_proj) or use "
-            "--engine trace")
+            f"{ctx.spec.name}: {method} on the router or the experts ({names}; all-linear includes them) is not "
+            "modelled: peft adapts them through lora.ParamWrapper (target_parameters), which refuses DoRA and "
+            f"serves LoRA only; use {', '.join(PARAM_WRAPPER_METHODS)} or adapt the attention projections")
+    if ctx.run.dropout:
+        raise LoraCostError(f"{ctx.spec.name}: --dropout with adapters on the router or the experts ({names}): peft's "
+                            "lora.ParamWrapper does not work with lora_dropout != 0")
+    if _picked(gate, ctx.targets) != _picked(up, ctx.targets):
+        have, missing = (gate, up) if _picked(gate, ctx.targets) else (up, gate)
+        raise LoraCostError(f"{ctx.spec.name}: target {have.name} needs {missing.name} too: peft cannot convert one "
+                            "without the other, both are fused into experts.gate_up_proj")
+    for a, b in ((gate, fused), (down, down_v5)):
+        if b is not None and _picked(a, ctx.targets) and _picked(b, ctx.targets):
+            raise LoraCostError(f"{ctx.spec.name}: {a.name} and {b.name} name the same expert parameter "
+                                f"(experts.{b.name}); target it once")
+    gate_up = 2 if _picked(gate, ctx.targets) else 1 if _picked(fused, ctx.targets) else 0
+    down_rank = 1 if _picked(down, ctx.targets) or down_v5 is not None and _picked(down_v5, ctx.targets) else 0
+    return _picked(router, ctx.targets), gate_up, down_rank
+
+
+def adapted_parameter(ctx, experts: int, d_in: int, d_out: int, rank: int, dtype: str) -> Tensor:
+    """The parametrised weight W' = W + s B A that peft's ParamWrapper hands the module for one forward
+    (tuners/lora/layer.py `_activate_lora`, under nn.utils.parametrize.cached(): computed once per forward).
+    3-D experts with one adapter: `_LoraFactorsProxy`, torch.baddbmm(W, lhs [E, d_out, rank], rhs [E, rank, d_in])
+    with autocast off; lhs and rhs are views of lora_B and lora_A `.to(W.dtype)`: copies when the fp32 adapters
+    (peft autocast_adapter_dtype) differ from W's dtype, and baddbmm saves each for the other's gradient.
+    A 2-D parameter (the router): `_LoraParameterProxy`, W + (B @ A) * s cast to W's dtype: the matmul keeps
+    the factors themselves (parameters), the add and the cast keep nothing. W' is a new tensor of W's size."""
+    tape = ctx.tape
+    freeze_a = ctx.method.name == "lora-fa"
+    w_bytes = max(experts, 1) * d_out * d_in * DTYPE_BYTES[dtype]
+    # nn.utils.parametrize.register_parametrization (unsafe=False) evaluates the proxy once to check its dtype and
+    # shape (ParametrizationList.__init__: `Z = self()`), outside `cached()`: one more W + s B A forward whose
+    # result and graph are dropped at once (a W-sized transient; FlopCounterMode counts the baddbmm of the experts'
+    # proxy, while the router's proxy only adds the delta its wrapper computed once before registering)
+    if experts:
+        tape.add_flops("adapter", 2 * experts * d_out * rank * d_in, 0)
+    tape.transient(w_bytes)
+    if experts:
+        copies = dtype != ADAPTER_DTYPE
+        make = tape.new if copies else tape.parameter
+        lhs, rhs = make(experts * d_out * rank, dtype, True), make(experts * rank * d_in, dtype, not freeze_a)
+        if rhs.rg:
+            tape.save(lhs, "expert adapters")  # d rhs = lhs^T @ grad
+        tape.save(rhs, "expert adapters")  # d lhs = grad @ rhs^T
+        tape.matmul("adapter", experts * d_out, rank, d_in, grad_a=True, grad_b=not freeze_a)
+    else:
+        tape.mark_saved()  # B @ A keeps the (parameter) factors
+        tape.matmul("adapter", d_out, rank, d_in, grad_a=True, grad_b=not freeze_a)
+    # not an activation the block's gradients run through (peaks.py's widest activation): its one gradient is the
+    # backward transient the caller records
+    return Tensor(max(experts, 1) * d_out * d_in, dtype, True)
 
 
 def moe_feed_forward(ctx, x):
@@ -153,7 +239,16 @@ def moe_feed_forward(ctx, x):
     n = x.numel // d
     S = n * k  # (token, expert) pairs: each token reaches k experts
     # the router: F.linear(x, gate.weight), a parameter outside nn.Linear (fp32 under QLoRA's preparation)
-    logits = ops.linear(tape, x, d, E, w_trainable=ctx.base_trainable, w_dtype=ctx.other_dtype, kind="router")
+    adapt_router, gate_up_rank, down_rank = expert_adapters(ctx)
+    expert_dtype = ctx.other_dtype  # the router and expert weights: the run's dtype, fp32 under QLoRA
+    if adapt_router:  # F.linear(x, W'): W' = W + s B A requires grad, so the input is kept, and W' itself
+        router_w = adapted_parameter(ctx, 0, d, E, ctx.rank, expert_dtype)
+        logits = ops.linear(tape, x, d, E, w_trainable=True, w_dtype=ctx.other_dtype, kind="router")
+        if x.rg and not tape.autocast:  # under autocast linear keeps its low-precision copy of W' instead
+            tape.save(router_w, "adapted expert weights")
+        tape.transient(router_w.nbytes, backward=True)  # W''s [E, d] gradient, read by the delta's matmul backward
+    else:
+        logits = ops.linear(tape, x, d, E, w_trainable=ctx.base_trainable, w_dtype=ctx.other_dtype, kind="router")
     # Mixtral: softmax(logits.float()); Qwen3-MoE: softmax(logits, dtype=float): both an fp32 [n, E] result
     probs = ops.cast(tape, logits, "fp32")
     probs = tape.new(n * E, "fp32", probs.rg)
@@ -175,27 +270,32 @@ def moe_feed_forward(ctx, x):
         tape.save(tape.new(S, "int64", False), "routing indices")  # w.reshape(-1)[perm] keeps perm
     sample_w = tape.new(S, weights.dtype, weights.rg)
     offsets = tape.new(E, "int32", False)  # histc + cumsum: rows per expert, read by both grouped GEMMs
-    expert_dtype = ctx.other_dtype  # the expert weights: the run's dtype, fp32 under QLoRA
     selected = ops.cast(tape, selected, expert_dtype)  # grouped_mm(input.to(weight.dtype), ...)
 
-    def grouped(inp, d_in, d_out):
-        if inp.rg or ctx.base_trainable:
+    def grouped(inp, d_in, d_out, rank_factor):
+        weight = adapted_parameter(ctx, E, d_in, d_out, rank_factor * ctx.rank, expert_dtype) if rank_factor else None
+        w_grad = ctx.base_trainable or weight is not None
+        if inp.rg or w_grad:
             tape.save(offsets, "routing indices")
-        if ctx.base_trainable:
+        if w_grad:
             tape.save(inp, "linear inputs")
+        if weight is not None and inp.rg:
+            tape.save(weight, "adapted expert weights")  # W' (not a parameter) for the input gradient
         elif inp.rg:
             tape.mark_saved()  # the (parameter) expert weights, kept for the input gradient
-        tape.matmul("experts", S, d_in, d_out, grad_a=inp.rg, grad_b=ctx.base_trainable)
-        return tape.new(S * d_out, expert_dtype, inp.rg or ctx.base_trainable)
+        tape.matmul("experts", S, d_in, d_out, grad_a=inp.rg, grad_b=w_grad)
+        if weight is not None:  # the [E, d_out, d_in] gradient of W', read by baddbmm's backward, then freed
+            tape.transient(weight.nbytes, backward=True)
+        return tape.new(S * d_out, expert_dtype, inp.rg or w_grad)
 
-    gate_up = grouped(selected, d, 2 * I)
+    gate_up = grouped(selected, d, 2 * I, gate_up_rank)
     # chunk(2, -1): gate and up are two views of the one [S, 2I] storage, which silu(gate) keeps whole
     if gate_up.rg:
         tape.save(gate_up, "activation function")
     act = tape.new(S * I, gate_up.dtype, gate_up.rg)
     h = ops.mul(tape, act, Tensor(S * I, gate_up.dtype, gate_up.rg, gate_up.sid), "activation function")
     h = ops.cast(tape, h, expert_dtype)
-    down = grouped(h, I, d)
+    down = grouped(h, I, d, down_rank)
     weighted = ops.mul(tape, down, sample_w, "routing weights")  # proj_out * sample_weights_g.unsqueeze(-1)
     if weighted.rg:
         tape.save(tape.new(S, "int64", False), "routing indices")  # weighted_out[inv_perm] keeps inv_perm
@@ -205,7 +305,7 @@ def moe_feed_forward(ctx, x):
 
 def _forward(ctx) -> None:
     spec, run, tape = ctx.spec, ctx.run, ctx.tape
-    _check_targets(ctx)
+    expert_adapters(ctx)  # bad targets refused before anything runs
     d = spec.hidden
     q_site, k_site, v_site, o_site = _attention_sites(spec)
     seq, kv_seq = ctx.seq, ctx.kv_seq

@@ -48,8 +48,10 @@ class TensorGroup:
 
 def matrix_rank(site: "LinearSite") -> int:
     """A rank above min(d_in, d_out) of the adapted matrix adds no expressiveness, and peft would build
-    a factor larger than the matrix: the limit of every method with low-rank factors."""
-    return min(site.d_in, site.d_out)
+    a factor larger than the matrix: the limit of every method with low-rank factors. Not on a parameter peft
+    wraps in lora.ParamWrapper (`site.experts`): all-linear reaches the MoE router ([E, d], E = 8 in Mixtral) at
+    the run's rank whatever E is, and peft builds it so (ParamWrapper.update_layer checks only r > 0)."""
+    return None if site.experts else min(site.d_in, site.d_out)
 
 
 def no_rank_limit(site: "LinearSite") -> None:

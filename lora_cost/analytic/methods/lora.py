@@ -24,11 +24,18 @@ def adapter_dtype(run: RunConfig) -> str:
     return run.adapter_dtype or ADAPTER_DTYPE
 
 
+def lora_rank_rows(site: LinearSite, r: int) -> int:
+    """Rows of lora_A (columns of lora_B): r, or E r on a 3-D expert parameter, where peft's ParamWrapper
+    stacks one rank-r factor per expert in a single nn.Linear (tuners/lora/layer.py ParamWrapper.update_layer:
+    `nn.Linear(in_features, r * num_experts)`, `nn.Linear(r * num_experts, out_features)`)."""
+    return r * max(site.experts, 1)
+
+
 def lora_trainable(site: LinearSite, run: RunConfig, freeze_a: bool = False) -> list[TensorGroup]:
-    r, dtype = run.r, adapter_dtype(run)
-    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * r, 1, dtype, shape=(site.d_out, r))]
+    rows, dtype = lora_rank_rows(site, run.r), adapter_dtype(run)
+    groups = [TensorGroup(f"{site.name}.lora_B", site.d_out * rows, 1, dtype, shape=(site.d_out, rows))]
     if not freeze_a:
-        groups.insert(0, TensorGroup(f"{site.name}.lora_A", r * site.d_in, 1, dtype, shape=(r, site.d_in)))
+        groups.insert(0, TensorGroup(f"{site.name}.lora_A", rows * site.d_in, 1, dtype, shape=(rows, site.d_in)))
     return groups
 
 
@@ -91,12 +98,15 @@ def apply_lora(model, run: RunConfig, targets, notes, *, use_dora: bool = False,
     `prepared`: prepare_model_for_kbit_training already enabled checkpointing and input gradients."""
     import peft
 
-    from ...trace.adapters import count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model
+    from ...trace.adapters import (count_adapted, enable_checkpointing, enable_input_grads, fan_in_fan_out, peft_model,
+                                   split_parameter_targets)
 
     if run.grad_checkpointing and not prepared:
         enable_checkpointing(model)
-    cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=list(targets),
-                          use_dora=use_dora, fan_in_fan_out=fan_in_fan_out(model, targets),
+    modules, parameters = split_parameter_targets(model, list(targets))
+    cfg = peft.LoraConfig(r=run.r, lora_alpha=2 * run.r, lora_dropout=run.dropout, target_modules=modules or None,
+                          target_parameters=parameters or None, use_dora=use_dora,
+                          fan_in_fan_out=fan_in_fan_out(model, targets),
                           modules_to_save=list(run.modules_to_save) if run.modules_to_save else None)
     model = peft_model(model, cfg)
     if run.adapter_dtype not in (None, "fp32"):

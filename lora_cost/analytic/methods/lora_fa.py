@@ -9,7 +9,8 @@ Modelled recipe: a peft LoRA model with every lora_A weight set to requires_grad
 from __future__ import annotations
 
 from .base import Method, TensorGroup, register_method
-from .lora import adapter_dtype, apply_lora, is_lora_config, lora_linear, lora_serving, lora_trainable
+from .lora import (adapter_dtype, apply_lora, is_lora_config, lora_linear, lora_rank_rows, lora_serving,
+                   lora_trainable)
 
 
 def recognise_lora_fa(model, peft_config) -> bool:
@@ -27,7 +28,8 @@ LORA_FA = register_method(Method(
     recipe="peft LoRA, then lora_A.requires_grad_(False)",
     default_r=8,
     trainable=lambda site, run: lora_trainable(site, run, freeze_a=True),
-    frozen=lambda site, run: [TensorGroup(f"{site.name}.lora_A", run.r * site.d_in, 1, adapter_dtype(run))],
+    frozen=lambda site, run: [TensorGroup(f"{site.name}.lora_A", lora_rank_rows(site, run.r) * site.d_in, 1,
+                                          adapter_dtype(run))],
     adapted_linear=lambda ctx, x, site: lora_linear(ctx, x, site, freeze_a=True),
     # served as LoRA: the frozen A is kept (or merged) with the trained B
     serving=lambda spec, sites, head_sites, run: lora_serving(spec, sites, head_sites, run, method=LORA_FA),
