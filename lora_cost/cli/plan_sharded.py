@@ -17,8 +17,6 @@ def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precisio
     from ..analytic.sharding.plan import parse_gpus, plan_sharded
     from ..units import fmt_bytes
 
-    if html_path:
-        raise LoraCostError("--html with --gpus is not drawn yet; use --json")
     r_lo, _ = parse_range(ranks, "r")
     b_lo, _ = parse_range(batches, "batch")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
@@ -27,6 +25,12 @@ def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precisio
                           methods=method_list, gpu=gpu, seq=seq, batch=b_lo, targets=parse_targets(targets),
                           precision=precision, optimizer=optimizer, attention=attention,
                           method_options=method_options(option_flags), rank_for=r_lo)
+    if html_path:  # task "sharding2": per-rank memory against GPU count per strategy, and the cheapest that fits
+        from ..report.html_sharded import sharded_plan_to_html
+        from .plan import _write
+        written = _write(html_path, sharded_plan_to_html(result))
+        if not as_json:
+            click.echo(f"wrote {written}", err=True)
     if as_json:
         doc = {"model": result.model, "gpu": result.gpu, "memory_bytes": result.memory_bytes,
                "points": [asdict(p) for p in result.points], "skipped": list(result.skipped),
