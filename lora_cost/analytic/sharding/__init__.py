@@ -12,7 +12,7 @@ from functools import lru_cache
 from ...results import DistributedEstimate, Term
 from .config import ShardingSpec  # light: the CLI reads its choices; the rest loads with the first --gpus estimate
 
-__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms"]
+__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms", "exposed_time_s"]
 
 
 def rank_of(arch, spec, method, run, opt, sites, head_sites):
@@ -53,15 +53,28 @@ def _link(gpu, sharding: ShardingSpec) -> tuple[str | None, float | None]:
     return (name, bw * 1e9) if bw else (None, None)
 
 
+def communication_times(rank, bandwidth: float | None, compute_time_s: float | None) -> tuple:
+    """(communication time, the part compute does not hide) in seconds; (None, None) without a link or a compute
+    time. The overlapped collectives hide behind compute (OVERLAP says which each strategy overlaps); the rest
+    is serial."""
+    if not bandwidth or compute_time_s is None:
+        return None, None
+    overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
+    serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
+    return overlapped + serial, max(overlapped - compute_time_s, 0.0) + serial
+
+
+def exposed_time_s(rank, gpu, compute_time_s: float) -> float:
+    """What the step adds to its compute time for the communication compute does not hide (fast.py's numbers
+    path and `estimate_run` both add this: one definition)."""
+    _, bandwidth = _link(gpu, rank.sharding)
+    return communication_times(rank, bandwidth, compute_time_s)[1] or 0.0
+
+
 def distributed_estimate(rank, gpu, compute_time_s: float | None) -> DistributedEstimate:
     sh = rank.sharding
     link, bandwidth = _link(gpu, sh)
-    comm_time = exposed = None
-    if bandwidth and compute_time_s is not None:
-        overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
-        serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
-        comm_time = overlapped + serial
-        exposed = max(overlapped - compute_time_s, 0.0) + serial
+    comm_time, exposed = communication_times(rank, bandwidth, compute_time_s)
     key = sh.strategy if sh.strategy in ("ddp", "zero3") else ("zero12" if sh.strategy.startswith("zero") else "fsdp")
     settings = {k: v for k, v in asdict(sh).items() if k not in ("strategy", "gpus", "nodes")}
     return DistributedEstimate(gpus=sh.gpus, nodes=sh.nodes, sharding=sh.strategy, settings=settings,
