@@ -35,7 +35,7 @@ TINY = {
 }
 STRATEGIES = ("fsdp", "fsdp-grad-op", "ddp")
 WORLDS = (2, 3, 8, 16, 64)
-METHODS = ("full", "lora", "dora")
+METHODS = ("full", "lora", "dora", "lora-fa", "ia3")  # task "sharding2": + LoRA-FA, (IA)3
 CKPT = (False, True)
 BATCH, SEQ = 2, 128
 
@@ -54,7 +54,7 @@ def pair(tmp: Path, family, strategy, world, method, ckpt) -> tuple[int, int]:
     if not path.exists():
         path.write_text(json.dumps(TINY[family]))
     kw = dict(batch=BATCH, seq=SEQ, grad_checkpointing=ckpt)
-    if method != "full":
+    if method not in ("full", "ia3"):  # (IA)3: peft's per-family default targets and feedforward modules
         kw["targets"] = "all-linear"
     e = estimate(str(path), method, gpus=world, sharding=strategy, **kw)
     t = trace(str(path), method, sharding=ShardingSpec(strategy, world), **kw)
