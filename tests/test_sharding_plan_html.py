@@ -39,3 +39,17 @@ def test_html_plan_escapes_and_says_nothing_fits(tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "No configuration fits." in out.read_text()
+
+
+def test_largest_batch_per_point_fits_and_one_more_does_not():
+    from lora_cost import estimate
+    result = CliRunner().invoke(main, ["plan", "--model", "llama-3.1-8b", "--gpu", "rtx-4090-24gb", "--gpus", "1,4",
+                                       "--sharding", "fsdp,zero3", "--methods", "lora", "--seq", "1024", "--batch",
+                                       "1-64", "--json"])
+    assert result.exit_code == 0, result.output
+    points = [p for p in json.loads(result.output)["points"] if p["max_batch"] is not None]
+    assert points
+    for p in points:
+        extra = {} if p["gpus"] == 1 else dict(gpus=p["gpus"], sharding=p["sharding"])
+        at = lambda b: estimate("llama-3.1-8b", "lora", seq=1024, batch=b, gpu="rtx-4090-24gb", **extra).gpu.fits  # noqa: E731
+        assert at(p["max_batch"]) and (p["max_batch"] == 64 or not at(p["max_batch"] + 1)), p

@@ -83,7 +83,8 @@ def sharded_plan_to_html(p: ShardedPlan) -> str:
         f"<tr><td>{esc(pt.method)}</td><td>{pt.gpus}</td><td>{esc(pt.sharding)}</td><td>{fmt_bytes(pt.peak_bytes)}</td>"
         f"<td>{fmt_bytes(pt.device_bytes)}</td><td>{fmt_bytes(pt.host_bytes)}</td><td>{fmt_bytes(pt.communication_bytes)}</td>"
         f"<td>{'-' if pt.fits is None else ('yes' if pt.fits else 'no')}</td>"
-        f"<td>{'-' if pt.step_time_s is None else f'{pt.step_time_s * 1e3:.0f} ms'}</td></tr>" for pt in p.points)
+        f"<td>{'-' if pt.step_time_s is None else f'{pt.step_time_s * 1e3:.0f} ms'}</td>"
+        f"<td>{'-' if pt.max_batch is None else pt.max_batch}</td></tr>" for pt in p.points)
     verdict = (f"<p><b>Cheapest configuration that fits</b> (fewest GPUs, then fastest step): {esc(best.method)} on "
                f"{best.gpus} GPU(s) with {esc(best.sharding)}, {fmt_bytes(best.device_bytes)} per rank"
                + (f", about {best.step_time_s * 1e3:.0f} ms per step" if best.step_time_s is not None else "") + ".</p>"
@@ -91,5 +92,6 @@ def sharded_plan_to_html(p: ShardedPlan) -> str:
                ("<p><b>No configuration fits.</b></p>" if p.gpu else "<p>Give --gpu to judge the fit.</p>"))
     summary = verdict + ("<table class=\"summary\"><tr><th>method</th><th>GPUs</th><th>sharding</th><th>peak allocated</th>"
                          "<th>device</th><th>host per node</th><th>communication per rank</th><th>fits</th><th>step</th>"
+                         "<th>largest batch</th>"
                          f"</tr>{rows}</table>")
     return _page(f"lora-cost plan: {p.model} over GPU counts", header, summary, [fig1, fig2])
