@@ -35,7 +35,7 @@ TINY = {
 }
 STRATEGIES = ("fsdp", "fsdp-grad-op", "ddp")
 WORLDS = (2, 3, 8, 16, 64)
-METHODS = ("full", "lora", "dora", "lora-fa", "ia3")  # task "sharding2": + LoRA-FA, (IA)3
+METHODS = ("full", "lora", "dora", "lora-fa", "ia3", "vera")  # task "sharding2": + LoRA-FA, (IA)3, VeRA
 CKPT = (False, True)
 BATCH, SEQ = 2, 128
 

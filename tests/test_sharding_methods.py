@@ -1,6 +1,7 @@
 """Methods beyond full/LoRA/DoRA across GPUs (task "sharding2"): LoRA-FA (lora_A frozen: gathered, never
-reduced, no optimizer state) and (IA)3 (feedforward vectors [1, d_in] whose single row lands on rank 0,
-the others [d_out, 1] split on dim 0: peft tuners/ia3/layer.py `IA3Layer.update_layer`). The analytic rank
+reduced, no optimizer state), (IA)3 (feedforward vectors [1, d_in] whose single row lands on rank 0,
+the others [d_out, 1] split on dim 0: peft tuners/ia3/layer.py `IA3Layer.update_layer`) and VeRA (lambda_b
+[d_out], lambda_d [r] sharded; the shared vera_A/vera_B are buffers, whole on every rank). The analytic rank
 shards equal the real FSDP2 `fully_shard` rank 0 under the fake process group, byte for byte."""
 
 import pytest
@@ -31,15 +32,28 @@ def _peft(method: str):
             if ".lora_A." in name:
                 p.requires_grad_(False)
         return model
+    if method == "vera":
+        return peft.get_peft_model(model, peft.VeraConfig(r=16, target_modules=["q_proj", "v_proj"]))
     return peft.get_peft_model(model, peft.IA3Config(target_modules=list(IA3_TARGETS), feedforward_modules=["down_proj"]))
 
 
-@pytest.mark.parametrize("method,world", [("lora-fa", 3), ("ia3", 5)])
+def _buffers(model) -> int:
+    """Bytes of the module buffers that are not the model's own (rotary inv_freq): VeRA's shared projections."""
+    seen = {}
+    for name, b in model.named_buffers():
+        if "vera" in name:
+            seen[b.untyped_storage().data_ptr()] = b.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("method,world", [("lora-fa", 3), ("ia3", 5), ("vera", 3)])
 def test_rank_shards_equal_fully_shard(tmp_path, method, world):
-    real = rank_bytes(_peft(method), "fsdp", world, vocab=tiny_models.CONFIGS["llama"]["vocab_size"])
+    model = _peft(method)
+    real = rank_bytes(model, "fsdp", world, vocab=tiny_models.CONFIGS["llama"]["vocab_size"])
+    real["frozen"] += _buffers(model)  # rank_bytes counts parameters; the rank also keeps the shared buffers
     spec = load_model(tiny_models.config_file(tmp_path, "llama"))
-    run = RunConfig(method=method, r=4 if method == "lora-fa" else None, precision="fp32",
-                    targets=("q_proj", "v_proj") if method == "lora-fa" else IA3_TARGETS,
+    run = RunConfig(method=method, r={"lora-fa": 4, "vera": 16}.get(method), precision="fp32",
+                    targets=IA3_TARGETS if method == "ia3" else ("q_proj", "v_proj"),
                     sharding=ShardingSpec("fsdp", world))
     run, m, _, sites, heads = validated_run(spec, run)
     rank = rank_of(get_architecture(spec.model_type), spec, m, run, get_optimizer("adamw"), sites, heads)
@@ -49,5 +63,5 @@ def test_rank_shards_equal_fully_shard(tmp_path, method, world):
 
 def test_unmodelled_methods_are_refused_in_one_line(tmp_path):
     from lora_cost import estimate
-    with pytest.raises(LoraCostError, match="vera is not modelled across GPUs yet"):
-        estimate(tiny_models.config_file(tmp_path, "llama"), "vera", gpus=2, sharding="fsdp")
+    with pytest.raises(LoraCostError, match="nola is not modelled across GPUs yet"):
+        estimate(tiny_models.config_file(tmp_path, "llama"), "nola", gpus=2, sharding="fsdp")
