@@ -124,7 +124,7 @@ def test_deepspeed_config_auto(tmp_path):
     ["--gpus", "4", "--sharding", "ddp", "--offload", "optimizer"], ["--gpus", "4", "--sharding", "ddp", "--cpu-offload"],
     ["--sharding", "zero2"], ["--gpus", "2", "--sharding", "zero2", "--reshard-after-forward"],
     ["--gpus", "2", "--sharding", "zero1", "--offload", "params"], ["--gpus", "2", "--sharding", "hsdp"],
-    ["--gpus", "2", "--method", "vera"],
+    ["--gpus", "2", "--method", "nola"],
 ])
 def test_bad_input_is_one_line(args):
     out = CliRunner().invoke(main, ["estimate", "--model", "gpt2", *args])
