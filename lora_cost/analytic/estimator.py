@@ -193,8 +193,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     acts = activation_budget(rec, run, stack)
     rank = None
     if run.sharding is not None:
-        from .sharding import rank_of  # only with --gpus: the one-GPU path stays as it was
+        from .sharding import check_run, rank_of  # only with --gpus: the one-GPU path stays as it was
         rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+        warnings.extend(check_run(run, method))
     phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)),
                          rank=rank)
     peak = max(phases, key=lambda p: p.peak_bytes)
