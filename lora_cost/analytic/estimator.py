@@ -212,7 +212,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     memory = MemoryEstimate(
         peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
-        phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
+        phases=phases, device_bytes=device, saved_activation_bytes=acts.total,
+        steady_bytes=params.steady_bytes if rank is None else rank.steady_bytes + params.loop_state_bytes,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec) + (() if rank is None else _rank_terms(rank)),
         device=dev, host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node)

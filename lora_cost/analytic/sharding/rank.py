@@ -128,6 +128,13 @@ class RankModel:
         return bool(self.unit_gathered) and self.backward_prefetch
 
     @property
+    def steady_bytes(self) -> int:
+        """Allocated between steps on the rank's GPU: its stored weights, trainable weights and optimizer state
+        (the training loop's own state is added by the caller), and DDP's buckets, built with the module
+        (reducer.cpp `initialize_buckets`) and kept (task "sharding2": memory.steady_bytes is the rank's)."""
+        return self.weights + self.trainable + self.optimizer_state + self.buckets
+
+    @property
     def comm_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for name, payload, _ in self.collectives:
