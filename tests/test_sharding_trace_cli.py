@@ -49,9 +49,10 @@ def test_trace_with_gpus_is_rank_0_of_n(tmp_path):
     a, t = doc["analytic"]["memory"]["peak_bytes"], doc["trace"]["memory"]["peak_bytes"]
     assert abs(a - t) <= 0.06 * t, (a, t)  # the grid's bound (tests/test_sharding_grid.py)
     # steady_bytes is the rank's too (its shards and optimizer state), not one GPU's whole model; the trace's is
-    # what its simulated allocator holds when the step starts (512-byte rounding of each small shard: < 1%)
+    # what its simulated allocator holds when the step starts, each storage rounded up to 512 bytes: at most 512 B
+    # more per storage, here 49 parameter shards (21 base + 28 LoRA) and 56 AdamW moments of the 28 LoRA shards
     a, t = doc["analytic"]["memory"]["steady_bytes"], doc["trace"]["memory"]["steady_bytes"]
-    assert abs(a - t) <= 0.01 * t, (a, t)
+    assert 0 <= t - a <= 512 * (49 + 56), (a, t)
     # the rank's own LoRA shards: every adapter matrix split on dim 0 over 4 ranks, so a quarter of one GPU's
     one = json.loads(CliRunner().invoke(main, args[:-7] + ["--engine", "analytic", "--json"]).output)
     per_rank = doc["trace"]["memory"]["components"]["trainable_weights"]
