@@ -93,7 +93,7 @@ def test_json_contract_and_unchanged_without_gpus():
     run = lambda *a: CliRunner().invoke(main, ["estimate", "--model", "gpt2", "--json", *a])  # noqa: E731
     plain = json.loads(run().output)
     assert "communication" not in plain and "host_bytes" not in plain["memory"] and "gpus" not in plain["inputs"]
-    doc = json.loads(run("--gpus", "4", "--sharding", "zero3", "--offload", "optimizer", "--gpu", "h100-80gb").output)
+    doc = json.loads(run("--gpus", "4", "--sharding", "zero3", "--offload", "optimizer", "--gpu", "h100-80gb").stdout)
     assert doc["inputs"]["gpus"] == 4 and doc["inputs"]["sharding"] == "zero3"
     assert doc["memory"]["host_bytes"] > 0 and doc["communication"]["bytes_per_rank"]["all_gather"] > 0
     assert doc["communication"]["link"] == "nvlink"
@@ -113,7 +113,7 @@ def test_deepspeed_config_auto(tmp_path):
     ["--gpus", "4", "--sharding", "ddp", "--offload", "optimizer"], ["--gpus", "4", "--sharding", "ddp", "--cpu-offload"],
     ["--sharding", "zero2"], ["--gpus", "2", "--sharding", "zero2", "--reshard-after-forward"],
     ["--gpus", "2", "--sharding", "zero1", "--offload", "params"], ["--gpus", "2", "--sharding", "hsdp"],
-    ["--gpus", "2", "--method", "vera"],
+    ["--gpus", "2", "--method", "nola"], ["--gpus", "2", "--sharding", "zero2", "--precision", "amp-bf16"],
 ])
 def test_bad_input_is_one_line(args):
     out = CliRunner().invoke(main, ["estimate", "--model", "gpt2", *args])
@@ -132,3 +132,12 @@ def test_plan_over_gpu_counts_and_strategies():
     assert not doc["points"][0]["fits"]
     best = doc["best"]
     assert best is None or best["gpus"] == min(p["gpus"] for p in doc["points"] if p["fits"])
+
+
+def test_zero_says_deepspeed_casts_the_adapters():
+    """DeepSpeed's bf16 mode casts the module, adapters included (engine.py _configure_distributed_model): the
+    estimate keeps peft's fp32 adapters and says so; full fine-tuning (already bf16) and fp32 runs say nothing."""
+    warned = lambda *a, **k: [w for w in estimate("gpt2", *a, gpus=2, **k).warnings if "DeepSpeed casts" in w]  # noqa: E731
+    assert warned("lora", sharding="zero2") and warned("dora", sharding="zero3")
+    assert not warned("full", sharding="zero2") and not warned("lora", sharding="zero2", precision="fp32")
+    assert not warned("lora", sharding="fsdp")

@@ -214,8 +214,9 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     acts = activation_budget(rec, run, stack)
     rank = None
     if run.sharding is not None:
-        from .sharding import rank_of  # only with --gpus: the one-GPU path stays as it was
+        from .sharding import check_run, rank_of  # only with --gpus: the one-GPU path stays as it was
         rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+        warnings.extend(check_run(run, method))
     phases = phase_peaks(rec, acts, params, run, stack, adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)),
                          rank=rank)
     peak = max(phases, key=lambda p: p.peak_bytes)
@@ -232,7 +233,8 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     memory = MemoryEstimate(
         peak_bytes=peak.peak_bytes, peak_phase=peak.phase,
         components=tuple(Term(t.name, t.value, *describe(t.name), t.category) for t in peak.terms),
-        phases=phases, device_bytes=device, steady_bytes=params.steady_bytes, saved_activation_bytes=acts.total,
+        phases=phases, device_bytes=device, saved_activation_bytes=acts.total,
+        steady_bytes=params.steady_bytes if rank is None else rank.steady_bytes + params.loop_state_bytes,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec) + (() if rank is None else _rank_terms(rank)),
         device=dev, host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node)

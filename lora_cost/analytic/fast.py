@@ -6,7 +6,9 @@ bisections, benchmarks/sweep_speed.py).
 calls the same functions (`validated_run`, the cached `affine_record`, `parameter_budget`,
 `activation_budget`, the candidate moments of `phase_peaks` (`peaks.peak_bytes`), `step_flops`, `device_memory`, `gpu_fit`), and only skips what
 explains the numbers (term descriptions, per-kind tables, assumptions, the `Estimate` object).
-`tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths.
+`tests/test_fast_path.py` checks the equality on a grid of methods, ranks, batches and lengths;
+`tests/test_sharding_fast_path.py` on a grid of --gpus strategies, world sizes, methods and offloads (the busiest
+rank's RankModel is cached per run key in sharding/__init__.py `rank_of`).
 
 Cache layers, each keyed on everything its value depends on:
   - the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
@@ -69,7 +71,8 @@ def _validated(spec: ModelSpec, run: RunConfig):
 # ignores an option.
 _KNOWN = frozenset({"method", "r", "targets", "batch", "seq", "precision", "optimizer", "grad_checkpointing",
                     "attention", "dropout", "model_dropout", "method_options", "target_seq", "moe_imbalance", "task",
-                    "num_labels"})
+                    "num_labels",
+                    "sharding"})  # task "sharding2": the busiest rank (tests/test_sharding_fast_path.py: equality)
 _OTHERS = tuple((f.name, f.default_factory() if f.default is MISSING else f.default)
                 for f in fields(RunConfig) if f.name not in _KNOWN)
 
@@ -93,10 +96,18 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
     stack = stack_of(arch, spec)
     key = _forward_key(run)
     rec, acts = _activations(spec, key, targets, run.r)
-    params = parameter_budget(arch, spec, method, run, get_optimizer(run.optimizer), sites, head_sites)
-    peak = peak_bytes(rec, acts, params, run, stack, adapted_blocks=adapted)
+    opt = get_optimizer(run.optimizer)
+    params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)
+    rank = None
+    if run.sharding is not None:  # the busiest rank, as estimate_run reads it (cached per run key)
+        from .sharding import rank_of
+        rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+    peak = peak_bytes(rec, acts, params, run, stack, adapted_blocks=adapted, rank=rank)
+    paged = params.state_bytes if params.paged else 0
+    if rank is not None and params.paged:
+        paged = rank.paged_state
     device = device_memory(slack_reserved(peak), peak_bytes=peak, family=spec.model_type, gpu=gpu,
-                           paged_bytes=params.state_bytes if params.paged else 0, paged_evictable=run.paged_evictable,
+                           paged_bytes=paged, paged_evictable=run.paged_evictable,
                            libraries=_libraries(run)).device_bytes
     lines = _flop_lines(spec, key, targets)
     if lines is None:  # not all integers: evaluated at the rank itself
@@ -107,6 +118,9 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
         (total, slope), (raw, raw_slope) = lines
         total, raw = total + slope * dr, raw + raw_slope * dr
     step = step_time_s(load_gpu(gpu), raw, run.precision, utilisation) if gpu is not None else None
+    if rank is not None and step is not None:  # the step waits for the communication compute does not hide
+        from .sharding import exposed_time_s
+        step = step + exposed_time_s(rank, load_gpu(gpu), step)
     return StepNumbers(peak, device, total, params.trainable_params, step)
 
 

@@ -65,9 +65,6 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
                                   fsdp_param_dtype, fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view)
     if distributed:
         kwargs.update(distributed)
-        if engine in ("trace", "both"):
-            raise LoraCostError("--gpus: the trace engine's per-rank step (fake process group) is not wired into the "
-                                "CLI yet; use --engine analytic")
     if peft_config or training_args or axolotl or model is None:  # the files' values under the explicit flags
         from .files import apply_to_estimate
         model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,

@@ -84,7 +84,8 @@ class LazyProgress:
 @click.option("--html", "html_path", default=None, help="Also write a self-contained HTML report here.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--gpus", "gpu_counts", default=None, help="Several GPUs: comma separated counts (1,2,4,8); per-rank memory "
-              "of each count x --sharding x method at the smallest --r and --batch of their ranges.")
+              "of each count x --sharding x method at the smallest --r and --batch of their ranges, and the largest "
+              "--batch that fits --gpu.")
 @click.option("--sharding", "strategies", default="ddp,fsdp,zero2,zero3", show_default=True,
               help="With --gpus: comma separated strategies.")
 def plan(model, gpu, budget, margin, methods, ranks, batches, seq, targets, precision, optimizer, attention, utilisation,

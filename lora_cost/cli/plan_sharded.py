@@ -17,16 +17,20 @@ def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precisio
     from ..analytic.sharding.plan import parse_gpus, plan_sharded
     from ..units import fmt_bytes
 
-    if html_path:
-        raise LoraCostError("--html with --gpus is not drawn yet; use --json")
     r_lo, _ = parse_range(ranks, "r")
-    b_lo, _ = parse_range(batches, "batch")
+    b_lo, b_hi = parse_range(batches, "batch")
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
     result = plan_sharded(model, gpus=parse_gpus(gpu_counts), strategies=tuple(s.strip() for s in strategies.split(",")
                                                                                if s.strip()),
                           methods=method_list, gpu=gpu, seq=seq, batch=b_lo, targets=parse_targets(targets),
                           precision=precision, optimizer=optimizer, attention=attention,
-                          method_options=method_options(option_flags), rank_for=r_lo)
+                          method_options=method_options(option_flags), rank_for=r_lo, batch_max=b_hi)
+    if html_path:  # task "sharding2": per-rank memory against GPU count per strategy, and the cheapest that fits
+        from ..report.html_sharded import sharded_plan_to_html
+        from .plan import _write
+        written = _write(html_path, sharded_plan_to_html(result))
+        if not as_json:
+            click.echo(f"wrote {written}", err=True)
     if as_json:
         doc = {"model": result.model, "gpu": result.gpu, "memory_bytes": result.memory_bytes,
                "points": [asdict(p) for p in result.points], "skipped": list(result.skipped),
@@ -36,12 +40,13 @@ def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precisio
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"{result.model}: busiest rank per GPU count and strategy")
-    for col in ("method", "GPUs", "sharding", "peak", "device", "host/node", "fits", "step"):
+    for col in ("method", "GPUs", "sharding", "peak", "device", "host/node", "fits", "step", "largest batch"):
         table.add_column(col)
     for p in result.points:
         table.add_row(p.method, str(p.gpus), p.sharding, fmt_bytes(p.peak_bytes), fmt_bytes(p.device_bytes),
                       fmt_bytes(p.host_bytes), "" if p.fits is None else ("yes" if p.fits else "no"),
-                      "" if p.step_time_s is None else f"{p.step_time_s * 1e3:.0f} ms")
+                      "" if p.step_time_s is None else f"{p.step_time_s * 1e3:.0f} ms",
+                      "" if p.max_batch is None else str(p.max_batch))
     console = Console()
     console.print(table)
     for s in result.skipped:

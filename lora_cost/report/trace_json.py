@@ -63,6 +63,9 @@ def engines_to_json(run) -> dict:
     """An `EngineRun` (trace/run.py): the trace document alone, or with `both` the analytic one beside
     it and the differences term by term."""
     doc = trace_to_json(run.trace, run.gpu)
+    if run.sharding is not None:  # --gpus: the names keep their meaning for rank 0 of N (the busiest rank)
+        sh = run.sharding
+        doc["inputs"].update(gpus=sh.gpus, nodes=sh.nodes, sharding=sh.strategy)
     if run.analytic is None:
         return doc
     return {"analytic": estimate_to_json(run.analytic), "trace": doc,

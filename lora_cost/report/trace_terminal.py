@@ -15,6 +15,9 @@ def render_engines(console: Console, run, explain: bool = False) -> None:
         console.rule("analytic engine")
         render_estimate(console, run.analytic, explain=explain)
         console.rule("trace engine")
+    if run.sharding is not None:
+        console.print(f"[dim]rank 0 of {run.sharding.gpus} ({run.sharding.strategy}) traced under torch's fake "
+                      "process group: the busiest rank's memory[/dim]")
     render_trace(console, run.trace, run.gpu, explain)
     if run.analytic is not None:
         render_differences(console, run.differences)

@@ -56,6 +56,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
     if isinstance(model, str):
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
+        if not analytic_knows(cfg) and sharding is not None:
+            raise LoraCostError(f"--gpus with the trace engine needs a family the analytic engine knows; {name} is "
+                                f"model_type {cfg.get('model_type')!r}")
         if not analytic_knows(cfg):  # the real model is the only description (anymodel.py)
             if packing:
                 raise LoraCostError(f"--packing is modelled for the analytic engine's families only; {name} is "

@@ -64,11 +64,14 @@ def mesh_of(world: int):
     return init_device_mesh("cpu", (world,))
 
 
-def wrap(model, strategy: str, world: int, reshard_after_forward: bool = True, mesh=None):
-    """The model as the strategy wraps it (fully_shard per decoder layer + root, or DDP)."""
+def wrap(model, strategy: str, world: int, reshard_after_forward: bool = True, mesh=None, spec=None):
+    """The model as the strategy wraps it (fully_shard per decoder layer + root, or DDP; `spec`: the
+    ShardingSpec whose DDP options, bucket_cap_mb and gradient_as_bucket_view, DDP is given)."""
     if strategy == "ddp":
         from torch.nn.parallel import DistributedDataParallel
-        ddp = DistributedDataParallel(model, init_sync=False)  # the initial broadcast reads real values
+        options = {} if spec is None else dict(bucket_cap_mb=spec.bucket_cap_mb,
+                                               gradient_as_bucket_view=spec.gradient_as_bucket_view)
+        ddp = DistributedDataParallel(model, init_sync=False, **options)  # the initial broadcast reads real values
         ddp.register_comm_hook(None, _in_place_hook)
         return ddp
     if strategy not in ("fsdp", "fsdp-grad-op"):

@@ -283,7 +283,7 @@ def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
             # `initialize_buckets`, C++ ops the allocator's dispatch mode sees): build it here and name them
             from .sharded import wrap
             first = sim.event
-            model = wrap(model, "ddp", run.sharding.gpus)
+            model = wrap(model, "ddp", run.sharding.gpus, spec=run.sharding)
             for blk in sim.blocks:
                 if blk.alloc > first and blk.kind is None:
                     blk.kind = "gradient_buckets"

@@ -12,11 +12,39 @@ from functools import lru_cache
 from ...results import DistributedEstimate, Term
 from .config import ShardingSpec  # light: the CLI reads its choices; the rest loads with the first --gpus estimate
 
-__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms"]
+__all__ = ["ShardingSpec", "rank_of", "distributed_estimate", "sharding_terms", "exposed_time_s"]
+
+
+# DeepSpeed's engine casts the module's parameters to the 16-bit dtype when its bf16/fp16 mode is enabled
+# (deepspeed/runtime/engine.py `DeepSpeedEngine._configure_distributed_model`: `self.module.bfloat16()` /
+# `.half()`, or `_cast_module_mixed_precision` in newer releases) and runs no torch autocast: fp32 weights under
+# autocast (--precision amp-bf16/amp-fp16) do not exist under ZeRO, and peft's fp32 adapters become 16-bit.
+ZERO_AMP = ("--sharding {strategy}: DeepSpeed's bf16/fp16 mode casts the whole module to 16-bit "
+            "(deepspeed/runtime/engine.py _configure_distributed_model) and runs no autocast; give --precision "
+            "bf16 or fp16 (Trainer --bf16/--fp16 with DeepSpeed), or fp32")
+ZERO_ADAPTERS = ("--sharding {strategy} with --precision {precision}: DeepSpeed casts peft's fp32 adapters to "
+                 "{precision} with the module (deepspeed/runtime/engine.py _configure_distributed_model); this estimate "
+                 "keeps them in fp32 (their weights, gradients and the fp32 input copies peft makes for them are "
+                 "over-counted) until adapter dtypes are modelled")
+
+
+def check_run(run, method) -> tuple[str, ...]:
+    """Refuse what a strategy's library cannot run as given (one line), and return the warnings of what the
+    estimate knowingly leaves out."""
+    sh = run.sharding
+    if sh is None or not sh.strategy.startswith("zero"):
+        return ()
+    from ...errors import LoraCostError
+    if run.precision.startswith("amp-"):
+        raise LoraCostError(ZERO_AMP.format(strategy=sh.strategy))
+    if run.precision in ("bf16", "fp16") and not method.base_trainable:
+        return (ZERO_ADAPTERS.format(strategy=sh.strategy, precision=run.precision),)
+    return ()
 
 
 def rank_of(arch, spec, method, run, opt, sites, head_sites):
     """The busiest rank's RankModel (rank.py), cached: batch and length sweeps do not change it."""
+    check_run(run, method)
     key = run.__class__(method=run.method, r=run.r, precision=run.precision, method_options=run.method_options,
                         targets=run.targets, task=run.task, num_labels=run.num_labels)
     return _rank_of(arch, spec, method, key, run.sharding, opt, tuple(sites), tuple(head_sites))
@@ -53,15 +81,28 @@ def _link(gpu, sharding: ShardingSpec) -> tuple[str | None, float | None]:
     return (name, bw * 1e9) if bw else (None, None)
 
 
+def communication_times(rank, bandwidth: float | None, compute_time_s: float | None) -> tuple:
+    """(communication time, the part compute does not hide) in seconds; (None, None) without a link or a compute
+    time. The overlapped collectives hide behind compute (OVERLAP says which each strategy overlaps); the rest
+    is serial."""
+    if not bandwidth or compute_time_s is None:
+        return None, None
+    overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
+    serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
+    return overlapped + serial, max(overlapped - compute_time_s, 0.0) + serial
+
+
+def exposed_time_s(rank, gpu, compute_time_s: float) -> float:
+    """What the step adds to its compute time for the communication compute does not hide (fast.py's numbers
+    path and `estimate_run` both add this: one definition)."""
+    _, bandwidth = _link(gpu, rank.sharding)
+    return communication_times(rank, bandwidth, compute_time_s)[1] or 0.0
+
+
 def distributed_estimate(rank, gpu, compute_time_s: float | None) -> DistributedEstimate:
     sh = rank.sharding
     link, bandwidth = _link(gpu, sh)
-    comm_time = exposed = None
-    if bandwidth and compute_time_s is not None:
-        overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
-        serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
-        comm_time = overlapped + serial
-        exposed = max(overlapped - compute_time_s, 0.0) + serial
+    comm_time, exposed = communication_times(rank, bandwidth, compute_time_s)
     key = sh.strategy if sh.strategy in ("ddp", "zero3") else ("zero12" if sh.strategy.startswith("zero") else "fsdp")
     settings = {k: v for k, v in asdict(sh).items() if k not in ("strategy", "gpus", "nodes")}
     return DistributedEstimate(gpus=sh.gpus, nodes=sh.nodes, sharding=sh.strategy, settings=settings,

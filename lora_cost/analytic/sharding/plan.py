@@ -21,6 +21,9 @@ class ShardedPoint:
     fits: bool | None
     step_time_s: float | None
     communication_bytes: int
+    # task "sharding2": the largest batch of the --batch range whose busiest rank fits the GPU (None: no --gpu,
+    # or none fits), found by bisection on the numbers-only path (analytic/fast.py)
+    max_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -48,8 +51,9 @@ def parse_gpus(text: str) -> tuple[int, ...]:
 
 
 def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ...], methods: tuple[str, ...],
-                 gpu: str | None, rank_for: int | None = None, **kwargs) -> ShardedPlan:
-    """`rank_for`: the adapter rank of methods that take one (None: each method's default)."""
+                 gpu: str | None, rank_for: int | None = None, batch_max: int | None = None, **kwargs) -> ShardedPlan:
+    """`rank_for`: the adapter rank of methods that take one (None: each method's default). `batch_max`: with a
+    `gpu`, each point also gets the largest batch in [batch, batch_max] that fits."""
     from ..estimator import estimate
     from .config import STRATEGIES
 
@@ -72,10 +76,29 @@ def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ..
                     skipped.append(f"{method} x {n} GPUs x {s}: {exc}")
                     continue
                 d = e.distributed
+                largest = None
+                if e.gpu is not None and e.gpu.fits:
+                    args = dict(gpu=gpu, **({} if n == 1 else dict(gpus=n, sharding=s)), **{**kwargs, **extra})
+                    largest = largest_batch(model, method, args, e.gpu.memory_bytes, batch_max or args["batch"])
                 points.append(ShardedPoint(n, s, method, e.memory.peak_bytes, e.memory.device_bytes,
                                            e.memory.host_bytes or 0, e.gpu.fits if e.gpu else None,
                                            e.gpu.step_time_s if e.gpu else None,
-                                           sum(d.communication_bytes.values()) if d else 0))
+                                           sum(d.communication_bytes.values()) if d else 0, largest))
     from ...profiles import load_gpu
     mem = load_gpu(gpu).memory_bytes if gpu else None
     return ShardedPlan(model, gpu, mem, tuple(points), tuple(skipped))
+
+
+def largest_batch(model: str, method: str, args: dict, memory_bytes: int, batch_max: int) -> int:
+    """The largest batch in [args["batch"], batch_max] whose device bytes fit `memory_bytes` (the rule of
+    device.py `gpu_fit`: device <= memory), given that args["batch"] fits: bisection on the numbers-only path
+    (device memory grows with the batch)."""
+    from ..estimator import estimate
+    lo, hi = args["batch"], batch_max
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if estimate(model, method, numbers_only=True, **{**args, "batch": mid}).device_bytes <= memory_bytes:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo

@@ -32,7 +32,7 @@ from ...units import DTYPE_BYTES
 from ..methods.base import TensorGroup
 from ..optimizers import Optimizer
 from .config import ShardingSpec
-from .tensors import LAYER, ROOT, ShardTensor
+from .tensors import BUFFER, LAYER, ROOT, ShardTensor
 
 
 def ceil_div(a: int, b: int) -> int:
@@ -128,6 +128,13 @@ class RankModel:
         return bool(self.unit_gathered) and self.backward_prefetch
 
     @property
+    def steady_bytes(self) -> int:
+        """Allocated between steps on the rank's GPU: its stored weights, trainable weights and optimizer state
+        (the training loop's own state is added by the caller), and DDP's buckets, built with the module
+        (reducer.cpp `initialize_buckets`) and kept (task "sharding2": memory.steady_bytes is the rank's)."""
+        return self.weights + self.trainable + self.optimizer_state + self.buckets
+
+    @property
     def comm_bytes(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for name, payload, _ in self.collectives:
@@ -147,6 +154,13 @@ def _bytes(t: ShardTensor, numel: int, dtype: str | None = None) -> int:
 
 def rank_model(tensors: tuple[ShardTensor, ...], sharding: ShardingSpec, opt: Optimizer, layers: int,
                hidden_size: int) -> RankModel:
+    buffers = sum(_bytes(t, t.numel) for t in tensors if t.unit == BUFFER)
+    if buffers:  # module buffers: no strategy partitions them, every rank holds them whole beside its weights
+        # (FSDP2 moves buffers to the device even under CPUOffloadPolicy: _fully_shard/_fsdp_init.py
+        # `_move_states_to_device`; only the sharded parameters go to the host)
+        from dataclasses import replace
+        model = rank_model(tuple(t for t in tensors if t.unit != BUFFER), sharding, opt, layers, hidden_size)
+        return replace(model, weights=model.weights + buffers)
     s = sharding.strategy
     if s == "ddp":
         return _ddp(tensors, sharding, opt, layers)

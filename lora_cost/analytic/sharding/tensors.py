@@ -20,6 +20,9 @@ from ..methods.base import Method
 from ...spec import LinearSite, ModelSpec, RunConfig
 
 LAYER, ROOT = "layer", "root"
+# not a parameter: a module buffer (VeRA's shared vera_A/vera_B, peft BufferDict). fully_shard and ZeRO partition
+# parameters only and DDP buckets only gradients, so every rank keeps the whole buffer (rank.py `rank_model`)
+BUFFER = "buffer"
 
 
 @dataclass(frozen=True)
@@ -41,14 +44,24 @@ class ShardTensor:
 
 
 # the sharding model covers these methods: the parameters they add and their shapes are listed below
-SHARDED_METHODS = ("full", "lora", "lora-plus", "dora")
+# (task "sharding2": LoRA-FA's frozen lora_A, (IA)3's vectors, VeRA's scaling vectors and its shared projections,
+# buffers every rank keeps whole; AdaLoRA's rank allocator copies whole parameters in the training loop: not
+# modelled across GPUs yet)
+SHARDED_METHODS = ("full", "lora", "lora-plus", "dora", "lora-fa", "ia3", "vera")
 
 
-def _adapter_dim0(name: str, site: LinearSite, r: int) -> int:
+def _adapter_dim0(name: str, site: LinearSite, run: RunConfig) -> int:
     if name.endswith("lora_A"):
-        return r  # peft lora_A = nn.Linear(d_in, r): weight [r, d_in]
+        return run.r or 0  # peft lora_A = nn.Linear(d_in, r): weight [r, d_in] (LoRA-FA: the same, frozen)
     if name.endswith("lora_B") or name.endswith("lora_magnitude_vector"):
         return site.d_out  # lora_B = nn.Linear(r, d_out): weight [d_out, r]; DoRA magnitude [d_out]
+    if name.endswith("vera_lambda_b"):  # peft tuners/vera/layer.py VeraLayer.update_layer: lambda_b [d_out],
+        return site.d_out
+    if name.endswith("vera_lambda_d"):  # lambda_d [r]
+        return run.r or 0
+    if name.endswith("ia3_l"):  # peft tuners/ia3/layer.py IA3Layer.update_layer: feedforward modules scale the
+        from ..methods.ia3 import is_feedforward  # input, weight [1, d_in]; the others the output, [d_out, 1]
+        return 1 if is_feedforward(site, run.targets) else site.d_out
     raise LoraCostError(f"sharding: no shape known for adapter tensor {name}")
 
 
@@ -89,14 +102,14 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
         out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, dtype, trainable_base, unit, late))
     if not trainable_base:
         for s in sites:
-            for t in method.trainable(s, run):
-                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run.r or 0), t.numel, t.count * (s.blocks or L),
-                                       t.dtype, True, LAYER))
-            if method.frozen(s, run):
-                raise LoraCostError(f"--gpus/--sharding: {method.name}'s frozen adapter tensors are not modelled yet")
+            for t, trains in [(t, True) for t in method.trainable(s, run)] + [(t, False) for t in method.frozen(s, run)]:
+                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run), t.numel, t.count * (s.blocks or L),
+                                       t.dtype, trains, LAYER))
+        for t in method.shared_frozen(list(sites) + list(head_sites), run):  # buffers, whole on every rank
+            out.append(ShardTensor(t.name, t.numel, t.numel, t.count, t.dtype, False, BUFFER))
         for s in head_sites:
-            for t in method.trainable(s, run):
-                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run.r or 0), t.numel, t.count, t.dtype, True, ROOT))
+            for t, trains in [(t, True) for t in method.trainable(s, run)] + [(t, False) for t in method.frozen(s, run)]:
+                out.append(ShardTensor(t.name, _adapter_dim0(t.name, s, run), t.numel, t.count, t.dtype, trains, ROOT))
     for t in out:
         if t.unit == LAYER and t.count % L:
             raise LoraCostError(f"--gpus/--sharding: {t.name} is not in every layer; not modelled yet")
