@@ -56,7 +56,7 @@ def test_dora_transient_saves(tmp_path):
     assert per_module <= m_saved - saved <= 3 * per_module
 
 
-@pytest.mark.parametrize("name", ["phi-3-mini-4k", "phi-3-mini-128k", "phi-4"])
+@pytest.mark.parametrize("name", ["phi-3-mini-4k", "phi-3-mini-128k", "phi-3-medium-4k", "phi-4"])
 def test_profile_totals_equal_transformers(name):
     pytest.importorskip("transformers")
     from peft_step import meta_model
@@ -71,6 +71,9 @@ def test_published_totals():
     # 2 x 32064 x 3072 + 32 x (3072 x 9216 + 3072 x 3072 + 3072 x 16384 + 8192 x 3072 + 2 x 3072) + 3072
     assert estimate("phi-3-mini-4k", "full", seq=16).total_params == 3_821_079_552
     assert estimate("microsoft/Phi-3-mini-128k-instruct", "full", seq=16).total_params == 3_821_079_552
+    # Phi-3-medium: grouped-query (40 query, 10 key/value heads of 128), by hand: 2 x 32064 x 5120
+    # + 40 x (5120 x 7680 + 5120 x 5120 + 5120 x 35840 + 17920 x 5120 + 2 x 5120) + 5120; the model card's 14B
+    assert estimate("phi-3-medium-4k", "full", seq=16).total_params == 13_960_238_080
     # Phi-4: "14B parameters" (model card); 14.7B on its Hub page
     assert round(estimate("phi-4", "full", seq=16).total_params / 1e9, 1) == 14.7
 

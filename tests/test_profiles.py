@@ -34,7 +34,7 @@ def test_all_model_profiles_load():
     # + Gemma-2 2B, 9B, 27B, Gemma-3 1B, 4B, 12B, 27B + t5-base, t5-large, flan-t5-xl, flan-t5-xxl, t0-3b,
     # mt0-large, mt0-xxl + Mixtral 8x7B, 8x22B, Qwen3-30B-A3B, Qwen3-235B-A22B
     # + DeBERTa-v3 base, large, DeBERTa-v2 xxlarge
-    assert len(files) == 49 == len(bundled_models())
+    assert len(files) == 50 == len(bundled_models())
     for path in files:
         doc = json.loads(path.read_text())
         spec = load_model(doc["name"])
