@@ -141,3 +141,15 @@ def test_zero_says_deepspeed_casts_the_adapters():
     assert warned("lora", sharding="zero2") and warned("dora", sharding="zero3")
     assert not warned("full", sharding="zero2") and not warned("lora", sharding="zero2", precision="fp32")
     assert not warned("lora", sharding="fsdp")
+
+
+def test_zero_in_16_bit_casts_the_adapters_with_the_module():
+    # DeepSpeed's bf16 mode casts the module, peft's fp32 LoRA factors included (engine.py
+    # _configure_distributed_model): 2 bytes per trainable element on each ZeRO-2 rank (parameters unsharded)
+    e = estimate("llama-3.2-1b", "lora", gpus=2, sharding="zero2")
+    trainable = {t.name: t.value for t in e.memory.terms}["rank trainable weights"]
+    assert trainable == 2 * e.trainable_params
+    assert any("counted as --adapter-dtype bf16" in w for w in e.warnings)
+    # one GPU keeps peft's fp32 factors
+    assert {t.name: t.value for t in estimate("llama-3.2-1b", "lora").memory.terms}["trainable weights"] \
+        == 4 * e.trainable_params

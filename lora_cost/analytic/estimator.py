@@ -146,6 +146,9 @@ def validated_run(spec: ModelSpec, run: RunConfig):
     if run.task in ("seq-cls", "token-cls"):
         head_sites = []  # the LM head (RoBERTa's lm_head.dense) is not there; the classifier's linears are refused above
     method.check(spec, sites + head_sites, run)
+    if run.sharding is not None:  # ZeRO in 16-bit casts the adapters with the module
+        from .sharding import zero_adapter_cast
+        run = zero_adapter_cast(run, method)
     check_kernel_run(spec, run, method)
     if run.packing and method.virtual_tokens(run):
         raise LoraCostError(f"--packing with {method.name} is not modelled (its virtual tokens are prepended to each "

@@ -24,8 +24,23 @@ ZERO_AMP = ("--sharding {strategy}: DeepSpeed's bf16/fp16 mode casts the whole m
             "bf16 or fp16 (Trainer --bf16/--fp16 with DeepSpeed), or fp32")
 ZERO_ADAPTERS = ("--sharding {strategy} with --precision {precision}: DeepSpeed casts peft's fp32 adapters to "
                  "{precision} with the module (deepspeed/runtime/engine.py _configure_distributed_model); this estimate "
-                 "keeps them in fp32 (their weights, gradients and the fp32 input copies peft makes for them are "
-                 "over-counted) until adapter dtypes are modelled")
+                 "keeps {method}'s adapter tensors in fp32 (their weights, gradients and the fp32 input copies peft makes "
+                 "for them are over-counted): its adapter dtype is not modelled")
+ZERO_CAST = ("--sharding {strategy} with --precision {precision}: DeepSpeed casts the whole module, peft's adapters "
+             "included, to {precision} (deepspeed/runtime/engine.py _configure_distributed_model), so the adapters are "
+             "counted as --adapter-dtype {precision}")
+
+
+def zero_adapter_cast(run, method):
+    """Under ZeRO in 16-bit the adapters are cast with the module: the run with `adapter_dtype` set to the
+    precision, for the methods whose adapter dtype is modelled (adapter_dtypes.py); the run unchanged otherwise."""
+    from dataclasses import replace
+    from ..adapter_dtypes import ADAPTER_DTYPE_METHODS
+    sh = run.sharding
+    if sh is None or not sh.strategy.startswith("zero") or run.precision not in ("bf16", "fp16") \
+            or method.name not in ADAPTER_DTYPE_METHODS or method.name == "qlora" or run.adapter_dtype is not None:
+        return run
+    return replace(run, adapter_dtype=run.precision)
 
 
 def check_run(run, method) -> tuple[str, ...]:
@@ -38,7 +53,9 @@ def check_run(run, method) -> tuple[str, ...]:
     if run.precision.startswith("amp-"):
         raise LoraCostError(ZERO_AMP.format(strategy=sh.strategy))
     if run.precision in ("bf16", "fp16") and not method.base_trainable:
-        return (ZERO_ADAPTERS.format(strategy=sh.strategy, precision=run.precision),)
+        if run.adapter_dtype == run.precision:  # zero_adapter_cast applied it
+            return (ZERO_CAST.format(strategy=sh.strategy, precision=run.precision),)
+        return (ZERO_ADAPTERS.format(strategy=sh.strategy, precision=run.precision, method=method.name),)
     return ()
 
 
@@ -46,7 +63,7 @@ def rank_of(arch, spec, method, run, opt, sites, head_sites):
     """The busiest rank's RankModel (rank.py), cached: batch and length sweeps do not change it."""
     check_run(run, method)
     key = run.__class__(method=run.method, r=run.r, precision=run.precision, method_options=run.method_options,
-                        targets=run.targets, task=run.task, num_labels=run.num_labels)
+                        targets=run.targets, task=run.task, num_labels=run.num_labels, adapter_dtype=run.adapter_dtype)
     return _rank_of(arch, spec, method, key, run.sharding, opt, tuple(sites), tuple(head_sites))
 
 
