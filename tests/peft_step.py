@@ -18,24 +18,18 @@ DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout", "at
                 "attention_probs_dropout_prob")
 
 
-def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False,
-            auto_class: str = "AutoModelForCausalLM") -> tuple[int, int, int]:
-    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model
-    (`auto_class`: the transformers class of the task, AutoModelForMaskedLM for encoders)."""
-    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
-    kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
-    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
-    config.use_cache = False
-    torch.manual_seed(0)
-    model = getattr(transformers, auto_class).from_config(config, attn_implementation="eager", dtype=torch.float32)
+def adapt(model, method: str, targets, r: int, ckpt: bool, task_type: str | None = None):
+    """The recipe both engines model, applied to a real model: peft's adapter (`targets` for IA3 is
+    (target_modules, feedforward_modules)), LoRA-FA's frozen A, non-reentrant checkpointing, train mode."""
     if method != "full":
         tg = "all-linear" if targets == "all-linear" else list(targets)
-        if method == "ia3":  # targets: (target_modules, feedforward_modules)
+        if method == "ia3":
             conf = peft.IA3Config(target_modules=list(targets[0]), feedforward_modules=list(targets[1]))
         elif method == "vera":
-            conf = peft.VeraConfig(r=r, target_modules=tg)
+            conf = peft.VeraConfig(r=r, target_modules=tg, task_type=task_type)
         else:
-            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
+            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora",
+                                   task_type=task_type)
         model = peft.get_peft_model(model, conf)
         if method == "lora-fa":
             for name, p in model.named_parameters():
@@ -46,27 +40,62 @@ def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: boo
         if method != "full":
             model.enable_input_require_grads()
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-    alive = []  # keep_alive: no packed storage is freed, so no address is reused and counted once for two
+    return model
 
-    def pack(t):
+
+class SavedBytes:
+    """`with SavedBytes(model) as saved:` counts the distinct storages autograd saves inside the block
+    (parameters and buffers excluded) in `saved.bytes`. keep_alive: no packed storage is freed, so no
+    address is reused and counted once for two."""
+
+    def __init__(self, model, keep_alive: bool = False) -> None:
+        self.excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
+        self.seen: dict[int, int] = {}
+        self.alive = []
+        self.keep_alive = keep_alive
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+    def pack(self, t):
         ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            if keep_alive:
-                alive.append(t)
+        if ptr not in self.excluded and ptr not in self.seen:
+            self.seen[ptr] = t.untyped_storage().nbytes()
+            if self.keep_alive:
+                self.alive.append(t)
         return t
 
+    @property
+    def bytes(self) -> int:
+        return sum(self.seen.values())
+
+    def __enter__(self) -> "SavedBytes":
+        self.hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.hooks.__exit__(*exc)
+
+
+def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False,
+            auto_class: str = "AutoModelForCausalLM") -> tuple[int, int, int]:
+    """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model
+    (`auto_class`: the transformers class of the task, AutoModelForMaskedLM for encoders)."""
+    kwargs = {k: v for k, v in cfg.items() if k != "model_type"}
+    kwargs.update({k: 0.0 for k in DROPOUT_KEYS})
+    config = transformers.AutoConfig.for_model(cfg["model_type"], **kwargs)
+    config.use_cache = False
+    torch.manual_seed(0)
+    model = getattr(transformers, auto_class).from_config(config, attn_implementation="eager", dtype=torch.float32)
+    model = adapt(model, method, targets, r, ckpt)
+
     ids = torch.randint(2, cfg["vocab_size"], (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model, keep_alive) as saved:
         model(input_ids=ids, labels=ids).loss.backward()
     with FlopCounterMode(display=False) as fwd:
         loss = model(input_ids=ids, labels=ids).loss
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    return saved.bytes, fwd.get_total_flops(), bwd.get_total_flops()
 
 
 def estimated(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool) -> tuple[int, int, int]:
@@ -107,40 +136,14 @@ def measure_task(cfg: dict, method: str, targets, r: int, ckpt: bool, task: str 
                 config.pad_token_id = eos if isinstance(eos, int) else 0
     torch.manual_seed(0)
     model = getattr(transformers, TASK_CLASSES[task]).from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if method != "full":
-        tg = "all-linear" if targets == "all-linear" else list(targets)
-        task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}.get(task)
-        if method == "vera":
-            conf = peft.VeraConfig(r=r, target_modules=tg, task_type=task_type)
-        else:
-            conf = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora",
-                                   task_type=task_type)
-        model = peft.get_peft_model(model, conf)
-        if method == "lora-fa":
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
-            model.enable_input_require_grads()
-    model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
-
+    task_type = {"seq-cls": "SEQ_CLS", "token-cls": "TOKEN_CLS"}.get(task)
+    model = adapt(model, method, targets, r, ckpt, task_type)
     ids = torch.randint(2, cfg["vocab_size"], (B, S))
     y = {"masked-lm": ids, "seq-cls": torch.randint(0, labels, (B,)), "token-cls": torch.randint(0, labels, (B, S))}[task]
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model) as saved:
         model(input_ids=ids, labels=y).loss.backward()
     with FlopCounterMode(display=False) as fwd:
         loss = model(input_ids=ids, labels=y).loss
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    return saved.bytes, fwd.get_total_flops(), bwd.get_total_flops()

@@ -12,6 +12,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from lora_cost import estimate  # noqa: E402
+from peft_step import SavedBytes, adapt  # noqa: E402
 
 B, S = 2, 24
 CONFIGS = {
@@ -40,37 +41,12 @@ def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, dtype: str = "f
     cls = transformers.AutoModelForMaskedLM if cfg["model_type"] in ("roberta", "bert") else transformers.AutoModelForCausalLM
     model = cls.from_config(config, attn_implementation="eager",
                             dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
-    if method != "full":
-        tg = "all-linear" if targets == "all-linear" else list(targets)
-        conf = peft.VeraConfig(r=r, target_modules=tg) if method == "vera" else \
-            peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
-        model = peft.get_peft_model(model, conf)
-        if method == "lora-fa":
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
-            model.enable_input_require_grads()
-    model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-    alive = []  # keep_alive: no packed storage is freed, so no address is reused and counted once for two
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            if keep_alive:
-                alive.append(t)
-        return t
+    model = adapt(model, method, targets, r, ckpt)
 
     ids = torch.randint(2, 512, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(model, keep_alive) as saved:
         model(input_ids=ids, labels=ids).loss.backward()
-    return sum(seen.values())
+    return saved.bytes
 
 
 CASES = [

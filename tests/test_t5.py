@@ -14,6 +14,7 @@ peft = pytest.importorskip("peft")
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from lora_cost import estimate  # noqa: E402
+from peft_step import SavedBytes, adapt  # noqa: E402
 from lora_cost.profiles import bundled_models  # noqa: E402
 
 B, S, T = 2, 24, 16  # batch, encoder length, decoder length (--target-seq)
@@ -38,41 +39,16 @@ def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: boo
     config.use_cache = False
     torch.manual_seed(0)
     model = transformers.AutoModelForSeq2SeqLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
-    if method != "full":
-        tg = "all-linear" if targets == "all-linear" else list(targets)
-        conf = peft.VeraConfig(r=r, target_modules=tg) if method == "vera" else \
-            peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=tg, use_dora=method == "dora")
-        model = peft.get_peft_model(model, conf)
-        if method == "lora-fa":
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
-            model.enable_input_require_grads()
-    model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-    alive = []
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            if keep_alive:
-                alive.append(t)
-        return t
+    model = adapt(model, method, targets, r, ckpt)
 
     ids, labels = torch.randint(2, 512, (B, S)), torch.randint(2, 512, (B, T))
     counter = FlopCounterMode(display=False)
     with counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with SavedBytes(model, keep_alive) as saved:
             loss = model(input_ids=ids, labels=labels).loss
         forward = counter.get_total_flops()
         loss.backward()
-    return sum(seen.values()), forward, counter.get_total_flops() - forward
+    return saved.bytes, forward, counter.get_total_flops() - forward
 
 
 def analytic(tmp_path, cfg: dict, method: str, targets, r: int, ckpt: bool):
