@@ -69,26 +69,20 @@ def measure(family: str, r: int, targets, ckpt: bool, dtype: str = "fp32") -> tu
 
     model = build(family, r, max(1, r // 2), targets, ckpt, dtype=dtype)
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    saved = SavedBytes(model)
 
     ids = torch.randint(2, 512, (B, S))
     counter = FlopCounterMode(display=False)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved:
         with counter:
             loss = model(input_ids=ids, labels=ids).loss
         fwd = counter.get_total_flops()
         with counter:
             loss.backward()
         bwd = counter.get_total_flops()
-    return sum(seen.values()), fwd, bwd
+    return saved.bytes, fwd, bwd
 
 
 def analytic(tmp_path, family: str, r: int, targets, ckpt: bool, dtype: str = "fp32"):
@@ -221,8 +215,7 @@ def test_sizes_follow_the_rank_they_are_simulated_at():
 
 @pytest.mark.fast
 def test_serving_merges_away():
-    from lora_cost.analytic.architectures import get_architecture
-    from lora_cost.analytic.estimator import resolve_targets, validated_run
+    from lora_cost.analytic.estimator import validated_run
     from lora_cost.analytic.methods import get_method
     from lora_cost.profiles import load_model
     from lora_cost.spec import RunConfig

@@ -52,22 +52,16 @@ def measure(cfg: dict, method: str, factor: int, ckpt: bool, dtype: str = "fp32"
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    saved = SavedBytes(model)
 
     ids = torch.randint(2, 512, (B, S))
     counter = FlopCounterMode(display=False)
-    with counter, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with counter, saved:
         model(input_ids=ids, labels=ids).loss.backward()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return sum(seen.values()), counter.get_total_flops(), trainable
+    return saved.bytes, counter.get_total_flops(), trainable
 
 
 CASES = [(family, method, factor, ckpt)

@@ -65,27 +65,18 @@ def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, dtype: str = "f
         if method != "full":
             model.enable_input_require_grads()
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-    alive = []  # keep_alive: no packed storage is freed, so no address is counted once for two
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            if keep_alive:
-                alive.append(t)
-        return t
+    saved = SavedBytes(model, keep_alive=keep_alive)
 
     ids = torch.randint(2, 512, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved:
         model(input_ids=ids, labels=ids).loss.backward()
     with FlopCounterMode(display=False) as fwd_counter:
         loss = model(input_ids=ids, labels=ids).loss
     with FlopCounterMode(display=False) as bwd_counter:
         loss.backward()
-    return sum(seen.values()), fwd_counter.get_total_flops(), bwd_counter.get_total_flops()
+    return saved.bytes, fwd_counter.get_total_flops(), bwd_counter.get_total_flops()
 
 
 def analytic(tmp_path, family, method, targets, r, ckpt, dtype="fp32"):

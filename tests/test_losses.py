@@ -157,22 +157,12 @@ def _model(dtype, method, targets, r, ckpt, autocast_adapter_dtype=True):
 
 def _count_saved(model, step) -> int:
     """Distinct storages saved for backward, parameters and buffers excluded (tests/test_saved_vs_torch.py)."""
-    import torch
+    from peft_step import SavedBytes
 
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen, alive = {}, []
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-            alive.append(t)  # no address reused while counting
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    saved = SavedBytes(model, keep_alive=True)
+    with saved:
         step().backward()
-    return sum(seen.values())
+    return saved.bytes
 
 
 def torchtune_chunked_step(model, ids, chunks: int):

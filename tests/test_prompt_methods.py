@@ -18,7 +18,6 @@ import json
 import pytest
 
 from lora_cost import estimate
-from lora_cost.errors import LoraCostError
 
 B, S = 2, 24
 CONFIGS = {
@@ -82,23 +81,17 @@ def measure(model) -> tuple[int, int, int]:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    saved = SavedBytes(model)
 
     ids = torch.randint(2, 512, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved:
         with FlopCounterMode(display=False) as fwd:
             loss = model(input_ids=ids, labels=ids).loss
         with FlopCounterMode(display=False) as bwd:
             loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    return saved.bytes, fwd.get_total_flops(), bwd.get_total_flops()
 
 
 CASES = [  # family, method, virtual tokens, encoder hidden (0: none / peft's default), checkpointing

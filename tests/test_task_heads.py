@@ -148,28 +148,22 @@ def measured(family: str, task: str, labels: int, method: str, ckpt: bool) -> tu
         if ckpt:
             model.get_base_model().enable_input_require_grads()
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    saved = SavedBytes(model)
 
     ids = torch.randint(2, 512, (B, S))
     if task == "token-cls":
         labels_t = torch.randint(0, labels, (B, S))
     else:
         labels_t = torch.randn(B) if labels == 1 else torch.randint(0, labels, (B,))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved:
         model(input_ids=ids, labels=labels_t).loss.backward()
     with FlopCounterMode(display=False) as fwd:
         loss = model(input_ids=ids, labels=labels_t).loss
     with FlopCounterMode(display=False) as bwd:
         loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    return saved.bytes, fwd.get_total_flops(), bwd.get_total_flops()
 
 
 def analytic(tmp_path, family, task, labels, method, ckpt):

@@ -105,25 +105,17 @@ def _direct_count(model, vocab: int, batch: int, seq: int):
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    params |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
-    keep = []  # keeps every saved storage alive, so no address is reused within the count
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in params:
-            seen[ptr] = t.untyped_storage().nbytes()
-            keep.append(t)
-        return t
+    saved = SavedBytes(model, keep_alive=True)
 
     ids = torch.randint(0, vocab, (batch, seq))
     with FlopCounterMode(display=False) as fwd:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with saved:
             out = model(input_ids=ids, labels=ids)
     with FlopCounterMode(display=False) as bwd:
         out.loss.backward()
-    return sum(seen.values()), fwd.get_total_flops(), bwd.get_total_flops()
+    return saved.bytes, fwd.get_total_flops(), bwd.get_total_flops()
 
 
 @pytest.mark.parametrize("method", ["full", "lora", "lora-fa", "dora"])

@@ -51,18 +51,12 @@ def measure(family: str, prepare, ckpt: bool = False, dtype: str = "fp32") -> tu
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         base.enable_input_require_grads()
     model.train()
-    excluded = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    excluded |= {b.untyped_storage().data_ptr() for b in model.buffers()}
-    seen: dict[int, int] = {}
+    from peft_step import SavedBytes
 
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in excluded and ptr not in seen:
-            seen[ptr] = t.untyped_storage().nbytes()
-        return t
+    saved = SavedBytes(model)
 
     ids = torch.randint(2, 512, (B, S))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with saved:
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
     with FlopCounterMode(display=False) as fwd_counter:
@@ -70,4 +64,4 @@ def measure(family: str, prepare, ckpt: bool = False, dtype: str = "fp32") -> tu
     fwd = fwd_counter.get_total_flops()
     with FlopCounterMode(display=False) as bwd_counter:
         loss.backward()
-    return sum(seen.values()), fwd, bwd_counter.get_total_flops()
+    return saved.bytes, fwd, bwd_counter.get_total_flops()

@@ -7,7 +7,6 @@ from dataclasses import asdict
 
 import click
 
-from ..errors import LoraCostError
 from .options import method_options, parse_targets
 
 
