@@ -2,12 +2,15 @@
 
 The trace engine is the reference: trainable parameters must be equal, forward FLOPs within 2% and
 backward FLOPs within 1% (FlopCounterMode's count of the real step), the peak within `peak_tolerance`.
-`summarise` prints, per term, the median and worst relative disagreement over a grid.
+`engines_terms` runs both engines on one tiny configuration; `summarise` prints, per term, the median
+and worst relative disagreement over a grid.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
+from pathlib import Path
 
 
 def assert_engines_agree(terms: dict, peak_tolerance: float = 0.06) -> None:
@@ -20,6 +23,21 @@ def assert_engines_agree(terms: dict, peak_tolerance: float = 0.06) -> None:
     assert abs(t - a) <= 0.01 * a, f"backward FLOPs: analytic {a} vs trace {t}"
     a, t = terms["peak_bytes"]
     assert abs(t - a) <= peak_tolerance * t, f"peak: analytic {a} vs trace {t}"
+
+
+def engines_terms(folder: Path, config: dict, method: str, kwargs: dict) -> dict:
+    """Both engines on the model `config` (written as folder/config.json, a local model directory):
+    {term: (analytic, trace)} as trace.compare.differences gives them."""
+    from lora_cost import estimate
+    from lora_cost.trace import trace
+    from lora_cost.trace.compare import differences
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "config.json"
+    path.write_text(json.dumps(config))
+    e = estimate(str(path), method, **kwargs)
+    t = trace(str(path), method, **kwargs)
+    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
 
 
 def summarise(runs) -> int:

@@ -12,7 +12,6 @@ has no sdpa path for DeBERTa: both engines run its own eager attention.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_support import assert_engines_agree, summarise  # noqa: E402
+from grid_support import assert_engines_agree, engines_terms, summarise  # noqa: E402
 
 V3 = {"model_type": "deberta-v2", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
       "num_attention_heads": 4, "vocab_size": 2048, "max_position_embeddings": 512, "relative_attention": True,
@@ -59,17 +58,7 @@ def kwargs_for(method: str, setting: tuple) -> dict:
 
 
 def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
-    from lora_cost import estimate
-    from lora_cost.trace import trace
-    from lora_cost.trace.compare import differences
-
-    path = root / f"tiny-deberta-{family}" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY[family]))
-    kw = kwargs_for(method, setting)
-    e = estimate(str(path), method, **kw)
-    t = trace(str(path), method, **kw)
-    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+    return engines_terms(root / f"tiny-deberta-{family}", TINY[family], method, kwargs_for(method, setting))
 
 
 CASES = grid()

@@ -7,8 +7,6 @@ Run as a test, or as a script for the per-configuration disagreement and its med
 
 from __future__ import annotations
 
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_support import assert_engines_agree  # noqa: E402
+from grid_support import assert_engines_agree, engines_terms, summarise  # noqa: E402
 
 TINY = {
     # Gemma 2: alternating layers, soft-capped attention (eager) and logits, tied 4k vocabulary, head_dim 64
@@ -63,18 +61,8 @@ def kwargs_for(method: str, setting: tuple) -> dict:
     return kw
 
 
-def compare(root: Path, family: str, method: str, setting: tuple) -> dict:
-    from lora_cost import estimate
-    from lora_cost.trace import trace
-    from lora_cost.trace.compare import differences
-
-    path = root / f"tiny-{family}" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY[family]))
-    kw = kwargs_for(method, setting)
-    e = estimate(str(path), method, **kw)
-    t = trace(str(path), method, **kw)
-    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
+    return engines_terms(root / f"tiny-{family}", TINY[family], method, kwargs_for(method, setting))
 
 
 CASES = grid()
@@ -94,21 +82,7 @@ def summary() -> int:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="lora-cost-gemma-grid-"))
-    peaks = []
-    for (family, method, setting), name in zip(CASES, IDS):
-        try:
-            terms = compare(root, family, method, setting)
-        except Exception as exc:  # report, keep going
-            print(f"{name}: ERROR {type(exc).__name__}: {exc}")
-            continue
-        a, t = terms["peak_bytes"]
-        fa, ft = terms["flops.backward"]
-        peaks.append((abs(t - a) / t, name))
-        print(f"{name:50s} peak {100 * (a - t) / t:+7.2f}%  bwd flops {100 * (fa - ft) / ft:+6.2f}%  "
-              f"params {terms['trainable_params'][0] == terms['trainable_params'][1]}")
-    print(f"configurations: {len(peaks)}; peak |rel| median {100 * statistics.median(p for p, _ in peaks):.2f}%, "
-          f"worst {100 * max(peaks)[0]:.2f}% ({max(peaks)[1]})")
-    return 0
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":

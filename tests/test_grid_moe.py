@@ -10,8 +10,6 @@ projections (the analytic engine refuses expert targets, see analytic/architectu
 from __future__ import annotations
 
 import itertools
-import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -19,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_support import assert_engines_agree  # noqa: E402
+from grid_support import assert_engines_agree, engines_terms, summarise  # noqa: E402
 
 TINY = {
     "mixtral": {"model_type": "mixtral", "hidden_size": 256, "intermediate_size": 384, "num_hidden_layers": 2,
@@ -59,17 +57,7 @@ def kwargs_for(method: str, setting: tuple) -> dict:
 
 
 def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
-    from lora_cost import estimate
-    from lora_cost.trace import trace
-    from lora_cost.trace.compare import differences
-
-    path = root / f"tiny-{family}" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY[family]))
-    kw = kwargs_for(method, setting)
-    e = estimate(str(path), method, **kw)
-    t = trace(str(path), method, **kw)
-    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+    return engines_terms(root / f"tiny-{family}", TINY[family], method, kwargs_for(method, setting))
 
 
 CASES = grid()
@@ -97,27 +85,7 @@ def summary() -> int:
     import tempfile
 
     root = Path(tempfile.mkdtemp(prefix="lora-cost-moe-grid-"))
-    per_term: dict[str, list[tuple[float, str]]] = {}
-    for (family, method, setting), name in zip(CASES, IDS):
-        try:
-            terms = compare(root, family, method, setting)
-        except Exception as exc:  # report, keep going
-            print(f"{name}: ERROR {type(exc).__name__}: {exc}")
-            continue
-        for term, (a, t) in terms.items():
-            if a or t:
-                r = (t - a) / a if a else float("inf")
-                per_term.setdefault(term, []).append((r, name))
-    print(f"configurations: {len(CASES)}")
-    print(f"{'term':40s} {'n':>4s} {'median |rel|':>12s} {'max |rel|':>10s}  worst case")
-    for term, values in sorted(per_term.items()):
-        finite = [(abs(r), n) for r, n in values if r != float("inf")]
-        if not finite:
-            continue
-        worst = max(finite)
-        print(f"{term:40s} {len(values):4d} {100 * statistics.median(v for v, _ in finite):11.2f}% "
-              f"{100 * worst[0]:9.2f}%  {worst[1]}")
-    return 0
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":

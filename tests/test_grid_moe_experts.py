@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import itertools
-import statistics
 import sys
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_support import assert_engines_agree  # noqa: E402
+from grid_support import assert_engines_agree, engines_terms, summarise  # noqa: E402
 from test_grid_moe import TINY, kwargs_for  # noqa: E402
 
 EXPERTS = {"mixtral": "w1,w3,w2", "qwen3_moe": "gate_proj,up_proj,down_proj"}
@@ -43,19 +42,8 @@ def grid() -> list[tuple[str, str, tuple]]:
 
 
 def _compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
-    import json
-
-    from lora_cost import estimate
-    from lora_cost.trace import trace
-    from lora_cost.trace.compare import differences
-
-    path = root / f"tiny-{family}" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY[family]))
-    kw = dict(kwargs_for(method, setting), r=4)  # Mixtral's router has 4 outputs: rank at most 4
-    e = estimate(str(path), method, **kw)
-    t = trace(str(path), method, **kw)
-    return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
+    # Mixtral's router has 4 outputs: rank at most 4
+    return engines_terms(root / f"tiny-{family}", TINY[family], method, dict(kwargs_for(method, setting), r=4))
 
 
 CASES = grid()
@@ -82,17 +70,8 @@ def test_expert_adapters_engines_agree(tmp_path_factory, family, method, setting
 def summary() -> int:
     import tempfile
 
-    rows: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as root:
-        for (family, method, setting), name in zip(CASES, IDS):
-            terms = _compare(Path(root), family, method, setting)
-            for term, (a, t) in terms.items():
-                if t:
-                    rows.setdefault(term, []).append(abs(a - t) / abs(t))
-            print(name, {k: f"{(a - t) / t:+.3%}" for k, (a, t) in terms.items() if t and a != t})
-    for term, errs in rows.items():
-        print(f"{term:28s} n={len(errs)} median {statistics.median(errs):.3%} worst {max(errs):.3%}")
-    return 0
+    root = Path(tempfile.mkdtemp(prefix="lora-cost-moe-experts-grid-"))
+    return summarise((name, lambda c=case: _compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":

@@ -14,17 +14,14 @@ are not counted as transients).
 from __future__ import annotations
 
 import itertools
-import json
-import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid_support import assert_engines_agree  # noqa: E402
+from grid_support import assert_engines_agree, engines_terms, summarise  # noqa: E402
 
 TINY = {
     # T5 v1.0: ReLU FFN, output scaled by d^-0.5; T5 v1.1 / flan: gated-GELU, 3 encoder and 2 decoder blocks
@@ -64,21 +61,8 @@ def kwargs_for(method: str, setting: tuple) -> dict:
     return kw
 
 
-def config_path(root: Path, family: str) -> str:
-    path = root / f"tiny-{family}" / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(TINY[family]))
-    return str(path)
-
-
-def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple[int, int]]:
-    from lora_cost import estimate
-    from lora_cost.trace import trace
-    from lora_cost.trace.compare import differences
-
-    model = config_path(root, family)
-    kw = kwargs_for(method, setting)
-    return {d.term: (d.analytic, d.trace) for d in differences(estimate(model, method, **kw), trace(model, method, **kw))}
+def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, tuple]:
+    return engines_terms(root / f"tiny-{family}", TINY[family], method, kwargs_for(method, setting))
 
 
 CASES = grid()
@@ -94,29 +78,10 @@ def test_engines_agree(tmp_path_factory, family, method, setting):
 
 
 def summary() -> int:
+    import tempfile
+
     root = Path(tempfile.mkdtemp(prefix="lora-cost-grid-t5-"))
-    per_term: dict[str, list[tuple[float, str]]] = {}
-    for (family, method, setting), name in zip(CASES, IDS):
-        try:
-            terms = compare(root, family, method, setting)
-        except Exception as exc:  # report, keep going
-            print(f"{name}: ERROR {type(exc).__name__}: {exc}", flush=True)
-            continue
-        a, t = terms["peak_bytes"]
-        print(f"{name}: peak {100 * (t - a) / t:+.2f}%  bwd flops "
-              f"{100 * (terms['flops.backward'][1] - terms['flops.backward'][0]) / max(terms['flops.backward'][0], 1):+.2f}%",
-              flush=True)
-        for term, (a, t) in terms.items():
-            if a or t:
-                per_term.setdefault(term, []).append(((t - a) / a if a else float("inf"), name))
-    print(f"configurations: {len(CASES)}")
-    for term, values in sorted(per_term.items()):
-        finite = [(abs(r), n) for r, n in values if r != float("inf")]
-        if finite:
-            worst = max(finite)
-            print(f"{term:40s} {len(values):4d} {100 * statistics.median(v for v, _ in finite):11.2f}% "
-                  f"{100 * worst[0]:9.2f}%  {worst[1]}")
-    return 0
+    return summarise((name, lambda c=case: compare(root, *c)) for case, name in zip(CASES, IDS))
 
 
 if __name__ == "__main__":
