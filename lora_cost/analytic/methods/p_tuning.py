@@ -15,8 +15,8 @@ from __future__ import annotations
 from .. import ops
 from .base import Method, TensorGroup, register_method
 from .options import MethodOption
-from .prompt_tuning import (PROMPT_DTYPE, VIRTUAL_TOKENS, apply_prompt_learning, check_virtual_tokens, peft_type,
-                            prepend, prompt_indices, prompt_serving, virtual_tokens)
+from .prompt_tuning import (NO_LINEAR_ADAPTER, PROMPT_DTYPE, VIRTUAL_TOKENS, active_config, apply_prompt_learning,
+                            check_virtual_tokens, peft_type, prepend, prompt_indices, prompt_serving, virtual_tokens)
 
 ENCODER_HIDDEN = MethodOption("encoder_hidden_size", "--prompt-encoder-hidden", int, 0,
                               "hidden size of P-tuning's MLP prompt encoder (0: the model's hidden size, as peft)",
@@ -65,13 +65,7 @@ P_TUNING = register_method(Method(
     paper="Liu et al. 2021, arXiv:2103.10385",
     recipe="peft PromptEncoderConfig(task_type=CAUSAL_LM, num_virtual_tokens=N, encoder_hidden_size): MLP prompt "
            "encoder in fp32, its output prepended",
-    default_r=None,
-    trainable=lambda site, run: [],
-    frozen=lambda site, run: [],
-    adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_rank=False,
-    default_targets=lambda spec: (),  # no linear layer is adapted
-    max_rank=lambda site: None,
+    **NO_LINEAR_ADAPTER,
     options=(VIRTUAL_TOKENS, ENCODER_HIDDEN),
     validate=lambda spec, sites, run: check_virtual_tokens(spec, run, "p-tuning", run.seq + virtual_tokens(run)),
     model_trainable=lambda spec, groups, run: encoder_groups(spec, run),
@@ -81,6 +75,6 @@ P_TUNING = register_method(Method(
     serving=prompt_serving,
     apply_to_model=apply_p_tuning,
     recognise=lambda model, peft_config: peft_type(peft_config) == "PromptEncoderConfig",
-    observed_options=lambda model: {"virtual_tokens": next(iter(model.peft_config.values())).num_virtual_tokens,
-                                    "encoder_hidden_size": next(iter(model.peft_config.values())).encoder_hidden_size},
+    observed_options=lambda model: {"virtual_tokens": active_config(model).num_virtual_tokens,
+                                    "encoder_hidden_size": active_config(model).encoder_hidden_size},
 ))

@@ -21,8 +21,8 @@ from .. import ops
 from ...errors import LoraCostError
 from .base import Method, TensorGroup, register_method
 from .options import MethodOption
-from .prompt_tuning import (PROMPT_DTYPE, VIRTUAL_TOKENS, apply_prompt_learning, check_virtual_tokens, peft_type,
-                            prompt_indices, prompt_serving, virtual_tokens)
+from .prompt_tuning import (NO_LINEAR_ADAPTER, PROMPT_DTYPE, VIRTUAL_TOKENS, active_config, apply_prompt_learning,
+                            check_virtual_tokens, peft_type, prompt_indices, prompt_serving, virtual_tokens)
 
 PROJECTION = MethodOption("prefix_projection", "--prefix-projection", int, 0,
                           "hidden size of prefix tuning's reparameterisation MLP (0: no MLP, the prefixes train "
@@ -112,13 +112,7 @@ PREFIX_TUNING = register_method(Method(
     paper="Li & Liang 2021, arXiv:2101.00190",
     recipe="peft PrefixTuningConfig(task_type=CAUSAL_LM, num_virtual_tokens=N, prefix_projection): N keys and "
            "values per layer through a DynamicCache; encoder in fp32",
-    default_r=None,
-    trainable=lambda site, run: [],
-    frozen=lambda site, run: [],
-    adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_rank=False,
-    default_targets=lambda spec: (),  # no linear layer is adapted
-    max_rank=lambda site: None,
+    **NO_LINEAR_ADAPTER,
     options=(VIRTUAL_TOKENS, PROJECTION),
     # the queries sit at positions N .. N + s - 1 (cache_position starts after the prefix)
     validate=check_prefix,
@@ -129,5 +123,5 @@ PREFIX_TUNING = register_method(Method(
     serving=prefix_serving,
     apply_to_model=apply_prefix_tuning,
     recognise=lambda model, peft_config: peft_type(peft_config) == "PrefixTuningConfig",
-    observed_options=lambda model: observed(next(iter(model.peft_config.values()))),
+    observed_options=lambda model: observed(active_config(model)),
 ))

@@ -27,6 +27,17 @@ VIRTUAL_TOKENS = MethodOption("virtual_tokens", "--virtual-tokens", int, 20,
                               "virtual tokens (prompt/P-tuning: prepended to the input; prefix tuning: keys and "
                               "values prepended in every layer)", minimum=1)
 
+# What every prompt-learning method declares alike (the Method fields of a method that adapts no linear layer):
+# no rank, no adapter tensors at the linear sites, each linear the base one.
+NO_LINEAR_ADAPTER = dict(default_r=None, trainable=lambda site, run: [], frozen=lambda site, run: [],
+                         adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site), uses_rank=False,
+                         default_targets=lambda spec: (), max_rank=lambda site: None)
+
+
+def active_config(model):
+    """The peft config of a live model's (only) adapter."""
+    return next(iter(model.peft_config.values()))
+
 
 def virtual_tokens(run) -> int:
     return VIRTUAL_TOKENS.value(run)
@@ -118,13 +129,7 @@ PROMPT_TUNING = register_method(Method(
     title="Prompt tuning",
     paper="Lester et al. 2021, arXiv:2104.08691",
     recipe="peft PromptTuningConfig(task_type=CAUSAL_LM, num_virtual_tokens=N): N fp32 embeddings prepended",
-    default_r=None,
-    trainable=lambda site, run: [],
-    frozen=lambda site, run: [],
-    adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site),
-    uses_rank=False,
-    default_targets=lambda spec: (),  # no linear layer is adapted
-    max_rank=lambda site: None,
+    **NO_LINEAR_ADAPTER,
     options=(VIRTUAL_TOKENS,),
     validate=lambda spec, sites, run: check_virtual_tokens(spec, run, "prompt-tuning", run.seq + virtual_tokens(run)),
     model_trainable=lambda spec, groups, run: [TensorGroup("prompt_encoder.embedding", virtual_tokens(run) * spec.hidden, 1,
@@ -134,5 +139,5 @@ PROMPT_TUNING = register_method(Method(
     serving=prompt_serving,
     apply_to_model=apply_prompt_tuning,
     recognise=lambda model, peft_config: peft_type(peft_config) == "PromptTuningConfig",
-    observed_options=lambda model: {"virtual_tokens": next(iter(model.peft_config.values())).num_virtual_tokens},
+    observed_options=lambda model: {"virtual_tokens": active_config(model).num_virtual_tokens},
 ))
