@@ -173,3 +173,14 @@ def observed_reduction_factor(model) -> dict:
             m, d = p.shape
             return {"reduction_factor": d // m}
     return {}
+
+
+def layout_fields(config: BottleneckConfig) -> dict:
+    """The Method fields of a bottleneck-adapter layout: no linear layer adapted (the adapters are modules
+    of their own, `config.points` per block), everything else derived from the layout."""
+    return dict(default_r=None, trainable=lambda site, run: [], frozen=lambda site, run: [],
+                adapted_linear=lambda ctx, x, site: ctx.base_linear(x, site), adapts_linears=False,
+                modules_per_block=len(config.points), block_trainable=block_trainable(config),
+                residual=residual_with(config), options=(REDUCTION_FACTOR,), validate=validate,
+                serving=serving_with(config), apply_to_model=apply_with(config), recognise=recognise_with(config),
+                observed_options=observed_reduction_factor)
