@@ -19,15 +19,10 @@ import pytest
 
 from lora_cost import estimate
 
-B, S = 2, 24
-CONFIGS = {
-    "gpt2": dict(model_type="gpt2", n_embd=64, n_layer=3, n_head=4, vocab_size=512, n_positions=64),
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=64),
-    "roberta": dict(model_type="roberta", hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                    num_attention_heads=4, vocab_size=512, max_position_embeddings=66, type_vocab_size=1, pad_token_id=1),
-}
-DROPOUT_KEYS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+from tiny_configs import B, DROPOUT_KEYS, S  # noqa: E402
+from tiny_configs import CONFIGS as _ALL  # noqa: E402
+
+CONFIGS = {k: _ALL[k] for k in ("gpt2", "llama", "roberta")}
 OPTION = {"p-tuning": "encoder_hidden_size", "prefix-tuning": "prefix_projection"}
 
 
