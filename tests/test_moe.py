@@ -64,19 +64,9 @@ def _flops(cfg: dict, method: str, targets, r: int, ckpt: bool) -> tuple[int, in
     config.use_cache = False
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager")
-    if method != "full":
-        conf = peft.VeraConfig(r=r, target_modules=list(targets)) if method == "vera" else \
-            peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=list(targets), use_dora=method == "dora")
-        model = peft.get_peft_model(model, conf)
-        if method == "lora-fa":
-            for name, p in model.named_parameters():
-                if "lora_A" in name:
-                    p.requires_grad_(False)
-    if ckpt:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if method != "full":
-            model.enable_input_require_grads()
-    model.train()
+    from peft_step import adapt
+
+    model = adapt(model, method, targets, r, ckpt)
     ids = torch.randint(2, 512, (B, S))
     with FlopCounterMode(display=False, custom_mapping=custom_mapping()) as fwd:
         loss = model(input_ids=ids, labels=ids).loss
