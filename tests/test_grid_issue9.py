@@ -35,11 +35,11 @@ SIZE = 220
 CI_STRIDE = 15
 
 
-def _accepted(family, method, attention, optimizer, loss, setting) -> bool:
+def _accepted(family, method, attention, optimizer, loss, setting, *liger) -> bool:
     from lora_cost import estimate
     from lora_cost.errors import LoraCostError
     try:
-        estimate(_config(family), method, **kwargs_for(method, attention, optimizer, loss, setting))
+        estimate(_config(family), method, **kwargs_for(method, attention, optimizer, loss, setting, *liger))
     except LoraCostError:
         return False
     return True
@@ -66,10 +66,12 @@ def grid() -> list[tuple]:
     return out
 
 
-def kwargs_for(method, attention, optimizer, loss, setting) -> dict:
+def kwargs_for(method, attention, optimizer, loss, setting, liger_kernels=None) -> dict:
     precision, ckpt, dtype = setting
     kw = dict(batch=2, seq=64, precision=precision, grad_checkpointing=ckpt, loss=loss, attention=attention,
               optimizer=optimizer)
+    if liger_kernels:  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (with --loss liger: Trainer's use_liger_kernel)
+        kw["liger_kernels"] = liger_kernels
     if method != "full":
         kw.update(r=8, targets="all-linear" if ckpt else None)
     if dtype is not None:
@@ -82,20 +84,41 @@ def compare(case) -> dict:
     from lora_cost.trace import trace
     from lora_cost.trace.compare import differences
 
-    family, method, attention, optimizer, loss, setting = case
-    kw = kwargs_for(method, attention, optimizer, loss, setting)
+    family, method, attention, optimizer, loss, setting, *liger = case
+    kw = kwargs_for(method, attention, optimizer, loss, setting, *liger)
     e = estimate(_config(family), method, **kw)
     t = trace(_config(family), method, **kw)
     return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
 
 
 def name(case) -> str:
-    family, method, attention, optimizer, loss, (precision, ckpt, dtype) = case
-    return f"{family}-{method}-{attention}-{optimizer}-{loss}-{precision}{'-ckpt' if ckpt else ''}{'-ad' + dtype if dtype else ''}"
+    family, method, attention, optimizer, loss, (precision, ckpt, dtype), *liger = case
+    return (f"{family}-{method}-{attention}-{optimizer}-{loss}-{precision}{'-ckpt' if ckpt else ''}"
+            f"{'-ad' + dtype if dtype else ''}{'-liger' if liger else ''}")
+
+
+# ligerkernels: the same options with Liger's RMSNorm, RoPE and SwiGLU on every row (a sample of its own, so the
+# rows above stay as they were); with --loss liger these rows are Trainer's use_liger_kernel=True
+LIGER_BLOCK_KERNELS = "rms_norm,rope,swiglu"
+LIGER_SIZE = 60
+
+
+def liger_grid() -> list[tuple]:
+    product = list(itertools.product(("llama", "qwen2"), METHODS, ATTENTION, OPTIMIZERS, LOSSES, SETTINGS,
+                                     (LIGER_BLOCK_KERNELS,)))
+    random.Random(10).shuffle(product)
+    out = []
+    for case in product:
+        if _accepted(*case):
+            out.append(case)
+        if len(out) == LIGER_SIZE:
+            break
+    return out
 
 
 CASES = grid()
-CI_CASES = CASES[::CI_STRIDE]
+LIGER_CASES = liger_grid()
+CI_CASES = CASES[::CI_STRIDE] + LIGER_CASES[::CI_STRIDE]
 
 
 @pytest.mark.parametrize("case", CI_CASES, ids=[name(c) for c in CI_CASES])
@@ -117,11 +140,16 @@ def test_grid_is_large_enough():
     covered = {k: {c[i] for c in CASES} for i, k in enumerate(("family", "method", "attention", "optimizer", "loss"))}
     assert covered["attention"] == set(ATTENTION) and covered["optimizer"] == set(OPTIMIZERS)
     assert covered["loss"] == set(LOSSES) and covered["method"] == set(METHODS)
+    liger_covered = {k: {c[i] for c in LIGER_CASES} for i, k in enumerate(("family", "method", "attention", "optimizer",
+                                                                           "loss"))}
+    assert len(LIGER_CASES) == LIGER_SIZE and liger_covered["loss"] == set(LOSSES)
+    assert liger_covered["method"] == set(METHODS) and liger_covered["attention"] == set(ATTENTION)
 
 
-def summary() -> int:
-    return summarise((name(case), lambda c=case: compare(c)) for case in CASES)
+def summary(cases=None) -> int:
+    return summarise((name(case), lambda c=case: compare(c)) for case in (CASES + LIGER_CASES if cases is None
+                                                                           else cases))
 
 
-if __name__ == "__main__":
-    raise SystemExit(summary())
+if __name__ == "__main__":  # `python tests/test_grid_issue9.py [liger]`: all rows, or the Liger rows alone
+    raise SystemExit(summary(LIGER_CASES if sys.argv[1:] == ["liger"] else None))
