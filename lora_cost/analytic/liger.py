@@ -133,7 +133,9 @@ def swiglu(tape: Tape, a: Tensor, b: Tensor) -> Tensor:
     if rg:
         tape.save(a, "activation function")
         tape.save(b, "activation function")
-    return tape.new(a.numel, a.dtype, rg)
+    # its backward holds the incoming dc only: da and db are stored into a and b (saved, counted above), not the
+    # three buffers of transformers' act(gate) * up product (tape.widest_moment, peaks.py in_block)
+    return tape.new(a.numel, a.dtype, rg, gradient_buffers=1)
 
 
 def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
