@@ -78,6 +78,11 @@ def test_patched_modules_and_defaults_are_the_sources():
         assert patched in llama
     qwen3 = _section("transformers/monkey_patch.py apply_liger_kernel_to_qwen3 instance")
     assert "self_attn.q_norm" in qwen3 and "self_attn.k_norm" in qwen3
+    phi3 = _section("transformers/monkey_patch.py apply_liger_kernel_to_phi3")
+    for line in ("fused_linear_cross_entropy: bool = True", "modeling_phi3.apply_rotary_pos_emb = liger_rotary_pos_emb",
+                 "_patch_swiglu_module(decoder_layer.mlp, LigerPhi3SwiGLUMLP)", "_patch_rms_norm_module(base_model.norm)"):
+        assert line in phi3
+    assert "gate, up_states = up_states.chunk(2, dim=-1)" in _section("transformers/swiglu.py LigerPhi3SwiGLUMLP.forward")
     trace_src = (Path(liger.__file__).parents[1] / "trace" / "liger.py").read_text()
     for attr in ("decoder.norm", "layer.input_layernorm", "layer.post_attention_layernorm", "layer.self_attn.q_norm",
                  "layer.self_attn.k_norm", "layer.mlp.forward", '"apply_rotary_pos_emb"'):
@@ -128,6 +133,7 @@ REAL = [  # (family config, method, targets, ckpt, kernels)
     ("llama", "full", None, False, "rms_norm,swiglu"),
     ("qwen3", "lora", "all-linear", False, "rms_norm,rope,swiglu"),
     ("llama", "lora", ("k_proj",), False, "rope"),
+    ("phi3", "lora", ("qkv_proj", "down_proj"), False, "rms_norm,rope,swiglu"),
 ]
 TINY = {
     "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
@@ -135,6 +141,9 @@ TINY = {
     "qwen3": {"model_type": "qwen3", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
               "max_position_embeddings": 128},
+    "phi3": {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
+             "partial_rotary_factor": 0.5, "pad_token_id": 0, "sliding_window": None},
     "mistral": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
                 "sliding_window": None},
@@ -184,6 +193,7 @@ TRACED = [  # (family, method, kwargs)
     ("llama", "lora", dict(r=8, liger_kernels="all")),
     ("mistral", "qlora", dict(r=8, liger_kernels="rms_norm,rope,swiglu")),
     ("qwen3", "full", dict(liger_kernels="all", grad_checkpointing=True)),
+    ("phi3", "lora", dict(r=8, targets="all-linear", liger_kernels="all", attention="sdpa")),
     ("llama", "lora", dict(r=8, targets="all-linear", liger_kernels="all", attention="flash-attention-2",
                            grad_checkpointing=True, adapter_dtype="bf16")),
 ]

@@ -3,11 +3,12 @@
 Trainer's `use_liger_kernel=True` (transformers integrations/liger.py `apply_liger_kernel`) calls
 `liger_kernel.transformers._apply_liger_kernel_to_instance(model=<the peft-unwrapped model>, **liger_kernel_config)`,
 which runs the family's `apply_liger_kernel_to_<model_type>` (liger_kernel 0.8.5 transformers/monkey_patch.py,
-MODEL_TYPE_TO_APPLY_LIGER_FN) with its defaults: for llama, mistral, qwen2 and qwen3 `rope=True, rms_norm=True,
+MODEL_TYPE_TO_APPLY_LIGER_FN) with its defaults: for llama, mistral, qwen2, qwen3 and phi3 `rope=True, rms_norm=True,
 swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False`. On the instance it binds `LigerRMSNorm.forward`
 to `base_model.norm` and every layer's `input_layernorm`, `post_attention_layernorm` (Qwen3 also
 `self_attn.q_norm`, `k_norm`) (`_patch_rms_norm_module`, casting_mode "llama", in_place=True), binds
-`LigerSwiGLUMLP.forward` to every layer's `mlp` (`_patch_swiglu_module`), and replaces the module's
+`LigerSwiGLUMLP.forward` to every layer's `mlp` (`_patch_swiglu_module`; Phi-3: `LigerPhi3SwiGLUMLP.forward`, which
+chunks the fused gate_up_proj output into two views that `@ensure_contiguous` copies), and replaces the module's
 `apply_rotary_pos_emb` by `liger_rotary_pos_emb`. The fused loss is `--loss liger` (analytic/losses.py).
 
 What each kernel's autograd Function allocates and keeps (ops/rms_norm.py, ops/swiglu.py, ops/rope.py):
@@ -23,7 +24,7 @@ What each kernel's autograd Function allocates and keeps (ops/rms_norm.py, ops/s
   `ctx.save_for_backward(a, b)`: the gate and up outputs; silu(a) is recomputed in backward, which writes the
   gradients into a and b in place (`swiglu_backward` returns `a.view(...)`, `b.view(...)`).
 - `LigerRopeFunction` (`rope_forward`): `q.transpose(1, 2)` and `.contiguous()` (a no-op on transformers'
-  `view(...).transpose(1, 2)` of a projection's output), the Triton kernel rotates q and k in place, and
+  `view(...).transpose(1, 2)` of a projection's output; a copy of Phi-3's slices of the fused qkv_proj), the Triton kernel rotates q and k in place, and
   `ctx.save_for_backward(cos, sin)`: the shared tables. No new q or k (transformers' version makes
   q*cos, rotate_half(q), its product with sin and the sum). Both q and k leave the Function requiring grad when
   either entered it so (autograd marks every output of an executable Function).
@@ -44,10 +45,10 @@ FUSED_LOSS = "fused_linear_cross_entropy"
 KERNEL_NAMES = BLOCK_KERNELS + (FUSED_LOSS,)
 # model types whose apply_liger_kernel_to_<type> (monkey_patch.py, 0.8.5) swaps exactly these modules with these
 # defaults (rope, rms_norm, swiglu, fused_linear_cross_entropy True; cross_entropy False), and that this tool models
-MODELLED_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-# patched by Liger 0.8.5 too, with kernels not modelled here (Gemma's offset/gemma-casting RMSNorm and GEGLU, Phi-3's
-# fused gate_up_proj chunks and partial rotary copies, the MoE experts' LigerExperts)
-PATCHED_NOT_MODELLED = ("phi3", "gemma2", "gemma3_text", "mixtral", "qwen3_moe")
+MODELLED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+# patched by Liger 0.8.5 too, with kernels not modelled here (Gemma's offset/gemma-casting RMSNorm (in_place=False for
+# Gemma 2) and GEGLU, the MoE experts' LigerExperts)
+PATCHED_NOT_MODELLED = ("gemma2", "gemma3_text", "mixtral", "qwen3_moe")
 # rms_norm_backward: `_dW = torch.empty((sm_count, n_cols), dtype=torch.float32)` with sm_count =
 # torch.cuda.get_device_properties(...).multi_processor_count: 132 on the H100 SXM the calibration measures
 # (NVIDIA H100 datasheet: 132 SMs); only when the norm weight trains (full fine-tuning)
@@ -118,9 +119,12 @@ def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> Tensor:
     return tape.new(x.numel, x.dtype, rg)
 
 
-def rope(tape: Tape, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    """LigerRopeFunction: q and k rotated in place (the same storages come out), cos and sin saved."""
+def rope(tape: Tape, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, copies: bool = False) -> tuple[Tensor, Tensor]:
+    """LigerRopeFunction: q and k rotated in place (the same storages come out), cos and sin saved. `copies`: q and
+    k are slices of a fused projection (Phi-3's qkv_proj), so `q.transpose(1, 2).contiguous()` copies each first."""
     rg = q.rg or k.rg
+    if copies:
+        q, k = tape.new(q.numel, q.dtype, rg), tape.new(k.numel, k.dtype, rg)
     if rg:
         tape.save(cos, "rotary tables")
         tape.save(sin, "rotary tables")

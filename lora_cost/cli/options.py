@@ -132,7 +132,7 @@ def liger_options(f):
     decorators = [
         click.option("--liger", "liger", is_flag=True, default=False,
                      help="Trainer's use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU kernels and its fused linear "
-                     "cross-entropy (--loss liger) on Llama, Mistral, Qwen2, Qwen3."),
+                     "cross-entropy (--loss liger) on Llama, Mistral, Qwen2, Qwen3, Phi-3."),
         click.option("--liger-kernels", "liger_kernels", default=None,
                      help="Some of Liger's kernels (comma separated): rms_norm, rope, swiglu, fused_linear_cross_entropy "
                      "(= --loss liger); 'all' is --liger."),

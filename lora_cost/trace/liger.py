@@ -1,9 +1,9 @@
 """Liger-Kernel's RMSNorm, RoPE and SwiGLU swaps (`--liger`, `--liger-kernels`) in the trace.
 
 Liger's kernels are Triton (GPU only), so the trace applies the swaps as
-`liger_kernel.transformers.monkey_patch.apply_liger_kernel_to_<llama|mistral|qwen2|qwen3>(model=...)` does (0.8.5:
+`liger_kernel.transformers.monkey_patch.apply_liger_kernel_to_<llama|mistral|qwen2|qwen3|phi3>(model=...)` does (0.8.5:
 `_patch_rms_norm_module` on `norm` and every layer's `input_layernorm`, `post_attention_layernorm`, Qwen3's
-`self_attn.q_norm`/`k_norm`; `_patch_swiglu_module(layer.mlp, LigerSwiGLUMLP)`; the modeling module's
+`self_attn.q_norm`/`k_norm`; `_patch_swiglu_module(layer.mlp, LigerSwiGLUMLP)` (Phi-3: `LigerPhi3SwiGLUMLP`); the modeling module's
 `apply_rotary_pos_emb` replaced), with stand-in autograd Functions that allocate and save exactly what Liger's
 Functions do (analytic/liger.py quotes the rules; tests/test_liger_kernels.py checks them against the library's
 source, kept in tests/data/liger_save_rules.txt). The stand-ins compute no values: the trace runs on fake tensors,
@@ -72,6 +72,12 @@ def _swiglu_forward(self, x):
     return self.down_proj(LigerSiLUMulStandIn.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def _phi3_swiglu_forward(self, x):
+    """LigerPhi3SwiGLUMLP.forward: the fused gate_up_proj's output chunked (views; the Function copies them)."""
+    gate, up_states = self.gate_up_proj(x).chunk(2, dim=-1)
+    return self.down_proj(LigerSiLUMulStandIn.apply(gate, up_states))
+
+
 class LigerRopeStandIn(torch.autograd.Function):
     """LigerRopeFunction (ops/rope.py): q and k rotated in place, saves cos and sin."""
 
@@ -121,7 +127,8 @@ def liger_swaps(built, spec, run):
             norm.forward = types.MethodType(_rms_norm_forward, norm)
     if "swiglu" in kernels:
         for layer in decoder.layers:
-            layer.mlp.forward = types.MethodType(_swiglu_forward, layer.mlp)
+            forward = _phi3_swiglu_forward if hasattr(layer.mlp, "gate_up_proj") else _swiglu_forward
+            layer.mlp.forward = types.MethodType(forward, layer.mlp)
     with contextlib.ExitStack() as stack:
         if "rope" in kernels:
             from unittest import mock

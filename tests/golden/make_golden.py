@@ -154,6 +154,9 @@ def cases() -> list[dict]:
     for kernels in ("rms_norm", "rope", "swiglu"):
         out.append(dict(model="llama-3.2-1b", method="lora", r=16, targets="all-linear", seq=4096, liger_kernels=kernels,
                         attention="flash-attention-2"))
+    for method in ("lora", "qlora"):
+        out.append(dict(model="phi-3-mini-4k", method=method, r=16, targets="all-linear", batch=2, seq=2048,
+                        liger_kernels="all", grad_checkpointing=True))
     return out
 
 
