@@ -70,7 +70,7 @@ def test_patched_modules_and_defaults_are_the_sources():
     for kw in ("rope: bool = True", "cross_entropy: bool = False", "fused_linear_cross_entropy: bool = True",
                "rms_norm: bool = True", "swiglu: bool = True"):
         assert kw in llama
-    assert set(liger.BLOCK_KERNELS) == {"rope", "rms_norm", "swiglu"}
+    assert set(liger.DEFAULT_KERNELS) == {"rope", "rms_norm", "swiglu"}
     for patched in ("_patch_rms_norm_module(base_model.norm)", "_patch_swiglu_module(decoder_layer.mlp, LigerSwiGLUMLP)",
                     "_patch_rms_norm_module(decoder_layer.input_layernorm)",
                     "_patch_rms_norm_module(decoder_layer.post_attention_layernorm)",
@@ -83,6 +83,16 @@ def test_patched_modules_and_defaults_are_the_sources():
                  "_patch_swiglu_module(decoder_layer.mlp, LigerPhi3SwiGLUMLP)", "_patch_rms_norm_module(base_model.norm)"):
         assert line in phi3
     assert "gate, up_states = up_states.chunk(2, dim=-1)" in _section("transformers/swiglu.py LigerPhi3SwiGLUMLP.forward")
+    # Gemma 2 / 3: GEGLU (the same saving rule as SwiGLU), their norms not in place, the feed-forward's norms too
+    assert _saved("ops/geglu.py LigerGELUMulFunction") == ["a", "b"]
+    assert "c = torch.empty_like(a)" in _section("ops/geglu.py geglu_forward")
+    assert "tl.store(a + col_offsets, da_row" in _section("ops/geglu.py LigerGELUMulFunction")
+    for fam in ("gemma2", "gemma3_text"):
+        src = _section(f"transformers/monkey_patch.py apply_liger_kernel_to_{fam}")
+        assert "geglu: bool = True" in src and 'casting_mode="gemma", in_place=False' in src
+        assert "_patch_geglu_module(decoder_layer.mlp)" in src and "pre_feedforward_layernorm)" in src
+    assert "self_attn.q_norm" in _section("transformers/monkey_patch.py apply_liger_kernel_to_gemma3_text")
+    assert liger.GEGLU_TYPES == ("gemma2", "gemma3_text")
     trace_src = (Path(liger.__file__).parents[1] / "trace" / "liger.py").read_text()
     for attr in ("decoder.norm", "layer.input_layernorm", "layer.post_attention_layernorm", "layer.self_attn.q_norm",
                  "layer.self_attn.k_norm", "layer.mlp.forward", '"apply_rotary_pos_emb"'):
@@ -134,6 +144,8 @@ REAL = [  # (family config, method, targets, ckpt, kernels)
     ("qwen3", "lora", "all-linear", False, "rms_norm,rope,swiglu"),
     ("llama", "lora", ("k_proj",), False, "rope"),
     ("phi3", "lora", ("qkv_proj", "down_proj"), False, "rms_norm,rope,swiglu"),
+    ("gemma3_text", "lora", "all-linear", False, "rms_norm,rope,geglu"),
+    ("gemma2", "full", None, False, "rms_norm,rope,swiglu"),  # swiglu names the family's gated-MLP kernel: GEGLU
 ]
 TINY = {
     "llama": {"model_type": "llama", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
@@ -144,6 +156,13 @@ TINY = {
     "phi3": {"model_type": "phi3", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
              "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
              "partial_rotary_factor": 0.5, "pad_token_id": 0, "sliding_window": None},
+    "gemma2": {"model_type": "gemma2", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 256,
+               "max_position_embeddings": 128, "sliding_window": 16, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 3,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 16, "vocab_size": 256,
+                    "max_position_embeddings": 128, "sliding_window": 16, "sliding_window_pattern": 3,
+                    "query_pre_attn_scalar": 16},
     "mistral": {"model_type": "mistral", "hidden_size": 64, "intermediate_size": 176, "num_hidden_layers": 2,
                 "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256, "max_position_embeddings": 128,
                 "sliding_window": None},
@@ -173,7 +192,7 @@ def test_saved_bytes_equal_a_real_cpu_step(case, tmp_path):
     model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
     model = adapt(model, method, targets, 8, ckpt)
     run = RunConfig(liger_kernels=kernels)
-    spec = types.SimpleNamespace(qk_norm=family == "qwen3")
+    spec = types.SimpleNamespace(qk_norm=family in ("qwen3", "gemma3_text"))
     ids = torch.randint(2, cfg["vocab_size"], (B, S))
     with liger_swaps(types.SimpleNamespace(model=model), spec, run), SavedBytes(model) as saved:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -194,6 +213,7 @@ TRACED = [  # (family, method, kwargs)
     ("mistral", "qlora", dict(r=8, liger_kernels="rms_norm,rope,swiglu")),
     ("qwen3", "full", dict(liger_kernels="all", grad_checkpointing=True)),
     ("phi3", "lora", dict(r=8, targets="all-linear", liger_kernels="all", attention="sdpa")),
+    ("gemma3_text", "lora", dict(r=8, targets="all-linear", liger_kernels="all", grad_checkpointing=True)),
     ("llama", "lora", dict(r=8, targets="all-linear", liger_kernels="all", attention="flash-attention-2",
                            grad_checkpointing=True, adapter_dtype="bf16")),
 ]
@@ -247,7 +267,12 @@ def test_parsing_and_refusals():
     with pytest.raises(LoraCostError, match="cannot go with --loss chunked"):
         liger.resolve("all", "chunked:4")
     with pytest.raises(LoraCostError, match="not modelled yet"):
-        estimate("gemma-2-2b", "lora", liger_kernels="rms_norm")
+        estimate("mixtral-8x7b", "lora", liger_kernels="rms_norm")
+    # the gated MLP's kernel is the family's: swiglu on Gemma is its GEGLU, geglu on Llama its SwiGLU
+    assert (estimate("gemma-3-1b", "lora", liger_kernels="swiglu").memory.peak_bytes
+            == estimate("gemma-3-1b", "lora", liger_kernels="geglu").memory.peak_bytes)
+    assert (estimate("llama-3.2-1b", "lora", liger_kernels="geglu").memory.peak_bytes
+            == estimate("llama-3.2-1b", "lora", liger_kernels="swiglu").memory.peak_bytes)
     with pytest.raises(LoraCostError, match="no kernels for model type gpt2"):
         estimate("gpt2", "lora", liger_kernels="rope")
 

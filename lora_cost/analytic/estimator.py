@@ -166,7 +166,7 @@ def validated_run(spec: ModelSpec, run: RunConfig):
         check_modules_to_save(spec, method.name, run, task_of(arch, run))
     if run.liger_kernels:  # ligerkernels
         from .liger import check_liger
-        check_liger(spec, run)
+        run = check_liger(spec, run)
     return run, method, target_names, sites, head_sites
 
 

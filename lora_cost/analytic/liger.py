@@ -39,16 +39,20 @@ from ..errors import LoraCostError
 from ..spec import ModelSpec, RunConfig
 from .tape import Tape, Tensor
 
-# the block kernels Liger swaps (the fused linear cross-entropy is `--loss liger`)
-BLOCK_KERNELS = ("rms_norm", "rope", "swiglu")
+# the block kernels Liger swaps (the fused linear cross-entropy is `--loss liger`); swiglu and geglu both name the
+# gated MLP's kernel, and the family's own is used (Gemma's MLP is GEGLU: apply_liger_kernel_to_gemma2/gemma3_text
+# take `geglu`, the others `swiglu`)
+BLOCK_KERNELS = ("rms_norm", "rope", "swiglu", "geglu")
+DEFAULT_KERNELS = ("rms_norm", "rope", "swiglu")  # 'all' (Trainer's use_liger_kernel): the MLP kernel is the family's
 FUSED_LOSS = "fused_linear_cross_entropy"
 KERNEL_NAMES = BLOCK_KERNELS + (FUSED_LOSS,)
 # model types whose apply_liger_kernel_to_<type> (monkey_patch.py, 0.8.5) swaps exactly these modules with these
-# defaults (rope, rms_norm, swiglu, fused_linear_cross_entropy True; cross_entropy False), and that this tool models
-MODELLED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-# patched by Liger 0.8.5 too, with kernels not modelled here (Gemma's offset/gemma-casting RMSNorm (in_place=False for
-# Gemma 2) and GEGLU, the MoE experts' LigerExperts)
-PATCHED_NOT_MODELLED = ("gemma2", "gemma3_text", "mixtral", "qwen3_moe")
+# defaults (rope, rms_norm, swiglu or geglu, fused_linear_cross_entropy True; cross_entropy False), and that this
+# tool models
+MODELLED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text")
+GEGLU_TYPES = ("gemma2", "gemma3_text")
+# patched by Liger 0.8.5 too, with kernels not modelled here (the MoE experts' LigerExperts)
+PATCHED_NOT_MODELLED = ("mixtral", "qwen3_moe")
 # rms_norm_backward: `_dW = torch.empty((sm_count, n_cols), dtype=torch.float32)` with sm_count =
 # torch.cuda.get_device_properties(...).multi_processor_count: 132 on the H100 SXM the calibration measures
 # (NVIDIA H100 datasheet: 132 SMs); only when the norm weight trains (full fine-tuning)
@@ -68,7 +72,7 @@ def parse_liger_kernels(value) -> tuple[tuple[str, ...], bool]:
         raise LoraCostError(f"--liger-kernels takes 'all' or a comma-separated list of {', '.join(KERNEL_NAMES)}; "
                             f"got {value!r}")
     if names == ["all"]:
-        return BLOCK_KERNELS, True
+        return DEFAULT_KERNELS, True
     if not names:
         raise LoraCostError(f"--liger-kernels is empty; give 'all' or some of {', '.join(KERNEL_NAMES)}")
     unknown = [n for n in names if n not in KERNEL_NAMES]
@@ -92,12 +96,16 @@ def resolve(liger_kernels, loss: str = "standard") -> tuple[tuple[str, ...], str
     return kernels, loss
 
 
-def check_liger(spec: ModelSpec, run: RunConfig) -> None:
-    """Refuse the swaps on families this tool does not model them for (one line)."""
+def check_liger(spec: ModelSpec, run: RunConfig) -> RunConfig:
+    """Refuse the swaps on families this tool does not model them for (one line); the run with the gated MLP's
+    kernel named as the family's (swiglu, or geglu for Gemma)."""
     if not run.liger_kernels:
-        return
+        return run
     if spec.model_type in MODELLED_TYPES:
-        return
+        mlp = "geglu" if spec.model_type in GEGLU_TYPES else "swiglu"
+        kernels = {mlp if k in ("swiglu", "geglu") else k for k in run.liger_kernels}
+        from dataclasses import replace
+        return replace(run, liger_kernels=tuple(k for k in BLOCK_KERNELS if k in kernels))
     flag = f"--liger-kernels {','.join(run.liger_kernels)}"
     if spec.model_type in PATCHED_NOT_MODELLED:
         raise LoraCostError(f"{flag}: Liger's kernels for model type {spec.model_type} are not modelled yet (only for "
@@ -106,16 +114,17 @@ def check_liger(spec: ModelSpec, run: RunConfig) -> None:
                         "MODEL_TYPE_TO_APPLY_LIGER_FN); Trainer's use_liger_kernel leaves such a model as it is")
 
 
-def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool) -> Tensor:
-    """LigerRMSNormFunction (casting_mode "llama", in_place=True): saves X itself and the fp32 [rows] RSTD
-    (and the weight, a parameter) when a gradient is needed; Y is a new tensor in X's dtype."""
+def rms_norm(tape: Tape, x: Tensor, width: int, *, w_trainable: bool, in_place: bool = True) -> Tensor:
+    """LigerRMSNormFunction (casting_mode "llama", in_place=True; Gemma's: "gemma", offset 1.0, in_place=False,
+    RSTD fp32 in both): saves X itself and the fp32 [rows] RSTD (and the weight, a parameter) when a gradient is
+    needed; Y is a new tensor in X's dtype."""
     rows = x.numel // width
     rg = x.rg or w_trainable
     if rg:
         tape.save(x, "norm inputs")
         tape.save(tape.new(rows, "fp32", False), "norm statistics")
-        # backward: dX written into dY (in place); a trained weight's per-SM fp32 partial sums
-        tape.norm_backward_buffers(x.nbytes + (SM_COUNT * width * 4 if w_trainable else 0))
+        # backward: dX written into dY (in place) or a zeros_like(dY); a trained weight's per-SM fp32 partial sums
+        tape.norm_backward_buffers((1 if in_place else 2) * x.nbytes + (SM_COUNT * width * 4 if w_trainable else 0))
     return tape.new(x.numel, x.dtype, rg)
 
 
@@ -132,7 +141,8 @@ def rope(tape: Tape, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, *, copies: 
 
 
 def swiglu(tape: Tape, a: Tensor, b: Tensor) -> Tensor:
-    """LigerSiLUMulFunction: c = empty_like(a); saves a (gate output) and b (up output) when a gradient is needed."""
+    """LigerSiLUMulFunction (and LigerGELUMulFunction, ops/geglu.py, the same rule): c = empty_like(a); saves a (gate
+    output) and b (up output) when a gradient is needed."""
     rg = a.rg or b.rg
     if rg:
         tape.save(a, "activation function")
@@ -148,7 +158,9 @@ def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
         return ()
     what = {"rms_norm": "RMSNorm (saves its input and an fp32 rstd per row; no fp32 copy)",
             "rope": "RoPE (q and k rotated in place; cos and sin saved)",
-            "swiglu": "SwiGLU (saves the gate and up outputs; silu recomputed in backward)"}
-    return ("Liger kernels (liger-kernel 0.8.5, as Trainer's use_liger_kernel applies them to the model instance): "
+            "swiglu": "SwiGLU (saves the gate and up outputs; silu recomputed in backward)",
+            "geglu": "GEGLU (saves the gate and up outputs; gelu recomputed in backward)"}
+    return ("Liger kernels (liger-kernel 0.8.5, as Trainer's use_liger_kernel applies them to the model instance"
+            + ("; Gemma's norms: offset 1, gemma casting, not in place" if spec.model_type in GEGLU_TYPES else "") + "): "
             + "; ".join(what[k] for k in run.liger_kernels)
             + "; elementwise kernels add no counted FLOPs",)

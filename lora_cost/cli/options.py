@@ -132,10 +132,10 @@ def liger_options(f):
     decorators = [
         click.option("--liger", "liger", is_flag=True, default=False,
                      help="Trainer's use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU kernels and its fused linear "
-                     "cross-entropy (--loss liger) on Llama, Mistral, Qwen2, Qwen3, Phi-3."),
+                     "cross-entropy (--loss liger) on Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3 (GEGLU)."),
         click.option("--liger-kernels", "liger_kernels", default=None,
-                     help="Some of Liger's kernels (comma separated): rms_norm, rope, swiglu, fused_linear_cross_entropy "
-                     "(= --loss liger); 'all' is --liger."),
+                     help="Some of Liger's kernels (comma separated): rms_norm, rope, swiglu (= geglu: the family's gated "
+                     "MLP), fused_linear_cross_entropy (= --loss liger); 'all' is --liger."),
     ]
     for d in reversed(decorators):
         f = d(f)

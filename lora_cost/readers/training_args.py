@@ -110,8 +110,8 @@ def training_args_reading(data: dict, label: str) -> Reading:
 def _liger(c: Collector) -> None:
     """use_liger_kernel: Liger's defaults (rope, rms_norm, swiglu, fused_linear_cross_entropy on; cross_entropy off),
     changed by liger_kernel_config's booleans (passed to apply_liger_kernel_to_<type> as keyword arguments)."""
-    from ..analytic.liger import BLOCK_KERNELS, FUSED_LOSS
-    on = dict.fromkeys(BLOCK_KERNELS + (FUSED_LOSS,), True)
+    from ..analytic.liger import DEFAULT_KERNELS, FUSED_LOSS
+    on = dict.fromkeys(DEFAULT_KERNELS + (FUSED_LOSS,), True)
     config = c.raw("liger_kernel_config")
     if config is not None:
         if not isinstance(config, dict):
@@ -119,14 +119,14 @@ def _liger(c: Collector) -> None:
         for key, value in config.items():
             if not isinstance(value, bool):
                 raise c.error("liger_kernel_config", f"{key} must be true or false")
-            if key in on:
-                on[key] = value
+            if key in on or key == "geglu":  # geglu (Gemma's apply function) and swiglu: the gated MLP's kernel
+                on["swiglu" if key == "geglu" else key] = value
             elif key == "cross_entropy" and value:
                 c.warn("liger_kernel_config", "cross_entropy (Liger's unfused cross-entropy on full logits) is not "
                        "modelled; the loss is transformers'")
             elif key != "cross_entropy":
                 c.warn("liger_kernel_config", f"{key} is not modelled")
-    kernels = tuple(k for k in BLOCK_KERNELS if on[k])
+    kernels = tuple(k for k in DEFAULT_KERNELS if on[k])
     if kernels:
         c.set("liger_kernels", kernels, "use_liger_kernel")
     if on[FUSED_LOSS]:

@@ -25,7 +25,8 @@ class LigerRMSNormStandIn(torch.autograd.Function):
     """LigerRMSNormFunction (ops/rms_norm.py; casting_mode "llama", in_place=True)."""
 
     @staticmethod
-    def forward(ctx, X, W, eps):
+    def forward(ctx, X, W, eps, in_place=True):
+        ctx.in_place = in_place
         X = X.contiguous()  # @ensure_contiguous
         shape = X.shape
         X = X.view(-1, shape[-1])  # rms_norm_forward: X.view(-1, dim)
@@ -41,13 +42,14 @@ class LigerRMSNormStandIn(torch.autograd.Function):
         dW = None
         if ctx.needs_input_grad[1]:  # _dW: fp32 [sm_count, n_cols], summed and cast to W's dtype
             dW = torch.empty((SM_COUNT, X.shape[1]), dtype=torch.float32, device=X.device).sum(dim=0).to(W.dtype)
-        return dY, dW, None  # in_place: dX = dY
+        return (dY if ctx.in_place else torch.zeros_like(dY)), dW, None, None  # in_place: dX = dY
 
 
 def _rms_norm_forward(self, hidden_states):
-    """LigerRMSNorm.forward, bound to the model's RMSNorm instance (`_patch_rms_norm_module`)."""
+    """LigerRMSNorm.forward, bound to the model's RMSNorm instance (`_patch_rms_norm_module`; Gemma 2 / 3:
+    offset 1.0, casting_mode "gemma", in_place=False)."""
     eps = getattr(self, "variance_epsilon", None) or getattr(self, "eps", None) or 1e-6
-    return LigerRMSNormStandIn.apply(hidden_states, self.weight, eps)
+    return LigerRMSNormStandIn.apply(hidden_states, self.weight, eps, getattr(self, "liger_in_place", True))
 
 
 class LigerSiLUMulStandIn(torch.autograd.Function):
@@ -117,15 +119,19 @@ def liger_swaps(built, spec, run):
         yield
         return
     decoder = _decoder(built.model)
+    gemma = "geglu" in kernels or hasattr(decoder.layers[0], "pre_feedforward_layernorm")
     if "rms_norm" in kernels:
         norms = [decoder.norm]
         for layer in decoder.layers:
             norms += [layer.input_layernorm, layer.post_attention_layernorm]
-            if spec.qk_norm:  # Qwen3: apply_liger_kernel_to_qwen3 patches q_norm and k_norm too
+            if gemma:  # apply_liger_kernel_to_gemma2 / gemma3_text: the feed-forward's two norms too
+                norms += [layer.pre_feedforward_layernorm, layer.post_feedforward_layernorm]
+            if spec.qk_norm:  # Qwen3, Gemma 3: q_norm and k_norm too
                 norms += [layer.self_attn.q_norm, layer.self_attn.k_norm]
         for norm in norms:
             norm.forward = types.MethodType(_rms_norm_forward, norm)
-    if "swiglu" in kernels:
+            norm.liger_in_place = not gemma
+    if "swiglu" in kernels or "geglu" in kernels:  # LigerGEGLUMLP.forward is LigerSwiGLUMLP's with GELUMul
         for layer in decoder.layers:
             forward = _phi3_swiglu_forward if hasattr(layer.mlp, "gate_up_proj") else _swiglu_forward
             layer.mlp.forward = types.MethodType(forward, layer.mlp)

@@ -157,6 +157,10 @@ def cases() -> list[dict]:
     for method in ("lora", "qlora"):
         out.append(dict(model="phi-3-mini-4k", method=method, r=16, targets="all-linear", batch=2, seq=2048,
                         liger_kernels="all", grad_checkpointing=True))
+    for model, kernels in (("gemma-3-1b", "all"), ("gemma-3-4b", "all"), ("gemma-2-2b", "rms_norm,rope,geglu")):
+        for method, ckpt in (("lora", True), ("full", False)):
+            out.append(dict(model=model, method=method, liger_kernels=kernels, batch=2, seq=2048,
+                            grad_checkpointing=ckpt))
     return out
 
 
