@@ -45,12 +45,29 @@ def _accepted(family, method, attention, optimizer, loss, setting, *liger) -> bo
     return True
 
 
+# ligerkernels: the other families Liger's kernels are modelled for (Qwen3's q/k norms, Phi-3's fused projections,
+# Gemma 3's GEGLU and offset norms)
+LIGER_TINY = {
+    "qwen3": {"model_type": "qwen3", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024,
+              "max_position_embeddings": 256},
+    "phi3": {"model_type": "phi3", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256,
+             "partial_rotary_factor": 0.5, "pad_token_id": 0, "sliding_window": None},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 1024,
+                    "max_position_embeddings": 256, "sliding_window": 32, "sliding_window_pattern": 3,
+                    "query_pre_attn_scalar": 32},
+}
+
+
 def _config(family: str) -> str:
     import tempfile
     path = Path(tempfile.gettempdir()) / "lora-cost-grid-issue9" / f"tiny-{family}" / "config.json"
-    if not path.exists():
+    cfg = json.dumps(TINY[family] if family in TINY else LIGER_TINY[family])
+    if not path.exists() or path.read_text() != cfg:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(TINY[family]))
+        path.write_text(cfg)
     return str(path)
 
 
@@ -100,12 +117,12 @@ def name(case) -> str:
 # ligerkernels: the same options with Liger's RMSNorm, RoPE and SwiGLU on every row (a sample of its own, so the
 # rows above stay as they were); with --loss liger these rows are Trainer's use_liger_kernel=True
 LIGER_BLOCK_KERNELS = "rms_norm,rope,swiglu"
-LIGER_SIZE = 60
+LIGER_SIZE = 80
 
 
 def liger_grid() -> list[tuple]:
-    product = list(itertools.product(("llama", "qwen2"), METHODS, ATTENTION, OPTIMIZERS, LOSSES, SETTINGS,
-                                     (LIGER_BLOCK_KERNELS,)))
+    product = list(itertools.product(("llama", "qwen2") + tuple(LIGER_TINY), METHODS, ATTENTION, OPTIMIZERS, LOSSES,
+                                     SETTINGS, (LIGER_BLOCK_KERNELS,)))
     random.Random(10).shuffle(product)
     out = []
     for case in product:
@@ -143,6 +160,7 @@ def test_grid_is_large_enough():
     liger_covered = {k: {c[i] for c in LIGER_CASES} for i, k in enumerate(("family", "method", "attention", "optimizer",
                                                                            "loss"))}
     assert len(LIGER_CASES) == LIGER_SIZE and liger_covered["loss"] == set(LOSSES)
+    assert liger_covered["family"] == {"llama", "qwen2"} | set(LIGER_TINY)
     assert liger_covered["method"] == set(METHODS) and liger_covered["attention"] == set(ATTENTION)
 
 
