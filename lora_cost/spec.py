@@ -216,6 +216,10 @@ class RunConfig:
     adapter_dtype: str | None = None
     # peft modules_to_save on a causal LM ("embed_tokens", "lm_head"): trained copies (analytic/modules_to_save.py)
     modules_to_save: tuple[str, ...] | None = None
+    # -- ligerkernels (issue 9: Liger's block kernels; analytic/liger.py) --
+    # the kernels swapped in as Trainer's use_liger_kernel does: some of "rms_norm", "rope", "swiglu" (canonical
+    # order; the fused linear cross-entropy is `loss="liger"`)
+    liger_kernels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _bounded_int("--batch", self.batch, MAX_BATCH)
@@ -255,6 +259,13 @@ class RunConfig:
             object.__setattr__(self, "modules_to_save", parse_modules(self.modules_to_save))
         if self.adapter_dtype is not None and self.adapter_dtype not in ADAPTER_DTYPES:
             raise LoraCostError(f"unknown --adapter-dtype {self.adapter_dtype!r}; choose one of {', '.join(ADAPTER_DTYPES)}")
+        if self.liger_kernels:  # ligerkernels
+            from .analytic.liger import parse_liger_kernels
+            kernels, fused = parse_liger_kernels(self.liger_kernels)
+            if fused:
+                raise LoraCostError("RunConfig.liger_kernels holds the block kernels; the fused linear cross-entropy "
+                                    "is loss='liger'")
+            object.__setattr__(self, "liger_kernels", kernels)
 
     @property
     def loss_kind(self) -> str:

@@ -35,22 +35,39 @@ SIZE = 220
 CI_STRIDE = 15
 
 
-def _accepted(family, method, attention, optimizer, loss, setting) -> bool:
+def _accepted(family, method, attention, optimizer, loss, setting, *liger) -> bool:
     from lora_cost import estimate
     from lora_cost.errors import LoraCostError
     try:
-        estimate(_config(family), method, **kwargs_for(method, attention, optimizer, loss, setting))
+        estimate(_config(family), method, **kwargs_for(method, attention, optimizer, loss, setting, *liger))
     except LoraCostError:
         return False
     return True
 
 
+# ligerkernels: the other families Liger's kernels are modelled for (Qwen3's q/k norms, Phi-3's fused projections,
+# Gemma 3's GEGLU and offset norms)
+LIGER_TINY = {
+    "qwen3": {"model_type": "qwen3", "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32, "vocab_size": 1024,
+              "max_position_embeddings": 256},
+    "phi3": {"model_type": "phi3", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 256,
+             "partial_rotary_factor": 0.5, "pad_token_id": 0, "sliding_window": None},
+    "gemma3_text": {"model_type": "gemma3_text", "hidden_size": 128, "intermediate_size": 320, "num_hidden_layers": 3,
+                    "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 32, "vocab_size": 1024,
+                    "max_position_embeddings": 256, "sliding_window": 32, "sliding_window_pattern": 3,
+                    "query_pre_attn_scalar": 32},
+}
+
+
 def _config(family: str) -> str:
     import tempfile
     path = Path(tempfile.gettempdir()) / "lora-cost-grid-issue9" / f"tiny-{family}" / "config.json"
-    if not path.exists():
+    cfg = json.dumps(TINY[family] if family in TINY else LIGER_TINY[family])
+    if not path.exists() or path.read_text() != cfg:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(TINY[family]))
+        path.write_text(cfg)
     return str(path)
 
 
@@ -66,10 +83,12 @@ def grid() -> list[tuple]:
     return out
 
 
-def kwargs_for(method, attention, optimizer, loss, setting) -> dict:
+def kwargs_for(method, attention, optimizer, loss, setting, liger_kernels=None) -> dict:
     precision, ckpt, dtype = setting
     kw = dict(batch=2, seq=64, precision=precision, grad_checkpointing=ckpt, loss=loss, attention=attention,
               optimizer=optimizer)
+    if liger_kernels:  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (with --loss liger: Trainer's use_liger_kernel)
+        kw["liger_kernels"] = liger_kernels
     if method != "full":
         kw.update(r=8, targets="all-linear" if ckpt else None)
     if dtype is not None:
@@ -82,20 +101,41 @@ def compare(case) -> dict:
     from lora_cost.trace import trace
     from lora_cost.trace.compare import differences
 
-    family, method, attention, optimizer, loss, setting = case
-    kw = kwargs_for(method, attention, optimizer, loss, setting)
+    family, method, attention, optimizer, loss, setting, *liger = case
+    kw = kwargs_for(method, attention, optimizer, loss, setting, *liger)
     e = estimate(_config(family), method, **kw)
     t = trace(_config(family), method, **kw)
     return {d.term: (d.analytic, d.trace) for d in differences(e, t)}
 
 
 def name(case) -> str:
-    family, method, attention, optimizer, loss, (precision, ckpt, dtype) = case
-    return f"{family}-{method}-{attention}-{optimizer}-{loss}-{precision}{'-ckpt' if ckpt else ''}{'-ad' + dtype if dtype else ''}"
+    family, method, attention, optimizer, loss, (precision, ckpt, dtype), *liger = case
+    return (f"{family}-{method}-{attention}-{optimizer}-{loss}-{precision}{'-ckpt' if ckpt else ''}"
+            f"{'-ad' + dtype if dtype else ''}{'-liger' if liger else ''}")
+
+
+# ligerkernels: the same options with Liger's RMSNorm, RoPE and SwiGLU on every row (a sample of its own, so the
+# rows above stay as they were); with --loss liger these rows are Trainer's use_liger_kernel=True
+LIGER_BLOCK_KERNELS = "rms_norm,rope,swiglu"
+LIGER_SIZE = 80
+
+
+def liger_grid() -> list[tuple]:
+    product = list(itertools.product(("llama", "qwen2") + tuple(LIGER_TINY), METHODS, ATTENTION, OPTIMIZERS, LOSSES,
+                                     SETTINGS, (LIGER_BLOCK_KERNELS,)))
+    random.Random(10).shuffle(product)
+    out = []
+    for case in product:
+        if _accepted(*case):
+            out.append(case)
+        if len(out) == LIGER_SIZE:
+            break
+    return out
 
 
 CASES = grid()
-CI_CASES = CASES[::CI_STRIDE]
+LIGER_CASES = liger_grid()
+CI_CASES = CASES[::CI_STRIDE] + LIGER_CASES[::CI_STRIDE]
 
 
 @pytest.mark.parametrize("case", CI_CASES, ids=[name(c) for c in CI_CASES])
@@ -117,11 +157,17 @@ def test_grid_is_large_enough():
     covered = {k: {c[i] for c in CASES} for i, k in enumerate(("family", "method", "attention", "optimizer", "loss"))}
     assert covered["attention"] == set(ATTENTION) and covered["optimizer"] == set(OPTIMIZERS)
     assert covered["loss"] == set(LOSSES) and covered["method"] == set(METHODS)
+    liger_covered = {k: {c[i] for c in LIGER_CASES} for i, k in enumerate(("family", "method", "attention", "optimizer",
+                                                                           "loss"))}
+    assert len(LIGER_CASES) == LIGER_SIZE and liger_covered["loss"] == set(LOSSES)
+    assert liger_covered["family"] == {"llama", "qwen2"} | set(LIGER_TINY)
+    assert liger_covered["method"] == set(METHODS) and liger_covered["attention"] == set(ATTENTION)
 
 
-def summary() -> int:
-    return summarise((name(case), lambda c=case: compare(c)) for case in CASES)
+def summary(cases=None) -> int:
+    return summarise((name(case), lambda c=case: compare(c)) for case in (CASES + LIGER_CASES if cases is None
+                                                                           else cases))
 
 
-if __name__ == "__main__":
-    raise SystemExit(summary())
+if __name__ == "__main__":  # `python tests/test_grid_issue9.py [liger]`: all rows, or the Liger rows alone
+    raise SystemExit(summary(LIGER_CASES if sys.argv[1:] == ["liger"] else None))

@@ -106,6 +106,9 @@ class StepContext:
         return ops.layer_norm(self.tape, x, width, w_trainable=self.base_trainable, b_trainable=self.method.trains_biases)
 
     def rms_norm(self, x: Tensor, width: int) -> Tensor:
+        if "rms_norm" in self.run.liger_kernels:  # ligerkernels: LigerRMSNormFunction (liger.py)
+            from .liger import rms_norm
+            return rms_norm(self.tape, x, width, w_trainable=self.base_trainable)
         return ops.rms_norm(self.tape, x, width, w_trainable=self.base_trainable, w_dtype=self.other_dtype)
 
     def attention(self, q: Tensor, k: Tensor, v: Tensor, shape, **kwargs) -> Tensor:

@@ -89,6 +89,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              sharding: str | None = None, sharding_options: dict | None = None,
              master_weights: str | None = None, optimizer_in_backward: bool = False,
              loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None,
+             liger_kernels=None,  # ligerkernels: 'all' (Trainer's use_liger_kernel) or a list (analytic/liger.py)
              # distprof: the numbers only (fast.StepNumbers), for sweeps
              numbers_only: bool = False) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
@@ -100,6 +101,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     spec = model if isinstance(model, ModelSpec) else load_model(model)
     if isinstance(targets, str):
         targets = tuple(t for t in targets.split(","))
+    if liger_kernels is not None:  # ligerkernels: the fused loss among them is --loss liger
+        from .liger import resolve
+        liger_kernels, loss = resolve(liger_kernels, loss)
     run = RunConfig(method=method, r=r, targets=tuple(targets) if targets is not None else None, batch=batch, seq=seq,
                     precision=precision, optimizer=optimizer, grad_checkpointing=grad_checkpointing,
                     attention=attention, dropout=dropout, model_dropout=model_dropout,
@@ -109,7 +113,8 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     sharding=sharding_spec(gpus, nodes, sharding, sharding_options),
                     master_weights=master_weights, optimizer_in_backward=optimizer_in_backward,
                     loss=loss, adapter_dtype=adapter_dtype,
-                    modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save)
+                    modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save,
+                    liger_kernels=liger_kernels or ())
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
@@ -159,6 +164,9 @@ def validated_run(spec: ModelSpec, run: RunConfig):
         from .modules_to_save import check_modules_to_save
         check_loss(spec, run, task_of(arch, run))
         check_modules_to_save(spec, method.name, run, task_of(arch, run))
+    if run.liger_kernels:  # ligerkernels
+        from .liger import check_liger
+        run = check_liger(spec, run)
     return run, method, target_names, sites, head_sites
 
 
@@ -280,10 +288,11 @@ def _serving(arch, spec, method, sites, head_sites, run):
 
 
 def _lossdtype_notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
-    if run.loss == "standard" and run.adapter_dtype in (None, "fp32"):
+    if run.loss == "standard" and run.adapter_dtype in (None, "fp32") and not run.liger_kernels:
         return ()  # the output stays as it was
+    from .liger import notes as liger_notes
     from .losses import notes
-    return notes(spec, run)
+    return notes(spec, run) + liger_notes(spec, run)
 
 
 def _task_note(run: RunConfig) -> tuple[str, ...]:

@@ -16,8 +16,8 @@ the logits with their gradient, and `grad_logits @ W` fills that chunk's rows of
 (`torch.zeros_like(weight)`, only when the head trains). All three matmuls run in the forward. What the
 Function keeps for backward is `ctx.save_for_backward(grad_input, grad_weight, grad_bias)`; backward
 returns them (scaled only when the incoming gradient is not 1.0, which for the step's loss it is).
-Only the fused linear cross-entropy is modelled: Trainer's `use_liger_kernel` also swaps RMSNorm, RoPE
-and SwiGLU for Liger kernels, whose saved tensors are not modelled (the estimate says so).
+Trainer's `use_liger_kernel` also swaps RMSNorm, RoPE and SwiGLU for Liger kernels: `--liger` / `--liger-kernels`
+(analytic/liger.py).
 
 `chunked:N`: torchtune's CEWithChunkedOutputLoss (torchtune 0.6 modules/loss/ce_chunked_output_loss.py,
 num_output_chunks=8 by default) with the model's output computed per chunk
@@ -166,9 +166,9 @@ def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
     if run.loss_kind == "liger":
         out.append(f"loss: Liger fused linear cross-entropy (liger-kernel 0.8.5 lce_forward): chunks of "
                    f"{liger_chunk_size(run.tokens, spec.hidden, spec.vocab)} rows, no tokens x vocab logits, the input "
-                   "(and a trained head's weight) gradient computed in the forward and kept; only the fused loss is "
-                   "modelled: Trainer's use_liger_kernel also swaps RMSNorm, RoPE and SwiGLU for Liger kernels, whose "
-                   "saved tensors are those of transformers' modules here")
+                   "(and a trained head's weight) gradient computed in the forward and kept"
+                   + ("" if run.liger_kernels else "; the RMSNorm, RoPE and SwiGLU are transformers' here (Trainer's "
+                      "use_liger_kernel also swaps them for Liger kernels: --liger)"))
     elif run.loss_kind == "chunked":
         out.append(f"loss: torchtune CEWithChunkedOutputLoss over {run.loss_chunks} chunks (the LM head per chunk, fp32 "
                    "upcast one chunk at a time; the logits deleted before backward, as torchtune's recipes do)")

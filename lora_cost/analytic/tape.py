@@ -83,11 +83,14 @@ class Tape:
         self._made_in: dict[int, str] = {}
 
     # -- bookkeeping -------------------------------------------------------------------------
-    def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
+    def new(self, numel: int, dtype: str, rg: bool, gradient_buffers: int = 3) -> Tensor:
+        """A new activation. `gradient_buffers`: how many buffers of its size its consumer's backward holds at once
+        (3: the incoming gradient and two outgoing ones, a product's; Liger's SwiGLU output: 1, its kernel writes
+        the two outgoing gradients into its saved inputs, analytic/liger.py)."""
         t = Tensor(numel, dtype, rg)
         nbytes = numel * DTYPE_BYTES[dtype]
         self.created[self.scope].append(nbytes)
-        self.widest_moment[self.scope].append(3 * nbytes + self.saved_by_scope.get(self.scope, 0))
+        self.widest_moment[self.scope].append(gradient_buffers * nbytes + self.saved_by_scope.get(self.scope, 0))
         self._made_in[t.sid] = self.scope
         return t
 

@@ -9,8 +9,8 @@ import click
 from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
-from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, loss_dtype_kwargs,
-                      loss_dtype_options, method_choice, method_options, optimizer_options, parse_targets,
+from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, liger_kwargs,
+                      liger_options, loss_dtype_kwargs, loss_dtype_options, method_choice, method_options, optimizer_options, parse_targets,
                       sharding_flags, sharding_kwargs)
 
 
@@ -37,6 +37,7 @@ from .options import (allocator_flags, allocator_kwargs, attention_options, comm
               "train the classification head too (peft modules_to_save).")
 @click.option("--num-labels", type=int, default=None, help="Classes of --task seq-cls or token-cls (default 2).")
 @loss_dtype_options
+@liger_options
 @attention_options
 @allocator_flags
 @sharding_flags
@@ -44,7 +45,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels, packing,
              gpus, nodes, sharding, offload, cpu_offload, deepspeed_config, reshard_after_forward, fsdp_param_dtype,
              fsdp_reduce_dtype, bucket_cap_mb, gradient_as_bucket_view,
-             loss, adapter_dtype, modules_to_save, peft_config=None, training_args=None, axolotl=None, **option_flags):
+             loss, adapter_dtype, modules_to_save, liger=False, liger_kernels=None, peft_config=None, training_args=None, axolotl=None, **option_flags):
     """Estimate the memory and FLOPs of one fine-tuning step."""
     optimizer_flags = optimizer_options(option_flags)
     kwargs = dict(r=rank, targets=parse_targets(targets), batch=batch, seq=seq, precision=precision, optimizer=optimizer,
@@ -58,6 +59,7 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
     if task is not None or num_labels is not None:  # absent flags leave the call (and its numbers) as they were
         kwargs.update(task=task, num_labels=num_labels)
     kwargs.update(loss_dtype_kwargs(loss, adapter_dtype, modules_to_save))
+    kwargs.update(liger_kwargs(liger, liger_kernels))
     if packing:
         kwargs["packing"] = True
     kwargs.update(allocator_kwargs(option_flags))

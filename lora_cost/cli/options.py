@@ -126,6 +126,33 @@ def loss_dtype_options(f):
     return f
 
 
+# -- ligerkernels: Liger-Kernel's swaps (issue 9), one block
+def liger_options(f):
+    """--liger (Trainer's use_liger_kernel=True), --liger-kernels LIST (its liger_kernel_config) (estimate)."""
+    decorators = [
+        click.option("--liger", "liger", is_flag=True, default=False,
+                     help="Trainer's use_liger_kernel=True: Liger's RMSNorm, RoPE and SwiGLU kernels and its fused linear "
+                     "cross-entropy (--loss liger) on Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2/3 (GEGLU)."),
+        click.option("--liger-kernels", "liger_kernels", default=None,
+                     help="Some of Liger's kernels (comma separated): rms_norm, rope, swiglu (= geglu: the family's gated "
+                     "MLP), fused_linear_cross_entropy (= --loss liger); 'all' is --liger."),
+    ]
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
+def liger_kwargs(liger: bool, liger_kernels) -> dict:
+    """The estimate()/trace() keyword arguments of --liger / --liger-kernels; absent flags leave the call as it was."""
+    if liger and liger_kernels is not None:
+        raise LoraCostError("give --liger (every kernel) or --liger-kernels LIST, not both")
+    if liger:
+        return {"liger_kernels": "all"}
+    if liger_kernels is not None:
+        return {"liger_kernels": liger_kernels}
+    return {}
+
+
 # -- task "sharding": several GPUs (one contiguous block; analytic/sharding/config.py holds the defaults)
 def sharding_flags(f):
     """--gpus, --nodes, --sharding and each strategy's options."""

@@ -30,8 +30,7 @@ _NO_COST = (  # axolotl keys with no effect on one training step's memory or FLO
     "eval_max_new_tokens", "lora_model_dir", "lora_on_cpu", "bnb_config_kwargs", "plugins", "torch_dtype",
     "load_in_4bit", "peft_use_dora", "lora_target_linear", "gradient_accumulation_steps", "shuffle_merged_datasets",
     "remove_unused_columns", "flash_attn_cross_entropy", "flash_attn_rms_norm", "flash_attn_fuse_qkv",
-    "flash_attn_fuse_mlp", "liger_rope", "liger_rms_norm", "liger_glu_activation", "liger_layer_norm",
-    "liger_cross_entropy", "fsdp_config", "fsdp_version", "gradient_checkpointing_kwargs", "s2_attention",
+    "flash_attn_fuse_mlp", "fsdp_config", "fsdp_version", "gradient_checkpointing_kwargs", "s2_attention",
     "cosine_min_lr_ratio", "optim_args", "save_safetensors", "report_to", "use_wandb", "use_mlflow",
     "torch_compile_backend", "torch_compile_mode", "trl", "rl", "unfrozen_parameters", "is_llama_derived_model",
     "is_mistral_derived_model", "is_qwen_derived_model", "sequence_parallel_degree", "hub_strategy", "save_strategy",
@@ -78,6 +77,16 @@ def read_axolotl(path: str) -> Reading:
         c.set("packing", True, "sample_packing")
     if c.flag("liger_fused_linear_cross_entropy"):
         c.set("loss", "liger", "liger_fused_linear_cross_entropy")
+    # axolotl's Liger plugin (integrations/liger: LigerArgs) passes these to apply_liger_kernel_to_<type>
+    kernels = tuple(kernel for key, kernel in (("liger_rms_norm", "rms_norm"), ("liger_rope", "rope"),
+                                               ("liger_glu_activation", "swiglu")) if c.flag(key))
+    if kernels:
+        c.set("liger_kernels", kernels, ",".join(k for k in ("liger_rms_norm", "liger_rope", "liger_glu_activation")
+                                                 if c.data.get(k)))
+    if c.flag("liger_layer_norm"):
+        c.warn("liger_layer_norm", "Liger's LayerNorm is not modelled (the families it models use RMSNorm)")
+    if c.flag("liger_cross_entropy"):
+        c.warn("liger_cross_entropy", "Liger's unfused cross-entropy is not modelled; the loss is transformers'")
     chunked = c.raw("chunked_cross_entropy")
     if chunked:
         if not isinstance(chunked, bool):

@@ -7,7 +7,8 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
   reentrant checkpointing, not modelled (transformers 5 defaults to use_reentrant=False, modelled)
 - bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from)
 - optim -> optimizer (absent: Trainer's default adamw_torch_fused)
-- packing / padding_free (TRL) -> packing; use_liger_kernel -> loss liger
+- packing / padding_free (TRL) -> packing; use_liger_kernel (+ liger_kernel_config) -> liger_kernels and loss liger
+  (Trainer: `apply_liger_kernel(model, liger_kernel_config)`; analytic/liger.py)
 - fsdp -> sharding (applied with --gpus); deepspeed (a JSON config) -> sharding zero1/2/3 + the file
 - gradient_accumulation_steps: no effect on one step's memory (each micro-batch's backward adds into the
   same .grad tensors, `AccumulateGrad`) nor on its FLOPs (a step here is one micro-batch); a note says so.
@@ -76,9 +77,9 @@ def training_args_reading(data: dict, label: str) -> Reading:
         if c.flag(key):
             c.set("packing", True, key)
     if c.flag("use_liger_kernel"):
-        c.set("loss", "liger", "use_liger_kernel")
-        c.note("use_liger_kernel", "Liger also swaps RMSNorm, RoPE and SwiGLU kernels; the loss is what --loss "
-               "liger models")
+        _liger(c)
+    elif c.raw("liger_kernel_config"):
+        c.note("liger_kernel_config", "read only with use_liger_kernel: true (Trainer applies no kernel without it)")
     if c.flag("torch_compile"):
         c.warn("torch_compile", "torch.compile fuses kernels and changes what is saved; not modelled (the estimate "
                "is eager PyTorch)")
@@ -104,6 +105,32 @@ def training_args_reading(data: dict, label: str) -> Reading:
     c.raw("ddp_find_unused_parameters")
     c.irrelevant(_NO_COST)
     return c.finish("keys lora-cost does not read (not modelled)")
+
+
+def _liger(c: Collector) -> None:
+    """use_liger_kernel: Liger's defaults (rope, rms_norm, swiglu, fused_linear_cross_entropy on; cross_entropy off),
+    changed by liger_kernel_config's booleans (passed to apply_liger_kernel_to_<type> as keyword arguments)."""
+    from ..analytic.liger import DEFAULT_KERNELS, FUSED_LOSS
+    on = dict.fromkeys(DEFAULT_KERNELS + (FUSED_LOSS,), True)
+    config = c.raw("liger_kernel_config")
+    if config is not None:
+        if not isinstance(config, dict):
+            raise c.error("liger_kernel_config", "must be a mapping of kernel names to true/false")
+        for key, value in config.items():
+            if not isinstance(value, bool):
+                raise c.error("liger_kernel_config", f"{key} must be true or false")
+            if key in on or key == "geglu":  # geglu (Gemma's apply function) and swiglu: the gated MLP's kernel
+                on["swiglu" if key == "geglu" else key] = value
+            elif key == "cross_entropy" and value:
+                c.warn("liger_kernel_config", "cross_entropy (Liger's unfused cross-entropy on full logits) is not "
+                       "modelled; the loss is transformers'")
+            elif key != "cross_entropy":
+                c.warn("liger_kernel_config", f"{key} is not modelled")
+    kernels = tuple(k for k in DEFAULT_KERNELS if on[k])
+    if kernels:
+        c.set("liger_kernels", kernels, "use_liger_kernel")
+    if on[FUSED_LOSS]:
+        c.set("loss", "liger", "use_liger_kernel")
 
 
 def _init_dtype(c: Collector):

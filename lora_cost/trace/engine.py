@@ -46,13 +46,17 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
           target_seq: int | None = None, moe_imbalance=None, task=None, num_labels=None,
           packing: bool = False, alloc_conf=None, paged_evictable: bool = False, sharding=None,
           master_weights: str | None = None, optimizer_in_backward: bool = False,
-          loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None) -> TraceResult:
+          loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None,
+          liger_kernels=None) -> TraceResult:
     """Trace one training step of `model` on fake tensors. Raises LoraCostError on bad input.
 
     `calibration=True` reproduces the calibration's measuring setup (see step.run_step); leave it
     off to describe an ordinary training step."""
     from .deps import require
 
+    if liger_kernels is not None:  # ligerkernels: the fused loss among them is --loss liger
+        from ..analytic.liger import resolve
+        liger_kernels, loss = resolve(liger_kernels, loss)
     if isinstance(model, str):
         from ..profiles import analytic_knows, find_config
         name, cfg, _ = find_config(model)
@@ -63,9 +67,10 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             if packing:
                 raise LoraCostError(f"--packing is modelled for the analytic engine's families only; {name} is "
                                     f"model_type {cfg.get('model_type')!r}")
-            if loss != "standard" or adapter_dtype is not None or modules_to_save:
+            if loss != "standard" or adapter_dtype is not None or modules_to_save or liger_kernels:
                 from ..errors import LoraCostError
-                raise LoraCostError("--loss and --adapter-dtype are modelled for the families the analytic engine knows")
+                raise LoraCostError("--loss, --adapter-dtype and Liger's kernels are modelled for the families the "
+                                    "analytic engine knows")
             from .anymodel import trace_any
             return trace_any(name, cfg, method, r=r, targets=targets, batch=batch, seq=seq, precision=precision,
                              optimizer=optimizer, grad_checkpointing=grad_checkpointing, attention=attention,
@@ -82,10 +87,11 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                                optimizer_in_backward=optimizer_in_backward,
                                loss=loss, adapter_dtype=adapter_dtype,
                                modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str)
-                               else modules_to_save)
+                               else modules_to_save, liger_kernels=liger_kernels or ())
     require()
     import torch  # noqa: F401
     from .build import build, raw_config
+    from .liger import liger_swaps
     from .step import run_step
 
     import transformers
@@ -106,7 +112,9 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
                 built.notes.extend(lossdtype_notes(spec, run))
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
-            rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration, loop=m.trace_loop)
+            with liger_swaps(built, spec, run):  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (liger.py)
+                rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration,
+                                  loop=m.trace_loop)
     finally:
         transformers.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - t0

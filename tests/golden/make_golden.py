@@ -145,6 +145,22 @@ def cases() -> list[dict]:
                     seq=2048))
     out.append(dict(model="qwen3-30b-a3b", method="lora-fa", r=8, targets="gate_proj,up_proj,down_proj", batch=2,
                     seq=1024, grad_checkpointing=True))
+    # --- task "ligerkernels": Liger's RMSNorm, RoPE and SwiGLU ("all": with its fused loss, Trainer's use_liger_kernel)
+    for model in ("llama-3.1-8b", "qwen2.5-7b", "mistral-7b", "qwen3-8b"):
+        for method in ("full", "lora", "qlora"):
+            for kernels, ckpt in (("all", True), ("all", False), ("rms_norm,rope,swiglu", False)):
+                out.append(dict(model=model, method=method, liger_kernels=kernels, batch=2, seq=2048,
+                                grad_checkpointing=ckpt))
+    for kernels in ("rms_norm", "rope", "swiglu"):
+        out.append(dict(model="llama-3.2-1b", method="lora", r=16, targets="all-linear", seq=4096, liger_kernels=kernels,
+                        attention="flash-attention-2"))
+    for method in ("lora", "qlora"):
+        out.append(dict(model="phi-3-mini-4k", method=method, r=16, targets="all-linear", batch=2, seq=2048,
+                        liger_kernels="all", grad_checkpointing=True))
+    for model, kernels in (("gemma-3-1b", "all"), ("gemma-3-4b", "all"), ("gemma-2-2b", "rms_norm,rope,geglu")):
+        for method, ckpt in (("lora", True), ("full", False)):
+            out.append(dict(model=model, method=method, liger_kernels=kernels, batch=2, seq=2048,
+                            grad_checkpointing=ckpt))
     return out
 
 

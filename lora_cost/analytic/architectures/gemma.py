@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ...attention_kernels import is_fused
-from .. import ops
+from .. import liger, ops
 from ...errors import LoraCostError, shown
 from ...spec import LinearSite, ModelSpec
 from ..stack import Stack
@@ -146,6 +146,8 @@ def _forward(ctx) -> None:
             tape.save(sin, "rotary tables")
 
     def norm(t, width=d):
+        if "rms_norm" in run.liger_kernels:  # LigerRMSNormForGemma2/3: offset 1, gemma casting, in_place=False
+            return liger.rms_norm(tape, t, width, w_trainable=ctx.base_trainable, in_place=False)
         return ops.gemma_rms_norm(tape, t, width, w_trainable=ctx.base_trainable)
 
     def block_of(kind: str):
@@ -158,7 +160,10 @@ def _forward(ctx) -> None:
             q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
             if spec.qk_norm:
                 q, k = norm(q, hd), norm(k, hd)
-            q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
+            if "rope" in run.liger_kernels:  # LigerRopeFunction: in place, saves cos and sin
+                q, k = liger.rope(tape, q, k, cos, sin)
+            else:
+                q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
             k, v = ctx.key_values(k, v)
             shape = ops.AttentionShape(ctx.batch, seq, spec.heads, spec.kv_heads, hd, causal=True, kv_seq=kv_seq)
             impl = implementation
@@ -177,8 +182,11 @@ def _forward(ctx) -> None:
                                  softcap=softcap)
             x = ctx.residual("attention", norm(ctx.linear(attn, o_site)), x)
             m = norm(x)
-            act = ops.gelu(tape, ctx.linear(m, gate))
-            h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
+            if "geglu" in run.liger_kernels:  # LigerGEGLUMLP: down_proj(LigerGELUMulFunction(gate_proj(m), up_proj(m)))
+                h = liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up))
+            else:
+                act = ops.gelu(tape, ctx.linear(m, gate))
+                h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
             return ctx.residual("ffn", norm(ctx.linear(h, down)), x)
         return block
 

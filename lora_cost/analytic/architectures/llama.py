@@ -13,7 +13,7 @@ Qwen3 (modeling_qwen3.py Qwen3Attention) normalises each head's q and k with an 
 from __future__ import annotations
 
 from ...attention_kernels import is_fused
-from .. import ops
+from .. import liger, ops
 from ...spec import LinearSite, ModelSpec
 from ...errors import LoraCostError
 from .base import (MAX_LAYERS, MAX_POSITIONS, MAX_VOCAB, Architecture, ParamGroup, divisible, flag, integer, prob,
@@ -99,7 +99,10 @@ def _forward(ctx) -> None:
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
         if spec.qk_norm:  # over each head's head_dim values
             q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
-        q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
+        if "rope" in run.liger_kernels:  # LigerRopeFunction: in place, saves cos and sin (analytic/liger.py)
+            q, k = liger.rope(tape, q, k, cos, sin)
+        else:
+            q, k = ops.rope(tape, q, cos, sin), ops.rope(tape, k, cos, sin)
         k, v = ctx.key_values(k, v)
         if masked:  # explicit mask: no enable_gqa, transformers repeats k and v itself (copies)
             # (one key/value head: expand + reshape is a view, unless autocast then casts the expanded view
@@ -115,8 +118,11 @@ def _forward(ctx) -> None:
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
         x = ctx.residual("attention", ctx.linear(attn, o_site), x)
         m = norm(x)
-        act = ops.silu(tape, ctx.linear(m, gate))
-        h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
+        if "swiglu" in run.liger_kernels:  # LigerSwiGLUMLP: down_proj(LigerSiLUMulFunction(gate_proj(m), up_proj(m)))
+            h = liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up))
+        else:
+            act = ops.silu(tape, ctx.linear(m, gate))
+            h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
         return ctx.residual("ffn", ctx.linear(h, down), x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here

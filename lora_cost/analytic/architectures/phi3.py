@@ -25,7 +25,7 @@ the default here is `qkv_proj`, the fused matrix that holds the query and value 
 from __future__ import annotations
 
 from ...attention_kernels import is_fused
-from .. import ops
+from .. import liger, ops
 from ..tape import Tensor
 from ...errors import LoraCostError, shown
 from ...spec import LinearSite, ModelSpec
@@ -135,8 +135,11 @@ def _forward(ctx) -> None:
         a = norm(x)
         qkv = ctx.linear(a, qkv_site)
         q_numel, kv_numel = n * spec.heads * hd, n * spec.kv_heads * hd
-        q = _rope(tape, _slice(qkv, q_numel), q_numel * rotary // hd, cos, sin)
-        k = _rope(tape, _slice(qkv, kv_numel), kv_numel * rotary // hd, cos, sin)
+        if "rope" in run.liger_kernels:  # LigerRopeFunction on the slices: contiguous copies, rotated in place
+            q, k = liger.rope(tape, _slice(qkv, q_numel), _slice(qkv, kv_numel), cos, sin, copies=True)
+        else:
+            q = _rope(tape, _slice(qkv, q_numel), q_numel * rotary // hd, cos, sin)
+            k = _rope(tape, _slice(qkv, kv_numel), kv_numel * rotary // hd, cos, sin)
         # v: a view of the fused output; a kernel saving it keeps that whole storage, unless eager's
         # matmul reshape (several sequences) copies it first
         v = qkv.view() if run.attention != "eager" or ctx.batch == 1 else tape.new(kv_numel, qkv.dtype, qkv.rg)
@@ -157,12 +160,15 @@ def _forward(ctx) -> None:
         x = ctx.residual("attention", ops.dropout(tape, ctx.linear(attn, o_site), dropout), x)
         m = norm(x)
         gu = ctx.linear(m, gate_up)  # gate, up = chunk(2): views of this [n, 2i] output
-        act = tape.new(n * i, gu.dtype, gu.rg)
-        if gu.rg:
-            tape.save(gu, "activation function")  # silu saves gate: the whole storage
-            tape.save(act, "activation function")  # up * act: up's gradient reads act
-            tape.save(gu, "activation function")  # and act's reads up (the same storage, kept once)
-        h = tape.new(n * i, gu.dtype, gu.rg)
+        if "swiglu" in run.liger_kernels:  # LigerPhi3SwiGLUMLP: @ensure_contiguous copies both chunks (liger.py)
+            h = liger.swiglu(tape, tape.new(n * i, gu.dtype, gu.rg), tape.new(n * i, gu.dtype, gu.rg))
+        else:
+            act = tape.new(n * i, gu.dtype, gu.rg)
+            if gu.rg:
+                tape.save(gu, "activation function")  # silu saves gate: the whole storage
+                tape.save(act, "activation function")  # up * act: up's gradient reads act
+                tape.save(gu, "activation function")  # and act's reads up (the same storage, kept once)
+            h = tape.new(n * i, gu.dtype, gu.rg)
         return ctx.residual("ffn", ops.dropout(tape, ctx.linear(h, down), dropout), x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))
