@@ -318,3 +318,30 @@ def test_readers_map_to_the_kernels(tmp_path):
                  "liger_fused_linear_cross_entropy: true\n")
     kw = resolve(read_axolotl(str(y))).kwargs
     assert kw["liger_kernels"] == ("rms_norm", "rope", "swiglu") and kw["loss"] == "liger"
+
+
+@pytest.mark.fast
+def test_use_liger_kernel_from_a_file_on_families_without_modelled_kernels(tmp_path):
+    """Trainer's use_liger_kernel on a family whose block kernels are not modelled (Mixtral) keeps the fused loss
+    and warns; on one Liger has no kernels for (GPT-2) Trainer leaves the model as it is, and so does the
+    estimate, with a warning. The same kernels typed as a flag are refused (check_liger)."""
+    from click.testing import CliRunner
+
+    from lora_cost.cli import main
+
+    p, plain = tmp_path / "args.json", tmp_path / "plain.json"
+    p.write_text(json.dumps({"use_liger_kernel": True, "bf16": True}))
+    plain.write_text(json.dumps({"bf16": True}))
+    runner = CliRunner()
+
+    def peak(args):
+        r = runner.invoke(main, ["estimate", "--r", "8", "--seq", "256", "--json", *args])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)["memory"]["peak_bytes"], r.stderr
+
+    for model, loss, said in (("mixtral-8x7b", "liger", "not modelled yet"), ("gpt2", "standard", "leaves the model")):
+        got, stderr = peak(["--model", model, "--training-args", str(p)])
+        assert said in stderr
+        assert got == peak(["--model", model, "--training-args", str(plain), "--loss", loss])[0]
+    r = runner.invoke(main, ["estimate", "--model", "mixtral-8x7b", "--liger-kernels", "rms_norm"])
+    assert r.exit_code == 2 and "not modelled yet" in r.output

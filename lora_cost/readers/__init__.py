@@ -61,7 +61,39 @@ def with_model(reading: Reading, model: str) -> Reading:
 
 def settings_for(model: str, reading: Reading) -> Resolved:
     """The files' settings for `model`, sorted into estimate() keywords and method options, checked."""
-    return resolve(with_model(reading, model))
+    return _liger_for_family(model, resolve(with_model(reading, model)))
+
+
+def _liger_for_family(model: str, found: Resolved) -> Resolved:
+    """use_liger_kernel read from a file names Liger's kernels whatever the model. Where Liger has none for the
+    model's family, Trainer leaves the model as it is (liger_kernel MODEL_TYPE_TO_APPLY_LIGER_FN): no kernel and
+    transformers' loss. Where this lora-cost does not model the block kernels for the family, the estimate keeps
+    transformers' modules and the fused loss. Either way a warning says so, as for any key not modelled; a
+    --liger-kernels or --loss liger flag typed for such a model is refused instead (analytic/liger.py, losses.py)."""
+    if not found.kwargs.get("liger_kernels") and found.origins.get("loss", "").find("use_liger_kernel") < 0:
+        return found
+    from ..analytic.liger import MODELLED_TYPES
+    from ..analytic.losses import LIGER_MODEL_TYPES
+    from ..profiles import load_model
+    try:
+        model_type = load_model(model).model_type
+    except LoraCostError:
+        return found  # the estimate reports the model itself
+    if model_type in MODELLED_TYPES:
+        return found
+    kwargs, warnings = dict(found.kwargs), list(found.warnings)
+    if model_type not in LIGER_MODEL_TYPES:
+        dropped = [k for k in ("liger_kernels", "loss") if k in kwargs and "use_liger_kernel" in found.origins.get(k, "")]
+        for k in dropped:
+            del kwargs[k]
+        warnings.append(f"{found.origins.get(dropped[0], 'use_liger_kernel')}: Liger has no kernels for model type "
+                        f"{model_type} (liger_kernel MODEL_TYPE_TO_APPLY_LIGER_FN): Trainer leaves the model as it is, "
+                        "and so does the estimate")
+    elif kwargs.pop("liger_kernels", None):
+        warnings.append(f"{found.origins.get('liger_kernels', 'use_liger_kernel')}: Liger's block kernels for model "
+                        f"type {model_type} are not modelled yet: the estimate keeps transformers' norms, RoPE and MLP "
+                        "(their saved activations are over-counted) with Liger's fused loss")
+    return Resolved(kwargs, found.method_options, found.origins, tuple(warnings))
 
 
 __all__ = ["Reading", "Resolved", "Setting", "read_files", "model_of", "settings_for"]
