@@ -73,6 +73,8 @@ def pair(tmp: Path, family, strategy, world, method, ckpt) -> tuple[int, int]:
     kw = dict(batch=BATCH, seq=SEQ, grad_checkpointing=ckpt)
     if method not in ("full", "ia3"):  # (IA)3: peft's per-family default targets and feedforward modules
         kw["targets"] = "all-linear"
+    if method == "qlora":  # task "fsdpqlora": FSDP2 shards the packed 4-bit weights stored in bf16
+        kw["method_options"] = {"quant_storage": "bf16"}
     e = estimate(str(path), method, gpus=world, sharding=strategy, **kw)
     t = trace(str(path), method, sharding=ShardingSpec(strategy, world), **kw)
     return e.memory.peak_bytes, t.peak_bytes

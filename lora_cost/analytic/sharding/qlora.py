@@ -1,0 +1,67 @@
+"""QLoRA across GPUs (task "fsdpqlora"): what bitsandbytes' 4-bit weights are to FSDP2 and DDP (torch-free).
+
+The storage (bitsandbytes 0.50.2 `nn/modules.py` Params4bit, `functional.py` quantize_4bit):
+- the packed weight is a `Params4bit` parameter of shape [(n + 1) // (2 x itemsize), 1] in
+  `bnb_4bit_quant_storage` (`quant_storage`): with bf16 storage the n / 2 bytes are n / 4 bf16 elements.
+  FSDP2's `fully_shard` shards it on dim 0 like any parameter (`_fsdp_param.py` `_init_sharded_param`:
+  torch.chunk into S pieces, every rank keeping ceil(dim0 / S) rows, padded), so a rank stores
+  ceil(packed / S) elements; Params4bit's `__torch_function__` (torch.chunk / torch.split) keeps the
+  subclass and hands every chunk the same `quant_state`;
+- the quantisation state (`QuantState`: absmax, with double quantisation the nested absmax, its code and
+  offset) is a Python attribute of the parameter and of the module (`Linear4bit.quant_state`, restored by
+  `fix_4bit_weight_quant_state_from_module` when FSDP replaces the parameter), not a parameter or a buffer:
+  no strategy partitions it and every rank keeps it whole (here a BUFFER tensor, tensors.py);
+- the frozen packed weight is all-gathered with its unit in its storage dtype, dequantised per matmul
+  into a compute-dtype transient (as on one GPU: analytic/methods/storage.py FourBitStorage), and never
+  reduced (no gradient).
+
+What is refused, in one line each:
+- `--quant-storage uint8` with FSDP: `_init_sharded_param` makes `nn.Parameter(DTensor)` with
+  requires_grad=True, which a uint8 tensor cannot take (accelerate 1.15 `fsdp2_prepare_model` then keeps
+  such Params4bit out of sharding, `ignored_params`: every rank holds them whole, not modelled);
+- `--fsdp-param-dtype` other than the storage dtype: FSDP2 casts every parameter of a unit to the
+  MixedPrecisionPolicy's param_dtype for its all-gather (`_fsdp_param.py` `init_dtype_attrs`), which would
+  convert the packed bytes as numbers and destroy them;
+- DeepSpeed ZeRO: ZeRO-3 partitions Params4bit through its own hooks (transformers disables zero.init for
+  QLoRA) and the engine's `module.bfloat16()` cast; neither is modelled here.
+"""
+
+from __future__ import annotations
+
+from ...errors import LoraCostError
+from ..formulas.storage import QUANT_STORAGE_BYTES, nf4_bytes, packed_4bit_numel
+
+QLORA_STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp")
+
+
+def check_qlora(run, storage) -> None:
+    """Refuse what FSDP2/DDP cannot run with 4-bit weights (see the module doc)."""
+    sh = run.sharding
+    if sh is None:
+        return
+    if sh.strategy not in QLORA_STRATEGIES:
+        raise LoraCostError(f"--method qlora with --sharding {sh.strategy}: DeepSpeed ZeRO + QLoRA is not modelled "
+                            f"(ZeRO partitions bitsandbytes' Params4bit through its own hooks); use --sharding "
+                            f"{', '.join(QLORA_STRATEGIES)}")
+    if sh.strategy == "ddp":
+        return
+    if storage.quant_storage == "uint8":
+        raise LoraCostError(f"--method qlora with --sharding {sh.strategy} needs a float --quant-storage (bf16, fp16 "
+                            "or fp32): FSDP2's fully_shard cannot make a uint8 parameter (bnb_4bit_quant_storage)")
+    if sh.param_dtype is not None and sh.param_dtype != storage.quant_storage:
+        raise LoraCostError(f"--fsdp-param-dtype {sh.param_dtype} with --quant-storage {storage.quant_storage}: "
+                            "FSDP2 would cast the packed 4-bit values for the all-gather and destroy them; give the "
+                            "storage dtype or drop --fsdp-param-dtype")
+
+
+def packed_numel(numel: int, storage) -> int:
+    """Elements of the packed Params4bit of one weight of `numel` values: its dim 0 (its shape is [packed, 1])."""
+    return packed_4bit_numel(numel, QUANT_STORAGE_BYTES[storage.quant_storage])
+
+
+def quant_state_bytes(numel: int, storage) -> int:
+    """Bytes of one weight's QuantState (absmax and, with double quantisation, the nested absmax, code and
+    offset): what `nf4_bytes` adds to the packed values; whole on every rank."""
+    storage_bytes = QUANT_STORAGE_BYTES[storage.quant_storage]
+    return (nf4_bytes(numel, storage.double_quant, storage_bytes)
+            - packed_4bit_numel(numel, storage_bytes) * storage_bytes)
