@@ -145,6 +145,14 @@ def cases() -> list[dict]:
                     seq=2048))
     out.append(dict(model="qwen3-30b-a3b", method="lora-fa", r=8, targets="gate_proj,up_proj,down_proj", batch=2,
                     seq=1024, grad_checkpointing=True))
+    # --- task "fsdpqlora": QLoRA across GPUs (FSDP2 shards the packed 4-bit weights, quant_state whole; DDP)
+    out.append(dict(model="llama-3.1-70b", method="qlora", gpus=2, sharding="fsdp", method_options={"quant_storage": "bf16"},
+                    gpu="rtx-4090-24gb"))
+    out.append(dict(model="llama-3.1-70b", method="qlora", gpus=2, sharding="fsdp", grad_checkpointing=True,
+                    method_options={"quant_storage": "bf16", "kbit_prepare": False}, adapter_dtype="bf16",
+                    sharding_options={"cpu_offload": True}, gpu="rtx-4090-24gb"))
+    out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", gpus=4, sharding="ddp", seq=2048,
+                    grad_checkpointing=True, gpu="rtx-4090-24gb"))
     return out
 
 

@@ -47,11 +47,12 @@ def check_run(run, method) -> tuple[str, ...]:
     """Refuse what a strategy's library cannot run as given (one line), and return the warnings of what the
     estimate knowingly leaves out."""
     sh = run.sharding
+    notes: tuple[str, ...] = ()
     if sh is not None and method.name == "qlora":  # task "fsdpqlora": 4-bit weights under FSDP2 / DDP only
         from .qlora import check_qlora
-        check_qlora(run, method.storage(run))
+        notes = check_qlora(run, method.storage(run))
     if sh is None or not sh.strategy.startswith("zero"):
-        return ()
+        return notes
     from ...errors import LoraCostError
     if run.precision.startswith("amp-"):
         raise LoraCostError(ZERO_AMP.format(strategy=sh.strategy))

@@ -34,17 +34,23 @@ from ..formulas.storage import QUANT_STORAGE_BYTES, nf4_bytes, packed_4bit_numel
 QLORA_STRATEGIES = ("ddp", "fsdp", "fsdp-grad-op", "hsdp")
 
 
-def check_qlora(run, storage) -> None:
-    """Refuse what FSDP2/DDP cannot run with 4-bit weights (see the module doc)."""
+RECIPE_NOTE = ("QLoRA under {strategy}: modelled with peft's prepare_model_for_kbit_training (embeddings, norms and "
+               "LM head cast to fp32, sharded and gathered as fp32); TRL's FSDP-QLoRA path skips that cast and "
+               "keeps the adapters in the model's dtype (trl prepare_peft_model, is_sharded_qlora): "
+               "--no-kbit-prepare --adapter-dtype bf16")
+
+
+def check_qlora(run, storage) -> tuple[str, ...]:
+    """Refuse what FSDP2/DDP cannot run with 4-bit weights (see the module doc); the note on the recipe."""
     sh = run.sharding
     if sh is None:
-        return
+        return ()
     if sh.strategy not in QLORA_STRATEGIES:
         raise LoraCostError(f"--method qlora with --sharding {sh.strategy}: DeepSpeed ZeRO + QLoRA is not modelled "
                             f"(ZeRO partitions bitsandbytes' Params4bit through its own hooks); use --sharding "
                             f"{', '.join(QLORA_STRATEGIES)}")
     if sh.strategy == "ddp":
-        return
+        return ()
     if storage.quant_storage == "uint8":
         raise LoraCostError(f"--method qlora with --sharding {sh.strategy} needs a float --quant-storage (bf16, fp16 "
                             "or fp32): FSDP2's fully_shard cannot make a uint8 parameter (bnb_4bit_quant_storage)")
@@ -52,6 +58,7 @@ def check_qlora(run, storage) -> None:
         raise LoraCostError(f"--fsdp-param-dtype {sh.param_dtype} with --quant-storage {storage.quant_storage}: "
                             "FSDP2 would cast the packed 4-bit values for the all-gather and destroy them; give the "
                             "storage dtype or drop --fsdp-param-dtype")
+    return (RECIPE_NOTE.format(strategy=sh.strategy),) if storage.other_dtype == "fp32" else ()
 
 
 def packed_numel(numel: int, storage) -> int:

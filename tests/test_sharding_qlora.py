@@ -1,0 +1,116 @@
+"""Task "fsdpqlora": QLoRA across GPUs (lora_cost/analytic/sharding/qlora.py), torch-free: the busiest rank's bytes
+of llama-3.1-70b on 2 GPUs derived by hand, the issue's example through the CLI, the plan, and the combinations
+refused in one line."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lora_cost import estimate
+from lora_cost.cli import main
+
+pytestmark = pytest.mark.fast
+
+H, F, KV, L, V = 8192, 28672, 1024, 80, 128256  # llama-3.1-70b config.json: hidden, intermediate, k/v width, layers, vocab
+
+
+def _quant_state(n: int) -> int:
+    """One weight's QuantState, double quantisation (bitsandbytes quantize_4bit, blocksize 64; nested
+    quantize_blockwise, blocksize 256): a uint8 absmax per 64 values, an fp32 absmax per 256 of those, the
+    256-entry fp32 code and the fp32 offset."""
+    blocks = n // 64
+    return blocks + 4 * -(-blocks // 256) + 256 * 4 + 4
+
+
+def _terms(e, phase=-1):
+    return {t.name: t.value for t in e.memory.phases[phase].terms}
+
+
+LINEARS = [H * H, H * KV, H * KV, H * H, H * F, H * F, F * H]  # q k v o gate up down, nn.Linear [d_out, d_in]
+
+
+def test_70b_on_two_ranks_by_hand():
+    """--quant-storage bf16: each weight of n values is a Params4bit [n / 4, 1] in bf16; FSDP2 gives rank 0
+    ceil(n / 4 / 2) rows of 2 bytes. The quant_state is whole on each rank. prepare_model_for_kbit_training made
+    embeddings, LM head and norms fp32: rank 0 holds ceil(rows / 2) rows of each. LoRA r=8 on q_proj, v_proj
+    (fp32): lora_A [8, 8192] -> 4 rows, lora_B [8192, 8] / [1024, 8] -> 4096 / 512 rows."""
+    e = estimate("llama-3.1-70b", "qlora", gpus=2, sharding="fsdp", method_options={"quant_storage": "bf16"})
+    packed = L * sum(-(-(n // 4) // 2) * 2 for n in LINEARS)
+    state = L * sum(_quant_state(n) for n in LINEARS)
+    rest = 2 * -(-V // 2) * H * 4 + (2 * L + 1) * (H // 2) * 4
+    lora = L * 4 * (4 * H + 4096 * 8 + 4 * H + 512 * 8)
+    t = _terms(e)
+    assert t["weights"] == packed + state + rest
+    assert t["trainable_weights"] == lora and t["gradients"] == lora and t["optimizer_state"] == 2 * lora
+    explained = {x.name: x.value for x in e.memory.terms}
+    assert explained["rank weights kept whole"] == state  # the quant_state: not a parameter, not sharded
+    # the all-gathers: every parameter's gathered bytes (2 x the rank's shard), forward and again in backward
+    # for the layers (reshard_after_forward); the reduce-scatter: the LoRA gradients only (frozen weights never)
+    comm = e.distributed.communication_bytes
+    layer = sum(n // 4 * 2 for n in LINEARS) + 2 * H * 4 + 4 * (8 * H + H * 8 + 8 * H + KV * 8)
+    root = 2 * V * H * 4 + H * 4
+    assert comm["all_gather"] == 2 * L * layer + root
+    assert comm["reduce_scatter"] == 2 * lora
+
+
+def test_ranks_halve_the_packed_weights_and_keep_the_state():
+    one = estimate("llama-3.1-70b", "qlora", method_options={"quant_storage": "bf16"})
+    two = estimate("llama-3.1-70b", "qlora", gpus=2, sharding="fsdp", method_options={"quant_storage": "bf16"})
+    four = estimate("llama-3.1-70b", "qlora", gpus=4, sharding="fsdp", method_options={"quant_storage": "bf16"})
+    state = L * sum(_quant_state(n) for n in LINEARS)
+    w1, w2, w4 = (_terms(e)["weights"] for e in (one, two, four))
+    assert w1 - state == 2 * (w2 - state) == 4 * (w4 - state)  # 70B's rows divide by 4: no padding
+    # DDP: every rank holds the one-GPU weights, uint8 storage included
+    ddp = estimate("llama-3.1-70b", "qlora", gpus=2, sharding="ddp")
+    assert _terms(ddp)["weights"] == _terms(estimate("llama-3.1-70b", "qlora"))["weights"]
+
+
+def test_fsdp_qlora_recipe_keeps_the_rest_in_bf16():
+    """--no-kbit-prepare --adapter-dtype bf16 (TRL's sharded-QLoRA path): embeddings, LM head, norms and LoRA in bf16."""
+    e = estimate("llama-3.1-70b", "qlora", gpus=2, sharding="fsdp", adapter_dtype="bf16",
+                 method_options={"quant_storage": "bf16", "kbit_prepare": False})
+    t = _terms(e)
+    packed = L * sum(n // 8 * 2 for n in LINEARS)
+    state = L * sum(_quant_state(n) for n in LINEARS)
+    assert t["weights"] == packed + state + 2 * (V // 2) * H * 2 + (2 * L + 1) * (H // 2) * 2
+    assert t["trainable_weights"] == L * 2 * (4 * H + 4096 * 8 + 4 * H + 512 * 8)
+
+
+def test_issue_example_cli():
+    out = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora", "--gpus", "2",
+                                    "--sharding", "fsdp", "--quant-storage", "bf16", "--gpu", "rtx-4090-24gb", "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    assert doc["inputs"]["gpus"] == 2 and doc["inputs"]["sharding"] == "fsdp"
+    comm = doc["communication"]["bytes_per_rank"]
+    assert comm["all_gather"] > 0 and comm["reduce_scatter"] > 0
+    one = json.loads(CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora",
+                                               "--quant-storage", "bf16", "--json"]).output)
+    assert doc["memory"]["steady_bytes"] < 0.6 * one["memory"]["steady_bytes"]  # the rank holds about half
+    plain = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora", "--gpus", "2",
+                                      "--sharding", "fsdp", "--quant-storage", "bf16", "--gpu", "rtx-4090-24gb"])
+    assert plain.exit_code == 0 and "fsdp over 2 GPUs" in plain.output
+
+
+@pytest.mark.parametrize("args,why", [
+    (["--sharding", "zero3", "--precision", "bf16"], "ZeRO"),
+    (["--sharding", "zero2"], "ZeRO"),
+    (["--sharding", "fsdp"], "float --quant-storage"),  # uint8 storage cannot be a FSDP2 parameter
+    (["--sharding", "fsdp", "--quant-storage", "bf16", "--fsdp-param-dtype", "fp32"], "destroy"),
+    (["--sharding", "hsdp", "--nodes", "2", "--quant-storage", "fp16", "--fsdp-param-dtype", "bf16"], "destroy"),
+])
+def test_refused_in_one_line(args, why):
+    out = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-8b", "--method", "qlora", "--gpus", "4", *args])
+    assert out.exit_code == 2, out.output
+    assert len(out.output.strip().splitlines()) == 1 and why in out.output
+
+
+def test_plan_includes_qlora():
+    out = CliRunner().invoke(main, ["plan", "--model", "llama-3.1-70b", "--gpu", "rtx-4090-24gb", "--gpus", "1,2,4,8",
+                                    "--sharding", "fsdp,ddp", "--methods", "qlora", "--quant-storage", "bf16",
+                                    "--json"])
+    assert out.exit_code == 0, out.output
+    doc = json.loads(out.output)
+    points = {(p["gpus"], p["sharding"]) for p in doc["points"] if p["method"] == "qlora"}
+    assert {(2, "fsdp"), (4, "fsdp"), (8, "fsdp"), (2, "ddp")} <= points

@@ -1,0 +1,51 @@
+"""Task "fsdpqlora": the QLoRA stand-in (lora_cost/trace/qlora.py, its packed weight a Params4bit [n / 4, 1] in bf16)
+under the real FSDP2 `fully_shard` as rank 0 of N on torch's fake process group: the rank's parameter, gradient and
+AdamW-state bytes equal the analytic per-rank model exactly, and its quantisation state (buffers here, a Python
+attribute in bitsandbytes: neither is sharded) is whole on every rank. World sizes 2 and 3 (3 pads the packed rows)."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import tiny_models  # noqa: E402
+from lora_cost.analytic.architectures import get_architecture  # noqa: E402
+from lora_cost.analytic.estimator import validated_run  # noqa: E402
+from lora_cost.analytic.optimizers import get_optimizer  # noqa: E402
+from lora_cost.analytic.sharding import ShardingSpec, rank_of  # noqa: E402
+from lora_cost.profiles import load_model  # noqa: E402
+from lora_cost.spec import RunConfig  # noqa: E402
+from lora_cost.trace.qlora import Linear4bitStandIn, quantize_linears  # noqa: E402
+from lora_cost.trace.sharded import rank_bytes  # noqa: E402
+
+
+def _qlora_model(family: str, prepare: bool):
+    model = tiny_models.build(family, "bf16")
+    quantize_linears(model, torch.bfloat16, True, "bf16")
+    model.is_loaded_in_4bit = True
+    if prepare:  # peft's own: every non-Params4bit parameter to fp32
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = ["q_proj", "v_proj"] if family == "llama" else ["c_attn"]
+    return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
+
+
+def _analytic(tmp_path, family: str, world: int, prepare: bool):
+    spec = load_model(tiny_models.config_file(tmp_path, family))
+    run = RunConfig(method="qlora", r=4, precision="bf16", targets=("q_proj", "v_proj") if family == "llama" else ("c_attn",),
+                    method_options=(("kbit_prepare", prepare), ("quant_storage", "bf16")),
+                    sharding=ShardingSpec("fsdp", world))
+    run, m, _, sites, heads = validated_run(spec, run)
+    return rank_of(get_architecture(spec.model_type), spec, m, run, get_optimizer("adamw"), sites, heads)
+
+
+@pytest.mark.parametrize("family,world,prepare", [("llama", 2, True), ("llama", 3, False), ("gpt2", 3, True)])
+def test_fully_shard_qlora_rank_bytes_exact(tmp_path, family, world, prepare):
+    model = _qlora_model(family, prepare)
+    state = sum(b.numel() * b.element_size() for mod in model.modules() if isinstance(mod, Linear4bitStandIn)
+                for b in mod.buffers(recurse=False))
+    real = rank_bytes(model, "fsdp", world, vocab=tiny_models.CONFIGS[family]["vocab_size"])
+    rank = _analytic(tmp_path, family, world, prepare)
+    assert rank.replicated == state
+    assert (rank.weights, rank.trainable, rank.gradients, rank.optimizer_state) == (
+        real["frozen"] + state, real["trainable"], real["gradients"], real["optimizer_state"])
