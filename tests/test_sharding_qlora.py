@@ -81,7 +81,7 @@ def test_issue_example_cli():
     out = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora", "--gpus", "2",
                                     "--sharding", "fsdp", "--quant-storage", "bf16", "--gpu", "rtx-4090-24gb", "--json"])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
+    doc = json.loads(out.stdout)  # the recipe note goes to stderr
     assert doc["inputs"]["gpus"] == 2 and doc["inputs"]["sharding"] == "fsdp"
     comm = doc["communication"]["bytes_per_rank"]
     assert comm["all_gather"] > 0 and comm["reduce_scatter"] > 0
@@ -91,6 +91,7 @@ def test_issue_example_cli():
     plain = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora", "--gpus", "2",
                                       "--sharding", "fsdp", "--quant-storage", "bf16", "--gpu", "rtx-4090-24gb"])
     assert plain.exit_code == 0 and "fsdp over 2 GPUs" in plain.output
+    assert "--no-kbit-prepare --adapter-dtype bf16" in plain.stderr  # the FSDP-QLoRA recipe named
 
 
 @pytest.mark.parametrize("args,why", [
@@ -111,6 +112,6 @@ def test_plan_includes_qlora():
                                     "--sharding", "fsdp,ddp", "--methods", "qlora", "--quant-storage", "bf16",
                                     "--json"])
     assert out.exit_code == 0, out.output
-    doc = json.loads(out.output)
+    doc = json.loads(out.stdout)
     points = {(p["gpus"], p["sharding"]) for p in doc["points"] if p["method"] == "qlora"}
     assert {(2, "fsdp"), (4, "fsdp"), (8, "fsdp"), (2, "ddp")} <= points
