@@ -61,8 +61,9 @@ TINY = {
 STRATEGIES = ("fsdp", "fsdp-grad-op", "ddp")
 WORLDS = (2, 3, 8, 16, 64)
 METHODS = ("full", "lora", "dora", "lora-fa", "ia3", "vera",  # task "sharding2": + LoRA-FA, (IA)3, VeRA
-           "qlora", "qlora-recipe")  # task "fsdpqlora": the 4-bit stand-in, --quant-storage bf16 (pair()); the
-# grid label "qlora-recipe" is QLoRA as TRL's FSDP-QLoRA path runs it: --no-kbit-prepare --adapter-dtype bf16
+           "qlora", "qlora-recipe", "qlora-uint8")  # task "fsdpqlora": the 4-bit stand-in, --quant-storage bf16
+# (pair()); the grid label "qlora-recipe" is QLoRA as TRL's FSDP-QLoRA path runs it (--no-kbit-prepare --adapter-dtype
+# bf16), "qlora-uint8" the default uint8 storage (under FSDP: fully_shard's ignored_params, as accelerate passes them)
 CKPT = (False, True)
 BATCH, SEQ = 2, 128
 
@@ -84,10 +85,11 @@ def pair(tmp: Path, family, strategy, world, method, ckpt) -> tuple[int, int]:
     if method not in ("full", "ia3"):  # (IA)3: peft's per-family default targets and feedforward modules
         kw["targets"] = "all-linear"
     if method.startswith("qlora"):  # task "fsdpqlora": FSDP2 shards the packed 4-bit weights stored in bf16
-        kw["method_options"] = {"quant_storage": "bf16"}
+        kw["method_options"] = {"quant_storage": "uint8" if method == "qlora-uint8" else "bf16"}
         if method == "qlora-recipe":
-            method, kw["adapter_dtype"] = "qlora", "bf16"
+            kw["adapter_dtype"] = "bf16"
             kw["method_options"]["kbit_prepare"] = False
+        method = "qlora"
     e = estimate(str(path), method, gpus=world, sharding=strategy, **kw)
     t = trace(str(path), method, sharding=ShardingSpec(strategy, world), **kw)
     return e.memory.peak_bytes, t.peak_bytes

@@ -77,6 +77,18 @@ def test_fsdp_qlora_recipe_keeps_the_rest_in_bf16():
     assert t["trainable_weights"] == L * 2 * (4 * H + 4096 * 8 + 4 * H + 512 * 8)
 
 
+def test_uint8_storage_stays_whole_under_fsdp():
+    """The default uint8 storage: accelerate passes integer Params4bit to fully_shard's ignored_params, so each
+    rank holds the whole packed weights (n / 2 bytes) and only the rest is sharded; a warning says so."""
+    e = estimate("llama-3.1-70b", "qlora", gpus=2, sharding="fsdp")
+    packed = L * sum(n // 2 for n in LINEARS)
+    state = L * sum(_quant_state(n) for n in LINEARS)
+    assert _terms(e)["weights"] == packed + state + 2 * (V // 2) * H * 4 + (2 * L + 1) * (H // 2) * 4
+    assert {x.name: x.value for x in e.memory.terms}["rank weights kept whole"] == packed + state
+    assert "ignored_params" in " ".join(e.warnings)
+    assert e.distributed.communication_bytes["all_gather"] < 2 * 2 * V * H * 4 + L * 2 * 4 * (16 * H + 16 * KV + 4 * H)
+
+
 def test_issue_example_cli():
     out = CliRunner().invoke(main, ["estimate", "--model", "llama-3.1-70b", "--method", "qlora", "--gpus", "2",
                                     "--sharding", "fsdp", "--quant-storage", "bf16", "--gpu", "rtx-4090-24gb", "--json"])
@@ -97,7 +109,6 @@ def test_issue_example_cli():
 @pytest.mark.parametrize("args,why", [
     (["--sharding", "zero3", "--precision", "bf16"], "ZeRO"),
     (["--sharding", "zero2"], "ZeRO"),
-    (["--sharding", "fsdp"], "float --quant-storage"),  # uint8 storage cannot be a FSDP2 parameter
     (["--sharding", "fsdp", "--quant-storage", "bf16", "--fsdp-param-dtype", "fp32"], "destroy"),
     (["--sharding", "hsdp", "--nodes", "2", "--quant-storage", "fp16", "--fsdp-param-dtype", "bf16"], "destroy"),
 ])

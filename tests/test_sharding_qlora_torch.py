@@ -20,9 +20,9 @@ from lora_cost.trace.qlora import Linear4bitStandIn, quantize_linears  # noqa: E
 from lora_cost.trace.sharded import rank_bytes  # noqa: E402
 
 
-def _qlora_model(family: str, prepare: bool):
+def _qlora_model(family: str, prepare: bool, storage: str = "bf16"):
     model = tiny_models.build(family, "bf16")
-    quantize_linears(model, torch.bfloat16, True, "bf16")
+    quantize_linears(model, torch.bfloat16, True, storage)
     model.is_loaded_in_4bit = True
     if prepare:  # peft's own: every non-Params4bit parameter to fp32
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -30,22 +30,25 @@ def _qlora_model(family: str, prepare: bool):
     return peft.get_peft_model(model, peft.LoraConfig(r=4, target_modules=targets))
 
 
-def _analytic(tmp_path, family: str, world: int, prepare: bool):
+def _analytic(tmp_path, family: str, world: int, prepare: bool, storage: str = "bf16"):
     spec = load_model(tiny_models.config_file(tmp_path, family))
     run = RunConfig(method="qlora", r=4, precision="bf16", targets=("q_proj", "v_proj") if family == "llama" else ("c_attn",),
-                    method_options=(("kbit_prepare", prepare), ("quant_storage", "bf16")),
+                    method_options=(("kbit_prepare", prepare), ("quant_storage", storage)),
                     sharding=ShardingSpec("fsdp", world))
     run, m, _, sites, heads = validated_run(spec, run)
     return rank_of(get_architecture(spec.model_type), spec, m, run, get_optimizer("adamw"), sites, heads)
 
 
-@pytest.mark.parametrize("family,world,prepare", [("llama", 2, True), ("llama", 3, False), ("gpt2", 3, True)])
-def test_fully_shard_qlora_rank_bytes_exact(tmp_path, family, world, prepare):
-    model = _qlora_model(family, prepare)
-    state = sum(b.numel() * b.element_size() for mod in model.modules() if isinstance(mod, Linear4bitStandIn)
-                for b in mod.buffers(recurse=False))
+@pytest.mark.parametrize("family,world,prepare,storage", [("llama", 2, True, "bf16"), ("llama", 3, False, "bf16"),
+                                                           ("gpt2", 3, True, "bf16"), ("llama", 3, True, "uint8")])
+def test_fully_shard_qlora_rank_bytes_exact(tmp_path, family, world, prepare, storage):
+    """uint8: the packed weights are fully_shard's ignored_params (as accelerate passes them): whole on the rank."""
+    model = _qlora_model(family, prepare, storage)
+    stand_ins = [mod for mod in model.modules() if isinstance(mod, Linear4bitStandIn)]
+    state = sum(b.numel() * b.element_size() for mod in stand_ins for b in mod.buffers(recurse=False))
+    whole = sum(mod.weight.numel() for mod in stand_ins) if storage == "uint8" else 0  # 1 byte each
     real = rank_bytes(model, "fsdp", world, vocab=tiny_models.CONFIGS[family]["vocab_size"])
-    rank = _analytic(tmp_path, family, world, prepare)
-    assert rank.replicated == state
+    rank = _analytic(tmp_path, family, world, prepare, storage)
+    assert rank.replicated == state + whole
     assert (rank.weights, rank.trainable, rank.gradients, rank.optimizer_state) == (
         real["frozen"] + state, real["trainable"], real["gradients"], real["optimizer_state"])

@@ -15,11 +15,13 @@ The storage (bitsandbytes 0.50.2 `nn/modules.py` Params4bit, `functional.py` qua
   into a compute-dtype transient (as on one GPU: analytic/methods/storage.py FourBitStorage), and never
   reduced (no gradient).
 
+`--quant-storage uint8` (the default) under FSDP: accelerate 1.15 `utils/fsdp_utils.py` `fsdp2_prepare_model`
+passes every frozen non-floating Params4bit to `fully_shard(..., ignored_params=...)` ("to prevent quant_state
+corruption"): FSDP2 leaves them alone, so every rank holds the whole packed weights and they are never gathered;
+the estimate says so in a warning (the trace engine's wrap does the same, trace/sharded.py).
+
 What is refused, in one line each:
-- `--quant-storage uint8` with FSDP: `_init_sharded_param` makes `nn.Parameter(DTensor)` with
-  requires_grad=True, which a uint8 tensor cannot take (accelerate 1.15 `fsdp2_prepare_model` then keeps
-  such Params4bit out of sharding, `ignored_params`: every rank holds them whole, not modelled);
-- `--fsdp-param-dtype` other than the storage dtype: FSDP2 casts every parameter of a unit to the
+- `--fsdp-param-dtype` other than a float storage dtype: FSDP2 casts every parameter of a unit to the
   MixedPrecisionPolicy's param_dtype for its all-gather (`_fsdp_param.py` `init_dtype_attrs`), which would
   convert the packed bytes as numbers and destroy them;
 - DeepSpeed ZeRO: ZeRO-3 partitions Params4bit through its own hooks (transformers disables zero.init for
@@ -40,6 +42,17 @@ RECIPE_NOTE = ("QLoRA under {strategy}: modelled with peft's prepare_model_for_k
                "--no-kbit-prepare --adapter-dtype bf16")
 
 
+UINT8_NOTE = ("QLoRA under {strategy} with --quant-storage uint8: accelerate keeps integer Params4bit out of FSDP2's "
+              "sharding (fsdp_utils.py fsdp2_prepare_model, ignored_params), so every rank holds the whole 4-bit "
+              "weights; --quant-storage bf16 shards them")
+
+
+def replicated_4bit(storage) -> bool:
+    """The packed weights stay whole on every rank: integer storage, which accelerate keeps out of fully_shard
+    (under DDP everything is whole anyway)."""
+    return storage.quant_storage == "uint8"
+
+
 def check_qlora(run, storage) -> tuple[str, ...]:
     """Refuse what FSDP2/DDP cannot run with 4-bit weights (see the module doc); the note on the recipe."""
     sh = run.sharding
@@ -51,14 +64,14 @@ def check_qlora(run, storage) -> tuple[str, ...]:
                             f"{', '.join(QLORA_STRATEGIES)}")
     if sh.strategy == "ddp":
         return ()
+    notes = (RECIPE_NOTE.format(strategy=sh.strategy),) if storage.other_dtype == "fp32" else ()
     if storage.quant_storage == "uint8":
-        raise LoraCostError(f"--method qlora with --sharding {sh.strategy} needs a float --quant-storage (bf16, fp16 "
-                            "or fp32): FSDP2's fully_shard cannot make a uint8 parameter (bnb_4bit_quant_storage)")
+        return (UINT8_NOTE.format(strategy=sh.strategy),) + notes
     if sh.param_dtype is not None and sh.param_dtype != storage.quant_storage:
         raise LoraCostError(f"--fsdp-param-dtype {sh.param_dtype} with --quant-storage {storage.quant_storage}: "
                             "FSDP2 would cast the packed 4-bit values for the all-gather and destroy them; give the "
                             "storage dtype or drop --fsdp-param-dtype")
-    return (RECIPE_NOTE.format(strategy=sh.strategy),) if storage.other_dtype == "fp32" else ()
+    return notes
 
 
 def packed_numel(numel: int, storage) -> int:

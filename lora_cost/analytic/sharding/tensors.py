@@ -127,9 +127,11 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
 
 def four_bit_tensors(name: str, numel: int, count: int, storage: FourBitStorage, unit: str, buffer: str) -> list[ShardTensor]:
     """Task "fsdpqlora": one bitsandbytes 4-bit weight of `numel` values as sharding sees it (qlora.py): the packed
-    Params4bit [packed, 1] in the storage dtype, frozen, sharded on dim 0 with its unit; its QuantState, not a
-    parameter, whole on every rank (bytes as uint8 elements)."""
-    from .qlora import packed_numel, quant_state_bytes
+    Params4bit [packed, 1] in the storage dtype, frozen, sharded on dim 0 with its unit (uint8: left out of
+    sharding, whole); its QuantState, not a parameter, whole on every rank (bytes as uint8 elements)."""
+    from .qlora import packed_numel, quant_state_bytes, replicated_4bit
     packed, state = packed_numel(numel, storage), quant_state_bytes(numel, storage)
+    if replicated_4bit(storage):  # uint8: kept out of fully_shard (accelerate's ignored_params), whole on every rank
+        unit = buffer
     return [ShardTensor(name, packed, packed, count, storage.quant_storage, False, unit),
             ShardTensor(f"{name}.quant_state", state, state, count, "uint8", False, buffer)]
