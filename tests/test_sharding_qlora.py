@@ -3,6 +3,7 @@ of llama-3.1-70b on 2 GPUs derived by hand, the issue's example through the CLI,
 refused in one line."""
 
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -13,6 +14,23 @@ from lora_cost.cli import main
 pytestmark = pytest.mark.fast
 
 H, F, KV, L, V = 8192, 28672, 1024, 80, 128256  # llama-3.1-70b config.json: hidden, intermediate, k/v width, layers, vocab
+
+
+EXCERPT = Path(__file__).parent / "data" / "bnb_0.50.2_4bit_fsdp.py.txt"  # verbatim bitsandbytes 0.50.2
+
+
+def test_modelled_rules_are_bitsandbytes_rules():
+    """The rules sharding/qlora.py rests on, in bitsandbytes' own source."""
+    src = EXCERPT.read_text()
+    # the packed weight: [(n + 1) // (2 x itemsize), 1] in the storage dtype (its dim 0 is what FSDP2 shards)
+    assert "out = torch.empty(((n + 1) // (quant_storage.itemsize * 2), 1), device=A.device, dtype=quant_storage)" in src
+    # double quantisation: the absmax minus its mean, blockwise in 256s (the quant_state's bytes)
+    assert "offset = _absmax.mean()" in src and "quantize_blockwise(_absmax - offset, blocksize=256)" in src
+    # FSDP2's torch.chunk keeps the subclass and hands every chunk the same (whole) quant_state
+    assert "if func in [torch.chunk, torch.split]:" in src and "quant_state=tensor.quant_state," in src
+    # a replaced parameter gets the module's quant_state back: a Python attribute, never sharded
+    assert "module.weight.quant_state = module.quant_state" in src
+    assert "fix_4bit_weight_quant_state_from_module(self)" in src
 
 
 def _quant_state(n: int) -> int:

@@ -52,3 +52,23 @@ def test_fully_shard_qlora_rank_bytes_exact(tmp_path, family, world, prepare, st
     assert rank.replicated == state + whole
     assert (rank.weights, rank.trainable, rank.gradients, rank.optimizer_state) == (
         real["frozen"] + state, real["trainable"], real["gradients"], real["optimizer_state"])
+
+
+def test_fsdp2_and_accelerate_rules():
+    """The torch and accelerate source the per-rank QLoRA model rests on (installed versions)."""
+    import inspect
+
+    from torch.distributed.fsdp._fully_shard import _fsdp_collectives, _fsdp_param, _fsdp_param_group
+    param = inspect.getsource(_fsdp_param.FSDPParam._init_sharded_param)
+    assert "_chunk_with_empty(param_data, shard_world_size, dim=shard_dim)" in param  # dim-0 chunks, padded
+    assert "requires_grad=param.requires_grad" in param  # a frozen packed weight stays frozen
+    # uniform dtype is demanded of the trainable parameters only: frozen 4-bit storage beside fp32 LoRA is allowed,
+    # and mixed dtypes are all-gathered as bytes
+    assert "p for p in self.fsdp_params if p.sharded_param.requires_grad" in inspect.getsource(
+        _fsdp_param_group.FSDPParamGroup._init_mp_dtypes)
+    assert "t.view(torch.uint8) for ts in param_all_gather_inputs for t in ts" in inspect.getsource(
+        _fsdp_collectives.foreach_all_gather)
+    fsdp_utils = pytest.importorskip("accelerate.utils.fsdp_utils")
+    prepare = inspect.getsource(fsdp_utils.fsdp2_prepare_model)
+    assert 'param.__class__.__name__ == "Params4bit"' in prepare and "not param.is_floating_point()" in prepare
+    assert 'fsdp2_kwargs["ignored_params"] = ignored | incompatible_params4bit' in prepare
