@@ -33,10 +33,11 @@ one-GPU golden rows whose peak is a block moment (the checkpointed 7B calibratio
 Task "fsdpqlora" added QLoRA (60 more configurations, `--quant-storage bf16`; the 360 above do not move): the
 stand-in's packed Params4bit [n / 4, 1] in bf16 sharded by the real fully_shard, its quantisation state whole on
 the rank: median 0.20%, worst 1.26% (gpt2, fsdp, 64 ranks, checkpointing, under); by strategy fsdp 0.20/1.26%,
-fsdp-grad-op 0.18/0.67%, ddp 0.21/0.41%; without checkpointing 0.08/0.23%, with 0.41/1.26%. "qlora-recipe" under
-fsdp (`python tests/test_sharding_grid.py qlora-recipe,fsdp`, 20 configurations; the other strategies' 40 were not
-run): median 0.37%, worst 1.54% (gpt2, 64 ranks, checkpointing, under); without checkpointing 0.17/0.33%, with
-0.93/1.54%. The checkpointed gpt2 rows are the same one-GPU block moment as above.
+fsdp-grad-op 0.18/0.67%, ddp 0.21/0.41%; without checkpointing 0.08/0.23%, with 0.41/1.26%. "qlora-recipe" (60):
+median 0.40%, worst 1.54% (gpt2, fsdp, 64 ranks, checkpointing, under); under fsdp 0.37/1.54%, without checkpointing
+0.17/0.33%. "qlora-uint8" (60; FSDP leaves the packed weights whole): median 0.17%, worst 1.21% (gpt2, fsdp, 64,
+checkpointing); without checkpointing 0.08/0.18%. All 180 QLoRA rows: median 0.25%, worst 1.54%. The checkpointed
+rows' larger gaps are the one-GPU block moment described above.
 """
 
 from __future__ import annotations

@@ -144,3 +144,21 @@ def test_plan_includes_qlora():
     doc = json.loads(out.stdout)
     points = {(p["gpus"], p["sharding"]) for p in doc["points"] if p["method"] == "qlora"}
     assert {(2, "fsdp"), (4, "fsdp"), (8, "fsdp"), (2, "ddp")} <= points
+
+
+def test_numbers_path_equals_the_estimate():
+    """The planner's numbers-only path (analytic/fast.py) gives the full estimate's numbers for QLoRA across GPUs."""
+    import itertools
+
+    from lora_cost.analytic.fast import numbers_of
+    strategies = (("ddp", {}, 1), ("fsdp", {}, 1), ("fsdp-grad-op", {}, 1), ("fsdp", {"cpu_offload": True}, 1),
+                  ("fsdp", {"param_dtype": "bf16", "reduce_dtype": "fp32"}, 1), ("hsdp", {}, 2))
+    checked = 0
+    for (strategy, options, nodes), storage, prepare, ckpt in itertools.product(
+            strategies, ("uint8", "bf16"), (True, False), (False, True)):
+        kw = dict(model="llama-3.2-1b", method="qlora", r=16, targets="all-linear", batch=2, seq=256,
+                  grad_checkpointing=ckpt, gpu="rtx-4090-24gb", gpus=4, nodes=nodes, sharding=strategy,
+                  sharding_options=options, method_options={"quant_storage": storage, "kbit_prepare": prepare})
+        assert estimate(**kw, numbers_only=True) == numbers_of(estimate(**kw)), kw
+        checked += 1
+    assert checked == 48
