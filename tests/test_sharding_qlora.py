@@ -162,3 +162,19 @@ def test_numbers_path_equals_the_estimate():
         assert estimate(**kw, numbers_only=True) == numbers_of(estimate(**kw)), kw
         checked += 1
     assert checked == 48
+
+
+def test_axolotl_qlora_fsdp_reads_as_the_fsdp_recipe(tmp_path):
+    """axolotl's QLoRA + FSDP: bf16 quant storage and no prepare_model_for_kbit_training (readers/axolotl.py)."""
+    from lora_cost.readers import model_of, read_files, settings_for
+    p = tmp_path / "a.yml"
+    p.write_text("base_model: meta-llama/Llama-3.1-70B\nadapter: qlora\nload_in_4bit: true\nlora_r: 8\n"
+                 "lora_target_linear: true\nsequence_len: 1024\nmicro_batch_size: 1\nbf16: true\n"
+                 "gradient_checkpointing: true\nfsdp: full_shard auto_wrap\n")
+    reading = read_files(None, None, str(p))
+    f = settings_for(model_of(reading, "llama-3.1-70b"), reading)
+    assert f.kwargs["method"] == "qlora" and f.kwargs["sharding"] == "fsdp"
+    assert f.method_options["quant_storage"] == "bf16" and f.method_options["kbit_prepare"] is False
+    out = CliRunner().invoke(main, ["estimate", "--axolotl", str(p), "--gpus", "2", "--gpu", "rtx-4090-24gb", "--json"])
+    assert out.exit_code == 0, out.output
+    assert json.loads(out.stdout)["inputs"]["sharding"] == "fsdp"
