@@ -20,6 +20,19 @@ passes every frozen non-floating Params4bit to `fully_shard(..., ignored_params=
 corruption"): FSDP2 leaves them alone, so every rank holds the whole packed weights and they are never gathered;
 the estimate says so in a warning (the trace engine's wrap does the same, trace/sharded.py).
 
+Which FSDP: `--sharding fsdp` is FSDP2 (`fully_shard` per decoder layer + root, config.py), per-parameter dim-0
+shards, which takes the frozen packed storage beside fp32 LoRA factors in one unit (FSDP2 demands one dtype of the
+trainable parameters only, `_fsdp_param_group.py` `_init_mp_dtypes`, and all-gathers mixed dtypes as bytes,
+`_fsdp_collectives.py` `foreach_all_gather`). FSDP1's flat parameters (accelerate `fsdp_version: 1`, the original
+FSDP-QLoRA path, where a uniform dtype per FlatParameter is why the storage must match the other parameters and
+peft's `fsdp_auto_wrap_policy` wraps the LoRA layers as units of their own) are not modelled.
+With --cpu-offload (CPUOffloadPolicy) the sharded packed weights go to the host with the other parameters; the
+quant_state, not a parameter, is assumed to stay on the GPU where the model was loaded.
+
+The non-quantised parameters: fp32 after peft's prepare_model_for_kbit_training (the default), or, as TRL's
+`prepare_peft_model` (`is_sharded_qlora`) and axolotl (`is_qlora_and_fsdp_enabled`) run FSDP + QLoRA, left in
+the model's dtype (--no-kbit-prepare; methods/qlora.py KBIT_PREPARE).
+
 What is refused, in one line each:
 - `--fsdp-param-dtype` other than a float storage dtype: FSDP2 casts every parameter of a unit to the
   MixedPrecisionPolicy's param_dtype for its all-gather (`_fsdp_param.py` `init_dtype_attrs`), which would
