@@ -100,6 +100,7 @@ def read_axolotl(path: str) -> Reading:
         set_deepspeed(c, "deepspeed")
     if c.has("fsdp") and c.data["fsdp"] not in ("", []):
         set_sharding(c, "fsdp", c.raw("fsdp"))
+    _qlora_fsdp(c)
     if c.data.get("unfrozen_parameters"):
         c.warn("unfrozen_parameters", "training a chosen subset of the base weights is not modelled")
     c.irrelevant(_NO_COST)
@@ -171,6 +172,22 @@ def _bnb(c: Collector) -> None:
     storage = kwargs.get("bnb_4bit_quant_storage")
     if storage is not None:
         c.set("quant_storage", DTYPE_NAMES.get(storage, storage), "bnb_config_kwargs")
+
+
+def _qlora_fsdp(c: Collector) -> None:
+    """Task "fsdpqlora": axolotl's QLoRA under FSDP (loaders/model.py `ModelLoader`): `is_qlora_and_fsdp_enabled`
+    (fsdp or fsdp_config set, adapter qlora) makes `_prepare_model_for_quantization` skip peft's
+    prepare_model_for_kbit_training ("Make sure everything is in the same dtype"), and its BitsAndBytesConfig stores
+    the packed weights as bnb_4bit_quant_storage=torch.bfloat16 unless bnb_config_kwargs say otherwise."""
+    if c.data.get("fsdp") in (None, "", []) and c.data.get("fsdp_config") is None:
+        return
+    if not any(s.target == "method" and s.value == "qlora" for s in c.settings):
+        return
+    if not any(s.target == "quant_storage" for s in c.settings):
+        c.set("quant_storage", "bf16", "adapter")
+    c.set("kbit_prepare", False, "adapter")
+    c.note("adapter", "QLoRA under FSDP: axolotl skips prepare_model_for_kbit_training and stores the 4-bit weights "
+                      "in bf16 (bnb_4bit_quant_storage)")
 
 
 def _checkpointing(c: Collector) -> None:

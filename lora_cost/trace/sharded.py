@@ -78,9 +78,15 @@ def wrap(model, strategy: str, world: int, reshard_after_forward: bool = True, m
         raise LoraCostError(f"the trace engine runs DDP and FSDP2 (fsdp, fsdp-grad-op); {strategy} is analytic only "
                             "(DeepSpeed cannot run on fake tensors; HSDP needs a 2-D mesh)")
     from torch.distributed.fsdp import fully_shard
+    # task "fsdpqlora": as accelerate's fsdp2_prepare_model (utils/fsdp_utils.py), frozen integer Params4bit (QLoRA's
+    # default uint8 storage) are kept out of sharding: every rank holds them whole. Found by their module (bitsandbytes'
+    # Linear4bit, or the trace's stand-in): on fake tensors a parameter's class is FakeTensor
+    ignored = {m.weight for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear4bitStandIn")
+               and not m.weight.requires_grad and not m.weight.is_floating_point()}
+    extra = {"ignored_params": ignored} if ignored else {}
     for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=reshard_after_forward, mesh=mesh)
-    fully_shard(model, reshard_after_forward=reshard_after_forward, mesh=mesh)
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, mesh=mesh, **extra)
+    fully_shard(model, reshard_after_forward=reshard_after_forward, mesh=mesh, **extra)
     return model
 
 

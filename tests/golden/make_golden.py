@@ -161,6 +161,14 @@ def cases() -> list[dict]:
         for method, ckpt in (("lora", True), ("full", False)):
             out.append(dict(model=model, method=method, liger_kernels=kernels, batch=2, seq=2048,
                             grad_checkpointing=ckpt))
+    # --- task "fsdpqlora": QLoRA across GPUs (FSDP2 shards the packed 4-bit weights, quant_state whole; DDP)
+    out.append(dict(model="llama-3.1-70b", method="qlora", gpus=2, sharding="fsdp", method_options={"quant_storage": "bf16"},
+                    gpu="rtx-4090-24gb"))
+    out.append(dict(model="llama-3.1-70b", method="qlora", gpus=2, sharding="fsdp", grad_checkpointing=True,
+                    method_options={"quant_storage": "bf16", "kbit_prepare": False}, adapter_dtype="bf16",
+                    sharding_options={"cpu_offload": True}, gpu="rtx-4090-24gb"))
+    out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", gpus=4, sharding="ddp", seq=2048,
+                    grad_checkpointing=True, gpu="rtx-4090-24gb"))
     return out
 
 

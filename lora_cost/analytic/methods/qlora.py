@@ -33,11 +33,23 @@ QUANT_STORAGE = MethodOption("quant_storage", "--quant-storage", str, "uint8",
                              choices=("uint8", "bf16", "fp16", "fp32"))
 
 
+# task "fsdpqlora": peft's prepare_model_for_kbit_training (utils/other.py) casts every fp16/bf16 parameter that is
+# not a Params4bit to fp32 (and enables checkpointing and input gradients). The FSDP-QLoRA recipe skips it: TRL's
+# `prepare_peft_model` calls it only when not `is_sharded_qlora` (the 4-bit weights loaded on the CPU or the meta
+# device for FSDP, `fsdp_cpu_ram_efficient_loading`), so embeddings, norms and LM head keep the dtype the model was
+# loaded in (torch_dtype = bnb_4bit_quant_storage in the bitsandbytes FSDP-QLoRA guide; here the compute dtype)
+# and the adapters that of the model (`get_peft_model(..., autocast_adapter_dtype=False)`: give --adapter-dtype)
+KBIT_PREPARE = MethodOption("kbit_prepare", "--kbit-prepare", bool, True,
+                            "peft prepare_model_for_kbit_training casts the non-quantised parameters to fp32 "
+                            "(--no-kbit-prepare: the FSDP-QLoRA recipe, they stay in the compute dtype)")
+
+
 def four_bit_storage(run) -> FourBitStorage:
     """bnb_4bit_compute_dtype follows --precision (bf16, or fp16)."""
-    return FourBitStorage(compute_dtype="fp16" if run.precision == "fp16" else "bf16",
+    compute = "fp16" if run.precision == "fp16" else "bf16"
+    return FourBitStorage(compute_dtype=compute,
                           double_quant=DOUBLE_QUANT.value(run), quant_type=QUANT_TYPE.value(run),
-                          quant_storage=QUANT_STORAGE.value(run))
+                          quant_storage=QUANT_STORAGE.value(run), other="fp32" if KBIT_PREPARE.value(run) else compute)
 
 
 def apply_qlora(model, run, targets, notes):
@@ -51,10 +63,13 @@ def apply_qlora(model, run, targets, notes):
     compute = torch.float16 if run.precision == "fp16" else torch.bfloat16
     quantize_linears(model, compute, DOUBLE_QUANT.value(run), QUANT_STORAGE.value(run))
     model.is_loaded_in_4bit = True  # what transformers sets after a bitsandbytes 4-bit load
-    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
-                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     notes.append("QLoRA: bitsandbytes Linear4bit replaced by a stand-in with the same storage, saved tensors "
                  "and dequantised transients (lora_cost/trace/qlora.py)")
+    if not KBIT_PREPARE.value(run):  # task "fsdpqlora": TRL's sharded-QLoRA path, no fp32 cast (see KBIT_PREPARE)
+        notes.append("QLoRA without prepare_model_for_kbit_training: the non-quantised parameters keep the model's dtype")
+        return apply_lora(model, run, targets, notes)
+    peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
+                                         gradient_checkpointing_kwargs={"use_reentrant": False})
     return apply_lora(model, run, targets, notes, prepared=True)
 
 
@@ -125,7 +140,7 @@ QLORA = register_method(Method(
     adapted_linear=lora_linear,
     storage=four_bit_storage,
     serving=qlora_serving,
-    options=(QUANT_TYPE, DOUBLE_QUANT, QUANT_STORAGE),
+    options=(QUANT_TYPE, DOUBLE_QUANT, QUANT_STORAGE, KBIT_PREPARE),
     precisions=("bf16", "fp16"),  # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype)
     apply_to_model=apply_qlora,
     recognise=recognise_qlora,

@@ -77,6 +77,10 @@ class FourBitStorage:
     double_quant: bool
     quant_type: str = "nf4"
     quant_storage: str = "uint8"  # bnb_4bit_quant_storage: same bytes, numel = bytes / itemsize (lossdtype)
+    # task "fsdpqlora": the dtype of every parameter that is not quantised. fp32: peft's
+    # prepare_model_for_kbit_training casts them (utils/other.py); the FSDP-QLoRA recipe skips that cast (TRL
+    # `prepare_peft_model`: `is_sharded_qlora`) and keeps the dtype the model was loaded in (--no-kbit-prepare)
+    other: str = "fp32"
 
     @property
     def linear_dtype(self) -> str:
@@ -84,7 +88,7 @@ class FourBitStorage:
 
     @property
     def other_dtype(self) -> str:
-        return "fp32"
+        return self.other
 
     def linear_bytes(self, numel: int, rows: int = 0) -> int:
         return nf4_bytes(numel, double_quant=self.double_quant, storage_bytes=QUANT_STORAGE_BYTES[self.quant_storage])
@@ -110,7 +114,7 @@ class FourBitStorage:
         bits = nf4_bits_per_weight(self.double_quant)
         packed = "" if self.quant_storage == "uint8" else f", packed in {self.quant_storage}"
         return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}{packed}) + "
-                "embeddings, norms, biases, LM head in fp32")
+                f"embeddings, norms, biases, LM head in {self.other}")
 
 
 # issue9b: LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339; bitsandbytes 0.50.2 nn/modules.py Linear8bitLt,

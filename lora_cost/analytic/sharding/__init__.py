@@ -47,8 +47,12 @@ def check_run(run, method) -> tuple[str, ...]:
     """Refuse what a strategy's library cannot run as given (one line), and return the warnings of what the
     estimate knowingly leaves out."""
     sh = run.sharding
+    notes: tuple[str, ...] = ()
+    if sh is not None and method.name == "qlora":  # task "fsdpqlora": 4-bit weights under FSDP2 / DDP only
+        from .qlora import check_qlora
+        notes = check_qlora(run, method.storage(run))
     if sh is None or not sh.strategy.startswith("zero"):
-        return ()
+        return notes
     from ...errors import LoraCostError
     if run.precision.startswith("amp-"):
         raise LoraCostError(ZERO_AMP.format(strategy=sh.strategy))
@@ -143,6 +147,9 @@ def sharding_terms(rank) -> tuple[Term, ...]:
                 "ZeRO: fp32 master partition + states" if sh.strategy.startswith("zero") else "states of the rank's shards",
                 "on the GPU"),
            Term("host memory per rank", rank.host_bytes_per_rank, "offloaded state", f"x {sh.gpus_per_node} ranks per node")]
+    if rank.replicated:  # task "fsdpqlora"
+        out.append(Term("rank weights kept whole", rank.replicated, "not parameters: no strategy partitions them",
+                        "of the rank weights: QLoRA's 4-bit quant_state (absmax, nested absmax, code), VeRA's buffers"))
     if rank.unit_gathered:
         out.append(Term("gathered decoder layer", rank.unit_gathered, "one unit's all-gather output",
                         f"{fmt_bytes(rank.unit_gathered)} per unit in use"))

@@ -81,6 +81,8 @@ class RankModel:
     backward_prefetch: bool = True  # FSDP2 all-gathers the next unit of backward ahead (ZeRO-3: inside unit_gathered)
     collectives: tuple[tuple[str, int, float], ...] = ()  # (collective, payload bytes per rank, wire factor)
     overlapped_collectives: tuple[str, ...] = ()
+    # task "fsdpqlora": of `weights`, the module state no strategy partitions (VeRA's buffers, QLoRA's quant_state)
+    replicated: int = 0
 
     def gathered(self, moment: str, i: int | None = None) -> list[tuple[C, int]]:
         """The parameters, all-gather buffers and reduction buffers alive at a moment of the step (peaks.py
@@ -160,7 +162,7 @@ def rank_model(tensors: tuple[ShardTensor, ...], sharding: ShardingSpec, opt: Op
         # `_move_states_to_device`; only the sharded parameters go to the host)
         from dataclasses import replace
         model = rank_model(tuple(t for t in tensors if t.unit != BUFFER), sharding, opt, layers, hidden_size)
-        return replace(model, weights=model.weights + buffers)
+        return replace(model, weights=model.weights + buffers, replicated=buffers)
     s = sharding.strategy
     if s == "ddp":
         return _ddp(tensors, sharding, opt, layers)

@@ -17,6 +17,7 @@ from ...errors import LoraCostError
 from ..architectures.base import Architecture
 from ..budget import param_groups
 from ..methods.base import Method
+from ..methods.storage import FourBitStorage
 from ...spec import LinearSite, ModelSpec, RunConfig
 
 LAYER, ROOT = "layer", "root"
@@ -47,7 +48,8 @@ class ShardTensor:
 # (task "sharding2": LoRA-FA's frozen lora_A, (IA)3's vectors, VeRA's scaling vectors and its shared projections,
 # buffers every rank keeps whole; AdaLoRA's rank allocator copies whole parameters in the training loop: not
 # modelled across GPUs yet)
-SHARDED_METHODS = ("full", "lora", "lora-plus", "dora", "lora-fa", "ia3", "vera")
+SHARDED_METHODS = ("full", "lora", "lora-plus", "dora", "lora-fa", "ia3", "vera",
+                   "qlora")  # task "fsdpqlora": packed 4-bit weights sharded, their quant_state whole (qlora.py)
 
 
 def _adapter_dim0(name: str, site: LinearSite, run: RunConfig) -> int:
@@ -77,12 +79,19 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
     if run.task in ("seq-cls", "token-cls"):
         raise LoraCostError("--gpus/--sharding with a classification --task is not modelled yet")
     L, dtype, trainable_base = spec.layers, run.weight_dtype, method.base_trainable
+    storage = method.storage(run)
+    four_bit = isinstance(storage, FourBitStorage)  # task "fsdpqlora": QLoRA's Params4bit and its quant_state
+    other = storage.other_dtype if four_bit else dtype  # prepare_model_for_kbit_training: the rest in fp32
     out: list[ShardTensor] = []
     linear_total = 0
     for s in arch.linear_sites(spec):
         count = s.blocks or L
         dim0 = s.d_in if s.fan_in_fan_out else s.d_out
-        out.append(ShardTensor(f"{s.path or s.name}.weight", dim0, s.d_in * s.d_out, count, dtype, trainable_base, LAYER))
+        name = f"{s.path or s.name}.weight"
+        if four_bit and s.quantised:
+            out.extend(four_bit_tensors(name, s.d_in * s.d_out, count, storage, LAYER, BUFFER))
+        else:
+            out.append(ShardTensor(name, dim0, s.d_in * s.d_out, count, other, trainable_base, LAYER))
         linear_total += s.d_in * s.d_out * count
     groups = param_groups(arch, spec, run.task, run.labels)
     if linear_total != sum(g.total for g in groups if g.kind in ("linear", "kept-linear")):
@@ -99,7 +108,7 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
         else:
             dim0 = numel  # norms and biases are 1-D
         late = g.kind == "embedding" and not (spec.tie_embeddings and dim0 == spec.vocab)
-        out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, dtype, trainable_base, unit, late))
+        out.append(ShardTensor(g.name, dim0, numel, g.count * pieces, other, trainable_base, unit, late))
     if not trainable_base:
         for s in sites:
             for t, trains in [(t, True) for t in method.trainable(s, run)] + [(t, False) for t in method.frozen(s, run)]:
@@ -114,3 +123,15 @@ def shard_tensors(arch: Architecture, spec: ModelSpec, method: Method, run: RunC
         if t.unit == LAYER and t.count % L:
             raise LoraCostError(f"--gpus/--sharding: {t.name} is not in every layer; not modelled yet")
     return tuple(out)
+
+
+def four_bit_tensors(name: str, numel: int, count: int, storage: FourBitStorage, unit: str, buffer: str) -> list[ShardTensor]:
+    """Task "fsdpqlora": one bitsandbytes 4-bit weight of `numel` values as sharding sees it (qlora.py): the packed
+    Params4bit [packed, 1] in the storage dtype, frozen, sharded on dim 0 with its unit (uint8: left out of
+    sharding, whole); its QuantState, not a parameter, whole on every rank (bytes as uint8 elements)."""
+    from .qlora import packed_numel, quant_state_bytes, replicated_4bit
+    packed, state = packed_numel(numel, storage), quant_state_bytes(numel, storage)
+    if replicated_4bit(storage):  # uint8: kept out of fully_shard (accelerate's ignored_params), whole on every rank
+        unit = buffer
+    return [ShardTensor(name, packed, packed, count, storage.quant_storage, False, unit),
+            ShardTensor(f"{name}.quant_state", state, state, count, "uint8", False, buffer)]
