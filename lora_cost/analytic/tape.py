@@ -141,6 +141,10 @@ class Tape:
         self.flops_by_scope[(scope, "bwd")] += bwd
         self.flops_after_last_save[scope] += fwd
 
+    def weight_gradient(self, nbytes: int) -> None:
+        """The op uses a trainable weight of `nbytes`: its backward creates that gradient. Only the event
+        log of the allocator replay uses it (allocator/events.py)."""
+
     def orphaned_save(self, nbytes: int) -> None:
         """Tensors autograd saves for a graph that is dropped before backward (it dies with its
         module in a plain step). Under non-reentrant checkpointing the recomputed copies are stashed
