@@ -43,17 +43,20 @@ def slack_reserved(peak_bytes: int) -> int:
 
 def device_memory(reserved_bytes: int, *, peak_bytes: int, family: str, gpu: str | None = None,
                   paged_bytes: int = 0, paged_evictable: bool = False, libraries: tuple[str, ...] = (),
-                  replayed: bool = False, fragmentation_bytes: int | None = None) -> DeviceMemory:
-    """Device memory in use at the peak (see the module docstring)."""
+                  replayed: bool = False, fragmentation_bytes: int | None = None,
+                  reserved_model: str | None = None, uncertainty: float | None = None) -> DeviceMemory:
+    """Device memory in use at the peak (see the module docstring). `reserved_model` and `uncertainty`
+    (relative) name another reserved model and its stated uncertainty (allocevents: the analytic replay)."""
     ctx = context_for(gpu, family, libraries)
     resident = 0 if paged_evictable else paged_bytes
-    rel = REPLAY_UNCERTAINTY if replayed else SLACK_UNCERTAINTY
+    rel = uncertainty if uncertainty is not None else REPLAY_UNCERTAINTY if replayed else SLACK_UNCERTAINTY
     frag = max(reserved_bytes - peak_bytes, 0) if fragmentation_bytes is None else fragmentation_bytes
     return DeviceMemory(reserved_bytes=int(reserved_bytes), context_bytes=ctx.bytes, paged_bytes=int(paged_bytes),
                         paged_resident=not paged_evictable, fragmentation_bytes=int(frag),
                         device_bytes=int(reserved_bytes) + ctx.bytes + resident,
                         uncertainty_bytes=int(rel * reserved_bytes) + ctx.spread_bytes,
-                        context_measured=ctx.measured, reserved_model="allocator replay" if replayed else "slack")
+                        context_measured=ctx.measured,
+                        reserved_model=reserved_model or ("allocator replay" if replayed else "slack"))
 
 
 def device_bytes(peak_bytes: int, paged_bytes: int = 0, family: str = "llama") -> int:

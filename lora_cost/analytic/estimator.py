@@ -90,7 +90,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              master_weights: str | None = None, optimizer_in_backward: bool = False,
              loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None,
              # distprof: the numbers only (fast.StepNumbers), for sweeps
-             numbers_only: bool = False) -> Estimate:
+             numbers_only: bool = False,
+             # allocevents: reserved memory from the slack, the analytic allocation replay, or auto (reserved_events.py)
+             reserved_model: str | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). `gpus`, `nodes`, `sharding` (ddp, fsdp, ... ; default fsdp) and
@@ -113,7 +115,7 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
     if numbers_only:
         from .fast import step_numbers
         return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
-    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving, reserved_model=reserved_model)
 
 
 def sharding_spec(gpus: int | None, nodes: int = 1, sharding: str | None = None, options: dict | None = None):
@@ -201,7 +203,8 @@ def validated_method_run(run: RunConfig):
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
-                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
+                 reserved_model: str | None = None) -> Estimate:
     run, method, target_names, sites, head_sites = validated_run(spec, run)
     arch = get_architecture(spec.model_type)
     opt = get_optimizer(run.optimizer)
@@ -228,6 +231,12 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         paged = rank.paged_state
     dev = device_memory(slack_reserved(peak.peak_bytes), peak_bytes=peak.peak_bytes, family=spec.model_type, gpu=gpu,
                         paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=_libraries(run))
+    if reserved_model not in (None, "slack"):  # allocevents: the analytic allocation replay (reserved_events.py)
+        from .reserved_events import reserved_device
+        dev, note = reserved_device(dev, spec, run, frozenset(target_names), peak.peak_bytes, gpu, reserved_model,
+                                    paged, _libraries(run))
+        if note:
+            warnings.append(note)
     device = dev.device_bytes
 
     sf = step_flops(rec, run.grad_checkpointing, stack)

@@ -105,3 +105,39 @@ def events_reserved(spec, run, targets: frozenset, gpu: str | None = None, steps
     tape = record_forward(spec, run, method, arch, targets, stack)
     program, sizes = forward_program(tape, stack, run.grad_checkpointing)
     return replay_run(program, sizes, parts, parse_alloc_conf(run.alloc_conf), steps=steps)
+
+
+# --reserved-model: how the analytic engine gets reserved memory
+RESERVED_MODELS = ("slack", "replay", "auto")
+# Stated uncertainty of the analytic replay (relative, on reserved): the 90th percentile of its |error|
+# against measured peak_reserved over the H100 calibration rows (benchmarks/allocevents_calibration.py).
+EVENTS_UNCERTAINTY = 0.10
+# --reserved-model auto replays only when the GPU's memory lies within this fraction of the slack's
+# device total (twice the slack's stated uncertainty, device.SLACK_UNCERTAINTY): further away the verdict
+# cannot change, and the estimate path keeps its speed.
+AUTO_BAND = 0.21
+
+
+def reserved_device(dev, spec, run, targets: frozenset, peak_bytes: int, gpu: str | None, mode: str,
+                    paged_bytes: int, libraries: tuple[str, ...]):
+    """(DeviceMemory, note or None): `dev` (the slack's) replaced by the analytic allocation replay's when
+    `mode` is "replay", or "auto" near the GPU's memory (AUTO_BAND)."""
+    from ..errors import LoraCostError
+    from .device import device_memory
+
+    if mode not in RESERVED_MODELS:
+        raise LoraCostError(f"unknown --reserved-model {mode!r}; choose one of {', '.join(RESERVED_MODELS)}")
+    if mode == "auto":
+        if gpu is None:
+            return dev, None
+        from ..profiles import load_gpu
+        if abs(load_gpu(gpu).memory_bytes - dev.device_bytes) > AUTO_BAND * dev.device_bytes:
+            return dev, None
+    try:
+        result = events_reserved(spec, run, targets, gpu)
+    except Unmodelled as exc:
+        return dev, f"reserved memory: the allocated peak x slack (the analytic allocation replay does not model {exc})"
+    return device_memory(result.reserved_peak_bytes, peak_bytes=peak_bytes, family=spec.model_type, gpu=gpu,
+                         paged_bytes=paged_bytes, paged_evictable=run.paged_evictable, libraries=libraries,
+                         fragmentation_bytes=result.fragmentation_at_peak_bytes,
+                         reserved_model="allocator replay (analytic)", uncertainty=EVENTS_UNCERTAINTY), None
