@@ -93,13 +93,17 @@ def gpu_fit(gpu: GpuProfile, device: int, flops: int, precision: str,
                   verdict=verdict(gpu.memory_bytes, device, uncertainty), uncertainty_bytes=int(uncertainty))
 
 
-def device_formula(paged: bool, paged_evictable: bool = False, context_bytes: int | None = None) -> str:
+def device_formula(paged: bool, paged_evictable: bool = False, context_bytes: int | None = None,
+                   reserved_model: str = "slack") -> str:
     """The device total in words, for the assumptions a result lists."""
     ctx = fmt_bytes(context_bytes) if context_bytes is not None else "measured"
     paged_part = ""
     if paged:
         paged_part = (" (paged optimizer state not counted: --paged-evictable lets the driver evict it to the host)"
                       if paged_evictable else " + paged optimizer state (resident: CUDA managed memory on the GPU)")
-    return (f"device memory = reserved (allocated peak x {1 + ALLOCATOR_SLACK:.2f}, caching-allocator slack) + "
+    how = (f"allocated peak x {1 + ALLOCATOR_SLACK:.2f}, caching-allocator slack" if reserved_model == "slack" else
+           "the step's allocation sequence, composed from the analytic tape over the stack, replayed through the "
+           "caching-allocator model: a first step, then the measured one")  # allocevents
+    return (f"device memory = reserved ({how}) + "
             f"{ctx} CUDA context and libraries (measured per GPU: profiles/cuda_context.json)"
             + paged_part)

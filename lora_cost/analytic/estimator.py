@@ -319,10 +319,11 @@ def _assumptions(run: RunConfig, opt, dev=None) -> tuple[str, ...]:
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({get_kernel(run.attention).description})",
         *packing,
-        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None),
+        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None,
+                       dev.reserved_model if dev is not None else "slack"),
     ) + ((f"--alloc-conf {run.alloc_conf}: not modelled by the analytic engine's reserved memory (a slack on the "
           "allocated peak); --engine trace replays the step through the allocator with these settings",)
-         if run.alloc_conf else ()) + _optimizer_notes(run, opt)
+         if run.alloc_conf and (dev is None or dev.reserved_model == "slack") else ()) + _optimizer_notes(run, opt)
 
 
 def _optimizer_notes(run: RunConfig, opt) -> tuple[str, ...]:

@@ -65,8 +65,26 @@ def run_parts(arch, spec, method, run, opt, params, workspace: int) -> RunParts:
         for g in params.trainable_groups:
             per_tensor = opt.state_bytes(g) // max(g.count, 1)
             states += [per_tensor // n] * (n * g.count)
-    return RunParts(weights=tuple(weights), states=tuple(states), optimizer_temporaries=params.optimizer_temporaries,
+    return RunParts(weights=tuple(weights), states=tuple(states), optimizer_temporaries=_temporaries(opt, params),
                     trainable_bytes=params.trainable_bytes, workspace=workspace)
+
+
+def _temporaries(opt, params) -> tuple[tuple[int, ...], ...]:
+    """The step's temporaries as the optimizer makes them: lists of tensors alive together, one list after
+    another. foreach (torch/optim/adamw.py _multi_tensor_adamw): per dtype group one tensor per parameter
+    (`torch._foreach_sqrt(exp_avg_sqs)`), freed together; a loop: one tensor at a time; an optimizer whose
+    temporaries follow their own rule (Adafactor, GaLore): its total as one buffer."""
+    if params.paged or not params.optimizer_temporaries:
+        return ()
+    groups = params.trainable_groups
+    if opt.combine == "foreach":
+        by_dtype: dict[str, list[int]] = {}
+        for g in groups:
+            by_dtype.setdefault(g.dtype, []).extend([opt.tensor_temporaries(g)] * g.count)
+        return tuple(tuple(v) for v in by_dtype.values())
+    if opt.combine == "loop":
+        return tuple((opt.tensor_temporaries(g),) for g in groups for _ in range(g.count))
+    return ((params.optimizer_temporaries,),)
 
 
 def check_modelled(run) -> None:

@@ -163,7 +163,7 @@ class RunParts:
 
     weights: tuple[int, ...]  # bytes of every stored tensor, in construction order
     states: tuple[int, ...]  # bytes of every optimizer state tensor, in creation order (paged: none)
-    optimizer_temporaries: int
+    optimizer_temporaries: tuple[tuple[int, ...], ...]  # lists of tensors alive together, one list after another
     trainable_bytes: int  # every gradient of a step together
     workspace: int  # one cuBLAS workspace (0: none)
 
@@ -202,21 +202,66 @@ def _ops(entries: list) -> list[tuple]:
     return ops
 
 
-def step_events(program: list[Instance], sizes: dict, parts: RunParts, out: _Emitter, step: int,
-                first: bool, ws_keys: list) -> None:
-    """One training step's events (see the module docstring), keys prefixed with `step`."""
-    K = lambda key: (step, key)  # noqa: E731
-    held: set = set()  # keys kept for backward (saved outside checkpointed blocks)
+@dataclass
+class _Analysis:
+    """What every step of a program shares: computed once (run_events)."""
+
+    held: set  # keys kept for backward (saved outside checkpointed blocks)
+    ckpt_inputs: set  # inputs of checkpointed blocks (torch.utils.checkpoint keeps them)
+    output: object  # the model output's key (the logits), kept until the step ends
+    ops: list  # per instance: its ops (_ops)
+    frees: list  # per instance: op index -> keys whose earliest save was that op (recomputed ones, if checkpointed)
+    made: list  # per instance: keys its entries allocate
+    prev_rg: list  # per instance, per op: the size of the previous op output requiring grad in it (None: none)
+    input_size: list  # per instance: the size of what it reads (its first op's input gradient)
+
+
+def analyse(program: list[Instance], sizes: dict) -> _Analysis:
+    held = set()
     for inst in program:
         if not inst.checkpointed:
             held.update(e[1] for e in inst.entries if e[0] == "s")
-    ckpt_inputs = {inst.input_key for inst in program if inst.checkpointed}
-    first_save: dict = {}  # key -> (instance index, op index) of its earliest save outside checkpointed blocks
     # the model's output (the logits: the last storage the head makes) stays referenced by the output object
-    # until the step ends, as lora-cost's reference step keeps it (context.py logits_bytes); it is freed
-    # after backward with whatever else the forward left
+    # until the step ends, as lora-cost's reference step keeps it (context.py logits_bytes)
     output = next((e[1] for inst in reversed(program) if inst.scope == "head"
                    for e in reversed(inst.entries) if e[0] == "a"), None)
+    ops = [_ops(inst.entries) for inst in program]
+    frees: list[dict] = [{} for _ in program]
+    seen: set = set()
+    made = [{e[1] for e in inst.entries if e[0] == "a"} for inst in program]
+    for i, inst in enumerate(program):
+        local: set = set()
+        for j, (a, pre) in enumerate(ops[i]):
+            for e in pre:
+                if e[0] != "s":
+                    continue
+                if inst.checkpointed:  # recomputed storages, freed by the recomputation's own nodes
+                    if e[1] in made[i] and e[1] not in local:
+                        local.add(e[1])
+                        frees[i].setdefault(j, []).append(e[1])
+                elif e[1] not in seen:  # a storage saved by several nodes goes with the earliest
+                    seen.add(e[1])
+                    frees[i].setdefault(j, []).append(e[1])
+    prev_rg, input_size = [], []
+    last = None  # the last output requiring grad so far (what a segment outside the blocks reads)
+    for i, inst in enumerate(program):
+        row, before = [], None
+        for a, _ in ops[i]:
+            row.append(before)
+            if a[3]:
+                before = a[2]
+        prev_rg.append(row)
+        input_size.append(sizes.get(inst.input_key) if inst.input_key is not None else last)
+        last = before if before is not None else last
+    return _Analysis(held, {inst.input_key for inst in program if inst.checkpointed}, output, ops, frees, made,
+                     prev_rg, input_size)
+
+
+def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _Emitter, step: int,
+                first: bool, ws_keys: list) -> None:
+    """One training step's events (see the module docstring), keys prefixed with `step`."""
+    K = lambda key: (step, key)  # noqa: E731
+    held, ckpt_inputs, output = an.held, an.ckpt_inputs, an.output
     # ---- forward
     matmul_seen = False
     for i, inst in enumerate(program):
@@ -236,13 +281,6 @@ def step_events(program: list[Instance], sizes: dict, parts: RunParts, out: _Emi
             elif tag == "t":
                 out.alloc(K(("t", i)), e[1])
                 out.free(K(("t", i)))
-    for i, inst in enumerate(program):
-        if inst.checkpointed:
-            continue
-        for j, (a, pre) in enumerate(_ops(inst.entries)):
-            for e in pre:
-                if e[0] == "s":
-                    first_save.setdefault(e[1], (i, j))
     # ---- backward
     grads = count()
     param_grads: list = []
@@ -250,42 +288,24 @@ def step_events(program: list[Instance], sizes: dict, parts: RunParts, out: _Emi
     ws_backward = first and len(ws_keys) < 2
     for i in range(len(program) - 1, -1, -1):
         inst = program[i]
-        entries = inst.entries
+        made = an.made[i]
         if inst.checkpointed:  # torch.utils.checkpoint: the block's forward again, saves kept this time
-            rc = lambda key: ("rc", i, key)  # noqa: E731
-            saved = {e[1] for e in entries if e[0] == "s"}
-            made = set()
-            for e in entries:
+            key_of = lambda key, i=i: (step, ("rc", i, key))  # noqa: E731
+            saved = {k for keys in an.frees[i].values() for k in keys}
+            for e in inst.entries:
                 if e[0] == "a":
-                    out.alloc(K(rc(e[1])), e[2])
-                    made.add(e[1])
+                    out.alloc(key_of(e[1]), e[2])
                 elif e[0] == "d" and e[1] in made and e[1] not in saved:
-                    out.free(K(rc(e[1])))
+                    out.free(key_of(e[1]))
                 elif e[0] == "t":
                     out.alloc(K(("rt", i)), e[1])
                     out.free(K(("rt", i)))
             for key in made - saved:  # the recomputed outputs nobody keeps
-                out.free(K(rc(key)))
-            firsts: dict = {}
-            for j, (a, pre) in enumerate(_ops(entries)):
-                for e in pre:
-                    if e[0] == "s" and e[1] in made:
-                        firsts.setdefault(e[1], j)
-            key_of = lambda key: K(rc(key)) if key in made else None  # noqa: E731
+                out.free(key_of(key))
         else:
-            key_of = lambda key: K(key)  # noqa: E731
-        ops = _ops(entries)
-        by_op: dict[int, list] = {}
-        if not inst.checkpointed:
-            for k, (ii, jj) in first_save.items():
-                if ii == i:
-                    by_op.setdefault(jj, []).append(k)
-        else:
-            for k, jj in firsts.items():
-                by_op.setdefault(jj, []).append(k)
+            key_of = K
+        ops, frees, prev_rg = an.ops[i], an.frees[i], an.prev_rg[i]
         resid = cur
-        rg_sizes = [a[2] if a[3] else None for a, _ in ops]
-        input_size = sizes.get(inst.input_key) if inst.input_key is not None else _last_rg(program, i)
         for j in range(len(ops) - 1, -1, -1):
             a, pre = ops[j]
             if a[3]:
@@ -294,8 +314,7 @@ def step_events(program: list[Instance], sizes: dict, parts: RunParts, out: _Emi
                         key = K(("pg", next(grads)))
                         out.alloc(key, e[1])
                         param_grads.append(key)
-                prev = next((s for s in reversed(rg_sizes[:j]) if s is not None), None)
-                size_in = prev if prev is not None else input_size
+                size_in = prev_rg[j] if prev_rg[j] is not None else an.input_size[i]
                 g_in = None
                 if size_in:
                     g_in = (K(("g", next(grads))), size_in)
@@ -311,55 +330,39 @@ def step_events(program: list[Instance], sizes: dict, parts: RunParts, out: _Emi
                 if cur is not None and cur is not resid:
                     out.free(cur[0])
                 cur = g_in if g_in is not None else cur
-            for k in by_op.get(j, ()):  # the storages whose earliest save was this op
-                kk = key_of(k)
-                if kk is not None:
-                    out.free(kk)
+            for k in frees.get(j, ()):  # the storages whose earliest save was this op
+                out.free(key_of(k))
         if resid is not None and cur is not resid:
             out.free(resid[0])
         if inst.checkpointed:
-            for key in list(out.live):
-                if key[0] == step and isinstance(key[1], tuple) and key[1][:2] == ("rc", i):
-                    out.free(key)
+            for key in made:
+                out.free(key_of(key))
             out.free(K(inst.input_key))
     if cur is not None:
         out.free(cur[0])
-    rest = parts.trainable_bytes - _param_grad_bytes(program)
+    rest = parts.trainable_bytes - _param_grad_bytes(an)
     if rest > 0:
         key = K(("pg", "rest"))
         out.alloc(key, rest)
         param_grads.append(key)
     for key in [k for k in out.live if k[0] == step and k not in param_grads]:
-        out.free(key)  # whatever backward left (storages saved by a node that never ran)
+        out.free(key)  # whatever backward left (storages saved by a node that never ran, the model output)
     # ---- optimizer.step(), zero_grad(set_to_none=True)
     if first:
         for n, nbytes in enumerate(parts.states):
             out.alloc(("state", n), nbytes)
-    if parts.optimizer_temporaries:
-        out.alloc(K("optimizer temporaries"), parts.optimizer_temporaries)
-        out.free(K("optimizer temporaries"))
+    for n, together in enumerate(parts.optimizer_temporaries):
+        for m, nbytes in enumerate(together):
+            out.alloc(K(("optimizer temporaries", n, m)), nbytes)
+        for m in range(len(together)):
+            out.free(K(("optimizer temporaries", n, m)))
     for key in param_grads:
         out.free(key)
 
 
-def _last_rg(program: list[Instance], i: int) -> int | None:
-    """The size of the last storage requiring grad made before instance `i`: what a segment outside the
-    blocks (the head, the loss) reads, whose gradient its first op makes."""
-    for inst in reversed(program[:i]):
-        for e in reversed(inst.entries):
-            if e[0] == "a" and e[3]:
-                return e[2]
-    return None
-
-
-def _param_grad_bytes(program: list[Instance]) -> int:
+def _param_grad_bytes(an: _Analysis) -> int:
     """Bytes of the weight gradients the logged linears make in one backward (ops that require grad)."""
-    total = 0
-    for inst in program:
-        for a, pre in _ops(inst.entries):
-            if a[3]:
-                total += sum(e[1] for e in pre if e[0] == "w")
-    return total
+    return sum(e[1] for ops in an.ops for a, pre in ops if a[3] for e in pre if e[0] == "w")
 
 
 def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int = 2) -> list[tuple]:
@@ -368,8 +371,9 @@ def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int
     for n, nbytes in enumerate(parts.weights):
         out.alloc(("weight", n), nbytes)
     ws_keys: list = []
+    an = analyse(program, sizes)
     for step in range(steps):
-        step_events(program, sizes, parts, out, step, step == 0, ws_keys)
+        step_events(program, an, parts, out, step, step == 0, ws_keys)
     return out.events
 
 
