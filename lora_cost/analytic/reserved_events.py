@@ -154,7 +154,7 @@ def reserved_device(dev, spec, run, targets: frozenset, peak_bytes: int, gpu: st
     try:
         result = events_reserved(spec, run, targets, gpu)
     except Unmodelled as exc:
-        return dev, f"reserved memory: the allocated peak x slack (the analytic allocation replay does not model {exc})"
+        return dev, f"reserved memory: the allocated peak x 1.10 (the analytic allocation replay does not cover this run: {exc})"
     return device_memory(result.reserved_peak_bytes, peak_bytes=peak_bytes, family=spec.model_type, gpu=gpu,
                          paged_bytes=paged_bytes, paged_evictable=run.paged_evictable, libraries=libraries,
                          fragmentation_bytes=result.fragmentation_at_peak_bytes,

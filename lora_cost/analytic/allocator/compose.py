@@ -187,7 +187,12 @@ class _Emitter:
 
 
 def _ops(entries: list) -> list[tuple]:
-    """Group a segment's entries into ops: (the output's "a" entry, the entries before it since the last one)."""
+    """Group a segment's entries into ops: (the output's "a" entry, the entries before it since the last one).
+
+    The tape's ops save their inputs before they make their output and their own output right after it
+    (ops.py: log_softmax, tanh, relu). A save of the storage just made, with nothing in between, is taken as
+    the op saving its own output; when it is in fact the next op saving its input, the storage is freed one
+    node later in backward (held slightly longer, never shorter)."""
     ops, pending = [], []
     for e in entries:
         if e[0] == "a":
@@ -329,7 +334,7 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
                         out.free(K(("tb", i, j)))
                 if cur is not None and cur is not resid:
                     out.free(cur[0])
-                cur = g_in if g_in is not None else cur
+                cur = g_in  # None: nothing flows further back (an input that needs no gradient)
             for k in frees.get(j, ()):  # the storages whose earliest save was this op
                 out.free(key_of(k))
         if resid is not None and cur is not resid:
