@@ -208,3 +208,12 @@ def test_cli_reserved_model():
     assert bad.exit_code == 2
     trace = CliRunner().invoke(main, args + ["--reserved-model", "replay", "--engine", "trace"])
     assert trace.exit_code == 2 and "--reserved-model" in trace.output and "Traceback" not in trace.output
+
+
+@pytest.mark.fast
+def test_numbers_only_gives_the_replay_numbers_too():
+    from lora_cost import estimate
+    from lora_cost.analytic.fast import numbers_of
+
+    kw = dict(r=8, batch=4, seq=512, precision="fp32", gpu="h100-80gb", reserved_model="replay")
+    assert estimate("gpt2", "lora", numbers_only=True, **kw) == numbers_of(estimate("gpt2", "lora", **kw))
