@@ -10,7 +10,8 @@ combined:
              host may take it (--paged-evictable)
 
 The trace engine's reserved memory is its replay through the allocator model (allocator/); the
-analytic engine does not produce an allocation sequence yet and keeps a slack on its allocated peak.
+analytic engine keeps a slack on its allocated peak by default, or (--reserved-model replay|auto)
+replays its own allocation sequence composed from the tape (reserved_events.py, allocator/compose.py).
 Each carries its stated uncertainty (the measured spread of the H100 calibration rows, see
 docs/allocator.md), and the verdict is "tight" when the GPU's memory lies within it.
 """
