@@ -357,7 +357,7 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     # the [b, s, s] float mask transformers builds for eager attention lives through the forward
     if backend == "eager" and shape.causal:
         tape.transient(b * s * sk * DTYPE_BYTES[dt])
-    tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
+    tape.transient(score_numel * DTYPE_BYTES[dt] * 2, pieces=2)  # two score tensors (matmul, then scaled/masked)
     # each batched matmul costs 2*b*h*s^2*hd per operand that needs a gradient (q, k; probs, v)
     tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd),
                    matmul_attention_backward_flops(b, h, s, sk, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))

@@ -152,8 +152,9 @@ class Tape:
         self.mark_saved()
         self.orphaned[self.scope] += nbytes
 
-    def transient(self, nbytes: int, backward: bool = False) -> None:
-        """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
+    def transient(self, nbytes: int, backward: bool = False, pieces: int = 1) -> None:
+        """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...). `pieces`: it is
+        that many equal tensors alive together (only the allocation replay tells them apart: allocator/events.py)."""
         table = self.backward_transient if backward else self.forward_transient
         table[self.scope].append(nbytes)
 

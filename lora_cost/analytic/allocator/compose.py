@@ -93,7 +93,7 @@ class Instance:
     """One segment placed in the run: its entries with keys, and the input it reads."""
 
     scope: str
-    entries: list  # ("a", key, nbytes, rg) ("s", key) ("d", key) ("t", n) ("tb", n) ("w", n) ("m",)
+    entries: list  # ("a", key, nbytes, rg) ("s", key) ("d", key) ("t", sizes) ("tb", sizes) ("w", n) ("m",)
     checkpointed: bool
     input_key: object = None
     block: bool = False
@@ -284,8 +284,7 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
                 if e[1] not in held and e[1] not in ckpt_inputs and e[1] != output:
                     out.free(K(e[1]))
             elif tag == "t":
-                out.alloc(K(("t", i)), e[1])
-                out.free(K(("t", i)))
+                _transient(out, K(("t", i)), e[1])
     # ---- backward
     grads = count()
     param_grads: list = []
@@ -303,8 +302,7 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
                 elif e[0] == "d" and e[1] in made and e[1] not in saved:
                     out.free(key_of(e[1]))
                 elif e[0] == "t":
-                    out.alloc(K(("rt", i)), e[1])
-                    out.free(K(("rt", i)))
+                    _transient(out, K(("rt", i)), e[1])
             for key in made - saved:  # the recomputed outputs nobody keeps
                 out.free(key_of(key))
         else:
@@ -330,8 +328,7 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
                     ws_backward = False
                 for e in pre:
                     if e[0] == "tb":
-                        out.alloc(K(("tb", i, j)), e[1])
-                        out.free(K(("tb", i, j)))
+                        _transient(out, K(("tb", i, j)), e[1])
                 if cur is not None and cur is not resid:
                     out.free(cur[0])
                 cur = g_in  # None: nothing flows further back (an input that needs no gradient)
@@ -363,6 +360,14 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
             out.free(K(("optimizer temporaries", n, m)))
     for key in param_grads:
         out.free(key)
+
+
+def _transient(out: _Emitter, key, sizes: tuple[int, ...]) -> None:
+    """Buffers alive together inside one op: allocated, then freed."""
+    for n, nbytes in enumerate(sizes):
+        out.alloc((key, n), nbytes)
+    for n in range(len(sizes)):
+        out.free((key, n))
 
 
 def _param_grad_bytes(an: _Analysis) -> int:

@@ -6,8 +6,8 @@ caching allocator sees or autograd decides:
     ("a", sid, nbytes, rg, scope)   a new storage (every `Tape.new`: an op's output)
     ("s", sid, scope)               autograd saves the storage for backward (`Tape.save`)
     ("d", sid, scope)               the last Python reference to the storage died
-    ("t", nbytes, scope)            a buffer alive inside one op (`Tape.transient`): allocated and freed
-    ("tb", nbytes, scope)           the same inside the op's backward
+    ("t", sizes, scope)             buffers alive together inside one op (`Tape.transient`): allocated, freed
+    ("tb", sizes, scope)            the same inside the op's backward
     ("w", nbytes, scope)            the op uses a trainable weight: its backward creates that gradient
     ("m", scope)                    the op runs a matmul (cuBLAS: where the workspaces are taken)
 
@@ -71,9 +71,9 @@ class EventTape(Tape):
         super().save(t, kind)
         self.log.append(("s", t.sid, self.scope))
 
-    def transient(self, nbytes: int, backward: bool = False) -> None:
+    def transient(self, nbytes: int, backward: bool = False, pieces: int = 1) -> None:
         super().transient(nbytes, backward)
-        self.log.append(("tb" if backward else "t", nbytes, self.scope))
+        self.log.append(("tb" if backward else "t", tuple([nbytes // pieces] * pieces), self.scope))
 
     def weight_gradient(self, nbytes: int) -> None:
         self.log.append(("w", nbytes, self.scope))
