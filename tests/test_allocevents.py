@@ -217,3 +217,15 @@ def test_numbers_only_gives_the_replay_numbers_too():
 
     kw = dict(r=8, batch=4, seq=512, precision="fp32", gpu="h100-80gb", reserved_model="replay")
     assert estimate("gpt2", "lora", numbers_only=True, **kw) == numbers_of(estimate("gpt2", "lora", **kw))
+
+
+@pytest.mark.fast
+def test_the_replay_path_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from lora_cost import estimate; "
+            "estimate('llama-3.2-1b', 'lora', r=8, gpu='h100-80gb', reserved_model='replay'); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
