@@ -229,3 +229,16 @@ def test_the_replay_path_does_not_import_torch():
             "assert 'torch' not in sys.modules, 'torch imported'")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.fast
+def test_numbers_only_auto_replays_near_the_budget_only():
+    from lora_cost import estimate
+    from lora_cost.analytic.fast import numbers_of
+
+    for model, kw in (("llama-3.1-8b", dict(r=16, batch=1, seq=512, gpu="l4-24gb")),  # near: replayed
+                      ("llama-3.1-70b", dict(r=16, gpu="h100-80gb"))):  # far: the slack's numbers
+        full = estimate(model, "lora", reserved_model="auto", **kw)
+        assert estimate(model, "lora", numbers_only=True, reserved_model="auto", **kw) == numbers_of(full)
+    with pytest.raises(Exception, match="reserved-model"):
+        estimate("gpt2", "lora", r=8, reserved_model="guess")

@@ -113,11 +113,14 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     loss=loss, adapter_dtype=adapter_dtype,
                     modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save)
     if numbers_only:
-        if reserved_model not in (None, "slack"):  # allocevents: the replay's numbers come from the full path
-            from .fast import numbers_of
-            return numbers_of(estimate_run(spec, run, gpu=gpu, utilisation=utilisation, reserved_model=reserved_model))
-        from .fast import step_numbers
-        return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
+        from .fast import numbers_of, step_numbers
+        numbers = step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
+        if reserved_model in (None, "slack"):
+            return numbers
+        from .reserved_events import replays  # allocevents: the replay's numbers come from the full path
+        if not replays(reserved_model, gpu, numbers.device_bytes):
+            return numbers
+        return numbers_of(estimate_run(spec, run, gpu=gpu, utilisation=utilisation, reserved_model=reserved_model))
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving, reserved_model=reserved_model)
 
 

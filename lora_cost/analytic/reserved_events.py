@@ -136,21 +136,31 @@ EVENTS_UNCERTAINTY = 0.104  # measured: median 4.30%, p90 10.35%, worst 13.77% (
 AUTO_BAND = 0.21
 
 
+def replays(mode: str, gpu: str | None, slack_device_bytes: int) -> bool:
+    """Whether `mode` replays the allocation sequence for a run whose slack device total is
+    `slack_device_bytes`: always for "replay"; for "auto" only with a GPU whose memory lies within AUTO_BAND."""
+    from ..errors import LoraCostError
+
+    if mode not in RESERVED_MODELS:
+        raise LoraCostError(f"unknown --reserved-model {mode!r}; choose one of {', '.join(RESERVED_MODELS)}")
+    if mode == "slack":
+        return False
+    if mode == "replay":
+        return True
+    if gpu is None:
+        return False
+    from ..profiles import load_gpu
+    return abs(load_gpu(gpu).memory_bytes - slack_device_bytes) <= AUTO_BAND * slack_device_bytes
+
+
 def reserved_device(dev, spec, run, targets: frozenset, peak_bytes: int, gpu: str | None, mode: str,
                     paged_bytes: int, libraries: tuple[str, ...]):
     """(DeviceMemory, note or None): `dev` (the slack's) replaced by the analytic allocation replay's when
     `mode` is "replay", or "auto" near the GPU's memory (AUTO_BAND)."""
-    from ..errors import LoraCostError
     from .device import device_memory
 
-    if mode not in RESERVED_MODELS:
-        raise LoraCostError(f"unknown --reserved-model {mode!r}; choose one of {', '.join(RESERVED_MODELS)}")
-    if mode == "auto":
-        if gpu is None:
-            return dev, None
-        from ..profiles import load_gpu
-        if abs(load_gpu(gpu).memory_bytes - dev.device_bytes) > AUTO_BAND * dev.device_bytes:
-            return dev, None
+    if not replays(mode, gpu, dev.device_bytes):
+        return dev, None
     try:
         result = events_reserved(spec, run, targets, gpu)
     except Unmodelled as exc:
