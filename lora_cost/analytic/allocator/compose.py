@@ -12,7 +12,9 @@ loss, each a *segment* of the log. The run's sequence is built from those segmen
      the simulated block that stands for it, with fresh keys, its input being the previous layer's
      output; then the head and loss. A storage is freed when its last reference dies unless autograd
      saved it (held until backward); inside a checkpointed block saves are not kept
-     (torch.utils.checkpoint drops them) and the block's input is held instead.
+     (torch.utils.checkpoint drops them) and the block's input is held instead. The model's output
+     (the logits, the head's last storage) stays referenced until the step ends, as lora-cost's
+     reference step keeps it (context.py `logits_bytes`).
    - *backward*, segment by segment in reverse (a checkpointed block is first recomputed: its forward
      again with saves kept). Within a segment the ops (each op = the entries up to its output's "a")
      run in reverse. For an op whose output requires grad: its trainable weights' gradients are created
@@ -26,8 +28,8 @@ loss, each a *segment* of the log. The run's sequence is built from those segmen
    - gradients not made by a logged linear (embeddings, norms, biases under full fine-tuning) are
      created together at the end of backward, where the embeddings' arrives;
    - *optimizer*: the state is created lazily in the first `optimizer.step()` (torch/optim/adamw.py
-     `_init_group`, tensor by tensor); the step's temporaries come and go; `zero_grad(set_to_none=True)`
-     frees every gradient.
+     `_init_group`, tensor by tensor); the step's temporaries come and go as the implementation makes
+     them (reserved_events._temporaries); `zero_grad(set_to_none=True)` frees every gradient.
 3. **cuBLAS workspaces** (workspaces.py): one after the first matmul's output of the first forward
    (the Python thread's handle), one after the first matmul backward of the first backward (autograd's
    device thread), kept for the run.
@@ -51,7 +53,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import count
 
-from ...units import DTYPE_BYTES
 from .replay import ReplayResult, replay
 
 
