@@ -11,7 +11,8 @@ is built), together with the allocated peak for context. Nothing is fitted to th
 The replay includes the cuBLAS workspaces (lora_cost/analytic/allocator/workspaces.py: one 32 MiB
 workspace per thread's handle on sm90). Also scored: the device total (reserved + the measured CUDA
 context of the row's family, profiles/cuda_context.json) against peak_reserved + (device_used_after_step
-- reserved_after_step), and the analytic engine's reserved memory (its allocated peak x 1.10).
+- reserved_after_step), and the analytic engine's reserved memory (its allocated peak x 1.10, and its own
+allocation sequence replayed: --reserved-model replay, lora_cost/analytic/reserved_events.py).
 Known missing: for QLoRA the loading sequence (the bf16 weights quantized on the GPU, whose freed
 blocks stay cached); the trace adopts the weights as they are after loading.
 """
@@ -44,7 +45,9 @@ def score(path: Path, only: str | None = None) -> list[dict]:
     out = []
     for row, t, seconds in traced_rows(path, only, calibration=True):
         kwargs = row_to_kwargs(row)
-        e = estimate(kwargs.pop("model"), kwargs.pop("method"), **kwargs)
+        model, method = kwargs.pop("model"), kwargs.pop("method")
+        e = estimate(model, method, **kwargs)
+        ev = estimate(model, method, reserved_model="replay", **kwargs).memory.device  # allocevents
         device = _device_measured(row)
         out.append({
             "name": row["name"], "seconds": round(seconds, 1),
@@ -61,6 +64,10 @@ def score(path: Path, only: str | None = None) -> list[dict]:
             "analytic_after_err": rel(e.memory.device.reserved_bytes, row.get("reserved_after_step")),
             "analytic_device_err": rel(e.memory.device.reserved_bytes + e.memory.device.context_bytes, device)
             if device else None,
+            # allocevents: the analytic engine's own allocation sequence replayed (--reserved-model replay)
+            "analytic_replay_err": rel(ev.reserved_bytes, row.get("peak_reserved")),
+            "analytic_replay_device_err": rel(ev.reserved_bytes + ev.context_bytes, device) if device else None,
+            "analytic_replay_vs_trace": rel(ev.reserved_bytes, t.reserved_peak_bytes),
         })
     return out
 
@@ -83,7 +90,10 @@ def main(argv: list[str]) -> int:
                        ("device_err", "replay: device total (reserved + context)"),
                        ("analytic_peak_err", "analytic: peak reserved"),
                        ("analytic_after_err", "analytic: reserved after step"),
-                       ("analytic_device_err", "analytic: device total")):
+                       ("analytic_device_err", "analytic: device total"),
+                       ("analytic_replay_err", "analytic replay: peak reserved"),
+                       ("analytic_replay_device_err", "analytic replay: device total"),
+                       ("analytic_replay_vs_trace", "analytic replay vs trace replay: peak reserved")):
         errs = sorted(abs(r[key]) for r in rows if r[key] is not None)
         if errs:
             p90 = errs[min(len(errs) - 1, round(0.9 * (len(errs) - 1)))]

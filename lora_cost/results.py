@@ -118,7 +118,7 @@ class DeviceMemory:
     device_bytes: int
     uncertainty_bytes: int  # the stated uncertainty of device_bytes (verdict "tight" within it)
     context_measured: bool  # a context measurement for this GPU and family (else the largest figure)
-    reserved_model: str  # "allocator replay" (trace engine) or "slack" (analytic engine)
+    reserved_model: str  # "allocator replay" (trace engine), "slack" or "allocator replay (analytic)" (analytic engine)
 
 
 @dataclass(frozen=True)

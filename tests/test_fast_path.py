@@ -112,7 +112,8 @@ def test_every_estimate_option_is_known_to_the_numbers_path():
     from lora_cost.spec import RunConfig
     guarded = {f.name for f in fields(RunConfig)}  # a set RunConfig field unknown to fast.py takes the full path
     handed_over = {"model", "gpu", "utilisation", "serving", "numbers_only",
-                   "gpus", "nodes", "sharding_options"}  # these three become RunConfig.sharding (guarded)
+                   "gpus", "nodes", "sharding_options",  # these three become RunConfig.sharding (guarded)
+                   "reserved_model"}  # allocevents: replay/auto take the full path (estimator.estimate)
     assert set(inspect.signature(estimate).parameters) - guarded == handed_over
 
 

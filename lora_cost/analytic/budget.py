@@ -39,6 +39,8 @@ class ParameterBudget:
     block_step_transient: int = 0  # in backward: the largest block tensor's gradient + its step's temporaries
     head_step_transient: int = 0  # ... the largest tensor outside the blocks
     lm_head_steps_early: bool = False  # an untied trained LM head: stepped right after the loss's backward
+    # allocevents: every trainable tensor group (the event replay creates their gradients and optimizer state)
+    trainable_groups: tuple = ()
 
     @property
     def frozen_bytes(self) -> int:
@@ -173,7 +175,8 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         master_bytes=ob.master_bytes, in_backward=run.optimizer_in_backward,
         block_step_transient=ob.block_transient, head_step_transient=ob.head_transient,
         # a tied LM head is the input embedding: its gradient is complete (and stepped) only at the end
-        lm_head_steps_early=method.base_trainable and not spec.tie_embeddings and run.task not in ("seq-cls", "token-cls"))
+        lm_head_steps_early=method.base_trainable and not spec.tie_embeddings and run.task not in ("seq-cls", "token-cls"),
+        trainable_groups=tuple(trainable))  # allocevents
 
 
 def is_linear_weight(arch: Architecture, spec: ModelSpec, g) -> bool:

@@ -10,7 +10,8 @@ combined:
              host may take it (--paged-evictable)
 
 The trace engine's reserved memory is its replay through the allocator model (allocator/); the
-analytic engine does not produce an allocation sequence yet and keeps a slack on its allocated peak.
+analytic engine keeps a slack on its allocated peak by default, or (--reserved-model replay|auto)
+replays its own allocation sequence composed from the tape (reserved_events.py, allocator/compose.py).
 Each carries its stated uncertainty (the measured spread of the H100 calibration rows, see
 docs/allocator.md), and the verdict is "tight" when the GPU's memory lies within it.
 """
@@ -43,17 +44,20 @@ def slack_reserved(peak_bytes: int) -> int:
 
 def device_memory(reserved_bytes: int, *, peak_bytes: int, family: str, gpu: str | None = None,
                   paged_bytes: int = 0, paged_evictable: bool = False, libraries: tuple[str, ...] = (),
-                  replayed: bool = False, fragmentation_bytes: int | None = None) -> DeviceMemory:
-    """Device memory in use at the peak (see the module docstring)."""
+                  replayed: bool = False, fragmentation_bytes: int | None = None,
+                  reserved_model: str | None = None, uncertainty: float | None = None) -> DeviceMemory:
+    """Device memory in use at the peak (see the module docstring). `reserved_model` and `uncertainty`
+    (relative) name another reserved model and its stated uncertainty (allocevents: the analytic replay)."""
     ctx = context_for(gpu, family, libraries)
     resident = 0 if paged_evictable else paged_bytes
-    rel = REPLAY_UNCERTAINTY if replayed else SLACK_UNCERTAINTY
+    rel = uncertainty if uncertainty is not None else REPLAY_UNCERTAINTY if replayed else SLACK_UNCERTAINTY
     frag = max(reserved_bytes - peak_bytes, 0) if fragmentation_bytes is None else fragmentation_bytes
     return DeviceMemory(reserved_bytes=int(reserved_bytes), context_bytes=ctx.bytes, paged_bytes=int(paged_bytes),
                         paged_resident=not paged_evictable, fragmentation_bytes=int(frag),
                         device_bytes=int(reserved_bytes) + ctx.bytes + resident,
                         uncertainty_bytes=int(rel * reserved_bytes) + ctx.spread_bytes,
-                        context_measured=ctx.measured, reserved_model="allocator replay" if replayed else "slack")
+                        context_measured=ctx.measured,
+                        reserved_model=reserved_model or ("allocator replay" if replayed else "slack"))
 
 
 def device_bytes(peak_bytes: int, paged_bytes: int = 0, family: str = "llama") -> int:
@@ -90,13 +94,17 @@ def gpu_fit(gpu: GpuProfile, device: int, flops: int, precision: str,
                   verdict=verdict(gpu.memory_bytes, device, uncertainty), uncertainty_bytes=int(uncertainty))
 
 
-def device_formula(paged: bool, paged_evictable: bool = False, context_bytes: int | None = None) -> str:
+def device_formula(paged: bool, paged_evictable: bool = False, context_bytes: int | None = None,
+                   reserved_model: str = "slack") -> str:
     """The device total in words, for the assumptions a result lists."""
     ctx = fmt_bytes(context_bytes) if context_bytes is not None else "measured"
     paged_part = ""
     if paged:
         paged_part = (" (paged optimizer state not counted: --paged-evictable lets the driver evict it to the host)"
                       if paged_evictable else " + paged optimizer state (resident: CUDA managed memory on the GPU)")
-    return (f"device memory = reserved (allocated peak x {1 + ALLOCATOR_SLACK:.2f}, caching-allocator slack) + "
+    how = (f"allocated peak x {1 + ALLOCATOR_SLACK:.2f}, caching-allocator slack" if reserved_model == "slack" else
+           "the step's allocation sequence, composed from the analytic tape over the stack, replayed through the "
+           "caching-allocator model: a first step, then the measured one")  # allocevents
+    return (f"device memory = reserved ({how}) + "
             f"{ctx} CUDA context and libraries (measured per GPU: profiles/cuda_context.json)"
             + paged_part)

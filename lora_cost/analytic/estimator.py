@@ -91,7 +91,9 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
              loss: str = "standard", adapter_dtype: str | None = None, modules_to_save=None,
              liger_kernels=None,  # ligerkernels: 'all' (Trainer's use_liger_kernel) or a list (analytic/liger.py)
              # distprof: the numbers only (fast.StepNumbers), for sweeps
-             numbers_only: bool = False) -> Estimate:
+             numbers_only: bool = False,
+             # allocevents: reserved memory from the slack, the analytic allocation replay, or auto (reserved_events.py)
+             reserved_model: str | None = None) -> Estimate:
     """Estimate memory and FLOPs of one training step (and, with `serving`, the fine-tuned model's
     inference cost at a context of `seq` positions). `target_seq` is an encoder-decoder model's
     decoder length (default `seq`). `gpus`, `nodes`, `sharding` (ddp, fsdp, ... ; default fsdp) and
@@ -116,9 +118,15 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save,
                     liger_kernels=liger_kernels or ())
     if numbers_only:
-        from .fast import step_numbers
-        return step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
-    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving)
+        from .fast import numbers_of, step_numbers
+        numbers = step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
+        if reserved_model in (None, "slack"):
+            return numbers
+        from .reserved_events import replays  # allocevents: the replay's numbers come from the full path
+        if not replays(reserved_model, gpu, numbers.device_bytes):
+            return numbers
+        return numbers_of(estimate_run(spec, run, gpu=gpu, utilisation=utilisation, reserved_model=reserved_model))
+    return estimate_run(spec, run, gpu=gpu, utilisation=utilisation, serving=serving, reserved_model=reserved_model)
 
 
 def sharding_spec(gpus: int | None, nodes: int = 1, sharding: str | None = None, options: dict | None = None):
@@ -209,7 +217,8 @@ def validated_method_run(run: RunConfig):
 
 
 def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
-                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False) -> Estimate:
+                 utilisation: float = DEFAULT_UTILISATION, serving: bool = False,
+                 reserved_model: str | None = None) -> Estimate:
     run, method, target_names, sites, head_sites = validated_run(spec, run)
     arch = get_architecture(spec.model_type)
     opt = get_optimizer(run.optimizer)
@@ -236,6 +245,12 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         paged = rank.paged_state
     dev = device_memory(slack_reserved(peak.peak_bytes), peak_bytes=peak.peak_bytes, family=spec.model_type, gpu=gpu,
                         paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=_libraries(run))
+    if reserved_model not in (None, "slack"):  # allocevents: the analytic allocation replay (reserved_events.py)
+        from .reserved_events import reserved_device
+        dev, note = reserved_device(dev, spec, run, frozenset(target_names), peak.peak_bytes, gpu, reserved_model,
+                                    paged, _libraries(run))
+        if note:
+            warnings.append(note)
     device = dev.device_bytes
 
     sf = step_flops(rec, run.grad_checkpointing, stack)
@@ -319,10 +334,11 @@ def _assumptions(run: RunConfig, opt, dev=None) -> tuple[str, ...]:
         "reference recipe: transformers + peft (+ bitsandbytes for QLoRA) on a CUDA GPU, loss = model(ids, labels=ids).loss",
         f"attention: {run.attention} ({get_kernel(run.attention).description})",
         *packing,
-        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None),
+        device_formula(opt.paged, run.paged_evictable, dev.context_bytes if dev is not None else None,
+                       dev.reserved_model if dev is not None else "slack"),
     ) + ((f"--alloc-conf {run.alloc_conf}: not modelled by the analytic engine's reserved memory (a slack on the "
           "allocated peak); --engine trace replays the step through the allocator with these settings",)
-         if run.alloc_conf else ()) + _optimizer_notes(run, opt)
+         if run.alloc_conf and (dev is None or dev.reserved_model == "slack") else ()) + _optimizer_notes(run, opt)
 
 
 def _optimizer_notes(run: RunConfig, opt) -> tuple[str, ...]:

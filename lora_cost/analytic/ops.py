@@ -55,6 +55,7 @@ def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w
         out_dtype = promote(x.dtype, w_dtype)
     if w_trainable:
         tape.save(x, "linear inputs")
+        tape.weight_gradient(d_in * d_out * DTYPE_BYTES[w_dtype])
     elif x.rg:
         tape.mark_saved()  # the (parameter) weight, kept for the input gradient
     # inputs are saved before the kernel runs (VariableType), so this matmul follows the save
@@ -356,7 +357,7 @@ def attention(tape: Tape, q: Tensor, k: Tensor, v: Tensor, shape: AttentionShape
     # the [b, s, s] float mask transformers builds for eager attention lives through the forward
     if backend == "eager" and shape.causal:
         tape.transient(b * s * sk * DTYPE_BYTES[dt])
-    tape.transient(score_numel * DTYPE_BYTES[dt] * 2)
+    tape.transient(score_numel * DTYPE_BYTES[dt] * 2, pieces=2)  # two score tensors (matmul, then scaled/masked)
     # each batched matmul costs 2*b*h*s^2*hd per operand that needs a gradient (q, k; probs, v)
     tape.add_flops("attention", sdpa_forward_flops(b, h, s, sk, hd, hd),
                    matmul_attention_backward_flops(b, h, s, sk, hd, hd, q=q.rg, k=k.rg, probs=probs.rg, v=v.rg))
@@ -433,7 +434,8 @@ def cross_entropy(tape: Tape, logits: Tensor, targets: Tensor, *, upcast: bool) 
     """
     x = cast(tape, logits, "fp32") if (upcast or tape.autocast) else logits
     copy_bytes = x.nbytes if x.sid != logits.sid else 0
-    tape.save(tape.new(x.numel, x.dtype, False), "log-softmax output")
+    # the log-softmax output and the loss require grad as the logits do (the gradient flows through them)
+    tape.save(tape.new(x.numel, x.dtype, x.rg), "log-softmax output")
     tape.save(targets, "loss targets")
-    tape.save(tape.new(1, "fp32", False), "loss targets")
+    tape.save(tape.new(1, "fp32", x.rg), "loss targets")
     return copy_bytes

@@ -144,6 +144,10 @@ class Tape:
         self.flops_by_scope[(scope, "bwd")] += bwd
         self.flops_after_last_save[scope] += fwd
 
+    def weight_gradient(self, nbytes: int) -> None:
+        """The op uses a trainable weight of `nbytes`: its backward creates that gradient. Only the event
+        log of the allocator replay uses it (allocator/events.py)."""
+
     def orphaned_save(self, nbytes: int) -> None:
         """Tensors autograd saves for a graph that is dropped before backward (it dies with its
         module in a plain step). Under non-reentrant checkpointing the recomputed copies are stashed
@@ -151,8 +155,9 @@ class Tape:
         self.mark_saved()
         self.orphaned[self.scope] += nbytes
 
-    def transient(self, nbytes: int, backward: bool = False) -> None:
-        """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...)."""
+    def transient(self, nbytes: int, backward: bool = False, pieces: int = 1) -> None:
+        """A buffer that lives only inside one op (dequantised weight, weight-norm input, ...). `pieces`: it is
+        that many equal tensors alive together (only the allocation replay tells them apart: allocator/events.py)."""
         table = self.backward_transient if backward else self.forward_transient
         table[self.scope].append(nbytes)
 

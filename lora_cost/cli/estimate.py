@@ -9,9 +9,9 @@ import click
 from . import main
 from ..errors import LoraCostError
 from ..spec import TASKS
-from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, liger_kwargs,
-                      liger_options, loss_dtype_kwargs, loss_dtype_options, method_choice, method_options, optimizer_options, parse_targets,
-                      sharding_flags, sharding_kwargs)
+from .options import (allocator_flags, allocator_kwargs, attention_options, common_run_options, liger_kwargs, liger_options,
+                      loss_dtype_kwargs, loss_dtype_options, method_choice, method_options, optimizer_options, parse_targets,
+                      reserved_model_flag, reserved_model_kwargs, sharding_flags, sharding_kwargs)
 
 
 @main.command()
@@ -40,6 +40,7 @@ from .options import (allocator_flags, allocator_kwargs, attention_options, comm
 @liger_options
 @attention_options
 @allocator_flags
+@reserved_model_flag
 @sharding_flags
 def estimate(model, targets, precision, optimizer, attention, dropout, model_dropout, gpu, as_json, method, rank, batch,
              seq, target_seq, grad_checkpointing, explain, serving, moe_imbalance, engine, task, num_labels, packing,
@@ -71,12 +72,16 @@ def estimate(model, targets, precision, optimizer, attention, dropout, model_dro
         from .files import apply_to_estimate
         model, method, kwargs = apply_to_estimate(click.get_current_context(), model, method, kwargs, peft_config,
                                                   training_args, axolotl)
+    reserved = reserved_model_kwargs(option_flags)  # allocevents: the analytic engine's reserved memory
     note = None
     if engine == "auto":
         engine, note = _auto_engine(model)
+    if reserved and engine != "analytic":
+        raise LoraCostError("--reserved-model chooses the analytic engine's reserved memory; the trace engine always "
+                            "replays its own allocation sequence")
     if engine == "analytic":
         from ..analytic.estimator import estimate as run_estimate
-        result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs)
+        result = run_estimate(model, method, gpu=gpu, serving=serving, **kwargs, **reserved)
         for warning in result.warnings:
             click.echo(f"lora-cost: warning: {warning}", err=True)
         if as_json:

@@ -256,3 +256,19 @@ def loss_dtype_kwargs(loss: str, adapter_dtype, modules_to_save=None) -> dict:
     if adapter_dtype is not None:
         out["adapter_dtype"] = adapter_dtype
     return out
+
+
+# -- allocevents: how the analytic engine gets reserved memory (one block) ----------------------------
+def reserved_model_flag(f):
+    """--reserved-model slack|replay|auto (lora_cost/analytic/reserved_events.py)."""
+    return click.option(
+        "--reserved-model", type=click.Choice(["slack", "replay", "auto"]), default=None,
+        help="Analytic engine's reserved memory: slack (allocated peak x 1.10, the default), replay (the step's "
+        "allocation sequence composed from the analytic tape, replayed through the caching-allocator model), "
+        "auto (replay only when --gpu's memory is near the device total).")(f)
+
+
+def reserved_model_kwargs(params: dict) -> dict:
+    """Pop --reserved-model: only a given one reaches estimate()."""
+    value = params.pop("reserved_model", None)
+    return {} if value is None else {"reserved_model": value}

@@ -169,6 +169,21 @@ def cases() -> list[dict]:
                     sharding_options={"cpu_offload": True}, gpu="rtx-4090-24gb"))
     out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", gpus=4, sharding="ddp", seq=2048,
                     grad_checkpointing=True, gpu="rtx-4090-24gb"))
+    # --- allocevents: the analytic engine's own allocation sequence replayed (--reserved-model replay | auto)
+    replay = [dict(model="gpt2", method="lora", r=8, batch=4, seq=512, precision="fp32", model_dropout=0.0),
+              dict(model="gpt2", method="lora", r=8, batch=4, seq=512, precision="fp32", model_dropout=0.0,
+                   grad_checkpointing=True),
+              dict(model="gpt2", method="full", batch=4, seq=512, precision="amp-bf16", model_dropout=0.0),
+              dict(model="llama-3.2-1b", method="qlora", r=16, targets="all-linear", batch=2, seq=1024,
+                   grad_checkpointing=True, gpu="h100-80gb"),
+              dict(model="qwen2.5-0.5b", method="lora", r=16, targets="all-linear", batch=4, seq=512),
+              dict(model="gemma-2-2b", method="lora", r=16, seq=1024),
+              dict(model="llama-3.1-8b", method="lora", r=16, seq=2048, loss="liger", grad_checkpointing=True),
+              dict(model="llama-3.2-1b", method="lora", r=8, batch=2, seq=1024, alloc_conf="expandable_segments:True"),
+              dict(model="t5-base", method="lora", r=8)]  # not covered: keeps the slack, says why
+    out += [dict(kw, reserved_model="replay") for kw in replay]
+    out.append(dict(model="llama-3.1-8b", method="lora", r=16, batch=1, seq=512, gpu="l4-24gb", reserved_model="auto"))
+    out.append(dict(model="llama-3.1-70b", method="lora", r=16, gpu="h100-80gb", reserved_model="auto"))
     return out
 
 
