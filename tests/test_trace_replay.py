@@ -151,6 +151,31 @@ def test_cublas_workspaces_follow_the_first_matmul_of_each_thread():
     assert sum(1 for key, n in per_call if key[0] == "cublas_call" and n == 64) == 3 * 2  # 3 matmuls, 2 steps
 
 
+@pytest.mark.fast
+def test_cublas_workspaces_before_the_step_take_segments_of_their_own():
+    """workspace_mode="before" (the engine's default, replay.py docstring): one workspace per cuBLAS
+    thread (CUBLAS_THREADS = 2), allocated ahead of the weights and never freed. By hand
+    (CUDACachingAllocator.cpp): 64 B requests -> the small pool's 2 MiB segment, shared; a 32 MiB
+    workspace (>= kMinLargeAlloc) gets a 32 MiB segment, remaining 0: not split, so nothing of the
+    step can land in it."""
+    w = OpBlock("w", 100, 1, kind="weights")
+    h = OpBlock("h", 10, 2, 5, op="mm")
+    g = OpBlock("g", 10, 4, 6, op="mm")
+    sim = FakeSim([w, h, g], [("forward", 1), ("backward", 3), ("optimizer", 6)], 6)
+    events = step_events(sim, steps=2, workspace=64, workspace_mode="before")
+    assert events[:2] == [(("cublas_workspace", 0), 64), (("cublas_workspace", 1), 64)]
+    assert sum(1 for key, _ in events if key[0] == "cublas_workspace") == 2  # not again after a matmul
+    assert not any(key[0] == "cublas_workspace" and n is None for key, n in events)  # never freed
+    big = step_events(sim, steps=2, workspace=32 * MIB, workspace_mode="before")
+    from lora_cost.analytic.allocator import replay
+
+    result = replay(big)
+    assert result.stats.segments == 3  # two 32 MiB workspace segments + one 2 MiB small segment
+    assert result.reserved_peak_bytes == 2 * 32 * MIB + 2 * MIB
+    with pytest.raises(ValueError):
+        step_events(sim, steps=2, workspace=64, workspace_mode="eager")
+
+
 def test_alloc_conf_reaches_the_replay(llama):
     """expandable_segments:True: the two 32 MiB workspaces share the large pool's one segment, mapped in
     20 MiB pages (64 MiB -> 4 pages, 80 MiB), the rest in 2 MiB small-pool pages."""

@@ -21,9 +21,10 @@ from .replay import replay_step
 from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
 
 
-# How the cuBLAS workspaces reach the allocator (replay.py step_events): "cached" per thread's handle
-# (CublasHandlePool.cpp setWorkspaceForHandle, torch <= 2.11) or "per_call".
-WORKSPACE_MODE = "cached"
+# How the cuBLAS workspaces reach the allocator (replay.py step_events and its docstring): "before"
+# the step, one per cuBLAS thread in a segment of its own, as the H100 rows' allocated counters show;
+# "cached" after each thread's first cuBLAS op (CublasHandlePool.cpp setWorkspaceForHandle), "per_call".
+WORKSPACE_MODE = "before"
 
 
 def plan(model, method: str, **kwargs):

@@ -14,16 +14,37 @@ so the sequence replayed is:
   allocated there rather than before the first step.
 
 Non-tensor allocations: the cuBLAS/cuBLASLt workspaces (`workspace` bytes each, ATen takes them from
-the same caching allocator: lora_cost/analytic/allocator/workspaces.py) are allocated right after
-the output of the first cuBLAS op (mm, addmm, bmm...) of the first forward (the Python thread's
-handle) and of the first backward (autograd's device thread, which also recomputes checkpointed
-blocks), and never freed. `extra` lets a caller add other allocations alive for the whole run.
+the same caching allocator: lora_cost/analytic/allocator/workspaces.py), one per thread that runs
+cuBLAS (the Python thread's forward, autograd's device thread's backward and recomputation). Where
+they are placed (`workspace_mode`):
+
+- "before" (the default, `WORKSPACE_MODES`): allocated before everything else and never freed, each
+  in a segment of its own (32 MiB >= kMinLargeAlloc: a segment of exactly the request, not split).
+  This is what the H100 calibration rows show: on every LoRA row the allocated memory at the start
+  of the measured step is the weights plus the optimizer state plus the input ids, to the byte
+  (`mem_steady_before_step - mem_model_ready - opt_state_bytes` = 16 KiB = the int64 ids of
+  batch 4 x 512), so no workspace was allocated inside the measured process's steps, while the
+  rows' counters are relative to the allocated memory before the model was built (the workspaces
+  may exist from before). Placed in the step instead ("cached") the backward thread's workspace
+  is carved from a freed logits block and costs a logits-sized segment the GPT-2 LoRA rows do not
+  have (+9-10%, see docs/allocator.md); placed here none of the 12 GPT-2 rows moves by more than
+  their own 64 MiB, and the 8 rows without checkpointing land within 0.9%.
+- "cached": right after the output of the first cuBLAS op (mm, addmm, bmm...) of the first forward
+  and of the first backward, never freed: the CublasHandlePool.cpp revision workspaces.py follows
+  (`setWorkspaceForHandle` on a thread's first call), which the rows above contradict.
+- "per_call": allocated and freed around every cuBLAS op (TORCH_CUBLAS_WORKSPACE_CACHE off in the
+  newest revision, `getCurrentCUDABlasHandleWithWorkspace`).
+- "none": outside the caching allocator (cuBLAS's own default workspace: then part of the context).
+
+`extra` lets a caller add other allocations alive for the whole run (allocated before everything).
 """
 
 from __future__ import annotations
 
 from ..analytic.allocator import AllocatorConfig, ReplayResult, replay
-from ..analytic.allocator.workspaces import CUBLAS_OPS
+from ..analytic.allocator.workspaces import CUBLAS_OPS, CUBLAS_THREADS
+
+WORKSPACE_MODES = ("before", "cached", "per_call", "none")
 
 
 def workspace_points(sim) -> list[int]:
@@ -57,10 +78,16 @@ def cublas_points(sim) -> set[int]:
 def step_events(sim, steps: int = 2, extra: tuple[int, ...] = (), workspace: int = 0,
                 workspace_mode: str = "cached") -> list[tuple]:
     """The allocation/free sequence of the traced run (see the module docstring). `workspace_mode`:
-    "cached" (one workspace per thread's handle, kept), "per_call" (allocated and freed around every
-    cuBLAS call: TORCH_CUBLAS_WORKSPACE_CACHE off), "none"."""
+    "before" (one workspace per cuBLAS thread, allocated first, kept), "cached" (one per thread's
+    handle after its first cuBLAS op, kept), "per_call" (allocated and freed around every cuBLAS
+    call: TORCH_CUBLAS_WORKSPACE_CACHE off), "none"."""
+    if workspace_mode not in WORKSPACE_MODES:
+        raise ValueError(f"workspace_mode must be one of {WORKSPACE_MODES}, got {workspace_mode!r}")
     marks = dict(reversed(sim.marks))  # first occurrence of each label
-    if workspace <= 0 or workspace_mode == "none":
+    before: list[int] = []
+    if workspace > 0 and workspace_mode == "before":
+        before = [workspace] * CUBLAS_THREADS
+    if workspace <= 0 or workspace_mode in ("none", "before"):
         ws_after, per_call = set(), set()
     elif workspace_mode == "per_call":
         ws_after, per_call = set(), cublas_points(sim)
@@ -82,7 +109,8 @@ def step_events(sim, steps: int = 2, extra: tuple[int, ...] = (), workspace: int
             timeline.append((b.free, False, b))
     timeline.sort(key=lambda t: t[0])
 
-    events: list[tuple] = [(("extra", i), n) for i, n in enumerate(extra)]
+    events: list[tuple] = [(("cublas_workspace", i), n) for i, n in enumerate(before)]
+    events += [(("extra", i), n) for i, n in enumerate(extra)]
     setup = [t for t in timeline if t[0] <= step_start]
     body = [t for t in timeline if t[0] > step_start]
     for _, is_alloc, b in setup:
