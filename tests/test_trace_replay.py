@@ -176,6 +176,22 @@ def test_cublas_workspaces_before_the_step_take_segments_of_their_own():
         step_events(sim, steps=2, workspace=64, workspace_mode="eager")
 
 
+@pytest.mark.fast
+def test_allocated_at_marks_counts_a_block_handed_out_whole():
+    """allocated_at_marks reads memory_allocated() as the real counter does. By hand
+    (CUDACachingAllocator.cpp): a 19.5 MiB request is >= kMinLargeAlloc, so its segment is the
+    request rounded up to 2 MiB, 20 MiB; 0.5 MiB would remain, not > kSmallSize (1 MiB), so the
+    block is not split and the whole 20 MiB counts as allocated after the forward; the 100 B weight
+    counts 512 B (round_size). The first step's blocks are freed: only the measured step counts."""
+    from lora_cost.trace.replay import allocated_at_marks
+
+    w = FakeBlock("w", 100, 1, kind="weights")
+    act = FakeBlock("act", 19 * MIB + MIB // 2, 2, 4)  # a forward activation freed in the backward
+    sim = FakeSim([w, act], [("forward", 1), ("backward", 3), ("optimizer", 5), ("end", 7)], 7)
+    at = allocated_at_marks(sim, steps=2)
+    assert at == {"forward": 512, "backward": 512 + 20 * MIB, "optimizer": 512, "end": 512}
+
+
 def test_alloc_conf_reaches_the_replay(llama):
     """expandable_segments:True: the two 32 MiB workspaces share the large pool's one segment, mapped in
     20 MiB pages (64 MiB -> 4 pages, 80 MiB), the rest in 2 MiB small-pool pages."""

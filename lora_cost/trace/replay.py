@@ -145,3 +145,38 @@ def step_events(sim, steps: int = 2, extra: tuple[int, ...] = (), workspace: int
 def replay_step(sim, config: AllocatorConfig | None = None, steps: int = 2, extra: tuple[int, ...] = (),
                 capacity_bytes: int | None = None, workspace: int = 0, workspace_mode: str = "cached") -> ReplayResult:
     return replay(step_events(sim, steps, extra, workspace, workspace_mode), config, capacity_bytes)
+
+
+def allocated_at_marks(sim, labels: tuple[str, ...] = ("forward", "backward", "optimizer", "end"),
+                       config: AllocatorConfig | None = None, steps: int = 2, extra: tuple[int, ...] = (),
+                       workspace: int = 0, workspace_mode: str = "cached") -> dict[str, int]:
+    """`torch.cuda.memory_allocated()` of the replay where the last (measured) step crosses each mark
+    of `labels` (e.g. "backward": right after the forward returned). The allocator's own count:
+    a block handed out whole (not split: <= 1 MiB would remain in the large pool) counts whole, as
+    the real counter does, so where blocks land shows in it. Compared with a measured row's
+    mem_steady_before_step / mem_after_forward / mem_after_backward it checks the replay's
+    placement, not only its sizes (benchmarks/reserved_calibration.py)."""
+    from ..analytic.allocator import CachingAllocator
+
+    events = step_events(sim, steps, extra, workspace, workspace_mode)
+    blocks = {id(b): b for b in sim.blocks}
+    marks = {label: e for label, e in reversed(sim.marks) if label in labels}  # first occurrence
+    last_rep = 0 if any(label == "warmup" for label, _ in sim.marks) else steps - 1
+    allocator = CachingAllocator(config)
+    live: dict = {}
+    out: dict[str, int] = {}
+    for key, nbytes in events:
+        b = blocks.get(key[1]) if len(key) == 2 and key[0] in ("setup", last_rep) else None
+        if b is not None:
+            number = b.alloc if nbytes is not None else b.free
+            for label, mark in marks.items():
+                if label not in out and number > mark:
+                    out[label] = allocator.allocated
+        if nbytes is None:
+            if key in live:
+                allocator.free(live.pop(key))
+        elif nbytes > 0:
+            live[key] = allocator.malloc(nbytes)
+    for label in marks:
+        out.setdefault(label, allocator.allocated)
+    return out
