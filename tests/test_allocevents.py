@@ -89,7 +89,9 @@ def test_step_rules_on_a_hand_made_log():
                ("d", "x"), ("d", "y"), ("d", "z")]
     parts = RunParts(weights=(5000,), states=(100, 100), optimizer_temporaries=((50, 50),), trainable_bytes=300,
                      workspace=64)
-    events = run_events([Instance("loss", entries, False)], {}, parts, steps=1)
+    assert run_events([Instance("loss", entries, False)], {}, parts, steps=1)[:3] == [
+        (("workspace", 0), 64), (("workspace", 1), 64), (("weight", 0), 5000)]  # the default: workspaces first
+    events = run_events([Instance("loss", entries, False)], {}, parts, steps=1, workspace_mode="cached")
     assert events == [
         (("weight", 0), 5000),
         ((0, "x"), 1000), ((0, "y"), 2000),

@@ -151,6 +151,47 @@ def test_cublas_workspaces_follow_the_first_matmul_of_each_thread():
     assert sum(1 for key, n in per_call if key[0] == "cublas_call" and n == 64) == 3 * 2  # 3 matmuls, 2 steps
 
 
+@pytest.mark.fast
+def test_cublas_workspaces_before_the_step_take_segments_of_their_own():
+    """workspace_mode="before" (the engine's default, replay.py docstring): one workspace per cuBLAS
+    thread (CUBLAS_THREADS = 2), allocated ahead of the weights and never freed. By hand
+    (CUDACachingAllocator.cpp): 64 B requests -> the small pool's 2 MiB segment, shared; a 32 MiB
+    workspace (>= kMinLargeAlloc) gets a 32 MiB segment, remaining 0: not split, so nothing of the
+    step can land in it."""
+    w = OpBlock("w", 100, 1, kind="weights")
+    h = OpBlock("h", 10, 2, 5, op="mm")
+    g = OpBlock("g", 10, 4, 6, op="mm")
+    sim = FakeSim([w, h, g], [("forward", 1), ("backward", 3), ("optimizer", 6)], 6)
+    events = step_events(sim, steps=2, workspace=64, workspace_mode="before")
+    assert events[:2] == [(("cublas_workspace", 0), 64), (("cublas_workspace", 1), 64)]
+    assert sum(1 for key, _ in events if key[0] == "cublas_workspace") == 2  # not again after a matmul
+    assert not any(key[0] == "cublas_workspace" and n is None for key, n in events)  # never freed
+    big = step_events(sim, steps=2, workspace=32 * MIB, workspace_mode="before")
+    from lora_cost.analytic.allocator import replay
+
+    result = replay(big)
+    assert result.stats.segments == 3  # two 32 MiB workspace segments + one 2 MiB small segment
+    assert result.reserved_peak_bytes == 2 * 32 * MIB + 2 * MIB
+    with pytest.raises(ValueError):
+        step_events(sim, steps=2, workspace=64, workspace_mode="eager")
+
+
+@pytest.mark.fast
+def test_allocated_at_marks_counts_a_block_handed_out_whole():
+    """allocated_at_marks reads memory_allocated() as the real counter does. By hand
+    (CUDACachingAllocator.cpp): a 19.5 MiB request is >= kMinLargeAlloc, so its segment is the
+    request rounded up to 2 MiB, 20 MiB; 0.5 MiB would remain, not > kSmallSize (1 MiB), so the
+    block is not split and the whole 20 MiB counts as allocated after the forward; the 100 B weight
+    counts 512 B (round_size). The first step's blocks are freed: only the measured step counts."""
+    from lora_cost.trace.replay import allocated_at_marks
+
+    w = FakeBlock("w", 100, 1, kind="weights")
+    act = FakeBlock("act", 19 * MIB + MIB // 2, 2, 4)  # a forward activation freed in the backward
+    sim = FakeSim([w, act], [("forward", 1), ("backward", 3), ("optimizer", 5), ("end", 7)], 7)
+    at = allocated_at_marks(sim, steps=2)
+    assert at == {"forward": 512, "backward": 512 + 20 * MIB, "optimizer": 512, "end": 512}
+
+
 def test_alloc_conf_reaches_the_replay(llama):
     """expandable_segments:True: the two 32 MiB workspaces share the large pool's one segment, mapped in
     20 MiB pages (64 MiB -> 4 pages, 80 MiB), the rest in 2 MiB small-pool pages."""

@@ -17,13 +17,11 @@ from ..errors import LoraCostError
 from ..profiles import load_model
 from ..spec import ModelSpec, RunConfig
 from ..results import MemoryCategory
+from ..analytic.allocator.workspaces import WORKSPACE_MODE  # noqa: F401 (benchmarks read it here too)
 from .replay import replay_step
 from .results import Category, ModuleSaved, OpBytes, OpFlops, Peak, TraceResult
 
 
-# How the cuBLAS workspaces reach the allocator (replay.py step_events): "cached" per thread's handle
-# (CublasHandlePool.cpp setWorkspaceForHandle, torch <= 2.11) or "per_call".
-WORKSPACE_MODE = "cached"
 
 
 def plan(model, method: str, **kwargs):

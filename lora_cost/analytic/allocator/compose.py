@@ -30,9 +30,10 @@ loss, each a *segment* of the log. The run's sequence is built from those segmen
    - *optimizer*: the state is created lazily in the first `optimizer.step()` (torch/optim/adamw.py
      `_init_group`, tensor by tensor); the step's temporaries come and go as the implementation makes
      them (reserved_events._temporaries); `zero_grad(set_to_none=True)` frees every gradient.
-3. **cuBLAS workspaces** (workspaces.py): one after the first matmul's output of the first forward
-   (the Python thread's handle), one after the first matmul backward of the first backward (autograd's
-   device thread), kept for the run.
+3. **cuBLAS workspaces** (workspaces.py WORKSPACE_MODE, as trace/replay.py places them): "before" (the
+   default), one per cuBLAS thread ahead of the weights, each in a segment of its own; "cached", one after
+   the first matmul's output of the first forward (the Python thread's handle) and one after the first
+   matmul backward of the first backward (autograd's device thread). Kept for the run either way.
 
 **Assumption of the composition** (stack.py): from its second occurrence on, every block of a kind
 allocates, saves and frees exactly what the simulated second block does, in the same order and sizes:
@@ -54,6 +55,7 @@ from dataclasses import dataclass
 from itertools import count
 
 from .replay import ReplayResult, replay
+from .workspaces import CUBLAS_THREADS, WORKSPACE_MODE
 
 
 class Unmodelled(Exception):
@@ -376,12 +378,18 @@ def _param_grad_bytes(an: _Analysis) -> int:
     return sum(e[1] for ops in an.ops for a, pre in ops if a[3] for e in pre if e[0] == "w")
 
 
-def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int = 2) -> list[tuple]:
-    """The whole run's sequence: the weights, then `steps` steps (the first creates the optimizer state)."""
+def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int = 2,
+               workspace_mode: str = WORKSPACE_MODE) -> list[tuple]:
+    """The whole run's sequence: the weights, then `steps` steps (the first creates the optimizer state);
+    the cuBLAS workspaces "before" everything or "cached" at each thread's first matmul (workspaces.py)."""
     out = _Emitter()
+    ws_keys: list = []
+    if workspace_mode == "before":  # workspaces.py: one per cuBLAS thread, ahead of everything (as trace/replay.py)
+        for thread in range(CUBLAS_THREADS):
+            ws_keys.append(("workspace", thread))
+            out.alloc(ws_keys[-1], parts.workspace)
     for n, nbytes in enumerate(parts.weights):
         out.alloc(("weight", n), nbytes)
-    ws_keys: list = []
     an = analyse(program, sizes)
     for step in range(steps):
         step_events(program, an, parts, out, step, step == 0, ws_keys)

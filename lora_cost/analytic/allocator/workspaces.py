@@ -33,6 +33,12 @@ OLDER = 4096 * 1024 * 2 + 16 * 1024 * 8  # ":4096:2:16:8" = 8.125 MiB
 # Threads that run cuBLAS in one training step on one stream: the caller's (forward) and autograd's
 # device thread (backward, checkpoint recomputation). See the module docstring.
 CUBLAS_THREADS = 2
+# Where the workspaces reach the allocator in a replayed run (trace/replay.py step_events, compose.py run_events):
+# "before" the step, one per cuBLAS thread in a segment of its own, as the H100 rows' allocated counters show
+# (the allocated memory at the measured step's start is weights + optimizer state + input ids, to the byte);
+# "cached" after each thread's first cuBLAS op (CublasHandlePool.cpp setWorkspaceForHandle); "per_call"; "none".
+WORKSPACE_MODES = ("before", "cached", "per_call", "none")
+WORKSPACE_MODE = "before"
 # aten ops whose CUDA kernels call cuBLAS / cuBLASLt (aten/src/ATen/native/cuda/Blas.cpp).
 CUBLAS_OPS = frozenset({"mm", "addmm", "bmm", "baddbmm", "addmv", "mv", "dot", "vdot", "addbmm", "_addmm_activation",
                         "_scaled_mm", "matmul", "linear", "_int_mm"})
