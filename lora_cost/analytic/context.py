@@ -137,7 +137,11 @@ class StepContext:
         return not self.base_trainable and (site.name in self.targets or any(site.matches(t) for t in self.targets))
 
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if self.is_target(site):
+        adapted = self.is_target(site)
+        if adapted or self.base_trainable:  # moments: when this linear's trainable tensors are first used
+            from .budget import site_gradient_bytes
+            self.tape.trainable_used(site_gradient_bytes(self.spec, self.method, self.run, site, adapted))
+        if adapted:
             return self.method.adapted_linear(self, x, site)
         return self.base_linear(x, site)
 

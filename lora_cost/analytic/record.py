@@ -69,6 +69,9 @@ class StepRecord:
     loss_logits_bytes: int | None = None
     # issue9b: scope -> bytes kept by ctx attributes that checkpointing cannot drop (tape.keep_past_checkpoint)
     kept_past_checkpoint: dict = field(default_factory=dict)
+    # moments: scope -> max over its activations of widest_moment's entry less the trainable bytes of the linears
+    # run before it (tape.widest_gradients); absent: every gradient of the block counted at its in-block moment
+    widest_gradients: dict = field(default_factory=dict)
 
     @property
     def logits_at_loss_bytes(self) -> int:
@@ -99,7 +102,8 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     for scope, v in tape.uncounted_flops.items():
         scalars[("uncounted", scope)] = v
     lists = {}
-    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment"):
+    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment",
+                 "widest_gradients"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -117,7 +121,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
-           "norm_backward": "norm_backward", "widest_moment": "widest_moment"}
+           "norm_backward": "norm_backward", "widest_moment": "widest_moment", "widest_gradients": "widest_gradients"}
 
 
 @dataclass(frozen=True)
@@ -161,7 +165,8 @@ class AffineRecord:
                 continue
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
-        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
+        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment",
+                     "widest_gradients"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
