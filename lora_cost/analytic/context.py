@@ -39,6 +39,8 @@ class StepContext:
     # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
     loss_logits_bytes: int | None = None
     final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
+    # moments: a trained LM head's gradient summed over --loss chunked's chunks in backward (losses.chunked_loss)
+    head_accumulation_bytes: int = 0
 
     @property
     def base_trainable(self) -> bool:

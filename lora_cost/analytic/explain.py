@@ -19,7 +19,8 @@ COMPONENTS = {
     MemoryCategory.SAVED_ACTIVATIONS: "sum over ops of the tensors autograd keeps",
     MemoryCategory.LOGITS: "batch x seq x vocab x dtype",
     MemoryCategory.LOGITS_FP32_COPY: "batch x seq x vocab x 4",
-    MemoryCategory.LOSS_GRADIENT_BUFFERS: "2 x batch x seq x vocab x log-softmax dtype",
+    MemoryCategory.LOSS_GRADIENT_BUFFERS: "2 x batch x seq x vocab x log-softmax dtype; --loss chunked with a trained "
+                                           "head: 3 x its weight gradient + waiting chunks' logits gradients",
     MemoryCategory.GRADIENTS: "trainable elements x dtype bytes",
     MemoryCategory.RECOMPUTED_ACTIVATIONS: "one block's saved tensors",
     MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",

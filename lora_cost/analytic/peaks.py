@@ -200,6 +200,12 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
               _head_moment(run, saved - acts.loss, logits, grads_head,
                            rec.norm_backward.get("head") or 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
                                                                                 rec.backward_transient.get(scopes[-1], 0)))),
+            # --loss chunked with a trained LM head: the head's weight gradient summed chunk by chunk, every
+            # chunk's cross-entropy backward done (the loss's saves freed), no block's gradient yet
+            *([("accumulating the LM head's gradient over the loss chunks",
+                [(C.SAVED_ACTIVATIONS, saved - acts.loss), (C.LOGITS, logits),
+                 (C.LOSS_GRADIENT_BUFFERS, rec.head_accumulation_bytes), (C.GRADIENTS, params.early_gradient_bytes)]
+                + _dp(rank, "backward-start"))] if rec.head_accumulation_bytes else []),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.SAVED_ACTIVATIONS, held),
                                  (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)] + _dp(rank, "backward-end")),
             *_head_step_moment(params, saved - acts.loss, logits, residual),

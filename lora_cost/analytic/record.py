@@ -77,6 +77,8 @@ class StepRecord:
     def logits_at_loss_bytes(self) -> int:
         return self.logits_bytes if self.loss_logits_bytes is None else self.loss_logits_bytes
     final_norm_saved_bytes: int = 0  # what the head's scope saved before the classifier (the final norm's saves)
+    # moments: a trained LM head's gradient summed over --loss chunked's chunks (losses.chunked_loss); 0: none
+    head_accumulation_bytes: int = 0
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
@@ -86,6 +88,8 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
                ("final_norm_saved",): ctx.final_norm_saved_bytes}
     if ctx.loss_logits_bytes is not None:  # lossdtype: only a loss other than the standard one sets it
         scalars[("loss_logits",)] = ctx.loss_logits_bytes
+    if ctx.head_accumulation_bytes:  # moments: only --loss chunked with a trained head sets it
+        scalars[("head_accumulation",)] = ctx.head_accumulation_bytes
     for scope, b in ctx.block_input_bytes.items():
         scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -173,6 +177,7 @@ class AffineRecord:
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], loss_logits_bytes=single.get("loss_logits"),
                           final_norm_saved_bytes=single["final_norm_saved"],
+                          head_accumulation_bytes=single.get("head_accumulation", 0),
                           **values)
 
 
