@@ -104,12 +104,10 @@ def test_engines_agree(case):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     terms = compare(case)
-    if case[1] == "full" and case[4] != "standard" and case[5][0] == "bf16":
-        # open (issue 9): full fine-tuning with a fused/chunked loss in bf16 - the analytic peak is up to 16% high
-        # (the grid's worst rows); the mechanism is not yet found. FLOPs and parameters must still agree.
-        assert_engines_agree(terms, peak_tolerance=1.0)
-        return
-    assert_engines_agree(terms, peak_tolerance=0.08)
+    # task "moments" removed the exemption of full fine-tuning + --loss liger/chunked (up to 16% high): block i's
+    # gradients at its in-block moment are only those formed by then, and the chunked loss's head-gradient sum
+    # is a moment of its own (analytic/peaks.py); every configuration now within 4.2% (see the module docstring)
+    assert_engines_agree(terms, peak_tolerance=0.06)
 
 
 def test_grid_is_large_enough():
