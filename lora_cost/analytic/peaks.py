@@ -139,7 +139,12 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         largest, transient = rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0)
         per_layer = params.per_layer_trainable_bytes
         widest = rec.widest_moment.get(scope, 3 * largest + acts.body[i])
-        block = min(max(widest - 3 * largest, 0), acts.body[i])
+        # (with every input a ctx attribute holds, bitsandbytes MatMul8bitLt's, those made after the widest too:
+        # autograd frees a node's saved variables after it runs, not its ctx attributes; tape.widest_moment
+        # leaves them out. Under checkpointing the forward's own are among the kept saves, and the recomputed
+        # graph's die with it: saved_tensors_hooks never see a ctx attribute, so none is recomputed)
+        held = 0 if run.grad_checkpointing else rec.kept_past_checkpoint.get(scope, 0)
+        block = min(max(widest - 3 * largest, 0) + held, acts.body[i])
         grad_buffers = residual + 3 * largest
         formed = min(max(per_layer - widest + rec.widest_gradients.get(scope, widest), 0), per_layer)
         if transient and acts.body[i] + 2 * residual + transient > block + grad_buffers:
