@@ -2,11 +2,15 @@
 
 The candidates, per phase (the largest of each phase is its peak):
   forward   - at the loss: everything saved, the logits, and their fp32 copy (causal-LM loss);
-              inside a block: what is saved so far plus the block's largest short-lived buffer;
+              inside a block: what is saved so far plus the block's largest short-lived buffer and
+              the two residual-stream tensors Python holds;
   backward  - at the loss gradient: log-softmax backward holds its incoming and outgoing [n, vocab]
               gradients on top of everything saved (the usual peak); in the last and the first
-              block, where saved activations are partly freed and parameter gradients partly
-              accumulated (with checkpointing, one block's recomputed activations are alive);
+              block (and the first of the layers a repeated block stands for), where saved activations
+              are partly freed and parameter gradients partly accumulated, the block's own only for the
+              linears its backward has passed (with checkpointing, one block's recomputed activations are
+              alive, and its recomputation is a moment of its own at each of those blocks); --loss chunked
+              with a trained head: the head's gradient summed over the chunks;
               a classifier (tiny logits): in the final norm's backward, with that norm's gradient
               buffers (ops.rms_norm, ops.layer_norm); at the end, all gradients;
   optimizer - all gradients plus the optimizer's temporaries (foreach AdamW: one state-sized buffer).
