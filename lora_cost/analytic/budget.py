@@ -84,7 +84,6 @@ def groups_bytes(groups: list[TensorGroup]) -> int:
     return sum(g.total_numel * DTYPE_BYTES[g.dtype] for g in groups)
 
 
-@lru_cache(maxsize=4096)
 def site_gradient_bytes(spec: ModelSpec, method: Method, run: RunConfig, site: LinearSite, adapted: bool) -> int:
     """moments: the gradient bytes one block's linear `site` contributes to `per_layer_trainable_bytes`, read
     from the same groups `_parameter_budget` counts: the method's trainable tensors of the site (one block's,
@@ -104,7 +103,7 @@ def site_gradient_bytes(spec: ModelSpec, method: Method, run: RunConfig, site: L
         return total * DTYPE_BYTES[run.weight_dtype]
     if not adapted:
         return 0
-    return groups_bytes([replace(g, count=1) for g in method.trainable(site, run) if not g.grad_at_backward_start])
+    return sum(g.numel * DTYPE_BYTES[g.dtype] for g in method.trainable(site, run) if not g.grad_at_backward_start)
 
 
 def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig, opt: Optimizer,

@@ -41,6 +41,7 @@ class StepContext:
     final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
     # moments: a trained LM head's gradient summed over --loss chunked's chunks in backward (losses.chunked_loss)
     head_accumulation_bytes: int = 0
+    _site_gradients: dict = field(default_factory=dict)  # moments: (site, adapted) -> budget.site_gradient_bytes
 
     @property
     def base_trainable(self) -> bool:
@@ -141,8 +142,12 @@ class StepContext:
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
         adapted = self.is_target(site)
         if adapted or self.base_trainable:  # moments: when this linear's trainable tensors are first used
-            from .budget import site_gradient_bytes
-            self.tape.trainable_used(site_gradient_bytes(self.spec, self.method, self.run, site, adapted))
+            key = (site, adapted)
+            nbytes = self._site_gradients.get(key)
+            if nbytes is None:
+                from .budget import site_gradient_bytes
+                nbytes = self._site_gradients[key] = site_gradient_bytes(self.spec, self.method, self.run, site, adapted)
+            self.tape.trainable_used(nbytes)
         if adapted:
             return self.method.adapted_linear(self, x, site)
         return self.base_linear(x, site)

@@ -115,10 +115,15 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
 
 def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """Drop lines (value at r=1, slope) that never exceed another for r >= 1."""
+    # sorted by value then slope, both descending: every earlier line has a value >= this one's, so this one
+    # never exceeds them all iff an earlier slope is >= its own (the running maximum; the same lines as testing
+    # each against those kept, in the same order, without the quadratic scan)
     kept = []
+    top = None
     for a, b in sorted(set(lines), key=lambda ab: (-ab[0], -ab[1])):
-        if not any(a2 >= a and b2 >= b for a2, b2 in kept):
+        if top is None or b > top:
             kept.append((a, b))
+            top = b
     return tuple(kept)
 
 
