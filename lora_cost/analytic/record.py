@@ -57,7 +57,7 @@ class StepRecord:
     orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
-    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it
+    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it (less held ones)
     norm_backward: dict  # scope -> the gradient buffers at the peak of its largest norm backward
     largest: dict  # scope -> largest activation created
     block_input: dict  # block scope -> bytes of its input (the residual stream)
