@@ -1,6 +1,13 @@
 """Issue 9's accuracy line: analytic vs trace over attention kernels x optimizers x losses x adapter dtypes x
 base storages (dense, 4-bit, 8-bit) together, on >= 200 configurations.
 
+Measured (task "moments", torch 2.13, transformers 5.24, peft 0.21.2; all 220): peak |analytic - trace| / trace
+median 1.24% -> 0.44%, worst 18.10% -> 4.20% (rows above 6%: 7 -> 0, above 1%: 119 -> 73). The worst rows were
+full fine-tuning with --loss liger / chunked: block i's whole gradients counted at its in-block moment (only those
+of the linears after its widest activation exist then), the untied embedding's gradient before its time, the fused
+loss's freed saves, and the chunked head's gradient summed chunk by chunk (analytic/peaks.py). Worst now: QLoRA +
+chunked + checkpointing, 4.2% low at the chunked loss's forward.
+
 Run as a test (CI: a bounded subset, every CI_STRIDE-th configuration) or as a script for the per-term table
 (`python tests/test_grid_issue9.py`: all configurations). The grid is a fixed pseudo-random sample of the full
 product (seeded, so the same every run) of the options, each kept only if the analytic engine accepts it (a
@@ -144,12 +151,10 @@ def test_engines_agree(case):
     pytest.importorskip("transformers")
     pytest.importorskip("peft")
     terms = compare(case)
-    if case[1] == "full" and case[4] != "standard" and case[5][0] == "bf16":
-        # open (issue 9): full fine-tuning with a fused/chunked loss in bf16 - the analytic peak is up to 16% high
-        # (the grid's worst rows); the mechanism is not yet found. FLOPs and parameters must still agree.
-        assert_engines_agree(terms, peak_tolerance=1.0)
-        return
-    assert_engines_agree(terms, peak_tolerance=0.08)
+    # task "moments" removed the exemption of full fine-tuning + --loss liger/chunked (up to 16% high): block i's
+    # gradients at its in-block moment are only those formed by then, and the chunked loss's head-gradient sum
+    # is a moment of its own (analytic/peaks.py); every configuration now within 4.2% (see the module docstring)
+    assert_engines_agree(terms, peak_tolerance=0.06)
 
 
 def test_grid_is_large_enough():

@@ -99,10 +99,9 @@ def test_engines_agree(tmp_path_factory, family, method, loss, setting):
     a, t = terms["saved_activation_bytes"]
     if method != "dora":  # DoRA's orphaned saves are counted apart (tests/test_trace_grid.py shows the same)
         assert abs(t - a) <= 64, f"saved: analytic {a} vs trace {t}"  # a few 8-byte scalars at most
-    # the trace is the reference; on the 63 configurations the analytic peak is within 1.3% (median) and 6.3%
-    # (worst: LoRA-FA, Liger, checkpointing, where with no logits left the peak is the first block's
-    # recomputation, the block model's own approximation, as in tests/test_trace_grid.py)
-    assert_engines_agree(terms, peak_tolerance=0.08)
+    # the trace is the reference; on the 81 configurations the analytic peak is within 0.40% (median) and 4.5%
+    # (worst: DoRA, checkpointing, a trained embedding copy) since task "moments" (before: 1.28% and 5.35%)
+    assert_engines_agree(terms, peak_tolerance=0.06)
 
 
 def test_grid_is_large_enough():

@@ -38,6 +38,13 @@ median 0.40%, worst 1.54% (gpt2, fsdp, 64 ranks, checkpointing, under); under fs
 0.17/0.33%. "qlora-uint8" (60; FSDP leaves the packed weights whole): median 0.17%, worst 1.21% (gpt2, fsdp, 64,
 checkpointing); without checkpointing 0.08/0.18%. All 180 QLoRA rows: median 0.25%, worst 1.54%. The checkpointed
 rows' larger gaps are the one-GPU block moment described above.
+
+Task "moments" (in-block gradients formed so far, the recomputation at each end of a repeated block): with today's
+trace, median 0.15%, worst 6.89% before and after (no row worse by more than 0.3 points, 15 better); the two rows
+above 6% are llama + fsdp + 64 ranks + DoRA + checkpointing (6.89% low: the recomputation of DoRA's last linear
+holds its eye(d_in) and four [d_in, d_out] weight-norm products, beyond the one transient modelled) and gpt2 + fsdp +
+2 ranks + full fine-tuning + checkpointing (6.27% low; its one-GPU moment agrees within 0.4%, so the gap is in the
+FSDP terms at gelu_new's backward).
 """
 
 from __future__ import annotations

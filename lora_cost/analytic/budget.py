@@ -86,6 +86,28 @@ def groups_bytes(groups: list[TensorGroup]) -> int:
     return sum(g.total_numel * DTYPE_BYTES[g.dtype] for g in groups)
 
 
+def site_gradient_bytes(spec: ModelSpec, method: Method, run: RunConfig, site: LinearSite, adapted: bool) -> int:
+    """moments: the gradient bytes one block's linear `site` contributes to `per_layer_trainable_bytes`, read
+    from the same groups `_parameter_budget` counts: the method's trainable tensors of the site (one block's,
+    those present from backward's start left out as there), or under full fine-tuning the architecture's
+    parameter groups of this linear (its weight, whose numel is d_in x d_out, and its bias) in the run's dtype.
+    0 when nothing of it trains or no group is found (its gradient is then counted with the block's rest,
+    present from the block's first backward moment: never less than before). The tape records when each
+    site first runs (tape.trainable_used): peaks.py `in_block` counts only those formed by then."""
+    if method.base_trainable:
+        from .architectures import get_architecture
+        arch = get_architecture(spec.model_type)
+        groups = [g for g in param_groups(arch, spec, run.task, run.labels) if "*" in g.name
+                  and (f".{site.path or site.name}." in g.name or f".{site.name}." in g.name)]
+        weight = next((g.numel for g in groups if g.kind == "linear" and g.numel == site.d_in * site.d_out), 0)
+        bias = next((g.numel for g in groups if g.kind == "bias" and g.numel == site.d_out), 0) if site.bias else 0
+        total = weight + bias
+        return total * DTYPE_BYTES[run.weight_dtype]
+    if not adapted:
+        return 0
+    return sum(g.numel * DTYPE_BYTES[g.dtype] for g in method.trainable(site, run) if not g.grad_at_backward_start)
+
+
 def parameter_budget(arch: Architecture, spec: ModelSpec, method: Method, run: RunConfig, opt: Optimizer,
                      sites: list[LinearSite], head_sites: list[LinearSite]) -> ParameterBudget:
     """Independent of batch and sequence length: cached, so batch and length sweeps reuse it."""
@@ -167,8 +189,13 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         optimizer_temporaries=ob.step_temporaries, base_trainable=method.base_trainable,
         early_gradient_bytes=groups_bytes([g for g in trainable if g.grad_at_backward_start]),
         loop_state_bytes=loop_state, loop_temporaries=loop_temporaries,
-        late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding") * DTYPE_BYTES[dtype]
-        if method.base_trainable and run.task in ("seq-cls", "token-cls")
+        # moments: under full fine-tuning every embedding's gradient is complete only once backward has passed
+        # the lookup, the step's first op (AccumulateGrad, torch/csrc/autograd/engine.cpp), except a word
+        # embedding tied to the LM head, whose head contribution is alive from the loss on (the same rule as
+        # sharding/tensors.py's `late`); a classifier's head is its own, so all of them are late there
+        late_gradient_bytes=sum(g.total for g in groups if g.kind == "embedding" and not (
+            spec.tie_embeddings and run.task not in ("seq-cls", "token-cls") and g.numel == spec.vocab * spec.hidden))
+        * DTYPE_BYTES[dtype] if method.base_trainable
         # the trained embedding copy (--modules-to-save embed_tokens) gets its gradient at the end of backward
         else spec.vocab * spec.hidden * DTYPE_BYTES[dtype] if run.modules_to_save and "embed_tokens" in run.modules_to_save
         else 0,

@@ -39,6 +39,9 @@ class StepContext:
     # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
     loss_logits_bytes: int | None = None
     final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
+    # moments: a trained LM head's gradient summed over --loss chunked's chunks in backward (losses.chunked_loss)
+    head_accumulation_bytes: int = 0
+    _site_gradients: dict = field(default_factory=dict)  # moments: (site, adapted) -> budget.site_gradient_bytes
 
     @property
     def base_trainable(self) -> bool:
@@ -140,7 +143,15 @@ class StepContext:
         return not self.base_trainable and (site.name in self.targets or any(site.matches(t) for t in self.targets))
 
     def linear(self, x: Tensor, site: LinearSite) -> Tensor:
-        if self.is_target(site):
+        adapted = self.is_target(site)
+        if adapted or self.base_trainable:  # moments: when this linear's trainable tensors are first used
+            key = (site, adapted)
+            nbytes = self._site_gradients.get(key)
+            if nbytes is None:
+                from .budget import site_gradient_bytes
+                nbytes = self._site_gradients[key] = site_gradient_bytes(self.spec, self.method, self.run, site, adapted)
+            self.tape.trainable_used(nbytes)
+        if adapted:
             return self.method.adapted_linear(self, x, site)
         return self.base_linear(x, site)
 

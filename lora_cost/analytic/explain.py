@@ -19,11 +19,13 @@ COMPONENTS = {
     MemoryCategory.SAVED_ACTIVATIONS: "sum over ops of the tensors autograd keeps",
     MemoryCategory.LOGITS: "batch x seq x vocab x dtype",
     MemoryCategory.LOGITS_FP32_COPY: "batch x seq x vocab x 4",
-    MemoryCategory.LOSS_GRADIENT_BUFFERS: "2 x batch x seq x vocab x log-softmax dtype",
+    MemoryCategory.LOSS_GRADIENT_BUFFERS: "2 x batch x seq x vocab x log-softmax dtype; --loss chunked with a trained "
+                                           "head: 3 x its weight gradient + waiting chunks' logits gradients",
     MemoryCategory.GRADIENTS: "trainable elements x dtype bytes",
     MemoryCategory.RECOMPUTED_ACTIVATIONS: "one block's saved tensors",
     MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",
-    MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op",
+    MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op; inside a block's forward + 2 x residual "
+                                       "stream (held by the layer loop and by the block across a sublayer)",
     MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group; Adafactor: fp32 "
                                            "copies of the largest tensor; master weights: fp32 gradients; in backward: "
                                            "one tensor's gradient and step",

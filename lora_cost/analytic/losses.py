@@ -140,6 +140,18 @@ def chunked_loss(ctx, x) -> None:
     tape.save(tape.new(1, "int64", False), "loss targets")
     ctx.logits_bytes = 0  # the recipe deletes the logits before backward
     ctx.loss_logits_bytes = sum(lg.nbytes for lg in logits)  # every chunk's logits exist when the loss runs
+    if trains and N >= 2 and x.rg:
+        # moments: in backward every chunk's cross-entropy backward runs first (the loss sums them), leaving N
+        # [rows, V] logits gradients in the logits' dtype; then the head's backward, chunk by chunk: each mm
+        # returns a [V, H] weight gradient that autograd's InputBuffer adds to the sum of the chunks before
+        # out of place (torch/csrc/autograd/input_buffer.cpp `accumulate`: `old_var + var`, checked on CPU
+        # tensors in tests/test_moments.py), so at the second chunk the sum so far, the new gradient and
+        # their sum are alive, with N - 2 chunks' logits gradients still waiting and two chunks' input
+        # gradients [rows, H] (peaks.py: "accumulating the LM head's gradient over the loss chunks")
+        # (the weight gradient in the dtype the head's matmul computes in, its logits': autocast's under AMP,
+        # whose cached cast of the weight sums the chunks' gradients before its one ToCopyBackward)
+        ctx.head_accumulation_bytes = (3 * V * H * DTYPE_BYTES[logits[0].dtype] + (N - 2) * logits[0].nbytes
+                                       + 2 * rows * H * DTYPE_BYTES[x.dtype])
     ctx.loss_copy_bytes = copy  # one chunk's fp32 copy at a time
     ctx.log_softmax_bytes = first or 0  # log-softmax backward: one chunk's gradient in and out
 

@@ -2,11 +2,15 @@
 
 The candidates, per phase (the largest of each phase is its peak):
   forward   - at the loss: everything saved, the logits, and their fp32 copy (causal-LM loss);
-              inside a block: what is saved so far plus the block's largest short-lived buffer;
+              inside a block: what is saved so far plus the block's largest short-lived buffer and
+              the two residual-stream tensors Python holds;
   backward  - at the loss gradient: log-softmax backward holds its incoming and outgoing [n, vocab]
               gradients on top of everything saved (the usual peak); in the last and the first
-              block, where saved activations are partly freed and parameter gradients partly
-              accumulated (with checkpointing, one block's recomputed activations are alive);
+              block (and the first of the layers a repeated block stands for), where saved activations
+              are partly freed and parameter gradients partly accumulated, the block's own only for the
+              linears its backward has passed (with checkpointing, one block's recomputed activations are
+              alive, and its recomputation is a moment of its own at each of those blocks); --loss chunked
+              with a trained head: the head's gradient summed over the chunks;
               a classifier (tiny logits): in the final norm's backward, with that norm's gradient
               buffers (ops.rms_norm, ops.layer_norm); at the end, all gradients;
   optimizer - all gradients plus the optimizer's temporaries (foreach AdamW: one state-sized buffer).
@@ -130,20 +134,35 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         # (2) An op's own backward buffers (a dequantised 4-bit weight, NoLA's regenerated bases), alive
         # while that op runs: the block's last linear has them too, with nearly every save of the block
         # still alive, and the residual gradient in and out.
+        # Gradients at (1): blocks i+1.. complete, and of block i those of the linears run after the widest
+        # activation was made (their backward ran first; AccumulateGrad makes .grad once backward has passed a
+        # parameter's first use): tape.widest_gradients keeps each activation's moment less the trainable bytes
+        # of the linears run before it, so the block's trainable bytes + its largest entry is the moment, whose
+        # gradient part is `formed` (bytes no linear owns, norms and biases, counted as formed). At (2), the
+        # block's last op: every gradient of the block counted, as before.
         largest, transient = rec.largest.get(scope, 0), rec.backward_transient.get(scope, 0)
-        block = min(max(rec.widest_moment.get(scope, 3 * largest + acts.body[i]) - 3 * largest, 0), acts.body[i])
+        per_layer = params.per_layer_trainable_bytes
+        widest = rec.widest_moment.get(scope, 3 * largest + acts.body[i])
+        # (with every input a ctx attribute holds, bitsandbytes MatMul8bitLt's, those made after the widest too:
+        # autograd frees a node's saved variables after it runs, not its ctx attributes; tape.widest_moment
+        # leaves them out. Under checkpointing the forward's own are among the kept saves, and the recomputed
+        # graph's die with it: saved_tensors_hooks never see a ctx attribute, so none is recomputed)
+        held = 0 if run.grad_checkpointing else rec.kept_past_checkpoint.get(scope, 0)
+        block = min(max(widest - 3 * largest, 0) + held, acts.body[i])
         grad_buffers = residual + 3 * largest
+        formed = min(max(per_layer - widest + rec.widest_gradients.get(scope, widest), 0), per_layer)
         if transient and acts.body[i] + 2 * residual + transient > block + grad_buffers:
-            block, grad_buffers = acts.body[i], 2 * residual + transient
+            block, grad_buffers, formed = acts.body[i], 2 * residual + transient, per_layer
+        grads = grads_head + per_layer * (L - 1 - i) + formed if grads_blocks else grads_head
         if run.grad_checkpointing:
             return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                     (C.RECOMPUTED_ACTIVATIONS, block + rec.orphaned.get(scope, 0)),
-                    (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
+                    (C.GRADIENTS, grads),
                     (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
                     (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i]) + block),
                 (C.RECOMPUTED_ACTIVATIONS, 0),
-                (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - i) if grads_blocks else grads_head),
+                (C.GRADIENTS, grads),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
                 (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
 
@@ -163,10 +182,17 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
     candidates = {
         "forward": [
             ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes)]
+             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
+              # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's
+              # [V, H] weight-gradient product, losses.liger_loss), alive with every save of the step
+              (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get("loss", 0) - rec.logits_at_loss_bytes, 0))]
              + _dp(rank, "forward-loss")),
+            # moments: beside the saves and the op's buffer, two residual-stream tensors no op saves are held by
+            # Python: the block's input by the model's layer loop (`hidden_states = layer(hidden_states)`
+            # rebinds it only when the block returns) and the sublayer's residual by the block
+            # (transformers' decoder layers: `residual = hidden_states` across attention and the MLP)
             ("inside a block (largest short-lived buffer)",
-             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient)]
+             [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient + 2 * residual)]
              + _dp(rank, "forward-block")),
         ],
         "backward": [
@@ -180,8 +206,15 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
             # every save alive and a block's backward buffers
             *(_head_moment(run, acts.embeddings + sum(acts.kept) + rec.final_norm_saved_bytes, logits, grads_head,
                            rec.norm_backward.get("head", 0)) if run.task in ("seq-cls", "token-cls") else
-              _head_moment(run, saved, logits, grads_head, 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
-                                                                             rec.backward_transient.get(scopes[-1], 0)))),
+              _head_moment(run, saved - acts.loss, logits, grads_head,
+                           rec.norm_backward.get("head") or 2 * residual + max(2 * rec.largest.get(scopes[-1], 0),
+                                                                                rec.backward_transient.get(scopes[-1], 0)))),
+            # --loss chunked with a trained LM head: the head's weight gradient summed chunk by chunk, every
+            # chunk's cross-entropy backward done (the loss's saves freed), no block's gradient yet
+            *([("accumulating the LM head's gradient over the loss chunks",
+                [(C.SAVED_ACTIVATIONS, saved - acts.loss), (C.LOGITS, logits),
+                 (C.LOSS_GRADIENT_BUFFERS, rec.head_accumulation_bytes), (C.GRADIENTS, params.early_gradient_bytes)]
+                + _dp(rank, "backward-start"))] if rec.head_accumulation_bytes else []),
             ("end of backward", [(C.GRADIENTS, grads_total), (C.LOGITS, logits), (C.SAVED_ACTIVATIONS, held),
                                  (C.OPTIMIZER_TEMPORARIES, params.head_step_transient)] + _dp(rank, "backward-end")),
             *_head_step_moment(params, saved - acts.loss, logits, residual),
@@ -249,8 +282,9 @@ def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffe
     norm's own still alive (the classifier's and the loss's are freed once their nodes ran) and the gradient
     buffers at the peak of the norm's backward (ops.rms_norm, ops.layer_norm; none where the family has no
     final norm: BERT). --loss liger, whose loss hands on a saved gradient with no [n, vocab] buffer: every
-    saved activation alive with a block's backward buffers. A standard language model's moment is the
-    log-softmax gradient's."""
+    saved activation but the loss's alive (its node ran and released the gradients it saved: the input's is
+    the norm's incoming gradient, the weight's the LM head's .grad), with the norm's backward buffers (a
+    block's where the norm records none). A standard language model's moment is the log-softmax gradient's."""
     if run.task not in ("seq-cls", "token-cls") and run.loss_kind != "liger":
         return []
     what = "classifier" if run.task in ("seq-cls", "token-cls") else "fused loss"
@@ -261,15 +295,28 @@ def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffe
 
 def block_moments(stack: Stack, in_block, recompute) -> list[tuple[str, list]]:
     """Backward through the last and the first block of each kind (and, under checkpointing, the
-    recomputation of each kind's last block): where saved activations, accumulated gradients and
-    the block's own buffers meet. Backward runs from the last layer down, so these bound the rest."""
+    recomputation of each): where saved activations, accumulated gradients and the block's own buffers
+    meet. Over the layers one simulated block stands for (a kind's `<kind>1`), each moment is affine in
+    the layer index (the saves of the blocks below it, the gradients of those above), so its largest value
+    is at the first or the last of them: with the kind's first block, those three bound the rest. Which end
+    wins depends on whether a block's saves outweigh its gradients (full fine-tuning: the lower end)."""
     single = len(stack.kinds) == 1
-    moments, recomputes = [], []
+    starts: dict[str, int] = {}
+    for i, scope in enumerate(stack.scopes):
+        starts.setdefault(scope, i)
+    moments, recomputes, more = [], [], []
     for kind, first, last in stack.first_and_last:
         name = "" if single else f" {kind}"
         moments.append((f"backward through the last{name} block", in_block(last)))
         if first != last or single:
             moments.append((f"backward through the first{name} block", in_block(first)))
+        second = starts.get(f"{kind}1")
+        if second is not None and second not in (first, last):
+            more.append((f"backward through the second{name} block", in_block(second)))
         if recompute is not None:
             recomputes.append((f"recomputing the last{name} block (checkpointing)", recompute(last)))
-    return moments + recomputes
+            if first != last:
+                more.append((f"recomputing the first{name} block (checkpointing)", recompute(first)))
+            if second is not None and second not in (first, last):
+                more.append((f"recomputing the second{name} block (checkpointing)", recompute(second)))
+    return moments + recomputes + more

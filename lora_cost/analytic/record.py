@@ -57,7 +57,7 @@ class StepRecord:
     orphaned: dict  # scope -> bytes saved for graphs dropped before backward (held by checkpoint recomputation)
     forward_transient: dict  # scope -> largest short-lived buffer
     backward_transient: dict
-    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it
+    widest_moment: dict  # scope -> max over its activations of 3 x bytes + the scope's saves before it (less held ones)
     norm_backward: dict  # scope -> the gradient buffers at the peak of its largest norm backward
     largest: dict  # scope -> largest activation created
     block_input: dict  # block scope -> bytes of its input (the residual stream)
@@ -69,11 +69,16 @@ class StepRecord:
     loss_logits_bytes: int | None = None
     # issue9b: scope -> bytes kept by ctx attributes that checkpointing cannot drop (tape.keep_past_checkpoint)
     kept_past_checkpoint: dict = field(default_factory=dict)
+    # moments: scope -> max over its activations of widest_moment's entry less the trainable bytes of the linears
+    # run before it (tape.widest_gradients); absent: every gradient of the block counted at its in-block moment
+    widest_gradients: dict = field(default_factory=dict)
 
     @property
     def logits_at_loss_bytes(self) -> int:
         return self.logits_bytes if self.loss_logits_bytes is None else self.loss_logits_bytes
     final_norm_saved_bytes: int = 0  # what the head's scope saved before the classifier (the final norm's saves)
+    # moments: a trained LM head's gradient summed over --loss chunked's chunks (losses.chunked_loss); 0: none
+    head_accumulation_bytes: int = 0
 
 
 def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
@@ -83,6 +88,8 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
                ("final_norm_saved",): ctx.final_norm_saved_bytes}
     if ctx.loss_logits_bytes is not None:  # lossdtype: only a loss other than the standard one sets it
         scalars[("loss_logits",)] = ctx.loss_logits_bytes
+    if ctx.head_accumulation_bytes:  # moments: only --loss chunked with a trained head sets it
+        scalars[("head_accumulation",)] = ctx.head_accumulation_bytes
     for scope, b in ctx.block_input_bytes.items():
         scalars[("block_input", scope)] = b
     for scope, v in tape.saved_by_scope.items():
@@ -99,7 +106,8 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
     for scope, v in tape.uncounted_flops.items():
         scalars[("uncounted", scope)] = v
     lists = {}
-    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment"):
+    for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment",
+                 "widest_gradients"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -107,17 +115,22 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
 
 def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     """Drop lines (value at r=1, slope) that never exceed another for r >= 1."""
+    # sorted by value then slope, both descending: every earlier line has a value >= this one's, so this one
+    # never exceeds them all iff an earlier slope is >= its own (the running maximum; the same lines as testing
+    # each against those kept, in the same order, without the quadratic scan)
     kept = []
+    top = None
     for a, b in sorted(set(lines), key=lambda ab: (-ab[0], -ab[1])):
-        if not any(a2 >= a and b2 >= b for a2, b2 in kept):
+        if top is None or b > top:
             kept.append((a, b))
+            top = b
     return tuple(kept)
 
 
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
-           "norm_backward": "norm_backward", "widest_moment": "widest_moment"}
+           "norm_backward": "norm_backward", "widest_moment": "widest_moment", "widest_gradients": "widest_gradients"}
 
 
 @dataclass(frozen=True)
@@ -161,13 +174,15 @@ class AffineRecord:
                 continue
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
-        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
+        for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment",
+                     "widest_gradients"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
                           loss_copy_bytes=single["loss_copy"], log_softmax_bytes=single["log_softmax"],
                           checkpoint_extra_bytes=single["checkpoint_extra"], loss_logits_bytes=single.get("loss_logits"),
                           final_norm_saved_bytes=single["final_norm_saved"],
+                          head_accumulation_bytes=single.get("head_accumulation", 0),
                           **values)
 
 

@@ -73,6 +73,13 @@ class Tape:
         # scope -> per activation created: three times its bytes (its gradient in, two out: peaks.py in_block)
         # plus what the scope had saved when it was made (alive when that gradient forms)
         self.widest_moment: dict[str, list[int]] = defaultdict(list)
+        # moments: scope -> trainable bytes of the linears run so far in it (trainable_used), and per activation
+        # created its widest_moment entry less those bytes. A parameter's gradient is complete (AccumulateGrad
+        # runs, torch/csrc/autograd/engine.cpp) once backward has passed its first use in the forward: when an
+        # activation's gradient forms, the linears run after it have theirs, those run before it do not
+        # (peaks.py in_block: the block's trainable bytes + the largest of these entries)
+        self.gradients_before: dict[str, int] = defaultdict(int)
+        self.widest_gradients: dict[str, list[int]] = defaultdict(list)
         self.notes: list[str] = []
         # scopes that stand for several layers (stack.py), set by the context when blocks are not
         # checkpointed: a tensor made outside the blocks (RoPE tables) and first saved inside such a
@@ -90,7 +97,11 @@ class Tape:
         t = Tensor(numel, dtype, rg)
         nbytes = numel * DTYPE_BYTES[dtype]
         self.created[self.scope].append(nbytes)
-        self.widest_moment[self.scope].append(gradient_buffers * nbytes + self.saved_by_scope.get(self.scope, 0))
+        # (saves a ctx attribute holds are left out: they outlive their node's backward, so peaks.py in_block
+        # adds all of the block's, those made after this activation too)
+        moment = gradient_buffers * nbytes + self.saved_by_scope.get(self.scope, 0) - self.kept_past_checkpoint.get(self.scope, 0)
+        self.widest_moment[self.scope].append(moment)
+        self.widest_gradients[self.scope].append(moment - self.gradients_before.get(self.scope, 0))
         self._made_in[t.sid] = self.scope
         return t
 
@@ -165,6 +176,12 @@ class Tape:
         """The activation gradients alive at the peak of a norm's backward (the final norm's decides a
         classifier's backward: peaks.py)."""
         self.norm_backward[self.scope].append(nbytes)
+
+    def trainable_used(self, nbytes: int) -> None:
+        """A linear whose trainable tensors hold `nbytes` (budget.site_gradient_bytes) runs now, before it makes
+        its output: the gradients of those tensors form in backward after the gradient of everything made from
+        here on."""
+        self.gradients_before[self.scope] += nbytes
 
     # -- summaries ---------------------------------------------------------------------------
     def saved_in(self, scope: str) -> int:
