@@ -31,7 +31,8 @@ from .budget import parameter_budget
 from .device import DEFAULT_UTILISATION, device_memory, slack_reserved, step_time_s
 from .optimizers import get_optimizer
 from .peaks import activation_budget, peak_bytes
-from .record import affine_record
+from .batchlines import FIRST as BATCH_LINE_FIRST, numbers_line
+from .record import affine_record, revalued
 from .stepflops import step_flops
 from ..profiles import load_gpu
 from ..spec import ModelSpec, RunConfig
@@ -90,7 +91,17 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
 def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
     """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
     that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
-    never cached)."""
+    never cached). At batch >= 2, once the forward's batch line is verified, from the run's lines in the
+    batch (batchlines.py: the same numbers, task "speed"); else directly."""
+    if run.batch >= BATCH_LINE_FIRST:
+        numbers = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).at(run.batch)
+        if numbers is not None:
+            return numbers
+    return _direct(spec, run, gpu, utilisation)
+
+
+def _direct(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
+    """The numbers of one run, computed for it alone."""
     from .estimator import _forward_key, _libraries
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
     stack = stack_of(arch, spec)

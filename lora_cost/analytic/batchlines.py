@@ -1,0 +1,354 @@
+"""A sweep's numbers at every batch from lines in the batch, built once per run-without-its-batch (task "speed").
+
+Once a forward's batch line is verified (record.py `BatchLine`: every byte and FLOP count the tape sees is an
+exact integer line in the batch, for batch >= 2), every term of every candidate peak moment (peaks.py
+`_moments`) is made of those counts by additions, integer multiples and comparisons (max, min, a branch).
+Evaluating `_moments` itself on `Lin` values (c + s x batch) gives each moment's total as a line, with every
+comparison decided over a range of batches: where a comparison's outcome changes inside the range (a 4-bit
+weight's dequantised copy wins over the activations at small batches, loses at large ones) the range is split
+at the first batch where it changes, and the part holding the batch asked for is evaluated again. So a
+moment total is exact on its range, never interpolated, and a formula change in peaks.py flows through: it is
+the same code, on other numbers. An operation that is not exact on lines (a float factor, `int()`, a division)
+raises NotAffine, and that run is computed batch by batch as before (fast.py's direct path).
+
+Per batch, what is left is the largest of a few lines, the device memory of that peak (device.py), and the
+step's FLOPs, exact lines in the batch too: `step_flops` only adds record entries times layer counts (one
+line from batches 2 and 3, checked at 4 as BatchLine checks its own). tests/test_fast_path.py compares with
+the full estimate on a grid of batches, methods, ranks, checkpointing, optimizers and sharding.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from ..spec import MAX_BATCH
+
+FIRST = 2  # record.py BatchLine.FIRST: batch 1 takes other code paths in transformers; never on a line
+_MAX_SPLITS = 24  # ranges split this often without success: the run is computed batch by batch instead
+
+
+class NotAffine(Exception):
+    """An operation whose result is not an exact integer line in the batch."""
+
+
+class Split(Exception):
+    """A comparison whose outcome changes at batch `at` (the first batch of the range where it differs)."""
+
+    def __init__(self, at: int):
+        super().__init__(at)
+        self.at = at
+
+
+_RANGE = [FIRST, MAX_BATCH]  # the batches the comparisons are decided over (set by `_moment_lines`)
+
+
+class Lin:
+    """An integer c + s x batch, for batches in the current range (_RANGE). Arithmetic stays exact;
+    comparisons are decided for the whole range or raise Split."""
+
+    __slots__ = ("c", "s")
+
+    def __init__(self, c: int, s: int):
+        self.c, self.s = c, s
+
+    def at(self, b: int) -> int:
+        return self.c + self.s * b
+
+    def __add__(self, other):
+        if type(other) is Lin:
+            return Lin(self.c + other.c, self.s + other.s)
+        if type(other) is int:
+            return Lin(self.c + other, self.s)
+        raise NotAffine(f"{type(other).__name__} added")
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        if type(other) is Lin:
+            return Lin(self.c - other.c, self.s - other.s)
+        if type(other) is int:
+            return Lin(self.c - other, self.s)
+        raise NotAffine(f"{type(other).__name__} subtracted")
+
+    def __rsub__(self, other):
+        if type(other) is int:
+            return Lin(other - self.c, -self.s)
+        raise NotAffine(f"{type(other).__name__} subtracted from")
+
+    def __neg__(self):
+        return Lin(-self.c, -self.s)
+
+    def __mul__(self, other):
+        if type(other) is int:
+            return Lin(self.c * other, self.s * other)
+        if type(other) is Lin and other.s == 0:
+            return Lin(self.c * other.c, self.s * other.c)
+        if type(other) is Lin and self.s == 0:
+            return Lin(other.c * self.c, other.s * self.c)
+        raise NotAffine(f"multiplied by {type(other).__name__}")
+
+    __rmul__ = __mul__
+
+    def __int__(self):  # int() must return an int: not a line
+        raise NotAffine("int()")
+
+    def __float__(self):
+        raise NotAffine("float()")
+
+    def __truediv__(self, other):
+        raise NotAffine("division")
+
+    __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __truediv__
+
+    __hash__ = None
+
+    # comparisons: decided over the whole range, or Split where the outcome changes
+    def __gt__(self, other):
+        return _monotone(self - other, lambda v: v > 0)
+
+    def __ge__(self, other):
+        return _monotone(self - other, lambda v: v >= 0)
+
+    def __lt__(self, other):
+        return _monotone(self - other, lambda v: v < 0)
+
+    def __le__(self, other):
+        return _monotone(self - other, lambda v: v <= 0)
+
+    def __eq__(self, other):
+        if type(other) not in (Lin, int):
+            return NotImplemented
+        return _at_root(self - other, True)
+
+    def __ne__(self, other):
+        if type(other) not in (Lin, int):
+            return NotImplemented
+        return not _at_root(self - other, True)
+
+    def __bool__(self):
+        return not _at_root(self, True)
+
+    def __repr__(self) -> str:
+        return f"Lin({self.c} + {self.s} b)"
+
+
+def _monotone(d, holds) -> bool:
+    """`holds(d(b))` for every batch of the range (an affine d: the outcome changes at most once)."""
+    lo, hi = _RANGE
+    if type(d) is int:
+        return holds(d)
+    first, last = holds(d.c + d.s * lo), holds(d.c + d.s * hi)
+    if first == last:
+        return first
+    a, b = lo, hi  # holds at a as at lo, not at b: the first change lies in (a, b]
+    while b - a > 1:
+        m = (a + b) // 2
+        if holds(d.c + d.s * m) == first:
+            a = m
+        else:
+            b = m
+    raise Split(b)
+
+
+def _at_root(d, zero_means: bool) -> bool:
+    """Whether d is zero, for every batch of the range (a non-constant line is zero at one batch at most)."""
+    if type(d) is int:
+        return d == 0
+    lo, hi = _RANGE
+    if d.s == 0:
+        return d.c == 0
+    if (-d.c) % d.s or not lo <= -d.c // d.s <= hi:
+        return False
+    root = -d.c // d.s
+    if lo == hi:
+        return True
+    raise Split(root if root > lo else root + 1)
+
+
+def lin_record(compiled: tuple, r: int | None, only: frozenset):
+    """The StepRecord at rank r with every entry a Lin in the batch: record.py `AffineRecord.at` of
+    `BatchLine.record_at(b)`, both evaluated symbolically (an entry at (r, b) is a + s dr + (da + ds dr)(b - b1);
+    a maximum is the largest of its candidate lines, the envelope `at` keeps never changing which)."""
+    from .record import StepRecord
+    b1, fields, singles, maxima = compiled
+    dr = (r or 1) - 1
+
+    def line(a, s, da, ds):
+        slope = da + ds * dr
+        return Lin(a + s * dr - slope * b1, slope)
+
+    values = {}
+    for name, items in fields:
+        values[name] = {k: line(a, s, da, ds) for k, a, s, da, ds in items} if name in only else {}
+    for name, items in maxima:
+        values[name] = {scope: max([line(*cand) for cand in lines]) for scope, lines in items} if name in only else {}
+    for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
+        values.setdefault(name, {})
+    single = {name: line(a, s, da, ds) for name, a, s, da, ds in singles}
+    return StepRecord(logits_bytes=single["logits"], loss_copy_bytes=single["loss_copy"],
+                      log_softmax_bytes=single["log_softmax"], checkpoint_extra_bytes=single["checkpoint_extra"],
+                      loss_logits_bytes=single.get("loss_logits"), final_norm_saved_bytes=single["final_norm_saved"],
+                      **values)
+
+
+def moment_lines(compiled, r, run, stack, params, adapted: bool, rank, batch: int) -> tuple[int, int, tuple]:
+    """(lo, hi, lines): on batches lo..hi (holding `batch`), the peak is max(0, max(c + s b for c, s in lines))
+    (the steady terms included in each c): peaks.py `peak_bytes`, every comparison of `_moments` decided on
+    lo..hi. Raises NotAffine (or TypeError) where a term is not an exact line."""
+    from .fast import PEAK_FIELDS
+    from .peaks import _moments, activation_budget
+    lo, hi = FIRST, MAX_BATCH
+    for _ in range(_MAX_SPLITS):
+        _RANGE[0], _RANGE[1] = lo, hi
+        try:
+            rec = lin_record(compiled, r, PEAK_FIELDS)
+            acts = activation_budget(rec, run, stack)
+            steady, candidates = _moments(rec, acts, params, run, stack, adapted, rank)
+            return lo, hi, _lines(steady, candidates, lo, hi)
+        except Split as split:
+            if batch >= split.at:
+                lo = split.at
+            else:
+                hi = split.at - 1
+        finally:
+            _RANGE[0], _RANGE[1] = FIRST, MAX_BATCH
+    raise NotAffine(f"more than {_MAX_SPLITS} ranges")
+
+
+def _lines(steady, candidates, lo: int, hi: int) -> tuple:
+    """Each candidate moment's total (steady terms included) as (c, s), less the lines another one bounds on lo..hi.
+    Every term must be an int or a Lin: `peak_bytes` adds int(v) while `_largest` compares raw sums, the same
+    only for integers."""
+    base = 0
+    for _, v in steady:
+        if type(v) is not int:
+            raise NotAffine(f"steady term {type(v).__name__}")
+        base += v
+    lines = []
+    for options in candidates.values():
+        for _, terms in options:
+            c, s = base, 0
+            for _, v in terms:
+                if type(v) is int:
+                    c += v
+                elif type(v) is Lin:
+                    c, s = c + v.c, s + v.s
+                else:
+                    raise NotAffine(f"term {type(v).__name__}")
+            lines.append((c, s))
+    kept = []
+    for c, s in sorted(set(lines), key=lambda cs: (-(cs[0] + cs[1] * lo), -(cs[0] + cs[1] * hi))):
+        if not any(c2 + s2 * lo >= c + s * lo and c2 + s2 * hi >= c + s * hi for c2, s2 in kept):
+            kept.append((c, s))
+    return tuple(kept)
+
+
+@lru_cache(maxsize=8192)
+def flop_batch_lines(spec, key2, targets) -> tuple | None:
+    """fast.py `_flop_lines` (value at r = 1 and slope in r, rounded and raw) as lines in the batch: four pairs
+    (at batch FIRST, per unit of batch), or None when a value is not an integer or the line misses batch 4."""
+    from .fast import _flop_lines
+    from .record import revalued
+    samples = [_flop_lines(spec, revalued(key2, batch=b), targets) for b in (FIRST, FIRST + 1, FIRST + 2)]
+    if any(s is None for s in samples):
+        return None
+    flat = [(t, ts, raw, raws) for (t, ts), (raw, raws) in samples]
+    out = tuple((v0, v1 - v0) for v0, v1 in zip(flat[0], flat[1]))
+    if any(v0 + 2 * dv != v2 for (v0, dv), v2 in zip(out, flat[2])):
+        return None
+    return out
+
+
+class NumbersLine:
+    """fast.py's numbers of one run (without its batch) at every batch >= FIRST, once the forward's batch line
+    is verified: built on first use after that, then a few integer operations and the device memory per batch.
+    `at` returns None where it cannot answer exactly (the batch line still sampling, or refused; a moment that
+    is not a line): fast.py then computes that batch directly, as before."""
+
+    __slots__ = ("spec", "run", "gpu", "utilisation", "state", "fixed", "segments")
+
+    def __init__(self, spec, run, gpu, utilisation):
+        self.spec, self.run, self.gpu, self.utilisation = spec, run, gpu, utilisation
+        self.state, self.fixed, self.segments = "new", None, []
+
+    def at(self, b: int):
+        """The StepNumbers at batch b (>= FIRST), or None."""
+        if self.state != "built" and (self.state == "refused" or not self._build()):
+            return None
+        for seg in self.segments:
+            if seg[0] <= b <= seg[1]:
+                break
+        else:
+            seg = self._segment(b)
+            if seg is None:
+                return None
+        (spec, run, gpu, params, rank, stack, adapted, compiled, flops, paged, libraries, gpu_profile, r) = self.fixed
+        peak = 0
+        for c, s in seg[2]:
+            v = c + s * b
+            if v > peak:
+                peak = v
+        from .device import device_memory, slack_reserved, step_time_s
+        from .fast import StepNumbers
+        device = device_memory(slack_reserved(peak), peak_bytes=peak, family=spec.model_type, gpu=gpu,
+                               paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=libraries).device_bytes
+        d, dr = b - FIRST, (r or 1) - 1
+        (t, tb), (ts, tsb), (raw, rawb), (raws, rawsb) = flops
+        total, raw = t + tb * d + (ts + tsb * d) * dr, raw + rawb * d + (raws + rawsb * d) * dr
+        step = step_time_s(gpu_profile, raw, run.precision, self.utilisation) if gpu is not None else None
+        if rank is not None and step is not None:
+            from .sharding import exposed_time_s
+            step = step + exposed_time_s(rank, gpu_profile, step)
+        return StepNumbers(peak, device, total, params.trainable_params, step)
+
+    def _segment(self, b: int):
+        spec, run, gpu, params, rank, stack, adapted, compiled, *_ , r = self.fixed
+        try:
+            seg = moment_lines(compiled, r, run, stack, params, adapted, rank, b)
+        except (NotAffine, TypeError):
+            self.state = "refused"
+            return None
+        self.segments.append(seg)
+        return seg
+
+    def _build(self) -> bool:
+        from .architectures.base import stack_of
+        from .budget import parameter_budget
+        from .estimator import _forward_key, _libraries
+        from .fast import _validated
+        from .optimizers import get_optimizer
+        from .record import _batch_line, _compile
+        from ..profiles import load_gpu
+        spec = self.spec
+        run, method, arch, targets, sites, head_sites, adapted = _validated(spec, self.run)  # raises as fast.py does
+        key = _forward_key(run)
+        line = _batch_line(spec, key, targets)  # the line affine_record uses for every batch of this run
+        if line.state == "simulate":
+            self.state = "refused"
+        if line.state != "affine":
+            return False
+        flops = flop_batch_lines(spec, key, targets)
+        if flops is None:
+            self.state = "refused"
+            return False
+        if line.compiled is None:
+            line.compiled = _compile(line.line)
+        opt = get_optimizer(run.optimizer)
+        params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)  # independent of the batch
+        rank = None
+        if run.sharding is not None:  # the busiest rank: independent of the batch (sharding/__init__.py rank_of)
+            from .sharding import rank_of
+            rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
+        paged = params.state_bytes if params.paged else 0
+        if rank is not None and params.paged:
+            paged = rank.paged_state
+        self.fixed = (spec, run, self.gpu, params, rank, stack_of(arch, spec), adapted, line.compiled, flops, paged,
+                      _libraries(run), load_gpu(self.gpu) if self.gpu is not None else None, run.r)
+        self.state = "built"
+        return True
+
+
+@lru_cache(maxsize=65536)
+def numbers_line(spec, run, gpu, utilisation) -> NumbersLine:
+    """One NumbersLine per run at batch FIRST (its key), GPU and utilisation."""
+    return NumbersLine(spec, run, gpu, utilisation)
