@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from .device import device_memory, slack_reserved, step_time_s
 from ..spec import MAX_BATCH
 
 FIRST = 2  # record.py BatchLine.FIRST: batch 1 takes other code paths in transformers; never on a line
@@ -191,18 +192,35 @@ def lin_record(compiled: tuple, r: int | None, only: frozenset):
                       **values)
 
 
-def moment_lines(compiled, r, run, stack, params, adapted: bool, rank, batch: int) -> tuple[int, int, tuple]:
-    """(lo, hi, lines): on batches lo..hi (holding `batch`), the peak is max(0, max(c + s b for c, s in lines))
-    (the steady terms included in each c): peaks.py `peak_bytes`, every comparison of `_moments` decided on
-    lo..hi. Raises NotAffine (or TypeError) where a term is not an exact line."""
+@lru_cache(maxsize=16384)
+def _lin_activations(spec, key, targets, r, lo: int, hi: int):
+    """`lin_record` at rank r on batches lo..hi and its activation budget (with the forward's run, as fast.py
+    `_activations`), shared by the runs that differ only in what the forward does not see (the optimizer,
+    the sharding, the GPU). `key`: the forward's run at batch FIRST, whose batch line is verified."""
+    from .architectures import get_architecture
+    from .architectures.base import stack_of
     from .fast import PEAK_FIELDS
-    from .peaks import _moments, activation_budget
+    from .peaks import activation_budget
+    from .record import _batch_line
+    _RANGE[0], _RANGE[1] = lo, hi
+    try:
+        rec = lin_record(_batch_line(spec, key, targets).compiled, r, PEAK_FIELDS)
+        return rec, activation_budget(rec, key, stack_of(get_architecture(spec.model_type), spec))
+    finally:
+        _RANGE[0], _RANGE[1] = FIRST, MAX_BATCH
+
+
+def moment_lines(spec, key, targets, r, run, stack, params, adapted: bool, rank, batch: int) -> tuple[int, int, tuple]:
+    """(lo, hi, pieces): on batches lo..hi (holding `batch`), the peak is `peak_of(pieces, b)`, the upper envelope
+    of the candidate moments' totals (the steady terms included): peaks.py `peak_bytes`, every comparison of
+    `_moments` decided on lo..hi. Raises NotAffine (or TypeError) where a term is not an exact line."""
+    from .peaks import _moments
     lo, hi = FIRST, MAX_BATCH
     for _ in range(_MAX_SPLITS):
         _RANGE[0], _RANGE[1] = lo, hi
         try:
-            rec = lin_record(compiled, r, PEAK_FIELDS)
-            acts = activation_budget(rec, run, stack)
+            rec, acts = _lin_activations(spec, key, targets, r, lo, hi)
+            _RANGE[0], _RANGE[1] = lo, hi
             steady, candidates = _moments(rec, acts, params, run, stack, adapted, rank)
             return lo, hi, _lines(steady, candidates, lo, hi)
         except Split as split:
@@ -216,8 +234,7 @@ def moment_lines(compiled, r, run, stack, params, adapted: bool, rank, batch: in
 
 
 def _lines(steady, candidates, lo: int, hi: int) -> tuple:
-    """Each candidate moment's total (steady terms included) as (c, s), less the lines another one bounds on lo..hi.
-    Every term must be an int or a Lin: `peak_bytes` adds int(v) while `_largest` compares raw sums, the same
+    """The upper envelope of the candidate moments' totals (steady terms included) as lines (c, s). Every term must be an int or a Lin: `peak_bytes` adds int(v) while `_largest` compares raw sums, the same
     only for integers."""
     base = 0
     for _, v in steady:
@@ -236,11 +253,37 @@ def _lines(steady, candidates, lo: int, hi: int) -> tuple:
                 else:
                     raise NotAffine(f"term {type(v).__name__}")
             lines.append((c, s))
-    kept = []
-    for c, s in sorted(set(lines), key=lambda cs: (-(cs[0] + cs[1] * lo), -(cs[0] + cs[1] * hi))):
-        if not any(c2 + s2 * lo >= c + s * lo and c2 + s2 * hi >= c + s * hi for c2, s2 in kept):
-            kept.append((c, s))
-    return tuple(kept)
+    return upper_envelope(lines, lo, hi)
+
+
+def upper_envelope(lines, lo: int, hi: int) -> tuple:
+    """max(0, max(c + s b for c, s in lines)) on the integers lo..hi as pieces ((first batch, c, s), ...), in
+    order: from each piece's first batch on, its line is the largest until the next piece's first batch (the
+    maximum of lines is convex: the slope only grows). Exact integer arithmetic; `peak_of` evaluates it."""
+    lines = set(lines) | {(0, 0)}  # peak_bytes starts from 0
+    pieces, b = [], lo
+    c, s = max(lines, key=lambda cs: (cs[0] + cs[1] * lo, cs[1]))
+    while True:
+        pieces.append((b, c, s))
+        nxt = None  # the first batch after b where a steeper line is larger than (c, s)
+        for c2, s2 in lines:
+            if s2 > s:
+                at = (c - c2) // (s2 - s) + 1  # c2 + s2 x > c + s x  <=>  x > (c - c2) / (s2 - s)
+                at = max(at, b + 1)
+                if nxt is None or (at, -(c2 + s2 * at), -s2) < nxt:
+                    nxt = (at, -(c2 + s2 * at), -s2)
+        if nxt is None or nxt[0] > hi:
+            return tuple(pieces)
+        b, s = nxt[0], -nxt[2]
+        c = -nxt[1] - s * b
+
+
+def peak_of(pieces: tuple, b: int) -> int:
+    """The envelope's value at batch b (within its range)."""
+    for first, c, s in reversed(pieces):
+        if b >= first:
+            return c + s * b
+    raise ValueError(b)
 
 
 @lru_cache(maxsize=8192)
@@ -265,16 +308,27 @@ class NumbersLine:
     `at` returns None where it cannot answer exactly (the batch line still sampling, or refused; a moment that
     is not a line): fast.py then computes that batch directly, as before."""
 
-    __slots__ = ("spec", "run", "gpu", "utilisation", "state", "fixed", "segments")
+    __slots__ = ("spec", "run", "gpu", "utilisation", "state", "fixed", "segments", "known")
+
+    MEMO = 4096  # numbers kept per line (a sweep coming back to a batch gets them again), at most
 
     def __init__(self, spec, run, gpu, utilisation):
         self.spec, self.run, self.gpu, self.utilisation = spec, run, gpu, utilisation
-        self.state, self.fixed, self.segments = "new", None, []
+        self.state, self.fixed, self.segments, self.known = "new", None, [], {}
 
     def at(self, b: int):
         """The StepNumbers at batch b (>= FIRST), or None."""
+        known = self.known.get(b)
+        if known is not None:
+            return known
         if self.state != "built" and (self.state == "refused" or not self._build()):
             return None
+        numbers = self._at(b)
+        if numbers is not None and len(self.known) < self.MEMO:
+            self.known[b] = numbers
+        return numbers
+
+    def _at(self, b: int):
         for seg in self.segments:
             if seg[0] <= b <= seg[1]:
                 break
@@ -282,14 +336,9 @@ class NumbersLine:
             seg = self._segment(b)
             if seg is None:
                 return None
-        (spec, run, gpu, params, rank, stack, adapted, compiled, flops, paged, libraries, gpu_profile, r) = self.fixed
-        peak = 0
-        for c, s in seg[2]:
-            v = c + s * b
-            if v > peak:
-                peak = v
-        from .device import device_memory, slack_reserved, step_time_s
-        from .fast import StepNumbers
+        (spec, run, gpu, params, rank, stack, adapted, _, flops, paged, libraries, gpu_profile, r,
+         make, exposed_time_s) = self.fixed
+        peak = peak_of(seg[2], b)
         device = device_memory(slack_reserved(peak), peak_bytes=peak, family=spec.model_type, gpu=gpu,
                                paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=libraries).device_bytes
         d, dr = b - FIRST, (r or 1) - 1
@@ -297,14 +346,14 @@ class NumbersLine:
         total, raw = t + tb * d + (ts + tsb * d) * dr, raw + rawb * d + (raws + rawsb * d) * dr
         step = step_time_s(gpu_profile, raw, run.precision, self.utilisation) if gpu is not None else None
         if rank is not None and step is not None:
-            from .sharding import exposed_time_s
             step = step + exposed_time_s(rank, gpu_profile, step)
-        return StepNumbers(peak, device, total, params.trainable_params, step)
+        return make(peak, device, total, params.trainable_params, step)
 
     def _segment(self, b: int):
-        spec, run, gpu, params, rank, stack, adapted, compiled, *_ , r = self.fixed
+        spec, run, gpu, params, rank, stack, adapted, (key, targets) = self.fixed[:8]
+        r = self.fixed[12]
         try:
-            seg = moment_lines(compiled, r, run, stack, params, adapted, rank, b)
+            seg = moment_lines(spec, key, targets, r, run, stack, params, adapted, rank, b)
         except (NotAffine, TypeError):
             self.state = "refused"
             return None
@@ -315,7 +364,7 @@ class NumbersLine:
         from .architectures.base import stack_of
         from .budget import parameter_budget
         from .estimator import _forward_key, _libraries
-        from .fast import _validated
+        from .fast import StepNumbers, _validated
         from .optimizers import get_optimizer
         from .record import _batch_line, _compile
         from ..profiles import load_gpu
@@ -335,15 +384,16 @@ class NumbersLine:
             line.compiled = _compile(line.line)
         opt = get_optimizer(run.optimizer)
         params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)  # independent of the batch
-        rank = None
+        rank = exposed_time_s = None
         if run.sharding is not None:  # the busiest rank: independent of the batch (sharding/__init__.py rank_of)
-            from .sharding import rank_of
+            from .sharding import exposed_time_s, rank_of
             rank = rank_of(arch, spec, method, run, opt, sites, head_sites)
         paged = params.state_bytes if params.paged else 0
         if rank is not None and params.paged:
             paged = rank.paged_state
-        self.fixed = (spec, run, self.gpu, params, rank, stack_of(arch, spec), adapted, line.compiled, flops, paged,
-                      _libraries(run), load_gpu(self.gpu) if self.gpu is not None else None, run.r)
+        self.fixed = (spec, run, self.gpu, params, rank, stack_of(arch, spec), adapted, (key, targets), flops, paged,
+                      _libraries(run), load_gpu(self.gpu) if self.gpu is not None else None, run.r,
+                      StepNumbers, exposed_time_s)
         self.state = "built"
         return True
 

@@ -35,7 +35,7 @@ from .batchlines import FIRST as BATCH_LINE_FIRST, numbers_line
 from .record import affine_record, revalued
 from .stepflops import step_flops
 from ..profiles import load_gpu
-from ..spec import ModelSpec, RunConfig
+from ..spec import MAX_BATCH, ModelSpec, RunConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,26 +82,46 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
     """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
     LoraCostError on bad input, as it does."""
-    if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
-        return numbers_of(_full(spec, run, gpu, utilisation))
+    values = run.__dict__
+    for name, default in _OTHERS:  # a plain loop: a generator per call was a tenth of a warm estimate
+        if values[name] != default:
+            return numbers_of(_full(spec, run, gpu, utilisation))
+    if run.batch >= BATCH_LINE_FIRST:  # task "speed": from the run's lines in the batch (batchlines.py)
+        numbers = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).at(run.batch)
+        if numbers is not None:
+            return numbers
     return _numbers(spec, run, gpu, utilisation)
+
+
+def batch_sweep(spec: ModelSpec, run: RunConfig, batches, *, gpu: str | None = None,
+                utilisation: float = DEFAULT_UTILISATION) -> tuple[StepNumbers, ...]:
+    """`step_numbers(spec, replace(run, batch=b), ...)` for each b of `batches`, the run checked once: a sweep's
+    batches read the run's lines in the batch (batchlines.py) without building and checking a RunConfig per
+    batch. Raises LoraCostError on bad input, as step_numbers does."""
+    from dataclasses import replace
+    values, known = run.__dict__, True
+    for name, default in _OTHERS:
+        if values[name] != default:
+            known = False
+    line, out = None, []
+    for b in batches:
+        if known and type(b) is int and BATCH_LINE_FIRST <= b <= MAX_BATCH:
+            if line is None:
+                line = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation)
+            numbers = line.at(b)
+            if numbers is not None:
+                out.append(numbers)
+                continue
+        out.append(step_numbers(spec, replace(run, batch=b), gpu=gpu, utilisation=utilisation))  # checks b
+    return tuple(out)
 
 
 @lru_cache(maxsize=65536)
 def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
     """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
     that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
-    never cached). At batch >= 2, once the forward's batch line is verified, from the run's lines in the
-    batch (batchlines.py: the same numbers, task "speed"); else directly."""
-    if run.batch >= BATCH_LINE_FIRST:
-        numbers = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).at(run.batch)
-        if numbers is not None:
-            return numbers
-    return _direct(spec, run, gpu, utilisation)
-
-
-def _direct(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
-    """The numbers of one run, computed for it alone."""
+    never cached). Batch 1, and any batch before its run's lines are known (step_numbers asks them first: they
+    keep what they computed per batch)."""
     from .estimator import _forward_key, _libraries
     run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
     stack = stack_of(arch, spec)
