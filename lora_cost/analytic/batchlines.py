@@ -21,7 +21,8 @@ from __future__ import annotations
 
 from functools import lru_cache
 
-from .device import device_memory, slack_reserved, step_time_s
+from .cuda_context import context_for
+from .device import device_total, slack_reserved, step_time_s
 from ..spec import MAX_BATCH
 
 FIRST = 2  # record.py BatchLine.FIRST: batch 1 takes other code paths in transformers; never on a line
@@ -105,16 +106,16 @@ class Lin:
 
     # comparisons: decided over the whole range, or Split where the outcome changes
     def __gt__(self, other):
-        return _monotone(self - other, lambda v: v > 0)
+        return _monotone(self - other, _POSITIVE)
 
     def __ge__(self, other):
-        return _monotone(self - other, lambda v: v >= 0)
+        return _monotone(self - other, _NON_NEGATIVE)
 
     def __lt__(self, other):
-        return _monotone(self - other, lambda v: v < 0)
+        return _monotone(self - other, _NEGATIVE)
 
     def __le__(self, other):
-        return _monotone(self - other, lambda v: v <= 0)
+        return _monotone(self - other, _NON_POSITIVE)
 
     def __eq__(self, other):
         if type(other) not in (Lin, int):
@@ -133,11 +134,15 @@ class Lin:
         return f"Lin({self.c} + {self.s} b)"
 
 
+_POSITIVE, _NON_NEGATIVE = (lambda v: v > 0), (lambda v: v >= 0)
+_NEGATIVE, _NON_POSITIVE = (lambda v: v < 0), (lambda v: v <= 0)
+
+
 def _monotone(d, holds) -> bool:
     """`holds(d(b))` for every batch of the range (an affine d: the outcome changes at most once)."""
     lo, hi = _RANGE
-    if type(d) is int:
-        return holds(d)
+    if d.s == 0:
+        return holds(d.c)
     first, last = holds(d.c + d.s * lo), holds(d.c + d.s * hi)
     if first == last:
         return first
@@ -339,8 +344,7 @@ class NumbersLine:
         (spec, run, gpu, params, rank, stack, adapted, _, flops, paged, libraries, gpu_profile, r,
          make, exposed_time_s) = self.fixed
         peak = peak_of(seg[2], b)
-        device = device_memory(slack_reserved(peak), peak_bytes=peak, family=spec.model_type, gpu=gpu,
-                               paged_bytes=paged, paged_evictable=run.paged_evictable, libraries=libraries).device_bytes
+        device = device_total(slack_reserved(peak), *paged)  # device.py device_memory's device_bytes
         d, dr = b - FIRST, (r or 1) - 1
         (t, tb), (ts, tsb), (raw, rawb), (raws, rawsb) = flops
         total, raw = t + tb * d + (ts + tsb * d) * dr, raw + rawb * d + (raws + rawsb * d) * dr
@@ -391,6 +395,8 @@ class NumbersLine:
         paged = params.state_bytes if params.paged else 0
         if rank is not None and params.paged:
             paged = rank.paged_state
+        # device_memory's context and resident paged state, the same at every batch: (context, resident)
+        paged = (context_for(self.gpu, spec.model_type, _libraries(run)).bytes, 0 if run.paged_evictable else paged)
         self.fixed = (spec, run, self.gpu, params, rank, stack_of(arch, spec), adapted, (key, targets), flops, paged,
                       _libraries(run), load_gpu(self.gpu) if self.gpu is not None else None, run.r,
                       StepNumbers, exposed_time_s)

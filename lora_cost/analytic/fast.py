@@ -67,6 +67,16 @@ def _validated(spec: ModelSpec, run: RunConfig):
     return run, method, arch, frozenset(target_names), tuple(sites), tuple(head_sites), adapted
 
 
+def _validated_at(spec: ModelSpec, run: RunConfig):
+    """`_validated` of the run at batch FIRST, moved to the run's own batch: checking a run reads no batch
+    (tests/test_fast_path.py traces every read), so a batch sweep checks each run once, shared with its lines
+    (batchlines.py)."""
+    if run.batch == BATCH_LINE_FIRST:
+        return _validated(spec, run)
+    checked = _validated(spec, revalued(run, batch=BATCH_LINE_FIRST))
+    return (revalued(checked[0], batch=run.batch),) + checked[1:]
+
+
 # The run settings this path was written and tested for. A setting added to RunConfig later (and set)
 # sends the run through the full estimate, whose numbers are then returned: never a number that
 # ignores an option.
@@ -123,7 +133,7 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
     never cached). Batch 1, and any batch before its run's lines are known (step_numbers asks them first: they
     keep what they computed per batch)."""
     from .estimator import _forward_key, _libraries
-    run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
+    run, method, arch, targets, sites, head_sites, adapted = _validated_at(spec, run)
     stack = stack_of(arch, spec)
     key = _forward_key(run)
     rec, acts = _activations(spec, key, targets, run.r)
