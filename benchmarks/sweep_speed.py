@@ -8,7 +8,9 @@ on one core (warm) and a 70B `plan` under 1 s. "cold" starts from empty caches (
 model/method/targets/length/batch simulates the forward); "warm" repeats the same sweep (the best
 of three passes). Both the full estimate and the numbers-only path the planner bisects with
 (`numbers_only=True`, analytic/fast.py) are timed, and the numbers-only path on a planner-like grid
-(the same sweep at batches 1-64 and four optimizers, cold: `grid`). Times are CPU times of this process.
+(the same sweep at batches 1-64 and four optimizers, cold: `grid`), and on issue 10's plan grid of a 70B model
+(methods x ranks x batches 1-64 x lengths x checkpointing x GPU counts x strategies, every configuration new:
+`plan_grid`), per call and through `fast.batch_sweep`. Times are CPU times of this process.
 The estimate loops run with Python's cyclic collector on, as a user's loop would; `plan` pauses it
 (fast.without_cyclic_gc).
 """
@@ -118,10 +120,13 @@ def plan_grid_timing(model: str) -> None:
     cold = throughput(configs, numbers_only=True)
     sims, lines = record.affine_record.cache_info().misses, batchlines.numbers_line.cache_info().currsize
     segs = batchlines._lin_activations.cache_info().misses
+    batch_one = sum(1 for kw, batches in groups if 1 in batches)
     warm = max(throughput(configs, numbers_only=True) for _ in range(2))
     print(f"plan grid of {model} ({len(PLAN_METHODS)} methods x ranks {PLAN_RANKS} x batches 1-{PLAN_BATCHES[-1]} x "
           f"seqs {PLAN_SEQS} x checkpointing x GPUs {PLAN_GPUS} x {','.join(PLAN_STRATEGIES)}): {len(configs)} "
-          f"configurations, every one new; computed anew: {sims} forward records, {lines} batch lines")
+          f"configurations, every one new; computed anew: {sims} forward records, {lines} runs' lines in the batch "
+          f"({segs} symbolic records), {batch_one} configurations at batch 1 and those sampling a forward's batch "
+          "line directly; the rest read from the lines")
     print(f"  estimate(numbers_only=True) per configuration: cold {cold:,.0f}/s, warm {warm:,.0f}/s")
     spec = load_model(model)
     runs = []
@@ -134,8 +139,7 @@ def plan_grid_timing(model: str) -> None:
     n = sum(len(fast.batch_sweep(spec, run, batches, gpu="h100-80gb")) for run, batches in runs)
     seconds = clock() - t0
     print(f"  fast.batch_sweep per configuration less its batch ({len(runs)} calls): cold {n / seconds:,.0f}/s "
-          f"({n} estimates in {seconds:.2f} s; {batchlines._lin_activations.cache_info().misses} line segments "
-          f"built, {segs} through estimate)")
+          f"({n} estimates in {seconds:.2f} s)")
 
 
 def clear_caches() -> None:
