@@ -321,17 +321,29 @@ class NumbersLine:
         self.spec, self.run, self.gpu, self.utilisation = spec, run, gpu, utilisation
         self.state, self.fixed, self.segments, self.known = "new", None, [], {}
 
-    def at(self, b: int):
-        """The StepNumbers at batch b (>= FIRST), or None."""
-        known = self.known.get(b)
-        if known is not None:
-            return known
-        if self.state != "built" and (self.state == "refused" or not self._build()):
-            return None
-        numbers = self._at(b)
-        if numbers is not None and len(self.known) < self.MEMO:
-            self.known[b] = numbers
+    def numbers(self, run):
+        """fast.py's StepNumbers of `run` (this line's run at its own batch >= FIRST): from the lines when they
+        can answer, else computed directly (fast.direct_numbers); kept per batch either way. Raises
+        LoraCostError on bad input, as fast.py does."""
+        b = run.batch
+        numbers = self.known.get(b)
+        if numbers is None:
+            numbers = self.at(b)
+            if numbers is None:
+                from .fast import direct_numbers
+                numbers = direct_numbers(self.spec, run, self.gpu, self.utilisation)
+            if len(self.known) < self.MEMO:
+                self.known[b] = numbers
         return numbers
+
+    def at(self, b: int):
+        """The StepNumbers at batch b (>= FIRST) from the lines, or None where they cannot answer (yet)."""
+        if self.state != "built":
+            if self.state == "refused" or (self.state == "sampling" and self.fixed.state == "sampling"):
+                return None  # (while sampling, `fixed` is the forward's BatchLine)
+            if not self._build():
+                return None
+        return self._at(b)
 
     def _at(self, b: int):
         for seg in self.segments:
@@ -379,6 +391,8 @@ class NumbersLine:
         if line.state == "simulate":
             self.state = "refused"
         if line.state != "affine":
+            if line.state == "sampling":  # asked again once the forward's line has decided
+                self.state, self.fixed = "sampling", line
             return False
         flops = flop_batch_lines(spec, key, targets)
         if flops is None:
@@ -408,3 +422,11 @@ class NumbersLine:
 def numbers_line(spec, run, gpu, utilisation) -> NumbersLine:
     """One NumbersLine per run at batch FIRST (its key), GPU and utilisation."""
     return NumbersLine(spec, run, gpu, utilisation)
+
+
+def clear_lines() -> None:
+    """Forget every line (record.py's `affine_record.cache_clear()` calls this: the lines are read from its
+    batch lines)."""
+    numbers_line.cache_clear()
+    _lin_activations.cache_clear()
+    flop_batch_lines.cache_clear()

@@ -96,10 +96,8 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     for name, default in _OTHERS:  # a plain loop: a generator per call was a tenth of a warm estimate
         if values[name] != default:
             return numbers_of(_full(spec, run, gpu, utilisation))
-    if run.batch >= BATCH_LINE_FIRST:  # task "speed": from the run's lines in the batch (batchlines.py)
-        numbers = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).at(run.batch)
-        if numbers is not None:
-            return numbers
+    if run.batch >= BATCH_LINE_FIRST:  # task "speed": the run's lines in the batch, which keep what they answered
+        return numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).numbers(run)
     return _numbers(spec, run, gpu, utilisation)
 
 
@@ -118,20 +116,17 @@ def batch_sweep(spec: ModelSpec, run: RunConfig, batches, *, gpu: str | None = N
         if known and type(b) is int and BATCH_LINE_FIRST <= b <= MAX_BATCH:
             if line is None:
                 line = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation)
-            numbers = line.at(b)
-            if numbers is not None:
-                out.append(numbers)
-                continue
+            out.append(line.numbers(revalued(run, batch=b)))
+            continue
         out.append(step_numbers(spec, replace(run, batch=b), gpu=gpu, utilisation=utilisation))  # checks b
     return tuple(out)
 
 
-@lru_cache(maxsize=65536)
-def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
-    """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
-    that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
-    never cached). Batch 1, and any batch before its run's lines are known (step_numbers asks them first: they
-    keep what they computed per batch)."""
+def direct_numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
+    """`step_numbers` of a run fast.py knows every setting of, computed for that run alone: a pure function of
+    its arguments (errors are raised). Cached for batch 1 (`_numbers`); the lines keep those of other batches
+    (batchlines.py `NumbersLine.numbers`: a sweep that comes back to a configuration, as a planner's bisections
+    do, gets it again)."""
     from .estimator import _forward_key, _libraries
     run, method, arch, targets, sites, head_sites, adapted = _validated_at(spec, run)
     stack = stack_of(arch, spec)
@@ -163,6 +158,9 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
         from .sharding import exposed_time_s
         step = step + exposed_time_s(rank, load_gpu(gpu), step)
     return StepNumbers(peak, device, total, params.trainable_params, step)
+
+
+_numbers = lru_cache(maxsize=65536)(direct_numbers)
 
 
 @lru_cache(maxsize=16384)

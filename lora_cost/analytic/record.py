@@ -310,6 +310,8 @@ def _clear_records_and_lines(clear_records=affine_record.cache_clear) -> None:
     clears the records (a test that swaps an architecture) means the forward to be simulated again."""
     clear_records()
     _batch_line.cache_clear()
+    from .batchlines import clear_lines  # task "speed": the numbers read from those lines go with them
+    clear_lines()
 
 
 affine_record.cache_clear = _clear_records_and_lines
