@@ -11,8 +11,11 @@ explains the numbers (term descriptions, per-kind tables, assumptions, the `Esti
 rank's RankModel is cached per run key in sharding/__init__.py `rank_of`).
 
 Cache layers, each keyed on everything its value depends on:
-  - the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
-  - the validated run (method defaults, targets resolved) per (spec, run);
+  - at batch >= 2, one `batchlines.NumbersLine` per (spec, run at batch 2, gpu, utilisation): once the forward's
+    batch line is verified, every candidate peak moment as exact lines in the batch (`peaks._moments` evaluated
+    on them), so a new batch costs a few integer operations; it keeps the numbers of each batch it answered;
+  - at batch 1 the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
+  - the validated run (method defaults, targets resolved) per (spec, run at batch 2): checks read no batch;
   - the forward per (spec, run at rank 1 without its optimizer, targets), and at batch >= 2 its exact
     line in the batch (record.py's `affine_record`, `BatchLine`);
   - the record at a rank per (affine record, rank) (record.py's `AffineRecord.at`);
