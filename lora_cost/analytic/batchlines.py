@@ -315,7 +315,9 @@ class NumbersLine:
 
     __slots__ = ("spec", "run", "gpu", "utilisation", "state", "fixed", "segments", "known")
 
-    MEMO = 4096  # numbers kept per line (a sweep coming back to a batch gets them again), at most
+    # numbers kept per line (a sweep coming back to a batch gets them again), at most: with numbers_line's
+    # maxsize, about a million StepNumbers in all; a line answers any other batch in a few integer operations
+    MEMO = 64
 
     def __init__(self, spec, run, gpu, utilisation):
         self.spec, self.run, self.gpu, self.utilisation = spec, run, gpu, utilisation
@@ -323,15 +325,15 @@ class NumbersLine:
 
     def numbers(self, run):
         """fast.py's StepNumbers of `run` (this line's run at its own batch >= FIRST): from the lines when they
-        can answer, else computed directly (fast.direct_numbers); kept per batch either way. Raises
+        can answer, else computed directly (fast._numbers); kept per batch (the first MEMO batches). Raises
         LoraCostError on bad input, as fast.py does."""
         b = run.batch
         numbers = self.known.get(b)
         if numbers is None:
             numbers = self.at(b)
             if numbers is None:
-                from .fast import direct_numbers
-                numbers = direct_numbers(self.spec, run, self.gpu, self.utilisation)
+                from .fast import _numbers  # computed for the run alone, kept there (bounded)
+                numbers = _numbers(self.spec, run, self.gpu, self.utilisation)
             if len(self.known) < self.MEMO:
                 self.known[b] = numbers
         return numbers
@@ -418,7 +420,7 @@ class NumbersLine:
         return True
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=16384)
 def numbers_line(spec, run, gpu, utilisation) -> NumbersLine:
     """One NumbersLine per run at batch FIRST (its key), GPU and utilisation."""
     return NumbersLine(spec, run, gpu, utilisation)

@@ -127,9 +127,9 @@ def batch_sweep(spec: ModelSpec, run: RunConfig, batches, *, gpu: str | None = N
 
 def direct_numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
     """`step_numbers` of a run fast.py knows every setting of, computed for that run alone: a pure function of
-    its arguments (errors are raised). Cached for batch 1 (`_numbers`); the lines keep those of other batches
-    (batchlines.py `NumbersLine.numbers`: a sweep that comes back to a configuration, as a planner's bisections
-    do, gets it again)."""
+    its arguments (errors are raised). Cached (`_numbers`) for batch 1 and for batches the lines cannot answer;
+    the lines keep those they answer (batchlines.py `NumbersLine.numbers`): a sweep that comes back to a
+    configuration, as a planner's bisections do, gets it again."""
     from .estimator import _forward_key, _libraries
     run, method, arch, targets, sites, head_sites, adapted = _validated_at(spec, run)
     stack = stack_of(arch, spec)
