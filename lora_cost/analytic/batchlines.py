@@ -13,8 +13,10 @@ raises NotAffine, and that run is computed batch by batch as before (fast.py's d
 
 Per batch, what is left is the largest of a few lines, the device memory of that peak (device.py), and the
 step's FLOPs, exact lines in the batch too: `step_flops` only adds record entries times layer counts (one
-line from batches 2 and 3, checked at 4 as BatchLine checks its own). tests/test_fast_path.py compares with
-the full estimate on a grid of batches, methods, ranks, checkpointing, optimizers and sharding.
+line from batches 2 and 3, checked at 4 as BatchLine checks its own). What else a number needs does not
+depend on the batch: the checks of a run read none (tests/test_fast_path.py traces them), the parameter budget
+and the busiest rank are keyed without it (budget.py, sharding/__init__.py `rank_of`). tests/test_fast_path.py
+compares with the full estimate on a grid of batches, methods, ranks, checkpointing, optimizers and sharding.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from functools import lru_cache
 
 from .cuda_context import context_for
 from .device import device_total, slack_reserved, step_time_s
+from .record import BatchLine
 from ..spec import MAX_BATCH
 
-FIRST = 2  # record.py BatchLine.FIRST: batch 1 takes other code paths in transformers; never on a line
+FIRST = BatchLine.FIRST  # batch 1 takes other code paths in transformers: never on a line
 _MAX_SPLITS = 24  # ranges split this often without success: the run is computed batch by batch instead
 
 
@@ -41,7 +44,9 @@ class Split(Exception):
         self.at = at
 
 
-_RANGE = [FIRST, MAX_BATCH]  # the batches the comparisons are decided over (set by `_moment_lines`)
+# The batches the comparisons are decided over, set by `moment_lines` and `_lin_activations` while they evaluate
+# (module state: a sweep runs on one thread, as the estimator's other caches assume).
+_RANGE = [FIRST, MAX_BATCH]
 
 
 class Lin:
@@ -120,15 +125,15 @@ class Lin:
     def __eq__(self, other):
         if type(other) not in (Lin, int):
             return NotImplemented
-        return _at_root(self - other, True)
+        return _is_zero(self - other)
 
     def __ne__(self, other):
         if type(other) not in (Lin, int):
             return NotImplemented
-        return not _at_root(self - other, True)
+        return not _is_zero(self - other)
 
     def __bool__(self):
-        return not _at_root(self, True)
+        return not _is_zero(self)
 
     def __repr__(self) -> str:
         return f"Lin({self.c} + {self.s} b)"
@@ -156,7 +161,7 @@ def _monotone(d, holds) -> bool:
     raise Split(b)
 
 
-def _at_root(d, zero_means: bool) -> bool:
+def _is_zero(d) -> bool:
     """Whether d is zero, for every batch of the range (a non-constant line is zero at one batch at most)."""
     if type(d) is int:
         return d == 0
@@ -239,8 +244,8 @@ def moment_lines(spec, key, targets, r, run, stack, params, adapted: bool, rank,
 
 
 def _lines(steady, candidates, lo: int, hi: int) -> tuple:
-    """The upper envelope of the candidate moments' totals (steady terms included) as lines (c, s). Every term must be an int or a Lin: `peak_bytes` adds int(v) while `_largest` compares raw sums, the same
-    only for integers."""
+    """The upper envelope of the candidate moments' totals (steady terms included) on lo..hi. Every term must be
+    an int or a Lin: `peak_bytes` adds int(v) while `_largest` compares raw sums, the same only for integers."""
     base = 0
     for _, v in steady:
         if type(v) is not int:
@@ -372,7 +377,7 @@ class NumbersLine:
         r = self.fixed[12]
         try:
             seg = moment_lines(spec, key, targets, r, run, stack, params, adapted, rank, b)
-        except (NotAffine, TypeError):
+        except Exception:  # NotAffine, or an operation Lin does not have: the direct path computes (and judges) it
             self.state = "refused"
             return None
         self.segments.append(seg)
