@@ -296,13 +296,40 @@ def peak_of(pieces: tuple, b: int) -> int:
     raise ValueError(b)
 
 
+def record_at(compiled: tuple, b: int, r: int | None, only: frozenset):
+    """The StepRecord at batch b and rank r from the batch line's compiled entries, the fields of `only` filled:
+    record.py `BatchLine.record_at(b).at(r, only)` without building the whole AffineRecord (an entry at (r, b) is
+    a + s dr + (da + ds dr)(b - b1); a maximum the largest of its candidates, which the envelope never changes)."""
+    from .record import StepRecord
+    b1, fields, singles, maxima = compiled
+    d, dr = b - b1, (r or 1) - 1
+    values = {}
+    for name, items in fields:
+        values[name] = {k: a + da * d + (s + ds * d) * dr for k, a, s, da, ds in items} if name in only else {}
+    for name, items in maxima:
+        values[name] = ({scope: max(a + da * d + (s + ds * d) * dr for a, s, da, ds in lines) for scope, lines in items}
+                        if name in only else {})
+    for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment"):
+        values.setdefault(name, {})
+    single = {name: a + da * d + (s + ds * d) * dr for name, a, s, da, ds in singles}
+    return StepRecord(logits_bytes=single["logits"], loss_copy_bytes=single["loss_copy"],
+                      log_softmax_bytes=single["log_softmax"], checkpoint_extra_bytes=single["checkpoint_extra"],
+                      loss_logits_bytes=single.get("loss_logits"), final_norm_saved_bytes=single["final_norm_saved"],
+                      **values)
+
+
 @lru_cache(maxsize=8192)
 def flop_batch_lines(spec, key2, targets) -> tuple | None:
     """fast.py `_flop_lines` (value at r = 1 and slope in r, rounded and raw) as lines in the batch: four pairs
-    (at batch FIRST, per unit of batch), or None when a value is not an integer or the line misses batch 4."""
-    from .fast import _flop_lines
-    from .record import revalued
-    samples = [_flop_lines(spec, revalued(key2, batch=b), targets) for b in (FIRST, FIRST + 1, FIRST + 2)]
+    (at batch FIRST, per unit of batch), or None when a value is not an integer or the line misses batch 4. The
+    records at batches 2-4 come from the forward's verified batch line (`record_at`), none simulated."""
+    from .architectures import get_architecture
+    from .architectures.base import stack_of
+    from .fast import FLOP_FIELDS, flop_lines_of
+    from .record import _batch_line
+    compiled, stack = _batch_line(spec, key2, targets).compiled, stack_of(get_architecture(spec.model_type), spec)
+    samples = [flop_lines_of(lambda r, b=b: record_at(compiled, b, r, FLOP_FIELDS), key2.grad_checkpointing, stack)
+               for b in (FIRST, FIRST + 1, FIRST + 2)]
     if any(s is None for s in samples):
         return None
     flat = [(t, ts, raw, raws) for (t, ts), (raw, raws) in samples]
@@ -401,12 +428,12 @@ class NumbersLine:
             if line.state == "sampling":  # asked again once the forward's line has decided
                 self.state, self.fixed = "sampling", line
             return False
+        if line.compiled is None:
+            line.compiled = _compile(line.line)
         flops = flop_batch_lines(spec, key, targets)
         if flops is None:
             self.state = "refused"
             return False
-        if line.compiled is None:
-            line.compiled = _compile(line.line)
         opt = get_optimizer(run.optimizer)
         params = parameter_budget(arch, spec, method, run, opt, sites, head_sites)  # independent of the batch
         rank = exposed_time_s = None

@@ -181,7 +181,13 @@ def _flop_lines(spec: ModelSpec, key: RunConfig, targets: frozenset) -> tuple[tu
     so the total is too: two evaluations give it exactly (tests/test_fast_path.py compares). None when a
     sum is not an integer (a float would not be reproduced to the last bit)."""
     affine, stack = affine_record(spec, key, targets), stack_of(get_architecture(spec.model_type), spec)
-    f1, f2 = (step_flops(affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack) for r in (1, 2))
+    return flop_lines_of(lambda r: affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack)
+
+
+def flop_lines_of(record_at, grad_checkpointing: bool, stack) -> tuple[tuple, tuple] | None:
+    """`_flop_lines` from `record_at(r)`, the record at rank r with (at least) FLOP_FIELDS (one definition: the
+    batch lines evaluate it at batches no forward was asked for, batchlines.py `flop_batch_lines`)."""
+    f1, f2 = (step_flops(record_at(r), grad_checkpointing, stack) for r in (1, 2))
     t1, t2 = f1.forward + f1.backward, f2.forward + f2.backward
     if not all(type(v) is int for v in (f1.step_total, f2.step_total)):
         return None
