@@ -79,7 +79,7 @@ def test_upper_envelope_is_the_largest_line_at_every_batch():
 
 def test_sharded_plan_reports_progress_per_point():
     """`plan --gpus`'s sweep tells the CLI's bar (cli/plan.py LazyProgress) of every method x GPU count x strategy,
-    planned or skipped (QLoRA across GPUs is refused)."""
+    planned or skipped."""
     from lora_cost.analytic.sharding.plan import plan_sharded
     from lora_cost.cli.plan import LazyProgress
     calls = []
@@ -87,4 +87,3 @@ def test_sharded_plan_reports_progress_per_point():
         p = plan_sharded("gpt2", gpus=(1, 2, 4), strategies=("ddp", "zero3"), methods=("lora", "qlora"), gpu="t4-16gb",
                          seq=256, batch=1, progress=lambda k: calls.append(k) or bar(k))
     assert sum(calls) == len(p.points) + len(p.skipped) == 2 * (1 + 2 * 2) == bar.done and bar.bar is None
-    assert len(p.skipped) == 4  # qlora x 2 counts x 2 strategies
