@@ -8,7 +8,9 @@ on one core (warm) and a 70B `plan` under 1 s. "cold" starts from empty caches (
 model/method/targets/length/batch simulates the forward); "warm" repeats the same sweep (the best
 of three passes). Both the full estimate and the numbers-only path the planner bisects with
 (`numbers_only=True`, analytic/fast.py) are timed, and the numbers-only path on a planner-like grid
-(the same sweep at batches 1-64 and four optimizers, cold: `grid`). Times are CPU times of this process.
+(the same sweep at batches 1-64 and four optimizers, cold: `grid`), and on issue 10's plan grid of a 70B model
+(methods x ranks x batches 1-64 x lengths x checkpointing x GPU counts x strategies, every configuration new:
+`plan_grid`), per call and through `fast.batch_sweep`. Times are CPU times of this process.
 The estimate loops run with Python's cyclic collector on, as a user's loop would; `plan` pauses it
 (fast.without_cyclic_gc).
 """
@@ -72,6 +74,72 @@ def grid(model: str) -> list[dict]:
     the forward is shared by the optimizers and, past the third batch, interpolated in the batch)."""
     base = [kw for kw in accepted(model) if kw["batch"] == 1]
     return [dict(kw, batch=b, optimizer=o) for kw in base for b in GRID_BATCHES for o in GRID_OPTIMIZERS]
+
+
+PLAN_METHODS = ("lora", "lora-fa", "dora", "vera", "qlora", "full")  # the planner's default methods
+PLAN_RANKS = (1, 4, 16, 64, 256, 1024)
+PLAN_BATCHES = tuple(range(1, 65))  # the planner's default --batch range, every batch
+PLAN_SEQS = (2048, 8192)
+PLAN_GPUS = (1, 2, 4, 8)
+PLAN_STRATEGIES = ("ddp", "fsdp", "zero2", "zero3")
+
+
+def plan_grid(model: str) -> list[tuple[dict, tuple[int, ...]]]:
+    """The grid of issue 10's plan (task "speed"): methods x ranks x seqs x checkpointing x GPU counts x
+    strategies, each at every batch of PLAN_BATCHES, less what the estimator refuses (QLoRA across GPUs):
+    (keywords without the batch, batches)."""
+    out = []
+    for method in PLAN_METHODS:
+        m = get_method(method)
+        for r in (PLAN_RANKS if m.takes_rank else (None,)):
+            for seq in PLAN_SEQS:
+                for ckpt in (False, True):
+                    for n in PLAN_GPUS:
+                        for strategy in ((None,) if n == 1 else PLAN_STRATEGIES):
+                            kw = dict(model=model, method=method, r=r, seq=seq, grad_checkpointing=ckpt, gpu="h100-80gb",
+                                      **({} if n == 1 else dict(gpus=n, sharding=strategy)))
+                            try:
+                                estimate(**kw, batch=1, numbers_only=True)
+                            except LoraCostError:
+                                continue
+                            out.append((kw, PLAN_BATCHES))
+    return out
+
+
+def plan_grid_timing(model: str) -> None:
+    """The plan grid cold (empty caches), through `estimate(..., numbers_only=True)` one configuration at a
+    time and through `fast.batch_sweep` (one call per configuration less its batch), then warm; with what
+    was computed anew (forward simulations, lines) against the configurations answered."""
+    from lora_cost.analytic import batchlines, fast, record
+    from lora_cost.analytic.estimator import sharding_spec
+    from lora_cost.profiles import load_model
+    from lora_cost.spec import RunConfig
+    groups = plan_grid(model)
+    configs = [dict(kw, batch=b) for kw, batches in groups for b in batches]
+    clear_caches()
+    cold = throughput(configs, numbers_only=True)
+    sims, lines = record.affine_record.cache_info().misses, batchlines.numbers_line.cache_info().currsize
+    segs = batchlines._lin_activations.cache_info().misses
+    batch_one = sum(1 for kw, batches in groups if 1 in batches)
+    warm = max(throughput(configs, numbers_only=True) for _ in range(2))
+    print(f"plan grid of {model} ({len(PLAN_METHODS)} methods x ranks {PLAN_RANKS} x batches 1-{PLAN_BATCHES[-1]} x "
+          f"seqs {PLAN_SEQS} x checkpointing x GPUs {PLAN_GPUS} x {','.join(PLAN_STRATEGIES)}): {len(configs)} "
+          f"configurations, every one new; computed anew: {sims} forward records, {lines} runs' lines in the batch "
+          f"({segs} symbolic records), {batch_one} configurations at batch 1 and those sampling a forward's batch "
+          "line directly; the rest read from the lines")
+    print(f"  estimate(numbers_only=True) per configuration: cold {cold:,.0f}/s, warm {warm:,.0f}/s")
+    spec = load_model(model)
+    runs = []
+    for kw, batches in groups:
+        runs.append((RunConfig(method=kw["method"], r=kw["r"], seq=kw["seq"],
+                               grad_checkpointing=kw["grad_checkpointing"],
+                               sharding=sharding_spec(kw.get("gpus"), 1, kw.get("sharding"))), batches))
+    clear_caches()
+    t0 = clock()
+    n = sum(len(fast.batch_sweep(spec, run, batches, gpu="h100-80gb")) for run, batches in runs)
+    seconds = clock() - t0
+    print(f"  fast.batch_sweep per configuration less its batch ({len(runs)} calls): cold {n / seconds:,.0f}/s "
+          f"({n} estimates in {seconds:.2f} s)")
 
 
 def clear_caches() -> None:
@@ -145,6 +213,7 @@ def main() -> None:
     cold = throughput(configs, numbers_only=True)
     print(f"estimate(numbers_only=True) on the batch x optimizer grid: {len(configs)} estimates of {args.model}: "
           f"cold {cold:,.0f}/s")
+    plan_grid_timing(args.plan_model)
     count, seconds = plan_timing(args.plan_model)
     print(f"plan {args.plan_model} on h100-80gb (cold caches, CPU time): {count} estimator calls in {seconds:.3f} s "
           f"({count / seconds:,.0f}/s)")

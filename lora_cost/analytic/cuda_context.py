@@ -31,6 +31,7 @@ def _table() -> dict:
     return json.loads((profiles_dir() / "cuda_context.json").read_text())
 
 
+@lru_cache(maxsize=1024)  # speed: a pure function of the bundled table, asked once per estimate (sweeps: per batch)
 def context_for(gpu: str | None, family: str, libraries: tuple[str, ...] = ()) -> CudaContext:
     """The context figure for `gpu` (a bundled profile name; None: the calibration's H100), with the
     libraries' extra device state. `family` is kept for the record: it does not select the figure."""

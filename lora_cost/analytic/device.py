@@ -54,10 +54,16 @@ def device_memory(reserved_bytes: int, *, peak_bytes: int, family: str, gpu: str
     frag = max(reserved_bytes - peak_bytes, 0) if fragmentation_bytes is None else fragmentation_bytes
     return DeviceMemory(reserved_bytes=int(reserved_bytes), context_bytes=ctx.bytes, paged_bytes=int(paged_bytes),
                         paged_resident=not paged_evictable, fragmentation_bytes=int(frag),
-                        device_bytes=int(reserved_bytes) + ctx.bytes + resident,
+                        device_bytes=device_total(reserved_bytes, ctx.bytes, resident),
                         uncertainty_bytes=int(rel * reserved_bytes) + ctx.spread_bytes,
                         context_measured=ctx.measured,
                         reserved_model=reserved_model or ("allocator replay" if replayed else "slack"))
+
+
+def device_total(reserved_bytes: int, context_bytes: int, resident_paged_bytes: int) -> int:
+    """What the GPU shows at the peak: reserved + the CUDA context + paged state resident on the device (one
+    definition: `device_memory`, and batchlines.py per batch of a sweep)."""
+    return int(reserved_bytes) + context_bytes + resident_paged_bytes
 
 
 def device_bytes(peak_bytes: int, paged_bytes: int = 0, family: str = "llama") -> int:

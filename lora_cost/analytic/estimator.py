@@ -24,6 +24,7 @@ from .methods import get_method
 from .budget import parameter_budget
 from .device import DEFAULT_UTILISATION, device_formula, device_memory, gpu_fit, slack_reserved
 from .explain import describe, flop_terms, memory_terms, saved_by_kind
+from .fast import numbers_of, step_numbers  # speed: imported once, not per call (fast.py imports this module lazily)
 from .methods.base import Method
 from .optimizers import get_optimizer
 from .peaks import activation_budget, phase_peaks
@@ -118,7 +119,6 @@ def estimate(model: str | ModelSpec, method: str = "lora", *, r: int | None = No
                     modules_to_save=tuple(modules_to_save.split(",")) if isinstance(modules_to_save, str) else modules_to_save,
                     liger_kernels=liger_kernels or ())
     if numbers_only:
-        from .fast import numbers_of, step_numbers
         numbers = step_numbers(spec, run, gpu=gpu, utilisation=utilisation)
         if reserved_model in (None, "slack"):
             return numbers
@@ -135,8 +135,16 @@ def sharding_spec(gpus: int | None, nodes: int = 1, sharding: str | None = None,
         if sharding is not None or nodes != 1 or options:
             raise LoraCostError("--sharding, --nodes and their options need --gpus N")
         return None
+    if not options:  # speed: a sweep asks for the same few specs (frozen, so shared); errors are never cached
+        return _plain_sharding_spec(gpus, nodes, sharding)
     from .sharding import ShardingSpec
-    return ShardingSpec(strategy=sharding or "fsdp", gpus=gpus, nodes=nodes, **(options or {}))
+    return ShardingSpec(strategy=sharding or "fsdp", gpus=gpus, nodes=nodes, **options)
+
+
+@lru_cache(maxsize=1024, typed=True)  # typed: --gpus True is refused, never taken for 1
+def _plain_sharding_spec(gpus, nodes, sharding):
+    from .sharding import ShardingSpec
+    return ShardingSpec(strategy=sharding or "fsdp", gpus=gpus, nodes=nodes)
 
 
 def validated_run(spec: ModelSpec, run: RunConfig):

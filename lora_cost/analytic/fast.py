@@ -11,8 +11,11 @@ explains the numbers (term descriptions, per-kind tables, assumptions, the `Esti
 rank's RankModel is cached per run key in sharding/__init__.py `rank_of`).
 
 Cache layers, each keyed on everything its value depends on:
-  - the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
-  - the validated run (method defaults, targets resolved) per (spec, run);
+  - at batch >= 2, one `batchlines.NumbersLine` per (spec, run at batch 2, gpu, utilisation): once the forward's
+    batch line is verified, every candidate peak moment as exact lines in the batch (`peaks._moments` evaluated
+    on them), so a new batch costs a few integer operations; it keeps the numbers of each batch it answered;
+  - at batch 1 the numbers themselves per (spec, run, gpu, utilisation) (`_numbers`: a sweep that revisits);
+  - the validated run (method defaults, targets resolved) per (spec, run at batch 2): checks read no batch;
   - the forward per (spec, run at rank 1 without its optimizer, targets), and at batch >= 2 its exact
     line in the batch (record.py's `affine_record`, `BatchLine`);
   - the record at a rank per (affine record, rank) (record.py's `AffineRecord.at`);
@@ -31,10 +34,11 @@ from .budget import parameter_budget
 from .device import DEFAULT_UTILISATION, device_memory, slack_reserved, step_time_s
 from .optimizers import get_optimizer
 from .peaks import activation_budget, peak_bytes
-from .record import affine_record
+from .batchlines import FIRST as BATCH_LINE_FIRST, numbers_line
+from .record import affine_record, revalued
 from .stepflops import step_flops
 from ..profiles import load_gpu
-from ..spec import ModelSpec, RunConfig
+from ..spec import MAX_BATCH, ModelSpec, RunConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +71,16 @@ def _validated(spec: ModelSpec, run: RunConfig):
     return run, method, arch, frozenset(target_names), tuple(sites), tuple(head_sites), adapted
 
 
+def _validated_at(spec: ModelSpec, run: RunConfig):
+    """`_validated` of the run at batch FIRST, moved to the run's own batch: checking a run reads no batch
+    (tests/test_fast_path.py traces every read), so a batch sweep checks each run once, shared with its lines
+    (batchlines.py)."""
+    if run.batch == BATCH_LINE_FIRST:
+        return _validated(spec, run)
+    checked = _validated(spec, revalued(run, batch=BATCH_LINE_FIRST))
+    return (revalued(checked[0], batch=run.batch),) + checked[1:]
+
+
 # The run settings this path was written and tested for. A setting added to RunConfig later (and set)
 # sends the run through the full estimate, whose numbers are then returned: never a number that
 # ignores an option.
@@ -82,18 +96,43 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
                  utilisation: float = DEFAULT_UTILISATION) -> StepNumbers:
     """The numbers `estimate_run(spec, run, gpu=gpu, utilisation=utilisation)` reports. Raises
     LoraCostError on bad input, as it does."""
-    if _OTHERS and any(getattr(run, name) != default for name, default in _OTHERS):
-        return numbers_of(_full(spec, run, gpu, utilisation))
+    values = run.__dict__
+    for name, default in _OTHERS:  # a plain loop: a generator per call was a tenth of a warm estimate
+        if values[name] != default:
+            return numbers_of(_full(spec, run, gpu, utilisation))
+    if run.batch >= BATCH_LINE_FIRST:  # task "speed": the run's lines in the batch, which keep what they answered
+        return numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).numbers(run)
     return _numbers(spec, run, gpu, utilisation)
 
 
-@lru_cache(maxsize=65536)
-def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
-    """`step_numbers` of a run fast.py knows every setting of: a pure function of its arguments (a sweep
-    that comes back to a configuration, as a planner's bisections do, gets it again; errors are raised,
-    never cached)."""
+def batch_sweep(spec: ModelSpec, run: RunConfig, batches, *, gpu: str | None = None,
+                utilisation: float = DEFAULT_UTILISATION) -> tuple[StepNumbers, ...]:
+    """`step_numbers(spec, replace(run, batch=b), ...)` for each b of `batches`, the run checked once: a sweep's
+    batches read the run's lines in the batch (batchlines.py) without building and checking a RunConfig per
+    batch. Raises LoraCostError on bad input, as step_numbers does."""
+    from dataclasses import replace
+    values, known = run.__dict__, True
+    for name, default in _OTHERS:
+        if values[name] != default:
+            known = False
+    line, out = None, []
+    for b in batches:
+        if known and type(b) is int and BATCH_LINE_FIRST <= b <= MAX_BATCH:
+            if line is None:
+                line = numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation)
+            out.append(line.numbers(revalued(run, batch=b)))
+            continue
+        out.append(step_numbers(spec, replace(run, batch=b), gpu=gpu, utilisation=utilisation))  # checks b
+    return tuple(out)
+
+
+def direct_numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: float) -> StepNumbers:
+    """`step_numbers` of a run fast.py knows every setting of, computed for that run alone: a pure function of
+    its arguments (errors are raised). Cached (`_numbers`) for batch 1 and for batches the lines cannot answer;
+    the lines keep those they answer (batchlines.py `NumbersLine.numbers`): a sweep that comes back to a
+    configuration, as a planner's bisections do, gets it again."""
     from .estimator import _forward_key, _libraries
-    run, method, arch, targets, sites, head_sites, adapted = _validated(spec, run)
+    run, method, arch, targets, sites, head_sites, adapted = _validated_at(spec, run)
     stack = stack_of(arch, spec)
     key = _forward_key(run)
     rec, acts = _activations(spec, key, targets, run.r)
@@ -125,6 +164,9 @@ def _numbers(spec: ModelSpec, run: RunConfig, gpu: str | None, utilisation: floa
     return StepNumbers(peak, device, total, params.trainable_params, step)
 
 
+_numbers = lru_cache(maxsize=65536)(direct_numbers)
+
+
 @lru_cache(maxsize=16384)
 def _activations(spec: ModelSpec, key: RunConfig, targets: frozenset, r: int | None):
     """The record at rank r and its activation budget, shared by every run that differs only in what
@@ -140,7 +182,13 @@ def _flop_lines(spec: ModelSpec, key: RunConfig, targets: frozenset) -> tuple[tu
     so the total is too: two evaluations give it exactly (tests/test_fast_path.py compares). None when a
     sum is not an integer (a float would not be reproduced to the last bit)."""
     affine, stack = affine_record(spec, key, targets), stack_of(get_architecture(spec.model_type), spec)
-    f1, f2 = (step_flops(affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack) for r in (1, 2))
+    return flop_lines_of(lambda r: affine.at(r, only=FLOP_FIELDS), key.grad_checkpointing, stack)
+
+
+def flop_lines_of(record_at, grad_checkpointing: bool, stack) -> tuple[tuple, tuple] | None:
+    """`_flop_lines` from `record_at(r)`, the record at rank r with (at least) FLOP_FIELDS (one definition: the
+    batch lines evaluate it at batches no forward was asked for, batchlines.py `flop_batch_lines`)."""
+    f1, f2 = (step_flops(record_at(r), grad_checkpointing, stack) for r in (1, 2))
     t1, t2 = f1.forward + f1.backward, f2.forward + f2.backward
     if not all(type(v) is int for v in (f1.step_total, f2.step_total)):
         return None

@@ -27,9 +27,12 @@ def revalued(run: RunConfig, **changes) -> RunConfig:
     dataclass fields are copied (never a cached value of the old run); equal to `replace`'s result
     (tests/test_batch_line.py)."""
     new = object.__new__(RunConfig)
-    values = new.__dict__
-    for name in _RUN_FIELDS:
-        values[name] = run.__dict__[name]
+    values, old = new.__dict__, run.__dict__
+    if len(old) == len(_RUN_FIELDS):  # every field and nothing else (a cached value would be one more key)
+        values.update(old)
+    else:
+        for name in _RUN_FIELDS:
+            values[name] = old[name]
     for name, value in changes.items():
         if name not in values:
             raise TypeError(f"RunConfig has no field {name!r}")
@@ -322,6 +325,8 @@ def _clear_records_and_lines(clear_records=affine_record.cache_clear) -> None:
     clears the records (a test that swaps an architecture) means the forward to be simulated again."""
     clear_records()
     _batch_line.cache_clear()
+    from .batchlines import clear_lines  # task "speed": the numbers read from those lines go with them
+    clear_lines()
 
 
 affine_record.cache_clear = _clear_records_and_lines

@@ -18,12 +18,16 @@ def run_sharded_plan(model, gpu, methods, ranks, batches, seq, targets, precisio
 
     r_lo, _ = parse_range(ranks, "r")
     b_lo, b_hi = parse_range(batches, "batch")
+    from .plan import LazyProgress
     method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
-    result = plan_sharded(model, gpus=parse_gpus(gpu_counts), strategies=tuple(s.strip() for s in strategies.split(",")
-                                                                               if s.strip()),
-                          methods=method_list, gpu=gpu, seq=seq, batch=b_lo, targets=parse_targets(targets),
-                          precision=precision, optimizer=optimizer, attention=attention,
-                          method_options=method_options(option_flags), rank_for=r_lo, batch_max=b_hi)
+    counts, strategy_list = parse_gpus(gpu_counts), tuple(s.strip() for s in strategies.split(",") if s.strip())
+    points = len(method_list) * sum(1 if n == 1 else len(strategy_list) for n in counts)
+    with LazyProgress(points) as progress:  # task "speed": a bar on stderr once the sweep has run for a second
+        result = plan_sharded(model, gpus=counts, strategies=strategy_list,
+                              methods=method_list, gpu=gpu, seq=seq, batch=b_lo, targets=parse_targets(targets),
+                              precision=precision, optimizer=optimizer, attention=attention,
+                              method_options=method_options(option_flags), rank_for=r_lo, batch_max=b_hi,
+                              progress=progress)
     if html_path:  # task "sharding2": per-rank memory against GPU count per strategy, and the cheapest that fits
         from ..report.html_sharded import sharded_plan_to_html
         from .plan import _write

@@ -51,9 +51,12 @@ def parse_gpus(text: str) -> tuple[int, ...]:
 
 
 def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ...], methods: tuple[str, ...],
-                 gpu: str | None, rank_for: int | None = None, batch_max: int | None = None, **kwargs) -> ShardedPlan:
+                 gpu: str | None, rank_for: int | None = None, batch_max: int | None = None,
+                 progress=None, **kwargs) -> ShardedPlan:
     """`rank_for`: the adapter rank of methods that take one (None: each method's default). `batch_max`: with a
-    `gpu`, each point also gets the largest batch in [batch, batch_max] that fits."""
+    `gpu`, each point also gets the largest batch in [batch, batch_max] that fits. `progress(k)` (task "speed"):
+    called after each method x GPU count x strategy, planned or skipped, with k = 1 (the CLI's bar, cli/plan.py
+    LazyProgress)."""
     from ..estimator import estimate
     from .config import STRATEGIES
 
@@ -74,6 +77,8 @@ def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ..
                                            **{**kwargs, **extra})
                 except LoraCostError as exc:
                     skipped.append(f"{method} x {n} GPUs x {s}: {exc}")
+                    if progress is not None:
+                        progress(1)
                     continue
                 d = e.distributed
                 largest = None
@@ -84,6 +89,8 @@ def plan_sharded(model: str, *, gpus: tuple[int, ...], strategies: tuple[str, ..
                                            e.memory.host_bytes or 0, e.gpu.fits if e.gpu else None,
                                            e.gpu.step_time_s if e.gpu else None,
                                            sum(d.communication_bytes.values()) if d else 0, largest))
+                if progress is not None:
+                    progress(1)
     from ...profiles import load_gpu
     mem = load_gpu(gpu).memory_bytes if gpu else None
     return ShardedPlan(model, gpu, mem, tuple(points), tuple(skipped))
