@@ -154,17 +154,19 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         if transient and acts.body[i] + 2 * residual + transient > block + grad_buffers:
             block, grad_buffers, formed = acts.body[i], 2 * residual + transient, per_layer
         grads = grads_head + per_layer * (L - 1 - i) + formed if grads_blocks else grads_head
+        # FSDP: the unit's unsharded gradients are those formed so far too (sharding/rank.py gathered)
+        dp = _dp(rank, "backward-block", i, unformed=(per_layer - formed, per_layer) if grads_blocks else None)
         if run.grad_checkpointing:
             return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                     (C.RECOMPUTED_ACTIVATIONS, block + rec.orphaned.get(scope, 0)),
                     (C.GRADIENTS, grads),
                     (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
-                    (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
+                    (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + dp
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[:i]) + block),
                 (C.RECOMPUTED_ACTIVATIONS, 0),
                 (C.GRADIENTS, grads),
                 (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, grad_buffers),
-                (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + _dp(rank, "backward-block", i)
+                (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)] + dp
 
     def recompute(i: int) -> list[tuple[str, int]]:
         """Checkpointing reruns the block's forward when its backward starts: its short-lived buffers
@@ -199,7 +201,8 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
             ("start of backward: log-softmax gradient in and out",
              [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, logits), (C.LOSS_GRADIENT_BUFFERS, 2 * ls),
               (C.GRADIENTS, params.early_gradient_bytes)] + _dp(rank, "backward-start")),
-            *block_moments(stack, in_block, recompute if run.grad_checkpointing else None),
+            *block_moments(stack, in_block, recompute if run.grad_checkpointing else None,
+                           below_last=rank is not None and bool(rank.unit_reduce_scatter)),
             *_reduce_scatter_moments(rank, stack, acts, grads_head, params.per_layer_trainable_bytes if grads_blocks else 0,
                                      logits),
             # a classifier: the final norm's backward with its own saves (accuracy13); the fused loss (liger):
@@ -260,9 +263,10 @@ def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_he
               (C.LOGITS, logits)] + _dp(rank, "reduce-scatter", i)) for i in sorted({0, L - 1})]
 
 
-def _dp(rank, moment: str, i: int | None = None) -> list:
-    """The data-parallel library's buffers alive at a moment (none on one GPU)."""
-    return [] if rank is None else rank.gathered(moment, i)
+def _dp(rank, moment: str, i: int | None = None, unformed=None) -> list:
+    """The data-parallel library's buffers alive at a moment (none on one GPU). `unformed`: (the block's
+    trainable bytes whose gradients do not exist yet, the block's trainable bytes), at an in-block moment."""
+    return [] if rank is None else rank.gathered(moment, i, unformed)
 
 
 def _head_step_moment(params: ParameterBudget, saved: int, logits: int, residual: int) -> list:
@@ -293,13 +297,16 @@ def _head_moment(run: RunConfig, saved: int, logits: int, grads_head: int, buffe
                                                                (C.ACTIVATION_GRADIENT_BUFFERS, buffers)])]
 
 
-def block_moments(stack: Stack, in_block, recompute) -> list[tuple[str, list]]:
+def block_moments(stack: Stack, in_block, recompute, below_last: bool = False) -> list[tuple[str, list]]:
     """Backward through the last and the first block of each kind (and, under checkpointing, the
     recomputation of each): where saved activations, accumulated gradients and the block's own buffers
     meet. Over the layers one simulated block stands for (a kind's `<kind>1`), each moment is affine in
     the layer index (the saves of the blocks below it, the gradients of those above), so its largest value
     is at the first or the last of them: with the kind's first block, those three bound the rest. Which end
-    wins depends on whether a block's saves outweigh its gradients (full fine-tuning: the lower end)."""
+    wins depends on whether a block's saves outweigh its gradients (full fine-tuning: the lower end).
+    `below_last` (FSDP: every block but the top one also holds the reduce-scatter input of the unit above,
+    sharding/rank.py gathered): the top block's moments drop that term, so the same kind's block just below
+    it ends the affine stretch instead, and is evaluated too."""
     single = len(stack.kinds) == 1
     starts: dict[str, int] = {}
     for i, scope in enumerate(stack.scopes):
@@ -319,4 +326,10 @@ def block_moments(stack: Stack, in_block, recompute) -> list[tuple[str, list]]:
                 more.append((f"recomputing the first{name} block (checkpointing)", recompute(first)))
             if second is not None and second not in (first, last):
                 more.append((f"recomputing the second{name} block (checkpointing)", recompute(second)))
+        if below_last and last == len(stack.scopes) - 1:
+            below = max((j for j in range(last) if stack.scopes[j] == stack.scopes[last]), default=None)
+            if below is not None and below not in (first, second):
+                more.append((f"backward through the{name} block below the last", in_block(below)))
+                if recompute is not None:
+                    more.append((f"recomputing the{name} block below the last (checkpointing)", recompute(below)))
     return moments + recomputes + more

@@ -84,7 +84,7 @@ class RankModel:
     # task "fsdpqlora": of `weights`, the module state no strategy partitions (VeRA's buffers, QLoRA's quant_state)
     replicated: int = 0
 
-    def gathered(self, moment: str, i: int | None = None) -> list[tuple[C, int]]:
+    def gathered(self, moment: str, i: int | None = None, unformed=None) -> list[tuple[C, int]]:
         """The parameters, all-gather buffers and reduction buffers alive at a moment of the step (peaks.py
         names the moments; i: the block whose backward or recomputation runs).
 
@@ -111,13 +111,22 @@ class RankModel:
                 out.append((C.UNSHARDED_GRADIENTS, self.root_head_grads))
         elif moment in ("backward-block", "recompute", "reduce-scatter"):
             assert i is not None
+            unit_grads = self.unit_unsharded_grads if moment != "recompute" else 0
+            if unformed is not None and unit_grads:  # peaks.in_block: only the gradients formed so far exist
+                missing, per_layer = unformed
+                if missing:
+                    unit_grads -= missing if per_layer == unit_grads else unit_grads * missing // per_layer
             out += [(C.GATHERED_PARAMETERS, root + ((i + 1) * unit if keep else unit)),
                     (C.PREFETCHED_PARAMETERS, buffer if moment != "reduce-scatter" or i > 0 else 0),
-                    (C.UNSHARDED_GRADIENTS, self.root_head_grads
-                     + (self.unit_unsharded_grads if moment != "recompute" else 0)),
+                    (C.UNSHARDED_GRADIENTS, self.root_head_grads + unit_grads),
                     (C.GRADIENTS, self.layer_sharded_grads * (L - 1 - i)),
                     (C.GRADIENT_BUCKETS, self.backward_buckets)]
             if moment == "reduce-scatter":
+                out.append((C.REDUCE_SCATTER_BUFFERS, self.unit_reduce_scatter))
+            elif i < L - 1:
+                # the unit above's reduce-scatter input, kept alive until this unit's post_backward reclaims it
+                # (_fsdp_param_group.py post_backward: at most `reduce_scatter_max_input_buffers`, default 1,
+                # ReduceScatterStates retained; the oldest is waited on and dropped before the next is appended)
                 out.append((C.REDUCE_SCATTER_BUFFERS, self.unit_reduce_scatter))
         elif moment == "backward-end":  # the root's post-backward: its gradients reduce-scattered
             out += [(C.UNSHARDED_GRADIENTS, self.root_unsharded_grads), (C.REDUCE_SCATTER_BUFFERS, self.root_reduce_scatter),
