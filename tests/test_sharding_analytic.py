@@ -153,3 +153,33 @@ def test_zero_in_16_bit_casts_the_adapters_with_the_module():
     # one GPU keeps peft's fp32 factors
     assert {t.name: t.value for t in estimate("llama-3.2-1b", "lora").memory.terms}["trainable weights"] \
         == 4 * e.trainable_params
+
+
+def test_fsdp_backward_holds_the_unit_above_reduce_scatter_input():
+    """FSDP2 retains one ReduceScatterState (torch _fsdp_param_group.py post_backward,
+    reduce_scatter_max_input_buffers = 1): the unit above's reduce-scatter input, one decoder layer's unsharded
+    bf16 gradients, is alive through every block's backward but the top one's, which comes first."""
+    from lora_cost.analytic import peaks
+    from lora_cost.results import MemoryCategory as C
+
+    seen = {}
+    original = peaks._moments
+
+    def spy(*a, **k):
+        steady, candidates = original(*a, **k)
+        seen.update({where: dict(terms) for where, terms in candidates["backward"]})
+        return steady, candidates
+
+    peaks._moments = spy
+    try:
+        estimate("llama-3.1-8b", "full", gpus=8, sharding="fsdp", grad_checkpointing=True, seq=2048)
+    finally:
+        peaks._moments = original
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096  # q, o; k, v; the MLP; two norms
+    first, below = seen["backward through the first block"], seen["backward through the block below the last"]
+    assert first[C.REDUCE_SCATTER_BUFFERS] == below[C.REDUCE_SCATTER_BUFFERS] == 2 * layer  # bf16, 8 divides dim 0
+    assert C.REDUCE_SCATTER_BUFFERS not in seen["backward through the last block"]
+    # beside the LM head's unsharded gradient (the root's, reduced at the end), of the block's own unsharded
+    # gradients only those formed when its widest gradient forms
+    head = 2 * 128256 * 4096
+    assert head < first[C.UNSHARDED_GRADIENTS] < head + 2 * layer
