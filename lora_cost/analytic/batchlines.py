@@ -92,20 +92,31 @@ class Lin:
             return Lin(self.c * other.c, self.s * other.c)
         if type(other) is Lin and self.s == 0:
             return Lin(other.c * self.c, other.s * self.c)
+        if type(other) is float and self.s == 0:  # a line constant in the batch (e.g. a gradient's bytes) times
+            return self.c * other  # a share: the same number at every batch, so a plain number is exact
         raise NotAffine(f"multiplied by {type(other).__name__}")
 
     __rmul__ = __mul__
 
-    def __int__(self):  # int() must return an int: not a line
+    def __int__(self):  # int() must return an int: a line only where it is constant in the batch
+        if self.s == 0:
+            return self.c
         raise NotAffine("int()")
 
     def __float__(self):
+        if self.s == 0:
+            return float(self.c)
         raise NotAffine("float()")
+
+    def __floordiv__(self, other):
+        if type(other) is int and self.s == 0 and other:
+            return Lin(self.c // other, 0)
+        raise NotAffine("division")
 
     def __truediv__(self, other):
         raise NotAffine("division")
 
-    __rtruediv__ = __floordiv__ = __rfloordiv__ = __mod__ = __truediv__
+    __rtruediv__ = __rfloordiv__ = __mod__ = __truediv__
 
     __hash__ = None
 
