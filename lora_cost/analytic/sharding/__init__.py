@@ -89,6 +89,7 @@ OVERLAP = {
 }
 
 
+@lru_cache(maxsize=256)
 def _link(gpu, sharding: ShardingSpec) -> tuple[str | None, float | None]:
     """The slowest link a step's collectives cross: InfiniBand across nodes, else NVLink or PCIe."""
     if gpu is None:
@@ -108,9 +109,17 @@ def communication_times(rank, bandwidth: float | None, compute_time_s: float | N
     is serial."""
     if not bandwidth or compute_time_s is None:
         return None, None
+    overlapped, serial = _wire_seconds(rank, bandwidth)
+    return overlapped + serial, max(overlapped - compute_time_s, 0.0) + serial
+
+
+@lru_cache(maxsize=4096)
+def _wire_seconds(rank, bandwidth: float) -> tuple[float, float]:
+    """(overlapped, serial) seconds of the rank's collectives on the link: independent of the batch, so a sweep
+    over batches computes them once."""
     overlapped = sum(p * f for n, p, f in rank.collectives if n in rank.overlapped_collectives) / bandwidth
     serial = sum(p * f for n, p, f in rank.collectives if n not in rank.overlapped_collectives) / bandwidth
-    return overlapped + serial, max(overlapped - compute_time_s, 0.0) + serial
+    return overlapped, serial
 
 
 def exposed_time_s(rank, gpu, compute_time_s: float) -> float:
