@@ -65,6 +65,19 @@ def test_what_is_not_an_exact_line_is_refused(batches):
             op(Lin(3, 4))
 
 
+def test_a_line_constant_in_the_batch_is_a_number():
+    """A line with no slope (a gradient's bytes that peaks.py computes from activation lines) is the same number
+    at every batch, so what a number allows is exact for it: a float share, int(), float(), floor division."""
+    c = Lin(1000, 0)
+    assert c * 0.25 == 250.0 and 0.25 * c == 250.0
+    assert int(c) == 1000 and float(c) == 1000.0
+    q = c // 3
+    assert type(q) is Lin and (q.c, q.s) == (333, 0)
+    for op in (lambda v: v * 0.5, lambda v: int(v), lambda v: float(v), lambda v: v // 3):  # with a slope: refused
+        with pytest.raises(NotAffine):
+            op(Lin(1000, 1))
+
+
 def test_upper_envelope_is_the_largest_line_at_every_batch():
     random.seed(7)
     for _ in range(2000):
