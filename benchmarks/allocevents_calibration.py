@@ -19,19 +19,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reserved_calibration import _device_measured  # noqa: E402
-from score_calibration import rel, row_to_kwargs  # noqa: E402
+from score_calibration import calibration_rows, rel, row_to_kwargs  # noqa: E402
 from trace_calibration import parse_args  # noqa: E402
 
 
 def score(path: Path, only: str | None = None) -> list[dict]:
     from lora_cost import estimate
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if only and only not in row["name"]:
-            continue
+    for row in calibration_rows(path, only):
         kwargs = row_to_kwargs(row)
         model, method = kwargs.pop("model"), kwargs.pop("method")
         slack = estimate(model, method, **kwargs).memory.device

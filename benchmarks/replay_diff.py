@@ -17,7 +17,6 @@ itself; the diff must be empty.
 
 from __future__ import annotations
 
-import json
 import pickle
 import sys
 from pathlib import Path
@@ -87,8 +86,8 @@ def main(argv: list[str]) -> int:
         return 2
     snapshot_path, name = Path(args[0]), args[1]
     path = Path(args[2]) if len(args) > 2 else DEFAULT
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    row = next((r for r in rows if r["name"] == name), None)
+    from score_calibration import calibration_rows
+    row = next((r for r in calibration_rows(path) if r["name"] == name), None)
     if row is None:
         print(f"no row named {name!r} in {path}")
         return 2

@@ -46,12 +46,18 @@ def rel(est: float, meas: float | None) -> float | None:
     return (est - meas) / meas
 
 
+def calibration_rows(path: Path, only: str | None = None):
+    """The measured rows of a calibration file (JSON lines), those whose name contains `only` if given."""
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if not only or only in row["name"]:
+                yield row
+
+
 def score(path: Path) -> list[dict]:
     out = []
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for row in calibration_rows(path):
         e = estimate(**row_to_kwargs(row))
         counted_fwd = e.flops.forward - e.flops.forward_uncounted
         out.append({

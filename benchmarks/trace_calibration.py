@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from score_calibration import DEFAULT, rel, row_to_kwargs  # noqa: E402
+from score_calibration import DEFAULT, calibration_rows, rel, row_to_kwargs  # noqa: E402
 
 from lora_cost.trace import trace  # noqa: E402
 
@@ -34,12 +34,7 @@ from lora_cost.trace import trace  # noqa: E402
 def traced_rows(path: Path, only: str | None = None, calibration: bool = True):
     """(row, trace result, seconds) for each calibration row whose name contains `only`, traced with
     the row's flags (as measured with `calibration`, else as an ordinary step)."""
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        if only and only not in row["name"]:
-            continue
+    for row in calibration_rows(path, only):
         kwargs = row_to_kwargs(row)
         model, method = kwargs.pop("model"), kwargs.pop("method")
         t0 = time.perf_counter()

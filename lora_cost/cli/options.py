@@ -11,6 +11,13 @@ from ..analytic.optimizers import all_optimizers
 from ..spec import ATTENTION_SPELLINGS, PRECISIONS
 
 
+def stacked(f, decorators: list):
+    """`f` under click option decorators, in the order listed (the first is the outermost, as when written)."""
+    for d in reversed(decorators):
+        f = d(f)
+    return f
+
+
 def method_choice() -> click.Choice:
     return click.Choice(list(all_methods()), case_sensitive=False)
 
@@ -32,9 +39,7 @@ def common_run_options(f):
         click.option("--gpu", default=None, help="A bundled GPU profile (lora-cost gpus): say whether it fits and how long a step takes."),
         click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of tables."),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 # the Python name of a generated flag's parameter: prefix + the option's name
@@ -100,9 +105,7 @@ def file_options(f):
                      help="An axolotl config: base_model, adapter, lora_r, lora_target_modules, sequence_len, "
                      "micro_batch_size, optimizer, flash_attention, sample_packing, ..." + _OVERRIDE),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 # -- lossdtype: --loss and --adapter-dtype (issue 9), one block
@@ -121,9 +124,7 @@ def loss_dtype_options(f):
                      help="peft modules_to_save on a causal LM: embed_tokens and/or lm_head (comma separated) trained in "
                      "full as copies (their gradients and optimizer state)."),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 # -- ligerkernels: Liger-Kernel's swaps (issue 9), one block
@@ -137,9 +138,7 @@ def liger_options(f):
                      help="Some of Liger's kernels (comma separated): rms_norm, rope, swiglu (= geglu: the family's gated "
                      "MLP), fused_linear_cross_entropy (= --loss liger); 'all' is --liger."),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 def liger_kwargs(liger: bool, liger_kernels) -> dict:
@@ -171,9 +170,7 @@ def sharding_flags(f):
         click.option("--bucket-cap-mb", type=float, default=None, help="DDP bucket_cap_mb (default 25)."),
         click.option("--gradient-as-bucket-view", is_flag=True, default=False, help="DDP: gradients are views of the buckets."),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 # -- task allocator: the caching allocator's settings and paged optimizer state (one block) ------
@@ -187,9 +184,7 @@ def allocator_flags(f):
                      help="Paged optimizers: the driver may evict their state to host memory, so it is not counted on "
                      "the GPU (default: resident)."),
     ]
-    for d in reversed(decorators):
-        f = d(f)
-    return f
+    return stacked(f, decorators)
 
 
 def allocator_kwargs(params: dict) -> dict:

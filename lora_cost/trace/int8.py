@@ -105,24 +105,6 @@ class Linear8bitLtStandIn(nn.Linear):
 def quantize_linears_8bit(model: nn.Module) -> int:
     """Replace every nn.Linear / Conv1D as transformers' bnb 8-bit loader does (quantizers/base.py: not the
     output embedding nor `_keep_in_fp32_modules`, which stay fp32 linears)."""
-    from transformers.pytorch_utils import Conv1D
+    from .qlora import replace_linears
 
-    skip = model.get_output_embeddings()
-    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    count = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if child is skip or isinstance(child, Linear8bitLtStandIn):
-                continue
-            if name in keep:
-                child.to(torch.float32)
-                continue
-            if isinstance(child, nn.Linear):
-                d_in, d_out = child.in_features, child.out_features
-            elif isinstance(child, Conv1D):
-                d_in, d_out = child.weight.shape
-            else:
-                continue
-            setattr(parent, name, Linear8bitLtStandIn(d_in, d_out, child.bias is not None))
-            count += 1
-    return count
+    return replace_linears(model, Linear8bitLtStandIn, Linear8bitLtStandIn)

@@ -113,10 +113,10 @@ class Linear4bitStandIn(nn.Linear):
         return MatMul4Bit.apply(x, self.weight, self.absmax, self.out_features, self.in_features, bias).to(inp_dtype)
 
 
-def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, quant_storage: str = "uint8") -> int:
-    """Replace every nn.Linear / Conv1D except the output embedding and the modules the model keeps in
-    fp32 (`_keep_in_fp32_modules`, T5's wo: quantizers/base.py adds them to modules_to_not_convert), as
-    transformers' bnb loader does; those stay fp32 linears."""
+def replace_linears(model: nn.Module, stand_in: type, make) -> int:
+    """Replace every nn.Linear / Conv1D by `make(d_in, d_out, bias)` except the output embedding, the stand-ins
+    already there, and the modules the model keeps in fp32 (`_keep_in_fp32_modules`, T5's wo: quantizers/base.py
+    adds them to modules_to_not_convert), which stay fp32 linears, as transformers' bnb loaders do."""
     from transformers.pytorch_utils import Conv1D
 
     skip = model.get_output_embeddings()
@@ -124,7 +124,7 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
     count = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if child is skip or isinstance(child, Linear4bitStandIn):
+            if child is skip or isinstance(child, stand_in):
                 continue
             if name in keep:
                 child.to(torch.float32)
@@ -135,7 +135,14 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
                 d_in, d_out = child.weight.shape
             else:
                 continue
-            setattr(parent, name, Linear4bitStandIn(d_in, d_out, child.bias is not None, compute_dtype, double_quant,
-                                                    quant_storage))
+            setattr(parent, name, make(d_in, d_out, child.bias is not None))
             count += 1
     return count
+
+
+def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant: bool, quant_storage: str = "uint8") -> int:
+    """Replace every nn.Linear / Conv1D except the output embedding and the modules the model keeps in
+    fp32 (`_keep_in_fp32_modules`, T5's wo: quantizers/base.py adds them to modules_to_not_convert), as
+    transformers' bnb loader does; those stay fp32 linears."""
+    return replace_linears(model, Linear4bitStandIn, lambda d_in, d_out, bias: Linear4bitStandIn(
+        d_in, d_out, bias, compute_dtype, double_quant, quant_storage))
