@@ -77,6 +77,7 @@ if dist.get_rank() == 0:
 else:
     out["merged"] = p.merged
 open({out!r} + f"/rank{{dist.get_rank()}}.json", "w").write(json.dumps(out))
+dist.barrier()  # both ranks done with every collective before the group goes (gloo's threads then idle)
 dist.destroy_process_group()
 '''
 
