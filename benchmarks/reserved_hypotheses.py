@@ -275,7 +275,7 @@ def score(path: Path, only: str | None = None, cache: Path | None = None) -> lis
         logits = row["batch"] * row["seq"] * config.get("vocab_size", 0) * 4
         sims = {
             "base": peak(events),
-            "effbwd": peak(efficient_backward(sim, efficient_chunk(sim, events), head_dim)),
+            "effbwd": peak(efficient_chunk(sim, efficient_backward(sim, events, head_dim))),
             "flashbwd": peak(flash_backward(sim, events, head_dim)),
             "addrdown": peak(events, down=True),
             "cached": peak(step_events(sim, workspace=ws, workspace_mode="cached")),
