@@ -130,7 +130,7 @@ def analytic_knows(cfg: dict) -> bool:
     from .analytic.architectures.base import ARCHITECTURES
 
     model_type = cfg.get("model_type")
-    return not isinstance(model_type, str) or model_type in ARCHITECTURES.all()
+    return not isinstance(model_type, str) or ARCHITECTURES.knows(model_type)
 
 
 @lru_cache(maxsize=256)
