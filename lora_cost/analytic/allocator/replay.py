@@ -48,6 +48,7 @@ def replay(events: Iterable[tuple], config: AllocatorConfig | None = None, capac
     peak_allocated, reserved_at_peak = -1, 0
     count = 0
     oom = 0
+    malloc, release = allocator.malloc, allocator.free  # looked up once: ~10^4 events per replay
     try:
         for key, nbytes in events:
             count += 1
@@ -55,14 +56,14 @@ def replay(events: Iterable[tuple], config: AllocatorConfig | None = None, capac
                 if key in empty:
                     empty.discard(key)
                 else:
-                    allocator.free(live.pop(key))  # KeyError: a free without its allocation
+                    release(live.pop(key))  # KeyError: a free without its allocation
                 continue
             if nbytes <= 0:  # an empty tensor allocates nothing
                 empty.add(key)
                 continue
             if key in live:
                 raise ValueError(f"allocation {key!r} is already live")
-            live[key] = allocator.malloc(nbytes)
+            live[key] = malloc(nbytes)
             if allocator.allocated > peak_allocated:
                 peak_allocated, reserved_at_peak = allocator.allocated, allocator.reserved
     except SimulatedOutOfMemory as exc:
