@@ -54,7 +54,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import count
 
-from .replay import ReplayResult, replay
+from .caching import SimulatedOutOfMemory
+from .replay import Replayer, ReplayResult
 from .workspaces import CUBLAS_THREADS, WORKSPACE_MODE
 
 
@@ -188,6 +189,25 @@ class _Emitter:
         if key in live:
             live.remove(key)
             self.events.append((key, None))
+
+
+class _Replaying(_Emitter):
+    """An emitter whose events go straight to a `Replayer`, in the same order, instead of into a list."""
+
+    def __init__(self, replayer: Replayer) -> None:
+        super().__init__()
+        self._alloc, self._free = replayer.alloc, replayer.free
+
+    def alloc(self, key, nbytes: int) -> None:
+        if nbytes > 0:
+            self.live.add(key)
+            self._alloc(key, nbytes)
+
+    def free(self, key) -> None:
+        live = self.live
+        if key in live:
+            live.remove(key)
+            self._free(key)
 
 
 def _ops(entries: list) -> list[tuple]:
@@ -389,6 +409,12 @@ def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int
     """The whole run's sequence: the weights, then `steps` steps (the first creates the optimizer state);
     the cuBLAS workspaces "before" everything or "cached" at each thread's first matmul (workspaces.py)."""
     out = _Emitter()
+    _compose(out, program, sizes, parts, steps, workspace_mode)
+    return out.events
+
+
+def _compose(out: _Emitter, program: list[Instance], sizes: dict, parts: RunParts, steps: int,
+             workspace_mode: str) -> None:
     ws_keys: list = []
     if workspace_mode == "before":  # workspaces.py: one per cuBLAS thread, ahead of everything (as trace/replay.py)
         for thread in range(CUBLAS_THREADS):
@@ -399,9 +425,14 @@ def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int
     an = analyse(program, sizes)
     for step in range(steps):
         step_events(program, an, parts, out, step, step == 0, ws_keys)
-    return out.events
 
 
 def replay_run(program, sizes, parts: RunParts, config=None, capacity_bytes: int | None = None,
                steps: int = 2) -> ReplayResult:
-    return replay(run_events(program, sizes, parts, steps), config, capacity_bytes)
+    """`replay(run_events(...))`, each event replayed as it is composed."""
+    replayer = Replayer(config, capacity_bytes)
+    try:
+        _compose(_Replaying(replayer), program, sizes, parts, steps, WORKSPACE_MODE)
+    except SimulatedOutOfMemory as exc:
+        replayer.oom = exc.request_bytes
+    return replayer.result()
