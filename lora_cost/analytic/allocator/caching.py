@@ -144,7 +144,7 @@ class CachingAllocator:
     def stats(self) -> AllocatorStats:
         return AllocatorStats(
             allocated_bytes=self.allocated, allocated_peak_bytes=self.allocated_peak, reserved_bytes=self.reserved,
-            reserved_peak_bytes=self.reserved_peak, segments=len(self.snapshot()),
+            reserved_peak_bytes=self.reserved_peak, segments=self._segment_count(),
             largest_free_block_bytes=max(self.small.largest(), self.large.largest()),
             free_in_segments_bytes=self.reserved - self.allocated, alloc_retries=self.alloc_retries, ooms=self.ooms,
             device_allocs=self.device_allocs, device_frees=self.device_frees)
@@ -152,6 +152,10 @@ class CachingAllocator:
     def reset_peak_stats(self) -> None:
         """`resetPeakStats`: torch.cuda.reset_peak_memory_stats()."""
         self.reserved_peak, self.allocated_peak = self.reserved, self.allocated
+
+    def _segment_count(self) -> int:
+        """len(snapshot()) without building it: one segment per head block (every block listed is mapped)."""
+        return sum(1 for b in self._all_blocks() if b.prev is None or not b.prev.mapped)
 
     def snapshot(self) -> tuple[SegmentInfo, ...]:
         """`snapshot`: one entry per cudaMalloc segment, or per contiguous mapped range of an
