@@ -66,6 +66,8 @@ def test_estimate_imports_only_what_it_uses(extra):
         assert not _under(modules, "rich")
     else:
         assert "rich.table" in modules
+    # the slack's reserved memory needs no allocator simulator (its constant lives in formulas/blocks.py)
+    assert bool(_under(modules, "lora_cost.analytic.allocator")) == ("replay" in extra)
 
 
 def test_family_index_finds_every_registered_family():
