@@ -1,7 +1,7 @@
 """Estimates per second through the Python API on a sweep (ranks 1..1024, every method, several lengths,
 two target sets), cold and warm, and the wall time of one `plan` on a 70B model.
 
-    python benchmarks/sweep_speed.py [--model llama-3.1-8b] [--plan-model llama-3.1-70b] [--cli]
+    python benchmarks/sweep_speed.py [--model llama-3.1-8b] [--plan-model llama-3.1-70b] [--cli | --cli-only]
 
 Not a timed test: the number depends on the machine. The issue asks for >= 50,000 estimates per second
 on one core (warm) and a 70B `plan` under 1 s. "cold" starts from empty caches (every new
@@ -12,7 +12,9 @@ of three passes). Both the full estimate and the numbers-only path the planner b
 (methods x ranks x batches 1-64 x lengths x checkpointing x GPU counts x strategies, every configuration new:
 `plan_grid`), per call and through `fast.batch_sweep`. Times are CPU times of this process.
 The estimate loops run with Python's cyclic collector on, as a user's loop would; `plan` pauses it
-(fast.without_cyclic_gc).
+(fast.without_cyclic_gc). `--cli` / `--cli-only`: issue 11's speed line, the commands (estimate with the
+slack and with `--reserved-model replay`, `plan`) in CPU time of a child process against
+`python -c "import torch"` (cli_ratio).
 """
 
 from __future__ import annotations
@@ -173,26 +175,52 @@ def plan_timing(model: str) -> tuple[int, float]:
     return result.estimates, clock() - t0
 
 
-def cli_ratio(models=("gpt2", "llama-3.1-70b", "qwen3-235b-a22b"), repeats: int = 7) -> None:
-    """`lora-cost estimate` against `python -c "import torch"`, in CPU time of the child process (the
-    best of `repeats`: on a shared machine wall time measures the neighbours)."""
+CLI_COMMANDS = (  # (label, arguments of `lora-cost`)
+    ("estimate gpt2", ["estimate", "--model", "gpt2", "--r", "8"]),
+    ("estimate llama-3.1-70b", ["estimate", "--model", "llama-3.1-70b", "--r", "8"]),
+    ("estimate qwen3-235b-a22b", ["estimate", "--model", "qwen3-235b-a22b", "--r", "8"]),
+    ("estimate llama-3.1-70b --reserved-model replay",
+     ["estimate", "--model", "llama-3.1-70b", "--r", "8", "--reserved-model", "replay"]),
+    ("estimate llama-3.1-70b --json", ["estimate", "--model", "llama-3.1-70b", "--r", "8", "--json"]),
+    ("plan llama-3.1-70b --gpu h100-80gb", ["plan", "--model", "llama-3.1-70b", "--gpu", "h100-80gb"]),
+)
+
+
+def cli_ratio(repeats: int = 7) -> None:
+    """`lora-cost` commands against `python -c "import torch"`, in CPU time of the child process (on a shared
+    machine wall time measures the neighbours): the median of `repeats` runs, each round timing torch and then
+    every command, so a change of load reaches both sides of the ratio. lora_cost's bytecode is compiled first
+    (as an installed package's is): with PYTHONDONTWRITEBYTECODE set and no __pycache__, every run would
+    compile the sources again (about 0.06 s more per estimate), while torch's wheel ships compiled."""
+    import compileall
+    import os
     import resource
+    import statistics
     import subprocess
 
-    def cpu(cmd: list[str]) -> float:
-        best = float("inf")
-        for _ in range(repeats):
-            r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
-            r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-            best = min(best, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
-        return best
+    import lora_cost
+    package = os.path.dirname(lora_cost.__file__)
+    compileall.compile_dir(package, quiet=1)
+    root = os.path.dirname(package)  # the children import this lora_cost, the one compiled
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
 
-    torch_s = cpu([sys.executable, "-c", "import torch"])
-    print(f"python -c 'import torch': {torch_s:.3f} s CPU")
-    for model in models:
-        s = cpu([sys.executable, "-c", "from lora_cost.cli import main; main()", "estimate", "--model", model, "--r", "8"])
-        print(f"lora-cost estimate --model {model}: {s:.3f} s CPU, {s / torch_s:.3f} of importing torch")
+    def cpu(cmd: list[str]) -> float:
+        r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False, cwd=root, env=env)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+
+    torch_runs: list[float] = []
+    runs: dict[str, list[float]] = {label: [] for label, _ in CLI_COMMANDS}
+    for _ in range(repeats):
+        torch_runs.append(cpu([sys.executable, "-c", "import torch"]))
+        for label, args in CLI_COMMANDS:
+            runs[label].append(cpu([sys.executable, "-c", "from lora_cost.cli import main; main()", *args]))
+    torch_s = statistics.median(torch_runs)
+    print(f"python -c 'import torch': {torch_s:.3f} s CPU (median of {repeats}; best {min(torch_runs):.3f})")
+    for label, times in runs.items():
+        s = statistics.median(times)
+        print(f"lora-cost {label}: {s:.3f} s CPU, {s / torch_s:.3f} of importing torch (best {min(times):.3f} s)")
 
 
 def main() -> None:
@@ -200,7 +228,11 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.1-8b")
     parser.add_argument("--plan-model", default="llama-3.1-70b")
     parser.add_argument("--cli", action="store_true", help="also time `lora-cost estimate` against importing torch")
+    parser.add_argument("--cli-only", action="store_true", help="only time the commands against importing torch")
     args = parser.parse_args()
+    if args.cli_only:
+        cli_ratio()
+        return
     configs = accepted(args.model)
     for label, options in (("estimate()", {}), ("estimate(numbers_only=True)", {"numbers_only": True})):
         clear_caches()

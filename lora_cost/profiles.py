@@ -6,7 +6,6 @@ path to a config.json (or a directory holding one).
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -119,6 +118,8 @@ def find_config(name_or_path: str) -> tuple[str, dict, str]:
         path = path / "config.json"
     if found:
         return str(name_or_path), read_json(path), f"local file {path}"
+    import difflib  # only to suggest a name (speed: the estimate path does not import it)
+
     close = difflib.get_close_matches(key.lower(), list(_alias_index()), n=3, cutoff=0.5) if len(key) <= 200 else []
     hint = f"; did you mean {', '.join(sorted(set(close)))}?" if close else "; run `lora-cost models` to list them"
     raise LoraCostError(f"unknown model {shown(name_or_path, 120)}: not a bundled profile, alias or config.json path{hint}")
@@ -130,7 +131,7 @@ def analytic_knows(cfg: dict) -> bool:
     from .analytic.architectures.base import ARCHITECTURES
 
     model_type = cfg.get("model_type")
-    return not isinstance(model_type, str) or model_type in ARCHITECTURES.all()
+    return not isinstance(model_type, str) or ARCHITECTURES.knows(model_type)
 
 
 @lru_cache(maxsize=256)
@@ -188,6 +189,8 @@ def load_gpu(name: str) -> GpuProfile:
     key = name.strip().lower()
     if key in gpus:
         return gpus[key]
+    import difflib  # only to suggest a name
+
     close = difflib.get_close_matches(key, list(gpus), n=3, cutoff=0.4) if len(key) <= 200 else []
     hint = f"; did you mean {', '.join(close)}?" if close else f"; bundled: {', '.join(gpus)}"
     raise LoraCostError(f"unknown GPU {shown(name, 120)}{hint}")

@@ -13,10 +13,19 @@ class Registry(Generic[T]):
     """Names -> entries. Registering a name twice is a programming error; looking up an unknown
     name is the user's error (LoraCostError naming the choices)."""
 
-    def __init__(self, kind: str, normalise=lambda name: name) -> None:
+    def __init__(self, kind: str, normalise=lambda name: name, load=None) -> None:
         self.kind = kind
         self._normalise = normalise
         self._entries: dict[str, T] = {}
+        # entries registered on demand (a registry whose modules are imported lazily): load(name) imports
+        # what registers `name`, load(None) everything; called only when an entry is missing, or by all()
+        self._load = load
+
+    def _ensure(self, key: str) -> None:
+        if key not in self._entries and self._load is not None:
+            self._load(key)
+            if key not in self._entries:
+                self._load(None)
 
     def register(self, entry: T, names: Iterable[str]) -> T:
         for name in names:
@@ -27,11 +36,19 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         key = self._normalise(name)
+        self._ensure(key)
         if key not in self._entries:
             raise LoraCostError(f"unknown {self.kind} {name!r}; choose one of {', '.join(self._entries)}")
         return self._entries[key]
 
+    def knows(self, name: str) -> bool:
+        key = self._normalise(name)
+        self._ensure(key)
+        return key in self._entries
+
     def all(self) -> dict[str, T]:
+        if self._load is not None:
+            self._load(None)
         return dict(self._entries)
 
 

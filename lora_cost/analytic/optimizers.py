@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..registry import Registry, dashed
-from .allocator.config import MIN_BLOCK_SIZE
+from .formulas.blocks import MIN_BLOCK_SIZE
 from .formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, blocks
 from .methods.base import TensorGroup
 from ..errors import LoraCostError

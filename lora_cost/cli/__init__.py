@@ -14,7 +14,23 @@ import click
 from ..errors import LoraCostError
 
 
+# the modules whose commands make up `lora-cost` (each file adds its commands to `main` when imported)
+COMMAND_MODULES = ("estimate", "models", "plan", "report", "profile")
+
+
 class _Group(click.Group):
+    """`main`: imports a subcommand's module only when that command is asked for (`lora-cost estimate`
+    imports estimate.py, not plan's or the profiler's), every module when listing them (--help)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str):
+        if cmd_name not in self.commands:
+            _register(cmd_name)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context):
+        _register()
+        return super().list_commands(ctx)
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
@@ -39,16 +55,19 @@ def main() -> None:
     """What fine-tuning a transformer will cost: memory and FLOPs of one training step."""
 
 
-def _register() -> None:
-    from . import estimate, models  # noqa: F401  (each file adds its command to `main`)
-    for optional in ("plan", "report", "profile"):
+def _register(command: str | None = None) -> None:
+    """Import the module named like `command` (a command of another name, e.g. `gpus` in models.py, or
+    None: every module of COMMAND_MODULES)."""
+    import importlib
+
+    modules = (command,) if command in COMMAND_MODULES else COMMAND_MODULES
+    for module in modules:
         try:
-            __import__(f"{__name__}.{optional}")
+            importlib.import_module(f"{__name__}.{module}")
         except ImportError:  # a subcommand whose module is not there yet
-            pass
+            if module in ("estimate", "models"):
+                raise
 
-
-_register()
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

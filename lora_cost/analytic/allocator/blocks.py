@@ -36,7 +36,7 @@ class Block:
 class BlockPool:
     def __init__(self, is_small: bool) -> None:
         self.is_small = is_small
-        self._keys: list[tuple[int, int]] = []  # sorted (size, ptr) of the free blocks
+        self.keys: list[tuple[int, int]] = []  # sorted (size, ptr) of the free blocks (read by the best-fit search)
         self._blocks: dict[tuple[int, int], Block] = {}
         self._unmapped: list[int] = []  # sorted ptr of the unmapped ranges
         self._unmapped_blocks: dict[int, Block] = {}
@@ -48,32 +48,37 @@ class BlockPool:
         key = (block.size, block.ptr)
         assert key not in self._blocks, "block already cached"
         block.gc_count_base = self.get_free_blocks_call_count
-        insort(self._keys, key)
+        insort(self.keys, key)
         self._blocks[key] = block
 
     def remove(self, block: Block) -> None:
         key = (block.size, block.ptr)
-        i = bisect_left(self._keys, key)
-        assert i < len(self._keys) and self._keys[i] == key, "block not cached"
-        del self._keys[i]
+        i = bisect_left(self.keys, key)
+        assert i < len(self.keys) and self.keys[i] == key, "block not cached"
+        del self.keys[i]
         del self._blocks[key]
+
+    def pop(self, index: int) -> Block:
+        """Remove the free block at `index` (of the size order) and return it."""
+        key = self.keys.pop(index)
+        return self._blocks.pop(key)
 
     def lower_bound(self, size: int) -> int:
         """Index of the first free block of at least `size` bytes (len(self) when none)."""
-        return bisect_left(self._keys, (size, -1))
+        return bisect_left(self.keys, (size, -1))
 
     def at(self, index: int) -> Block:
-        return self._blocks[self._keys[index]]
+        return self._blocks[self.keys[index]]
 
     def __len__(self) -> int:
-        return len(self._keys)
+        return len(self.keys)
 
     def blocks(self) -> list[Block]:
         """The free blocks, smallest first (a copy: callers may release while iterating)."""
-        return [self._blocks[k] for k in self._keys]
+        return [self._blocks[k] for k in self.keys]
 
     def largest(self) -> int:
-        return self._keys[-1][0] if self._keys else 0
+        return self.keys[-1][0] if self.keys else 0
 
     # -- unmapped ranges of expandable segments, by address -------------------------------------
     def insert_unmapped(self, block: Block) -> None:

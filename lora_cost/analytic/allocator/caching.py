@@ -15,6 +15,8 @@ cudaMallocAsync backend, free-memory callbacks.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 from .blocks import Block, BlockPool
 from .config import (LARGE_BUFFER, MIN_BLOCK_SIZE, MIN_LARGE_ALLOC, ROUND_LARGE, SMALL_BUFFER, SMALL_SIZE,
                      AllocatorConfig)
@@ -74,6 +76,11 @@ class CachingAllocator:
             if capacity_bytes is None:
                 raise ValueError("a memory fraction needs a capacity")
             self.allowed = int(memory_fraction * capacity_bytes)
+        # the (frozen) config's values read on every request, looked up once (speed: replays run ~10^4 requests)
+        self._divisions = self.config.roundup_power2_divisions
+        self._split_limit = self.config.split_limit
+        self._expandable = self.config.expandable_segments
+        self._gc = self.allowed is not None and self.config.garbage_collection_threshold > 0
         self.small = BlockPool(is_small=True)
         self.large = BlockPool(is_small=False)
         self.active: dict[int, Block] = {}  # ptr -> allocated block
@@ -88,12 +95,15 @@ class CachingAllocator:
     # -- public -------------------------------------------------------------------------------
     def malloc(self, nbytes: int) -> int:
         """`malloc`: returns the block's address (the handle to free it with)."""
-        size = round_size(nbytes, self.config.roundup_power2_divisions)
+        if self._divisions:
+            size = round_size(nbytes, self._divisions)
+        else:  # round_size without divisions, inline
+            size = MIN_BLOCK_SIZE if nbytes < MIN_BLOCK_SIZE else -(-nbytes // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
         pool = self.small if size <= SMALL_SIZE else self.large
-        alloc_size = allocation_size(size)
         block = self._get_free_block(pool, size)
         if block is None:
-            if self.allowed is not None and self.config.garbage_collection_threshold > 0:
+            alloc_size = allocation_size(size)
+            if self._gc:
                 self._garbage_collect()
             block = self._alloc_block(pool, size, alloc_size, retry=False)
             if block is None and self._release_available_cached_blocks(pool, size):
@@ -105,8 +115,14 @@ class CachingAllocator:
                 self.ooms += 1
                 raise SimulatedOutOfMemory(alloc_size, self.allocated, self.reserved,
                                            self.allowed if self.allowed is not None else self.capacity or 0)
-        block = self._alloc_found_block(block, size, nbytes, self._should_split(block, size))
-        return block.ptr
+        # `should_split` (inline: it runs on every request): small pool (or expandable segments) when >= 512
+        # bytes remain; large pool when more than 1 MiB (kSmallSize) remains and the request is below max_split_size
+        remaining = block.size - size
+        if pool.is_small or self._expandable:
+            split = remaining >= MIN_BLOCK_SIZE
+        else:
+            split = size < self._split_limit and remaining > SMALL_SIZE
+        return self._alloc_found_block(block, size, nbytes, split).ptr
 
     def free(self, ptr: int) -> None:
         """`free` + `free_block`: the block returns to its pool, merged with free neighbours."""
@@ -114,8 +130,11 @@ class CachingAllocator:
         block.allocated = False
         self.allocated -= block.size
         pool = block.pool
-        for neighbour in (block.prev, block.next):
-            self._try_merge_blocks(block, neighbour, pool)
+        prev, following = block.prev, block.next
+        if prev is not None and not prev.allocated:
+            self._try_merge_blocks(block, prev, pool)
+        if following is not None and not following.allocated:
+            self._try_merge_blocks(block, following, pool)
         pool.insert(block)
 
     def empty_cache(self) -> None:
@@ -125,7 +144,7 @@ class CachingAllocator:
     def stats(self) -> AllocatorStats:
         return AllocatorStats(
             allocated_bytes=self.allocated, allocated_peak_bytes=self.allocated_peak, reserved_bytes=self.reserved,
-            reserved_peak_bytes=self.reserved_peak, segments=len(self.snapshot()),
+            reserved_peak_bytes=self.reserved_peak, segments=self._segment_count(),
             largest_free_block_bytes=max(self.small.largest(), self.large.largest()),
             free_in_segments_bytes=self.reserved - self.allocated, alloc_retries=self.alloc_retries, ooms=self.ooms,
             device_allocs=self.device_allocs, device_frees=self.device_frees)
@@ -133,6 +152,10 @@ class CachingAllocator:
     def reset_peak_stats(self) -> None:
         """`resetPeakStats`: torch.cuda.reset_peak_memory_stats()."""
         self.reserved_peak, self.allocated_peak = self.reserved, self.allocated
+
+    def _segment_count(self) -> int:
+        """len(snapshot()) without building it: one segment per head block (every block listed is mapped)."""
+        return sum(1 for b in self._all_blocks() if b.prev is None or not b.prev.mapped)
 
     def snapshot(self) -> tuple[SegmentInfo, ...]:
         """`snapshot`: one entry per cudaMalloc segment, or per contiguous mapped range of an
@@ -153,14 +176,15 @@ class CachingAllocator:
         """`get_free_block`: best fit (smallest size, then lowest address), with the max_split_size
         rules: no oversize block for a normal request, and an oversize request takes an oversize block
         at most kLargeBuffer (20 MiB) larger."""
-        if self.allowed is not None and self.config.garbage_collection_threshold > 0:
+        if self._gc:
             pool.get_free_blocks_call_count += 1
-        i = pool.lower_bound(size)
-        if i == len(pool):
+        keys = pool.keys
+        i = bisect_left(keys, (size, -1))  # pool.lower_bound, inline
+        if i == len(keys):
             return None
         block = pool.at(i)
         if block.segment is not None:
-            if self.config.expandable_segments:
+            if self._expandable:
                 # best fit by the size a block can grow to (its size plus the unmapped range after it)
                 def grow(b: Block) -> int:
                     return b.size + (b.next.size if b.next is not None and not b.next.mapped else 0)
@@ -174,21 +198,13 @@ class CachingAllocator:
                 if i == len(pool):
                     return None
                 block = pool.at(i)
-        limit = self.config.split_limit
+        limit = self._split_limit
         if size < limit and block.size >= limit:
             return None
         if size >= limit and block.size >= size + LARGE_BUFFER:
             return None
-        pool.remove(block)
+        pool.pop(i)
         return block
-
-    def _should_split(self, block: Block, size: int) -> bool:
-        """`should_split`: small pool (or expandable segments) when >= 512 bytes remain; large pool
-        when more than 1 MiB (kSmallSize) remains and the request is below max_split_size."""
-        remaining = block.size - size
-        if block.pool.is_small or self.config.expandable_segments:
-            return remaining >= MIN_BLOCK_SIZE
-        return size < self.config.split_limit and remaining > SMALL_SIZE
 
     def _alloc_found_block(self, block: Block, size: int, requested: int, split: bool) -> Block:
         """`alloc_found_block`: the request takes the front of the block; the rest stays cached."""
@@ -207,7 +223,8 @@ class CachingAllocator:
         block.requested = requested
         self.active[block.ptr] = block
         self.allocated += block.size
-        self.allocated_peak = max(self.allocated_peak, self.allocated)
+        if self.allocated > self.allocated_peak:
+            self.allocated_peak = self.allocated
         return block
 
     @staticmethod

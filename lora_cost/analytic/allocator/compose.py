@@ -54,7 +54,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import count
 
-from .replay import ReplayResult, replay
+from .caching import SimulatedOutOfMemory
+from .replay import Replayer, ReplayResult
 from .workspaces import CUBLAS_THREADS, WORKSPACE_MODE
 
 
@@ -184,9 +185,29 @@ class _Emitter:
             self.live.add(key)
 
     def free(self, key) -> None:
-        if key in self.live:
-            self.live.discard(key)
+        live = self.live
+        if key in live:
+            live.remove(key)
             self.events.append((key, None))
+
+
+class _Replaying(_Emitter):
+    """An emitter whose events go straight to a `Replayer`, in the same order, instead of into a list."""
+
+    def __init__(self, replayer: Replayer) -> None:
+        super().__init__()
+        self._alloc, self._free = replayer.alloc, replayer.free
+
+    def alloc(self, key, nbytes: int) -> None:
+        if nbytes > 0:
+            self.live.add(key)
+            self._alloc(key, nbytes)
+
+    def free(self, key) -> None:
+        live = self.live
+        if key in live:
+            live.remove(key)
+            self._free(key)
 
 
 def _ops(entries: list) -> list[tuple]:
@@ -268,29 +289,31 @@ def analyse(program: list[Instance], sizes: dict) -> _Analysis:
 def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _Emitter, step: int,
                 first: bool, ws_keys: list) -> None:
     """One training step's events (see the module docstring), keys prefixed with `step`."""
-    K = lambda key: (step, key)  # noqa: E731
+    K = lambda key: (step, key)  # noqa: E731  (inline as (step, key) in the loops: ~10^4 events per step)
     held, ckpt_inputs, output = an.held, an.ckpt_inputs, an.output
+    alloc, free = out.alloc, out.free
     # ---- forward
     matmul_seen = False
     for i, inst in enumerate(program):
         for e in inst.entries:
             tag = e[0]
             if tag == "a":
-                out.alloc(K(e[1]), e[2])
+                alloc((step, e[1]), e[2])
                 if matmul_seen and first and not ws_keys:
                     ws_keys.append(("workspace", "forward"))
-                    out.alloc(ws_keys[-1], parts.workspace)
+                    alloc(ws_keys[-1], parts.workspace)
                 matmul_seen = False
             elif tag == "m":
                 matmul_seen = True
             elif tag == "d":
                 if e[1] not in held and e[1] not in ckpt_inputs and e[1] != output:
-                    out.free(K(e[1]))
+                    free((step, e[1]))
             elif tag == "t":
-                _transient(out, K(("t", i)), e[1])
+                _transient(out, (step, ("t", i)), e[1])
     # ---- backward
     grads = count()
     param_grads: list = []
+    param_grad_keys: set = set()  # the same keys, for membership
     cur = None  # (key, nbytes) of the gradient flowing back
     ws_backward = first and len(ws_keys) < 2
     for i in range(len(program) - 1, -1, -1):
@@ -301,13 +324,13 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
             saved = {k for keys in an.frees[i].values() for k in keys}
             for e in inst.entries:
                 if e[0] == "a":
-                    out.alloc(key_of(e[1]), e[2])
+                    alloc(key_of(e[1]), e[2])
                 elif e[0] == "d" and e[1] in made and e[1] not in saved:
-                    out.free(key_of(e[1]))
+                    free(key_of(e[1]))
                 elif e[0] == "t":
                     _transient(out, K(("rt", i)), e[1])
             for key in made - saved:  # the recomputed outputs nobody keeps
-                out.free(key_of(key))
+                free(key_of(key))
         else:
             key_of = K
         ops, frees, prev_rg = an.ops[i], an.frees[i], an.prev_rg[i]
@@ -317,41 +340,44 @@ def step_events(program: list[Instance], an: _Analysis, parts: RunParts, out: _E
             if a[3]:
                 for e in pre:
                     if e[0] == "w":
-                        key = K(("pg", next(grads)))
-                        out.alloc(key, e[1])
+                        key = (step, ("pg", next(grads)))
+                        alloc(key, e[1])
                         param_grads.append(key)
+                        param_grad_keys.add(key)
                 size_in = prev_rg[j] if prev_rg[j] is not None else an.input_size[i]
                 g_in = None
                 if size_in:
-                    g_in = (K(("g", next(grads))), size_in)
-                    out.alloc(*g_in)
+                    g_in = ((step, ("g", next(grads))), size_in)
+                    alloc(*g_in)
                 if ws_backward and any(e[0] == "m" for e in pre):
                     ws_keys.append(("workspace", "backward"))
-                    out.alloc(ws_keys[-1], parts.workspace)
+                    alloc(ws_keys[-1], parts.workspace)
                     ws_backward = False
                 for e in pre:
                     if e[0] == "tb":
-                        _transient(out, K(("tb", i, j)), e[1])
+                        _transient(out, (step, ("tb", i, j)), e[1])
                 if cur is not None and cur is not resid:
-                    out.free(cur[0])
+                    free(cur[0])
                 cur = g_in  # None: nothing flows further back (an input that needs no gradient)
-            for k in frees.get(j, ()):  # the storages whose earliest save was this op
-                out.free(key_of(k))
+            if j in frees:
+                for k in frees[j]:  # the storages whose earliest save was this op
+                    free(key_of(k))
         if resid is not None and cur is not resid:
-            out.free(resid[0])
+            free(resid[0])
         if inst.checkpointed:
             for key in made:
-                out.free(key_of(key))
-            out.free(K(inst.input_key))
+                free(key_of(key))
+            free(K(inst.input_key))
     if cur is not None:
-        out.free(cur[0])
+        free(cur[0])
     rest = parts.trainable_bytes - _param_grad_bytes(an)
     if rest > 0:
         key = K(("pg", "rest"))
-        out.alloc(key, rest)
+        alloc(key, rest)
         param_grads.append(key)
-    for key in [k for k in out.live if k[0] == step and k not in param_grads]:
-        out.free(key)  # whatever backward left (storages saved by a node that never ran, the model output)
+        param_grad_keys.add(key)
+    for key in [k for k in out.live if k[0] == step and k not in param_grad_keys]:
+        free(key)  # whatever backward left (storages saved by a node that never ran, the model output)
     # ---- optimizer.step(), zero_grad(set_to_none=True)
     if first:
         for n, nbytes in enumerate(parts.states):
@@ -383,6 +409,12 @@ def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int
     """The whole run's sequence: the weights, then `steps` steps (the first creates the optimizer state);
     the cuBLAS workspaces "before" everything or "cached" at each thread's first matmul (workspaces.py)."""
     out = _Emitter()
+    _compose(out, program, sizes, parts, steps, workspace_mode)
+    return out.events
+
+
+def _compose(out: _Emitter, program: list[Instance], sizes: dict, parts: RunParts, steps: int,
+             workspace_mode: str) -> None:
     ws_keys: list = []
     if workspace_mode == "before":  # workspaces.py: one per cuBLAS thread, ahead of everything (as trace/replay.py)
         for thread in range(CUBLAS_THREADS):
@@ -393,9 +425,14 @@ def run_events(program: list[Instance], sizes: dict, parts: RunParts, steps: int
     an = analyse(program, sizes)
     for step in range(steps):
         step_events(program, an, parts, out, step, step == 0, ws_keys)
-    return out.events
 
 
 def replay_run(program, sizes, parts: RunParts, config=None, capacity_bytes: int | None = None,
                steps: int = 2) -> ReplayResult:
-    return replay(run_events(program, sizes, parts, steps), config, capacity_bytes)
+    """`replay(run_events(...))`, each event replayed as it is composed."""
+    replayer = Replayer(config, capacity_bytes)
+    try:
+        _compose(_Replaying(replayer), program, sizes, parts, steps, WORKSPACE_MODE)
+    except SimulatedOutOfMemory as exc:
+        replayer.oom = exc.request_bytes
+    return replayer.result()

@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ...errors import LoraCostError
+from ..formulas.blocks import MIN_BLOCK_SIZE  # noqa: F401  (kMinBlockSize: every size is rounded to at least 512 bytes)
 
 MIB = 1 << 20
-MIN_BLOCK_SIZE = 512  # kMinBlockSize: every size is rounded to at least 512 bytes
 SMALL_SIZE = 1 * MIB  # kSmallSize: the largest "small" request
 SMALL_BUFFER = 2 * MIB  # kSmallBuffer: small requests are packed into 2 MiB segments
 LARGE_BUFFER = 20 * MIB  # kLargeBuffer: requests of 1-10 MiB are packed into 20 MiB segments

@@ -40,36 +40,60 @@ class ReplayResult:
     stats: AllocatorStats  # the counters after the last event replayed
 
 
+class Replayer:
+    """The allocator model driven one event at a time (`alloc`, `free`), keeping what a replay reports
+    (`result`). `replay` feeds it a sequence; compose.replay_run feeds it the run's events as they are
+    composed (no list of ~10^4 events)."""
+
+    def __init__(self, config: AllocatorConfig | None = None, capacity_bytes: int | None = None,
+                 memory_fraction: float | None = None) -> None:
+        self.allocator = CachingAllocator(config, capacity_bytes, memory_fraction)
+        self.live: dict = {}
+        self.empty: set = set()  # keys of zero-byte allocations (nothing to free)
+        self.peak_allocated, self.reserved_at_peak = -1, 0
+        self.count = 0
+        self.oom = 0  # the request that could not be served (SimulatedOutOfMemory), 0 when none
+        self._malloc, self._release = self.allocator.malloc, self.allocator.free  # looked up once
+
+    def alloc(self, key, nbytes: int) -> None:
+        self.count += 1
+        if nbytes <= 0:  # an empty tensor allocates nothing
+            self.empty.add(key)
+            return
+        if key in self.live:
+            raise ValueError(f"allocation {key!r} is already live")
+        self.live[key] = self._malloc(nbytes)
+        allocator = self.allocator
+        if allocator.allocated > self.peak_allocated:
+            self.peak_allocated, self.reserved_at_peak = allocator.allocated, allocator.reserved
+
+    def free(self, key) -> None:
+        self.count += 1
+        if key in self.empty:
+            self.empty.discard(key)
+        else:
+            self._release(self.live.pop(key))  # KeyError: a free without its allocation
+
+    def result(self) -> ReplayResult:
+        allocator, oom = self.allocator, self.oom
+        return ReplayResult(
+            reserved_peak_bytes=allocator.reserved_peak, reserved_after_bytes=allocator.reserved,
+            allocated_peak_bytes=allocator.allocated_peak, reserved_at_allocated_peak_bytes=self.reserved_at_peak,
+            fragmentation_at_peak_bytes=max(self.reserved_at_peak - max(self.peak_allocated, 0), 0),
+            alloc_retries=allocator.alloc_retries, out_of_memory=bool(oom), oom_request_bytes=oom, events=self.count,
+            stats=allocator.stats())
+
+
 def replay(events: Iterable[tuple], config: AllocatorConfig | None = None, capacity_bytes: int | None = None,
            memory_fraction: float | None = None) -> ReplayResult:
-    allocator = CachingAllocator(config, capacity_bytes, memory_fraction)
-    live: dict = {}
-    empty: set = set()  # keys of zero-byte allocations (nothing to free)
-    peak_allocated, reserved_at_peak = -1, 0
-    count = 0
-    oom = 0
+    replayer = Replayer(config, capacity_bytes, memory_fraction)
+    alloc, free = replayer.alloc, replayer.free
     try:
         for key, nbytes in events:
-            count += 1
             if nbytes is None:
-                if key in empty:
-                    empty.discard(key)
-                else:
-                    allocator.free(live.pop(key))  # KeyError: a free without its allocation
-                continue
-            if nbytes <= 0:  # an empty tensor allocates nothing
-                empty.add(key)
-                continue
-            if key in live:
-                raise ValueError(f"allocation {key!r} is already live")
-            live[key] = allocator.malloc(nbytes)
-            if allocator.allocated > peak_allocated:
-                peak_allocated, reserved_at_peak = allocator.allocated, allocator.reserved
+                free(key)
+            else:
+                alloc(key, nbytes)
     except SimulatedOutOfMemory as exc:
-        oom = exc.request_bytes
-    return ReplayResult(
-        reserved_peak_bytes=allocator.reserved_peak, reserved_after_bytes=allocator.reserved,
-        allocated_peak_bytes=allocator.allocated_peak, reserved_at_allocated_peak_bytes=reserved_at_peak,
-        fragmentation_at_peak_bytes=max(reserved_at_peak - max(peak_allocated, 0), 0),
-        alloc_retries=allocator.alloc_retries, out_of_memory=bool(oom), oom_request_bytes=oom, events=count,
-        stats=allocator.stats())
+        replayer.oom = exc.request_bytes
+    return replayer.result()

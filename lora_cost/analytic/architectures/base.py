@@ -1,7 +1,18 @@
-"""The architecture contract and its registry (one entry per family, keyed by config model_type)."""
+"""The architecture contract and its registry (one entry per family, keyed by config model_type).
+
+The registry fills itself on demand: a lookup of a model_type imports the one family module that
+registers it, found by its `register_architecture(Architecture(..., model_types=(...)))` call in the
+module's source (`family_index`); anything else (a model_type no module names, `supported_model_types`)
+imports every module of the package. So `lora-cost estimate` on a Llama imports llama.py alone, and a
+new family is still one new module (tests/test_import_budget.py checks the index against the registry).
+"""
 
 from __future__ import annotations
 
+import importlib
+import os
+import pkgutil
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Callable
@@ -51,7 +62,49 @@ class Architecture:
     tasks: tuple[str, ...] = ("causal-lm",)
 
 
-ARCHITECTURES: Registry[Architecture] = Registry("architecture")  # keyed by config model_type
+def family_modules() -> tuple[str, ...]:
+    """The family modules of this package (every module but this one), sorted."""
+    return _family_modules(os.path.dirname(__file__))
+
+
+@lru_cache(maxsize=1)
+def _family_modules(directory: str) -> tuple[str, ...]:
+    return tuple(sorted(m.name for m in pkgutil.iter_modules([directory]) if m.name != "base"))
+
+
+# a family module's registration names its model types as a literal: `model_types=("llama", "mistral")`
+_MODEL_TYPES = re.compile(r"model_types\s*=\s*\(([^)]*)\)")
+_QUOTED = re.compile(r"[\"']([^\"']+)[\"']")
+
+
+@lru_cache(maxsize=1)
+def family_index() -> dict[str, str]:
+    """model_type -> the family module whose source registers it (read, not imported). A module whose
+    source cannot be read (a sourceless install) is simply absent: its lookups import every module."""
+    index: dict[str, str] = {}
+    directory = os.path.dirname(__file__)
+    for module in family_modules():
+        try:
+            with open(os.path.join(directory, f"{module}.py"), encoding="utf-8") as f:
+                text = f.read()
+        except OSError:
+            continue
+        for literal in _MODEL_TYPES.finditer(text):
+            for model_type in _QUOTED.findall(literal.group(1)):
+                index.setdefault(model_type, module)
+    return index
+
+
+def _load_families(model_type: str | None) -> None:
+    """Registry loader: import the family module registering `model_type`, or every one (None)."""
+    modules = family_modules() if model_type is None else (family_index().get(model_type),)
+    for module in modules:
+        if module is not None:
+            importlib.import_module(f"{__package__}.{module}")
+
+
+# keyed by config model_type; families register when their module is imported (_load_families)
+ARCHITECTURES: Registry[Architecture] = Registry("architecture", load=_load_families)
 
 
 def register_architecture(arch: Architecture) -> Architecture:
