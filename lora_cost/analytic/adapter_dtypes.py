@@ -31,10 +31,10 @@ def check_adapter_dtype(method_name: str, run: RunConfig) -> None:
         return
     if method_name not in ADAPTER_DTYPE_METHODS:
         raise LoraCostError(f"--adapter-dtype is modelled for {', '.join(ADAPTER_DTYPE_METHODS)}; not {method_name}")
-    if method_name == "qlora":
-        if dtype != "bf16" or run.precision != "bf16":
-            raise LoraCostError("qlora takes --adapter-dtype fp32 (peft's default) or bf16 with --precision bf16 "
-                                "(the QLoRA script's recast of the LoRA layers)")
+    if method_name == "qlora":  # task "recast": amp-bf16 is the script's own run (Trainer bf16=True)
+        if dtype != "bf16" or run.precision not in ("bf16", "amp-bf16"):
+            raise LoraCostError("qlora takes --adapter-dtype fp32 (peft's default) or bf16 with --precision bf16 or "
+                                "amp-bf16 (the QLoRA script's recast of the LoRA layers)")
         return
     if run.autocast_dtype:
         raise LoraCostError(f"--adapter-dtype {dtype} under autocast (--precision {run.precision}) is not modelled: "

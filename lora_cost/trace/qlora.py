@@ -146,3 +146,23 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
     transformers' bnb loader does; those stay fp32 linears."""
     return replace_linears(model, Linear4bitStandIn, lambda d_in, d_out, bias: Linear4bitStandIn(
         d_in, d_out, bias, compute_dtype, double_quant, quant_storage))
+
+
+def script_recast(model: nn.Module) -> None:
+    """The QLoRA paper script's loop after get_peft_model (artidoro/qlora qlora.py get_accelerate_model, under
+    --bf16; analytic/qlora_recast.py quotes it): LoraLayer modules to bf16, modules named '*norm*' to fp32,
+    'lm_head' / 'embed_tokens' modules with an fp32 weight to bf16. A LoraLayer's cast reaches only its LoRA
+    factors here: `module.to` casts floating-point tensors only, so bitsandbytes' packed uint8 (or bf16) weight
+    stays as it is and its QuantState, a Python attribute there, is not touched; the stand-in keeps that state
+    as buffers (some fp32), which the cast must not reach (a bias there is refused by the engines' checks)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for part in (module.lora_A, module.lora_B):
+                part.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
+            if module.weight.dtype == torch.float32:
+                module.to(torch.bfloat16)

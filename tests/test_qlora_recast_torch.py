@@ -1,0 +1,99 @@
+"""Task "recast" (issue 9): QLoRA under autocast (`--precision amp-bf16`, Trainer bf16=True over peft's prepared
+fp32 model) and the QLoRA paper script's recast (`--qlora-recast`, analytic/qlora_recast.py), on a real CPU step.
+
+The model is built as the script builds it, with bitsandbytes' Linear4bit replaced by the trace's documented
+stand-in (lora_cost/trace/qlora.py: bitsandbytes needs CUDA): 4-bit linears (bf16 compute), peft's own
+prepare_model_for_kbit_training, peft LoRA, then the script's loop (trace.qlora.script_recast). The step runs
+forward and backward under the trace's CUDA-autocast emulation (trace/autocast.py: CUDA's op lists; torch's CPU
+autocast keeps other lists) and autograd's saved tensors are counted with `saved_tensors_hooks`
+(tests/peft_step.py SavedBytes); the analytic engine's saved-activation bytes must equal that count exactly.
+Then both engines on the same configurations (tests/grid_support.py assert_engines_agree)."""
+
+import contextlib
+
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+pytest.importorskip("transformers")
+
+import tiny_models  # noqa: E402
+from grid_support import engines_terms, assert_engines_agree  # noqa: E402
+from peft_step import SavedBytes  # noqa: E402
+from tiny_configs import B, CONFIGS, S  # noqa: E402
+from lora_cost import estimate  # noqa: E402
+from lora_cost.trace.autocast import CudaAutocast  # noqa: E402
+from lora_cost.trace.qlora import Linear4bitStandIn, quantize_linears, script_recast  # noqa: E402
+
+TARGETS = {"llama": ["q_proj", "v_proj"], "qwen3": ["q_proj", "o_proj", "down_proj"]}
+
+
+def _recompute_context():
+    """Checkpointing's recomputation runs in backward, outside the autocast mode entered around the forward:
+    re-enter it there, as torch.utils.checkpoint does for torch.autocast (trace/step.py _recompute_under)."""
+    return contextlib.nullcontext(), CudaAutocast(torch.bfloat16)
+
+
+def _model(family: str, ckpt: bool, recast: bool):
+    model = tiny_models.build(family, "fp32")
+    quantize_linears(model, torch.bfloat16, True)
+    model.is_loaded_in_4bit = True
+    model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt, gradient_checkpointing_kwargs={
+        "use_reentrant": False, "context_fn": _recompute_context})
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                        target_modules=TARGETS[family]))
+    if recast:
+        script_recast(model)
+    model.train()
+    return model
+
+
+def _dtypes(model) -> dict:
+    out = {}
+    for name, p in model.named_parameters():
+        kind = ("lora" if "lora_" in name else "embed" if "embed_tokens" in name else "head" if "lm_head" in name
+                else "norm" if "norm" in name else "packed" if p.dtype == torch.uint8 else "other")
+        out.setdefault(kind, set()).add(p.dtype)
+    return out
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_script_recast_dtypes(family):
+    """What the script's loop leaves: bf16 factors, embeddings, head; fp32 norms; the 4-bit state untouched."""
+    plain, recast = _model(family, False, False), _model(family, False, True)
+    assert _dtypes(plain) == {"lora": {torch.float32}, "embed": {torch.float32}, "norm": {torch.float32},
+                              "packed": {torch.uint8}} | ({"head": {torch.float32}} if family == "llama" else {})
+    assert _dtypes(recast) == {"lora": {torch.bfloat16}, "embed": {torch.bfloat16}, "norm": {torch.float32},
+                               "packed": {torch.uint8}} | ({"head": {torch.bfloat16}} if family == "llama" else {})
+    # qwen3's head is tied to embed_tokens: the cast of either keeps the tie (Module._apply assigns param.data)
+    if family == "qwen3":
+        assert recast.get_output_embeddings().weight is recast.get_input_embeddings().weight
+    buffers = {b.dtype for m in recast.modules() if isinstance(m, Linear4bitStandIn) for b in m.buffers(recurse=False)}
+    assert buffers == {torch.uint8, torch.float32}  # bitsandbytes' QuantState is no module tensor: never cast
+
+
+def _saved(model, family: str) -> int:
+    ids = torch.randint(2, CONFIGS[family]["vocab_size"], (B, S))
+    autocast = CudaAutocast(torch.bfloat16)
+    with SavedBytes(model, keep_alive=True) as saved:
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        autocast.end_forward()
+        loss.backward()
+    return saved.bytes
+
+
+def _kwargs(family: str, ckpt: bool, recast: bool) -> dict:
+    kw = dict(r=4, targets=",".join(TARGETS[family]), batch=B, seq=S, precision="amp-bf16", attention="eager",
+              model_dropout=0.0, grad_checkpointing=ckpt)
+    if recast:
+        kw["method_options"] = {"qlora_recast": True}
+    return kw
+
+
+@pytest.mark.parametrize("family,ckpt,recast", [("llama", False, False), ("llama", False, True), ("llama", True, True),
+                                                ("qwen3", False, True), ("qwen3", True, False)])
+def test_saved_bytes_equal_torch(tmp_path, family, ckpt, recast):
+    real = _saved(_model(family, ckpt, recast), family)
+    e = estimate(tiny_models.config_file(tmp_path, family), "qlora", **_kwargs(family, ckpt, recast))
+    assert e.memory.saved_activation_bytes == real
