@@ -12,7 +12,8 @@ What is modelled: LoRA, LoRA+, LoRA-FA (same factors) on a dense base in fp32 or
 dtype, and QLoRA's factors in fp32 or bf16 (the QLoRA script's recast; a 4-bit base layer has no float
 weight for peft to follow, so bf16 factors there come only from such a cast). A 16-bit factor dtype other
 than the model's (bf16 factors on an fp16 model: torch promotes bf16 + fp16 to fp32) and 16-bit factors
-under autocast are refused, as are other methods (their extra tensors keep peft's own dtypes).
+under autocast are refused, as are other methods (their extra tensors keep peft's own dtypes); QLoRA's bf16
+factors under amp-bf16 are not: that is the QLoRA script's own run (task "recast", analytic/qlora_recast.py).
 """
 
 from __future__ import annotations
