@@ -116,3 +116,32 @@ AGREE = [
 def test_engines_agree(tmp_path, family, kwargs):
     kw = dict(r=4, batch=2, seq=64, precision="amp-bf16", **kwargs)
     assert_engines_agree(engines_terms(tmp_path / family, CONFIGS[family], "qlora", kw), peak_tolerance=0.06)
+
+
+def test_library_rules_the_model_rests_on():
+    """The installed sources behind the dtypes above. peft's LoRA on a real bitsandbytes Linear4bit (tuners/lora/bnb.py,
+    GPU only) skips its input cast under autocast and lets autocast cast x inside lora_A's matmul; the trace's stand-in
+    gets peft's lora.Linear, which casts x to the factors' dtype itself (`_cast_input_dtype`, no copy when they agree):
+    one bf16 copy of x either way, saved for lora_A's weight gradient. bnb's `result.clone()` copies the base output
+    (saves nothing; a transient neither engine counts)."""
+    import importlib.util
+    import inspect
+    from pathlib import Path
+
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import other
+    from transformers.loss import loss_utils
+    from transformers.models.llama import modeling_llama
+
+    # tuners/lora/bnb.py imports bitsandbytes (not installed on the CPU): read the file
+    text = Path(importlib.util.find_spec("peft.tuners.lora").submodule_search_locations[0], "bnb.py").read_text()
+    four_bit = text[text.index("class Linear4bit("):]
+    assert "requires_conversion = not torch.is_autocast_enabled()" in four_bit
+    assert "result = result.clone()" in four_bit
+    cast = inspect.getsource(BaseTunerLayer._cast_input_dtype)
+    assert "x.dtype == dtype" in cast and "return x.to(dtype=dtype)" in cast
+    prepare = inspect.getsource(other.prepare_model_for_kbit_training)
+    assert 'param.__class__.__name__ != "Params4bit"' in prepare and "param.data.to(torch.float32)" in prepare
+    norm = inspect.getsource(modeling_llama.LlamaRMSNorm.forward)
+    assert "hidden_states.to(torch.float32)" in norm and "return self.weight * hidden_states.to(input_dtype)" in norm
+    assert "logits = logits.float()" in inspect.getsource(loss_utils.ForCausalLMLoss)

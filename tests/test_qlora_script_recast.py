@@ -112,3 +112,15 @@ def test_cli_flag_and_refusal():
     assert json.loads(ok.output)["inputs"]["method_options"]["qlora_recast"] is True
     bad = CliRunner().invoke(main, base + ["--precision", "bf16"])
     assert bad.exit_code == 2 and bad.output.strip().count("\n") == 0 and "amp-bf16" in bad.output
+
+
+def test_axolotl_reader_names_the_option(tmp_path):
+    """No axolotl key holds the recast: the reader never sets it and says which flag does."""
+    from lora_cost.readers import read_files, settings_for
+
+    path = tmp_path / "a.yml"
+    path.write_text("base_model: llama-3.2-1b\nadapter: qlora\nload_in_4bit: true\nbf16: true\n")
+    reading = read_files(axolotl=str(path))
+    found = settings_for("llama-3.2-1b", reading)
+    assert "qlora_recast" not in found.method_options
+    assert any("--qlora-recast" in note for note in reading.notes)
