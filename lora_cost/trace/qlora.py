@@ -11,7 +11,7 @@ bitsandbytes cannot run without its CUDA kernels, so the trace replaces every qu
     the weight is dequantised to a [d_out, d_in] compute-dtype transient and multiplied; the output
     is cast back to the input dtype. The gemm is a custom op here (`lora_cost_trace::gemm_4bit`), as
     bitsandbytes' is to FlopCounterMode, and its FLOPs are counted by a registered formula;
-  * MatMul4Bit saves no activation (ctx.tensors holds only the packed weight, a parameter); its
+  * MatMul4Bit saves no activation (ctx.tensors, a plain attribute, holds only the packed weight); its
     backward dequantises the weight again (a compute-dtype transient) and computes grad_A with a
     matmul that FlopCounterMode sees. No weight gradient (the base is frozen).
 Every linear except the output embedding is quantised (transformers skips only lm_head).
@@ -70,13 +70,16 @@ class MatMul4Bit(torch.autograd.Function):
         del w
         if bias is not None:
             out = out + bias
-        ctx.save_for_backward(packed)  # bnb: ctx.tensors = (None, B); the state rides on ctx
+        # bnb 0.50.2 autograd/_functions.py MatMul4Bit.forward: `ctx.tensors = (None, B)`, an attribute, not
+        # save_for_backward (task "recast"): no saved-tensor hook sees it, so non-reentrant checkpointing's
+        # recomputation, which stops once every saved tensor is back, need not rerun a trailing 4-bit linear
+        ctx.tensors = (None, packed)
         ctx.absmax, ctx.shape = absmax, (d_out, d_in)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
+        _, packed = ctx.tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = dequantize_4bit(packed, ctx.absmax, ctx.shape[0], ctx.shape[1], grad.dtype)
