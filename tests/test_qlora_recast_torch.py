@@ -72,6 +72,19 @@ def test_script_recast_dtypes(family):
     assert buffers == {torch.uint8, torch.float32}  # bitsandbytes' QuantState is no module tensor: never cast
 
 
+def test_profiler_sees_the_recast():
+    """The profiler's reading of a live QLoRA model (methods/qlora.py observed_recast): the script's recast, not
+    peft's fp32 defaults, nor bf16 factors on an unprepared bf16 model (the FSDP-QLoRA recipe)."""
+    from lora_cost.analytic.methods.qlora import observed_recast
+
+    assert observed_recast(_model("llama", False, True)) and not observed_recast(_model("llama", False, False))
+    unprepared = tiny_models.build("llama", "bf16")
+    quantize_linears(unprepared, torch.bfloat16, True)
+    unprepared = peft.get_peft_model(unprepared, peft.LoraConfig(r=4, target_modules=TARGETS["llama"]),
+                                     autocast_adapter_dtype=False)
+    assert not observed_recast(unprepared)
+
+
 def _saved(model, family: str) -> int:
     ids = torch.randint(2, CONFIGS[family]["vocab_size"], (B, S))
     autocast = CudaAutocast(torch.bfloat16)
@@ -99,9 +112,9 @@ def test_saved_bytes_equal_torch(tmp_path, family, ckpt, recast):
     assert e.memory.saved_activation_bytes == real
 
 
-# both engines on the same tiny configurations (checkpointing with every linear adapted, as tests/test_grid_issue9.py
-# runs it: with q/v targets only, QLoRA + checkpointing disagrees on backward FLOPs in bf16 already, before this task)
+# both engines on the same tiny configurations
 AGREE = [
+    ("llama", dict(attention="sdpa", grad_checkpointing=True, method_options={"qlora_recast": True})),
     ("llama", dict(attention="sdpa")),
     ("llama", dict(attention="eager", method_options={"qlora_recast": True})),
     ("llama", dict(attention="sdpa", optimizer="adamw-torch-fused", method_options={"qlora_recast": True})),

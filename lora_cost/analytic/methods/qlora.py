@@ -98,12 +98,29 @@ def recognise_qlora(model, peft_config) -> bool:
 
 
 def observed_options(model) -> dict:
-    """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState."""
+    """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState; qlora_recast when the
+    model shows the QLoRA script's recast (task "recast")."""
+    recast_seen = {RECAST_KEY: True} if observed_recast(model) else {}
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
-            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True))}
-    return {}
+            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True)),
+                    **recast_seen}
+    return recast_seen
+
+
+def observed_recast(model) -> bool:
+    """The QLoRA script's recast as it shows on a live model: LoRA factors and `embed_tokens` in bf16 beside fp32
+    norms (prepare_model_for_kbit_training's; without it, as in the FSDP-QLoRA recipe, the norms stay 16-bit)."""
+    import torch
+
+    def dtypes(match) -> set:
+        return {p.dtype for name, p in model.named_parameters() if match(name)}
+
+    factors = dtypes(lambda n: ".lora_A." in n or ".lora_B." in n)
+    embed = dtypes(lambda n: "embed_tokens" in n)
+    norms = dtypes(lambda n: "norm" in n and "lora_" not in n)
+    return factors == embed == {torch.bfloat16} and norms == {torch.float32}
 
 
 def observed_precision(model) -> str:
