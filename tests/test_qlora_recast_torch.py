@@ -158,3 +158,23 @@ def test_library_rules_the_model_rests_on():
     norm = inspect.getsource(modeling_llama.LlamaRMSNorm.forward)
     assert "hidden_states.to(torch.float32)" in norm and "return self.weight * hidden_states.to(input_dtype)" in norm
     assert "logits = logits.float()" in inspect.getsource(loss_utils.ForCausalLMLoss)
+
+
+def test_stand_in_follows_bitsandbytes():
+    """bitsandbytes needs CUDA: its MatMul4Bit and Linear4bit.forward are quoted verbatim in tests/data (0.50.2 wheel).
+    It keeps the packed weight on ctx (`ctx.tensors`), never through save_for_backward, so saved-tensor hooks (and
+    non-reentrant checkpointing's early stop) do not see it; the stand-in does the same. The input goes to the compute
+    dtype and the output back to the input's (under autocast as without: explicit casts)."""
+    import inspect
+    from pathlib import Path
+
+    from lora_cost.trace import qlora as stand_in
+
+    bnb = (Path(__file__).parent / "data" / "bnb_0.50.2_matmul4bit.py.txt").read_text()
+    assert "ctx.tensors = (None, B)" in bnb and "save_for_backward" not in bnb and "_, B = ctx.tensors" in bnb
+    assert "x = x.to(self.compute_dtype)" in bnb and ".to(inp_dtype)" in bnb
+    forward = inspect.getsource(stand_in.MatMul4Bit.forward)
+    assert "ctx.tensors = (None, packed)" in forward and "save_for_backward" not in forward
+    assert "_, packed = ctx.tensors" in inspect.getsource(stand_in.MatMul4Bit.backward)
+    linear = inspect.getsource(stand_in.Linear4bitStandIn.forward)
+    assert "x = x.to(self.compute_dtype)" in linear and ".to(inp_dtype)" in linear
