@@ -8,6 +8,11 @@ of the linears after its widest activation exist then), the untied embedding's g
 loss's freed saves, and the chunked head's gradient summed chunk by chunk (analytic/peaks.py). Worst now: QLoRA +
 chunked + checkpointing, 4.2% low at the chunked loss's forward.
 
+Task "recast" adds a sample of its own (RECAST_CASES, 24 rows: QLoRA under amp-bf16 with peft's fp32 factors, bf16
+factors, or --qlora-recast): peak median 1.06%, worst 5.68% (QLoRA + chunked:4 + checkpointing, the loss's forward, as
+in bf16); FLOPs and saved activations exact on all 24. The median is the trace's 512-byte rounding of the 4-bit
+stand-in's small quantisation-state tensors on these tiny models (weights +1.6% to +2.7%).
+
 Run as a test (CI: a bounded subset, every CI_STRIDE-th configuration) or as a script for the per-term table
 (`python tests/test_grid_issue9.py`: all configurations). The grid is a fixed pseudo-random sample of the full
 product (seeded, so the same every run) of the options, each kept only if the analytic engine accepts it (a
