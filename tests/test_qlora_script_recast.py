@@ -76,6 +76,7 @@ def test_recast_is_explained():
     formula = next(t.formula for t in e.memory.terms if t.name == "base weights")
     assert "embeddings and LM head in bf16 (the QLoRA script's recast), norms and biases in fp32" in formula
     assert e.method_options["qlora_recast"] is True
+    assert any(a.startswith("the QLoRA script's recast") for a in e.assumptions)
 
 
 @pytest.mark.parametrize("kwargs, message", [
