@@ -42,7 +42,8 @@ class MemoryCategory(str, Enum):
 
     # -- parameters and optimizer state (steady between steps)
     WEIGHTS = ("weights", "frozen weights",
-               "parameters that do not train; under QLoRA NF4 linears plus fp32 embeddings, norms and head")
+               "parameters that do not train; under QLoRA NF4 linears plus fp32 embeddings, norms and head "
+               "(embeddings and head bf16 under --qlora-recast)")
     TRAINABLE_WEIGHTS = ("trainable_weights", "trainable weights", "the parameters the optimizer updates")
     BUFFERS = ("buffers", "buffers", "module buffers that are not parameters (rotary tables, position ids)")
     OPTIMIZER_STATE = ("optimizer_state", "optimizer state",

@@ -8,6 +8,11 @@ of the linears after its widest activation exist then), the untied embedding's g
 loss's freed saves, and the chunked head's gradient summed chunk by chunk (analytic/peaks.py). Worst now: QLoRA +
 chunked + checkpointing, 4.2% low at the chunked loss's forward.
 
+Task "recast" adds a sample of its own (RECAST_CASES, 24 rows: QLoRA under amp-bf16 with peft's fp32 factors, bf16
+factors, or --qlora-recast): peak median 1.06%, worst 5.68% (QLoRA + chunked:4 + checkpointing, the loss's forward, as
+in bf16); FLOPs and saved activations exact on all 24. The median is the trace's 512-byte rounding of the 4-bit
+stand-in's small quantisation-state tensors on these tiny models (weights +1.6% to +2.7%).
+
 Run as a test (CI: a bounded subset, every CI_STRIDE-th configuration) or as a script for the per-term table
 (`python tests/test_grid_issue9.py`: all configurations). The grid is a fixed pseudo-random sample of the full
 product (seeded, so the same every run) of the options, each kept only if the analytic engine accepts it (a
@@ -78,12 +83,18 @@ def _config(family: str) -> str:
     return str(path)
 
 
+def _drawn_before_recast(case) -> bool:
+    """Task "recast" made qlora + amp-bf16 valid; the samples below stay as they were drawn before (those rows are
+    RECAST_CASES' own sample)."""
+    return not (case[1] == "qlora" and case[5][0] == "amp-bf16")
+
+
 def grid() -> list[tuple]:
     product = list(itertools.product(("llama", "qwen2"), METHODS, ATTENTION, OPTIMIZERS, LOSSES, SETTINGS))
     random.Random(9).shuffle(product)
     out = []
     for case in product:
-        if _accepted(*case):
+        if _drawn_before_recast(case) and _accepted(*case):
             out.append(case)
         if len(out) == SIZE:
             break
@@ -98,7 +109,9 @@ def kwargs_for(method, attention, optimizer, loss, setting, liger_kernels=None) 
         kw["liger_kernels"] = liger_kernels
     if method != "full":
         kw.update(r=8, targets="all-linear" if ckpt else None)
-    if dtype is not None:
+    if dtype == "recast":  # task "recast": the QLoRA script's recast (its factors bf16)
+        kw["method_options"] = {"qlora_recast": True}
+    elif dtype is not None:
         kw["adapter_dtype"] = dtype
     return kw
 
@@ -133,16 +146,37 @@ def liger_grid() -> list[tuple]:
     random.Random(10).shuffle(product)
     out = []
     for case in product:
-        if _accepted(*case):
+        if _drawn_before_recast(case) and _accepted(*case):
             out.append(case)
         if len(out) == LIGER_SIZE:
             break
     return out
 
 
+# task "recast": QLoRA under amp-bf16 (Trainer bf16=True over peft's prepared fp32 model), with peft's fp32 factors,
+# bf16 factors, or the QLoRA script's recast (bf16 factors, embeddings and head); a sample of its own
+RECAST_SETTINGS = (("amp-bf16", False, None), ("amp-bf16", True, None), ("amp-bf16", False, "bf16"),
+                   ("amp-bf16", False, "recast"), ("amp-bf16", True, "recast"))
+RECAST_SIZE = 24
+RECAST_STRIDE = 6
+
+
+def recast_grid() -> list[tuple]:
+    product = list(itertools.product(("llama", "qwen2"), ("qlora",), ATTENTION, OPTIMIZERS, LOSSES, RECAST_SETTINGS))
+    random.Random(11).shuffle(product)
+    out = []
+    for case in product:
+        if _accepted(*case):
+            out.append(case)
+        if len(out) == RECAST_SIZE:
+            break
+    return out
+
+
 CASES = grid()
 LIGER_CASES = liger_grid()
-CI_CASES = CASES[::CI_STRIDE] + LIGER_CASES[::CI_STRIDE]
+RECAST_CASES = recast_grid()
+CI_CASES = CASES[::CI_STRIDE] + LIGER_CASES[::CI_STRIDE] + RECAST_CASES[::RECAST_STRIDE]
 
 
 @pytest.mark.parametrize("case", CI_CASES, ids=[name(c) for c in CI_CASES])
@@ -167,12 +201,13 @@ def test_grid_is_large_enough():
     assert len(LIGER_CASES) == LIGER_SIZE and liger_covered["loss"] == set(LOSSES)
     assert liger_covered["family"] == {"llama", "qwen2"} | set(LIGER_TINY)
     assert liger_covered["method"] == set(METHODS) and liger_covered["attention"] == set(ATTENTION)
+    assert len(RECAST_CASES) == RECAST_SIZE and {c[5] for c in RECAST_CASES} == set(RECAST_SETTINGS)
 
 
 def summary(cases=None) -> int:
-    return summarise((name(case), lambda c=case: compare(c)) for case in (CASES + LIGER_CASES if cases is None
-                                                                           else cases))
+    return summarise((name(case), lambda c=case: compare(c)) for case in (CASES + LIGER_CASES + RECAST_CASES
+                                                                           if cases is None else cases))
 
 
-if __name__ == "__main__":  # `python tests/test_grid_issue9.py [liger]`: all rows, or the Liger rows alone
-    raise SystemExit(summary(LIGER_CASES if sys.argv[1:] == ["liger"] else None))
+if __name__ == "__main__":  # `python tests/test_grid_issue9.py [liger|recast]`: all rows, or the Liger / recast rows
+    raise SystemExit(summary({"liger": LIGER_CASES, "recast": RECAST_CASES}.get(sys.argv[1] if sys.argv[1:] else "")))

@@ -62,13 +62,10 @@ def compare(root: Path, family: str, method: str, setting: tuple) -> dict[str, t
 
 CASES = grid()
 IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[3]}" for f, m, s in CASES]
-# Known disagreements (strict: they must keep failing until fixed), measured 2026-11-30:
-KNOWN = {
-    # backward FLOPs 2.5% under the trace: the trace's 4-bit stand-in (trace/qlora.py) saves the packed weight
-    # with save_for_backward after its gemm, so checkpoint recomputation reruns the dense block's last 4-bit
-    # down_proj gemm; bitsandbytes keeps it on ctx (no save), which the analytic early stop models
-    "qwen3_moe-qlora-bf16-ckpt-sdpa": "trace stand-in's save after the 4-bit gemm changes the early stop",
-}
+# Known disagreements (strict: they must keep failing until fixed), measured 2026-11-30. Fixed by task "recast": the
+# trace's 4-bit stand-in kept its packed weight with save_for_backward, so checkpoint recomputation reran the dense
+# block's last 4-bit down_proj gemm (backward FLOPs 2.5% over); it now keeps it on ctx as bitsandbytes does
+KNOWN: dict[str, str] = {}
 MARKS = [pytest.mark.xfail(reason=KNOWN[i], strict=True) if i in KNOWN else () for i in IDS]
 
 

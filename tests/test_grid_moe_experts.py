@@ -50,11 +50,10 @@ CASES = grid()
 IDS = [f"{f}-{m}-{s[0]}{'-ckpt' if s[1] else ''}-{s[2].replace(',', '+').replace('experts.', '')}" for f, m, s in CASES]
 
 
-# Known disagreements (strict: they must keep failing until fixed), measured 2026-12-01:
-KNOWN = {
-    "qwen3_moe-qlora-bf16-ckpt-all-linear": "backward FLOPs 2.1% under the trace: the 4-bit stand-in's save after "
-                                            "its gemm changes the early stop (see test_grid_moe.KNOWN)",
-}
+# Known disagreements (strict: they must keep failing until fixed), measured 2026-12-01. Fixed by task "recast":
+# "qwen3_moe-qlora-bf16-ckpt-all-linear" (backward FLOPs 2.1% under the trace) was the 4-bit stand-in's
+# save_for_backward of its packed weight changing checkpointing's early stop; it now keeps it on ctx as bitsandbytes does
+KNOWN: dict[str, str] = {}
 MARKS = [pytest.mark.xfail(reason=KNOWN[i], strict=True) if i in KNOWN else () for i in IDS]
 
 

@@ -12,7 +12,8 @@ What is modelled: LoRA, LoRA+, LoRA-FA (same factors) on a dense base in fp32 or
 dtype, and QLoRA's factors in fp32 or bf16 (the QLoRA script's recast; a 4-bit base layer has no float
 weight for peft to follow, so bf16 factors there come only from such a cast). A 16-bit factor dtype other
 than the model's (bf16 factors on an fp16 model: torch promotes bf16 + fp16 to fp32) and 16-bit factors
-under autocast are refused, as are other methods (their extra tensors keep peft's own dtypes).
+under autocast are refused, as are other methods (their extra tensors keep peft's own dtypes); QLoRA's bf16
+factors under amp-bf16 are not: that is the QLoRA script's own run (task "recast", analytic/qlora_recast.py).
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ def check_adapter_dtype(method_name: str, run: RunConfig) -> None:
         return
     if method_name not in ADAPTER_DTYPE_METHODS:
         raise LoraCostError(f"--adapter-dtype is modelled for {', '.join(ADAPTER_DTYPE_METHODS)}; not {method_name}")
-    if method_name == "qlora":
-        if dtype != "bf16" or run.precision != "bf16":
-            raise LoraCostError("qlora takes --adapter-dtype fp32 (peft's default) or bf16 with --precision bf16 "
-                                "(the QLoRA script's recast of the LoRA layers)")
+    if method_name == "qlora":  # task "recast": amp-bf16 is the script's own run (Trainer bf16=True)
+        if dtype != "bf16" or run.precision not in ("bf16", "amp-bf16"):
+            raise LoraCostError("qlora takes --adapter-dtype fp32 (peft's default) or bf16 with --precision bf16 or "
+                                "amp-bf16 (the QLoRA script's recast of the LoRA layers)")
         return
     if run.autocast_dtype:
         raise LoraCostError(f"--adapter-dtype {dtype} under autocast (--precision {run.precision}) is not modelled: "

@@ -71,12 +71,15 @@ def param_groups(arch: Architecture, spec: ModelSpec, task: str | None = None, l
 def base_weight_bytes(arch: Architecture, spec: ModelSpec, storage: BaseStorage, task: str | None = None,
                       labels: int = 2) -> int:
     """The pretrained weights as the method stores them: each block linear as its storage says (4-bit
-    under QLoRA), every other parameter (embeddings, norms, biases, head) in the storage's other dtype."""
+    under QLoRA), every other parameter (embeddings, norms, biases, head) in the storage's other dtype (embeddings
+    and head in its `embed_head_dtype`: bf16 under the QLoRA script's recast)."""
     total = 0.0
     for g in param_groups(arch, spec, task, labels):
         if g.kind == "linear":
             shape = param_shape(arch, spec, g)
             total += g.count * storage.linear_bytes(g.numel, shape[0] if shape else 0)
+        elif g.kind in ("embedding", "head"):  # task "recast": the QLoRA script's bf16 embeddings and head
+            total += g.total * DTYPE_BYTES[storage.embed_head_dtype]
         else:
             total += g.total * DTYPE_BYTES[storage.other_dtype]
     return int(total)

@@ -38,6 +38,8 @@ class StepContext:
     # logits alive while the loss runs when that differs from `logits_bytes` (the logits kept until the step
     # ends): --loss liger's chunk buffer, --loss chunked's every chunk (freed before backward); None: the same
     loss_logits_bytes: int | None = None
+    # task "recast": the token embeddings' and the LM head's dtype (other_dtype unless the QLoRA script recasts them)
+    embed_head_dtype: str = ""
     final_norm_saved_bytes: int = 0  # a classifier's: what the head's scope saved before it (heads.py)
     # moments: a trained LM head's gradient summed over --loss chunked's chunks in backward (losses.chunked_loss)
     head_accumulation_bytes: int = 0
@@ -98,7 +100,8 @@ class StepContext:
         indices = self.input_ids() if rows is None else self.tape.new(rows, "int64", False)
         trains = self.base_trainable or (rows is None and bool(self.run.modules_to_save)
                                          and "embed_tokens" in self.run.modules_to_save)
-        return ops.embedding(self.tape, indices, width, w_trainable=trains, w_dtype=self.other_dtype)
+        dtype = self.embed_head_dtype if rows is None and self.embed_head_dtype else self.other_dtype  # recast: token ids'
+        return ops.embedding(self.tape, indices, width, w_trainable=trains, w_dtype=dtype)
 
     def word_embeddings(self, width: int) -> Tensor:
         """The token embeddings of the input ids, as the method hands them to the first block (prompt
@@ -195,7 +198,7 @@ class StepContext:
         tape = self.tape
         tape.scope = "head"
         logits = ops.linear(tape, x, self.spec.hidden, self.spec.vocab, w_trainable=self.head_trainable,
-                            w_dtype=self.other_dtype, kind="lm_head")
+                            w_dtype=self.embed_head_dtype or self.other_dtype, kind="lm_head")
         if softcap:
             tape.transient(2 * logits.nbytes)  # the head output and logits / cap, before tanh
             logits = ops.tanh_softcap(tape, logits)
@@ -219,4 +222,5 @@ def make_context(tape: Tape, spec: ModelSpec, run: RunConfig, method: Method, ta
     storage = method.storage(run)
     return StepContext(tape=tape, spec=spec, run=run, method=method, storage=storage, targets=targets,
                        weight_dtype=storage.linear_dtype, other_dtype=storage.other_dtype,
+                       embed_head_dtype=storage.embed_head_dtype,
                        input_requires_grad=run.grad_checkpointing and not method.base_trainable, stack=stack)

@@ -63,7 +63,8 @@ def memory_terms(spec: ModelSpec, run: RunConfig, method: Method, opt: Optimizer
         Term("base weights", params.base_weight_bytes, method.storage(run).formula(params.total_params),
              "the pretrained model as stored during training", None if method.base_trainable else C.WEIGHTS),
         Term("trainable weights", params.trainable_bytes, f"{params.trainable_params:,} trainable parameters x their dtype",
-             "full fine-tuning: all weights; peft adapters: fp32 (peft autocast_adapter_dtype) unless --adapter-dtype; "
+             "full fine-tuning: all weights; peft adapters: fp32 (peft autocast_adapter_dtype) unless --adapter-dtype "
+             "(or --qlora-recast: bf16); "
              "bottleneck adapters: the model's weight dtype", C.TRAINABLE_WEIGHTS),
         Term("frozen adapter tensors", params.frozen_adapter_bytes,
              "frozen A (LoRA-FA), shared projections (VeRA), initial factors (NoLA)", "adapter tensors that do not train",

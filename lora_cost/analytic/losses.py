@@ -184,9 +184,14 @@ def notes(spec: ModelSpec, run: RunConfig) -> tuple[str, ...]:
     elif run.loss_kind == "chunked":
         out.append(f"loss: torchtune CEWithChunkedOutputLoss over {run.loss_chunks} chunks (the LM head per chunk, fp32 "
                    "upcast one chunk at a time; the logits deleted before backward, as torchtune's recipes do)")
-    if run.adapter_dtype not in (None, "fp32"):
+    from .qlora_recast import recast  # task "recast"
+    if recast(run):
+        out.append("the QLoRA script's recast (artidoro/qlora qlora.py): LoRA factors, embed_tokens and lm_head in bf16, "
+                   "norms fp32, the step under Trainer's bf16 autocast; bitsandbytes' packed weights and QuantState "
+                   "untouched")
+    elif run.adapter_dtype not in (None, "fp32"):
         out.append(f"adapters in {run.adapter_dtype}: peft get_peft_model(..., autocast_adapter_dtype=False) on a "
                    f"{run.adapter_dtype} model, or the factors cast by hand as the QLoRA script casts its LoRA layers (its "
-                   "bf16 embeddings and head, which need Trainer's autocast, are not modelled); the layer input is not "
+                   "bf16 embeddings and head too: --qlora-recast --precision amp-bf16); the layer input is not "
                    "copied to fp32")
     return tuple(out)

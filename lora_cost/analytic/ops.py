@@ -48,7 +48,7 @@ def linear(tape: Tape, x: Tensor, d_in: int, d_out: int, *, w_trainable: bool, w
     n = x.numel // d_in
     if tape.autocast:
         x = cast(tape, x, tape.autocast)
-        if x.rg and not cast_cached:
+        if x.rg and not cast_cached and w_dtype != tape.autocast:  # a weight already in it is used as it is
             tape.save(tape.new(d_in * d_out, tape.autocast, False), "autocast weight copies")
         out_dtype = tape.autocast
     else:

@@ -91,7 +91,8 @@ def _precision(model, method: str | None, autocast_dtype) -> str | None:
     pool = frozen if frozen and not (m and m.base_trainable) else [p for p in model.parameters() if p.is_floating_point()]
     observed = m.observed_precision if m is not None else None
     if observed is not None:  # QLoRA: the 4-bit layers' compute dtype
-        return observed(model)
+        name = observed(model)  # task "recast": bf16 compute under bf16 autocast is Trainer(bf16=True)'s amp-bf16
+        return "amp-bf16" if name == "bf16" and autocast_dtype == torch.bfloat16 else name
     if not pool:
         return None
     dtype = max(pool, key=lambda p: p.numel()).dtype

@@ -128,6 +128,10 @@ def _method(c: Collector) -> None:
             c.warn("peft_use_dora", "DoRA on 4-bit weights is not modelled; estimated as QLoRA")
         c.set("method", "qlora", "adapter" if adapter == "qlora" else "load_in_4bit")
         _bnb(c)
+        # task "recast": a setting of the QLoRA paper's script, in no axolotl (or TrainingArguments) key
+        c.note("adapter" if adapter == "qlora" else "load_in_4bit",
+               "the QLoRA paper script's recast (LoRA layers, embeddings and LM head in bf16) is no axolotl key: "
+               "estimate it with --qlora-recast --precision amp-bf16")
     elif eight:  # issue9b: LoRA on an LLM.int8() base (lora_cost/analytic/methods/lora_8bit.py)
         if dora:
             c.warn("peft_use_dora", "DoRA on 8-bit weights is not modelled; estimated as LoRA on the 8-bit base")

@@ -8,6 +8,9 @@ every target against what this lora-cost models *now* (`dataclasses.fields(RunCo
 --packing, --loss, --adapter-dtype, sharding, ...) are picked up without touching the readers, and a
 target lora-cost does not model is a warning naming the file, the key and the field, never silently
 dropped. A value that is wrong in itself is a LoraCostError naming the file and the key.
+Some settings are in no file a reader reads and stay CLI/API options: `--qlora-recast` (the QLoRA paper
+script's bf16 recast of LoRA layers, embeddings and head, analytic/qlora_recast.py; the axolotl reader says so
+beside a QLoRA adapter).
 
 Torch-free: YAML is read with PyYAML (imported only for a YAML file).
 """

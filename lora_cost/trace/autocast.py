@@ -32,6 +32,10 @@ PROMOTE = {torch.addcdiv, torch.addcmul, torch.atan2, torch.cross, torch.dot, to
 
 
 class CudaAutocast(TorchFunctionMode):
+    # the modes entered now, innermost last: checkpointing's recomputation enters its own inside backward (task
+    # "recast": transformers' flash `get_target_dtype` asks whether autocast is on there too; see `active`)
+    _entered: list["CudaAutocast"] = []
+
     def __init__(self, dtype: torch.dtype) -> None:
         super().__init__()
         self.dtype = dtype
@@ -63,6 +67,20 @@ class CudaAutocast(TorchFunctionMode):
                     widest = torch.float32 if any(t.dtype == torch.float32 for t in tensors) else tensors[0].dtype
                     args = self._cast(args, widest)
         return func(*args, **kwargs)
+
+    def __enter__(self):
+        CudaAutocast._entered.append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        CudaAutocast._entered.remove(self)
+        return super().__exit__(*exc)
+
+    @staticmethod
+    def active() -> "CudaAutocast | None":
+        """The innermost entered mode if it is enabled (torch.is_autocast_enabled("cuda") as CUDA would answer)."""
+        inner = CudaAutocast._entered[-1] if CudaAutocast._entered else None
+        return inner if inner is not None and inner.enabled else None
 
     def end_forward(self) -> None:
         """Leaving the autocast region clears the weight-cast cache (autocast's clear_cache)."""

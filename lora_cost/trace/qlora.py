@@ -11,7 +11,7 @@ bitsandbytes cannot run without its CUDA kernels, so the trace replaces every qu
     the weight is dequantised to a [d_out, d_in] compute-dtype transient and multiplied; the output
     is cast back to the input dtype. The gemm is a custom op here (`lora_cost_trace::gemm_4bit`), as
     bitsandbytes' is to FlopCounterMode, and its FLOPs are counted by a registered formula;
-  * MatMul4Bit saves no activation (ctx.tensors holds only the packed weight, a parameter); its
+  * MatMul4Bit saves no activation (ctx.tensors, a plain attribute, holds only the packed weight); its
     backward dequantises the weight again (a compute-dtype transient) and computes grad_A with a
     matmul that FlopCounterMode sees. No weight gradient (the base is frozen).
 Every linear except the output embedding is quantised (transformers skips only lm_head).
@@ -70,13 +70,16 @@ class MatMul4Bit(torch.autograd.Function):
         del w
         if bias is not None:
             out = out + bias
-        ctx.save_for_backward(packed)  # bnb: ctx.tensors = (None, B); the state rides on ctx
+        # bnb 0.50.2 autograd/_functions.py MatMul4Bit.forward: `ctx.tensors = (None, B)`, an attribute, not
+        # save_for_backward (task "recast"): no saved-tensor hook sees it, so non-reentrant checkpointing's
+        # recomputation, which stops once every saved tensor is back, need not rerun a trailing 4-bit linear
+        ctx.tensors = (None, packed)
         ctx.absmax, ctx.shape = absmax, (d_out, d_in)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
+        _, packed = ctx.tensors
         grad_x = None
         if ctx.needs_input_grad[0]:
             w = dequantize_4bit(packed, ctx.absmax, ctx.shape[0], ctx.shape[1], grad.dtype)
@@ -146,3 +149,23 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
     transformers' bnb loader does; those stay fp32 linears."""
     return replace_linears(model, Linear4bitStandIn, lambda d_in, d_out, bias: Linear4bitStandIn(
         d_in, d_out, bias, compute_dtype, double_quant, quant_storage))
+
+
+def script_recast(model: nn.Module) -> None:
+    """The QLoRA paper script's loop after get_peft_model (artidoro/qlora qlora.py get_accelerate_model, under
+    --bf16; analytic/qlora_recast.py quotes it): LoraLayer modules to bf16, modules named '*norm*' to fp32,
+    'lm_head' / 'embed_tokens' modules with an fp32 weight to bf16. A LoraLayer's cast reaches only its LoRA
+    factors here: `module.to` casts floating-point tensors only, so bitsandbytes' packed uint8 (or bf16) weight
+    stays as it is and its QuantState, a Python attribute there, is not touched; the stand-in keeps that state
+    as buffers (some fp32), which the cast must not reach (a bias there is refused by the engines' checks)."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            for part in (module.lora_A, module.lora_B):
+                part.to(torch.bfloat16)
+        if "norm" in name:
+            module.to(torch.float32)
+        if ("lm_head" in name or "embed_tokens" in name) and hasattr(module, "weight"):
+            if module.weight.dtype == torch.float32:
+                module.to(torch.bfloat16)

@@ -206,8 +206,9 @@ def _kernel_patches(run, model, autocast) -> list:
         def target_dtype(query, module):
             if query.dtype != torch.float32:
                 return None
-            if autocast is not None and autocast.enabled:
-                return autocast.dtype
+            active = CudaAutocast.active()  # the forward's, or a checkpoint recomputation's in backward
+            if active is not None:
+                return active.dtype
             if quantized:
                 return module.config.dtype
             return original(query, module)

@@ -184,6 +184,15 @@ def cases() -> list[dict]:
     out += [dict(kw, reserved_model="replay") for kw in replay]
     out.append(dict(model="llama-3.1-8b", method="lora", r=16, batch=1, seq=512, gpu="l4-24gb", reserved_model="auto"))
     out.append(dict(model="llama-3.1-70b", method="lora", r=16, gpu="h100-80gb", reserved_model="auto"))
+    # --- task "recast": QLoRA under amp-bf16 (Trainer bf16=True over peft's prepared model) and the QLoRA paper
+    # script's recast (--qlora-recast: bf16 LoRA layers, embeddings and head)
+    for options in ({}, {"qlora_recast": True}):
+        out.append(dict(model="llama-3.1-8b", method="qlora", precision="amp-bf16", method_options=options))
+        out.append(dict(model="llama-3.1-8b", method="qlora", r=64, targets="all-linear", seq=2048, precision="amp-bf16",
+                        grad_checkpointing=True, attention="flash-attention-2", method_options=options,
+                        gpu="rtx-4090-24gb"))
+    out.append(dict(model="qwen3-0.6b", method="qlora", r=16, targets="all-linear", batch=4, seq=1024,
+                    precision="amp-bf16", grad_checkpointing=True, method_options={"qlora_recast": True}))
     return out
 
 

@@ -19,6 +19,7 @@ from .lora import apply_lora, is_lora_config, lora_linear, lora_serving, lora_tr
 from .options import MethodOption
 from .serving import ServingCost
 from .storage import FourBitStorage
+from ..qlora_recast import RECAST_DTYPE, RECAST_KEY, check_recast, recast, resolve_recast
 from ...units import DTYPE_BYTES
 
 QUANT_TYPE = MethodOption("quant_type", "--quant-type", str, "nf4", "4-bit data type (bnb_4bit_quant_type)",
@@ -43,13 +44,19 @@ KBIT_PREPARE = MethodOption("kbit_prepare", "--kbit-prepare", bool, True,
                             "peft prepare_model_for_kbit_training casts the non-quantised parameters to fp32 "
                             "(--no-kbit-prepare: the FSDP-QLoRA recipe, they stay in the compute dtype)")
 
+# task "recast": the QLoRA paper script's recast after get_peft_model (analytic/qlora_recast.py)
+QLORA_RECAST = MethodOption(RECAST_KEY, "--qlora-recast", bool, False,
+                            "the QLoRA paper script's recast (artidoro/qlora qlora.py): LoRA layers, embeddings and "
+                            "LM head to bf16, norms fp32; needs --precision amp-bf16 (Trainer bf16=True)")
+
 
 def four_bit_storage(run) -> FourBitStorage:
-    """bnb_4bit_compute_dtype follows --precision (bf16, or fp16)."""
+    """bnb_4bit_compute_dtype follows --precision (bf16, or fp16; amp-bf16: bf16)."""
     compute = "fp16" if run.precision == "fp16" else "bf16"
     return FourBitStorage(compute_dtype=compute,
                           double_quant=DOUBLE_QUANT.value(run), quant_type=QUANT_TYPE.value(run),
-                          quant_storage=QUANT_STORAGE.value(run), other="fp32" if KBIT_PREPARE.value(run) else compute)
+                          quant_storage=QUANT_STORAGE.value(run), other="fp32" if KBIT_PREPARE.value(run) else compute,
+                          embed_head=RECAST_DTYPE if recast(run) else None)
 
 
 def apply_qlora(model, run, targets, notes):
@@ -70,7 +77,13 @@ def apply_qlora(model, run, targets, notes):
         return apply_lora(model, run, targets, notes)
     peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
                                          gradient_checkpointing_kwargs={"use_reentrant": False})
-    return apply_lora(model, run, targets, notes, prepared=True)
+    model, adapted = apply_lora(model, run, targets, notes, prepared=True)  # LoRA factors in run.adapter_dtype
+    if recast(run):  # task "recast": the script's loop after get_peft_model (analytic/qlora_recast.py)
+        from ...trace.qlora import script_recast
+        script_recast(model)
+        notes.append("QLoRA script recast (artidoro/qlora qlora.py): LoRA factors, embed_tokens and lm_head in bf16, "
+                     "norms fp32")
+    return model, adapted
 
 
 def _linear4bit_modules(model):
@@ -85,12 +98,29 @@ def recognise_qlora(model, peft_config) -> bool:
 
 
 def observed_options(model) -> dict:
-    """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState."""
+    """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState; qlora_recast when the
+    model shows the QLoRA script's recast (task "recast")."""
+    recast_seen = {RECAST_KEY: True} if observed_recast(model) else {}
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
-            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True))}
-    return {}
+            return {"quant_type": getattr(qs, "quant_type", "nf4"), "double_quant": bool(getattr(qs, "nested", True)),
+                    **recast_seen}
+    return recast_seen
+
+
+def observed_recast(model) -> bool:
+    """The QLoRA script's recast as it shows on a live model: LoRA factors and `embed_tokens` in bf16 beside fp32
+    norms (prepare_model_for_kbit_training's; without it, as in the FSDP-QLoRA recipe, the norms stay 16-bit)."""
+    import torch
+
+    def dtypes(match) -> set:
+        return {p.dtype for name, p in model.named_parameters() if match(name)}
+
+    factors = dtypes(lambda n: ".lora_A." in n or ".lora_B." in n)
+    embed = dtypes(lambda n: "embed_tokens" in n)
+    norms = dtypes(lambda n: "norm" in n and "lora_" not in n)
+    return factors == embed == {torch.bfloat16} and norms == {torch.float32}
 
 
 def observed_precision(model) -> str:
@@ -140,9 +170,13 @@ QLORA = register_method(Method(
     adapted_linear=lora_linear,
     storage=four_bit_storage,
     serving=qlora_serving,
-    options=(QUANT_TYPE, DOUBLE_QUANT, QUANT_STORAGE, KBIT_PREPARE),
-    precisions=("bf16", "fp16"),  # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype)
+    options=(QUANT_TYPE, DOUBLE_QUANT, QUANT_STORAGE, KBIT_PREPARE, QLORA_RECAST),
+    # bitsandbytes computes in 16-bit (bnb_4bit_compute_dtype); task "recast": amp-bf16 is Trainer(bf16=True) on
+    # the prepared model (fp32 non-quantised parameters, the forward under torch.autocast(bfloat16))
+    precisions=("bf16", "fp16", "amp-bf16"),
     apply_to_model=apply_qlora,
+    resolve=resolve_recast,  # task "recast": --qlora-recast sets the adapters' dtype (bf16)
+    validate=check_recast,
     recognise=recognise_qlora,
     recognise_priority=30,
     observed_options=observed_options,

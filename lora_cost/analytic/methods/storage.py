@@ -29,6 +29,9 @@ class BaseStorage(Protocol):
     @property
     def other_dtype(self) -> str: ...  # embeddings, norms, biases, LM head
 
+    @property
+    def embed_head_dtype(self) -> str: ...  # the token embeddings and the LM head (other_dtype but for a recast)
+
     def linear_bytes(self, numel: int, rows: int = 0) -> int: ...  # one stored linear weight ([rows, numel/rows])
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor": ...  # forward on the tape
@@ -48,6 +51,10 @@ class DenseStorage:
 
     @property
     def other_dtype(self) -> str:
+        return self.dtype
+
+    @property
+    def embed_head_dtype(self) -> str:
         return self.dtype
 
     def linear_bytes(self, numel: int, rows: int = 0) -> int:
@@ -81,6 +88,9 @@ class FourBitStorage:
     # prepare_model_for_kbit_training casts them (utils/other.py); the FSDP-QLoRA recipe skips that cast (TRL
     # `prepare_peft_model`: `is_sharded_qlora`) and keeps the dtype the model was loaded in (--no-kbit-prepare)
     other: str = "fp32"
+    # task "recast": the token embeddings' and the LM head's dtype when the QLoRA script recasts them after
+    # prepare_model_for_kbit_training (artidoro/qlora qlora.py: bf16; analytic/qlora_recast.py); None: `other`
+    embed_head: str | None = None
 
     @property
     def linear_dtype(self) -> str:
@@ -89,6 +99,10 @@ class FourBitStorage:
     @property
     def other_dtype(self) -> str:
         return self.other
+
+    @property
+    def embed_head_dtype(self) -> str:
+        return self.embed_head or self.other
 
     def linear_bytes(self, numel: int, rows: int = 0) -> int:
         return nf4_bytes(numel, double_quant=self.double_quant, storage_bytes=QUANT_STORAGE_BYTES[self.quant_storage])
@@ -113,8 +127,10 @@ class FourBitStorage:
     def formula(self, total_params: int) -> str:
         bits = nf4_bits_per_weight(self.double_quant)
         packed = "" if self.quant_storage == "uint8" else f", packed in {self.quant_storage}"
-        return (f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}{packed}) + "
-                f"embeddings, norms, biases, LM head in {self.other}")
+        rest = (f"embeddings, norms, biases, LM head in {self.other}" if self.embed_head_dtype == self.other else
+                f"embeddings and LM head in {self.embed_head_dtype} (the QLoRA script's recast), norms and biases in "
+                f"{self.other}")
+        return f"linear weights in {self.quant_type.upper()} ({bits:.3f} bits each, blocksize {NF4_BLOCK}{packed}) + {rest}"
 
 
 # issue9b: LLM.int8() (Dettmers et al. 2022, arXiv:2208.07339; bitsandbytes 0.50.2 nn/modules.py Linear8bitLt,
@@ -145,6 +161,10 @@ class EightBitStorage:
 
     @property
     def other_dtype(self) -> str:
+        return "fp32"
+
+    @property
+    def embed_head_dtype(self) -> str:
         return "fp32"
 
     def linear(self, ctx: "StepContext", x: "Tensor", site: "LinearSite") -> "Tensor":
