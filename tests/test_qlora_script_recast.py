@@ -1,13 +1,5 @@
-"""The QLoRA paper script's recast (artidoro/qlora qlora.py, get_accelerate_model), as `--qlora-recast`:
-
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            if args.bf16: module = module.to(torch.bfloat16)
-        if 'norm' in name: module = module.to(torch.float32)
-        if 'lm_head' in name or 'embed_tokens' in name:
-            if hasattr(module, 'weight'):
-                if args.bf16 and module.weight.dtype == torch.float32: module = module.to(torch.bfloat16)
-
+"""The QLoRA paper script's recast (artidoro/qlora qlora.py, get_accelerate_model; the loop is quoted in
+lora_cost/analytic/qlora_recast.py), as `--qlora-recast`,
 trained with Trainer(bf16=True): `--precision amp-bf16`. Without it lora-cost follows peft's
 prepare_model_for_kbit_training (every non-quantised parameter fp32: embeddings, norms and the LM head at 4 bytes
 each) and fp32 LoRA factors. The issue's claim (~1 GB too much at 65B, ~2 GB at Llama-3.1-8B) is the embeddings and
