@@ -8,10 +8,13 @@ are quoted in tests/data/galore_refresh_source.txt and checked by tests/test_gal
   dtype), Vh [k, n] (C-contiguous on cuSOLVER: its `.mT` is the F-contiguous V that cuSOLVER writes), k = min(m, n);
 * `_linalg_svd_out` allocates `info = at::zeros(A.sizes()[:-2], kInt)`: a 0-dim int32 for one matrix (4 bytes, one
   512-byte block of the caching allocator);
-* `svd_kernel` (CUDA) calls `svd_cusolver` unless MAGMA is the preferred linalg backend; `svd_cusolver`'s default
-  driver is gesvdj (`driver.value_or("gesvdj")`), which calls `svd_cusolver_gesvdj(cloneBatchedColumnMajor(A), ...)`
+* `svd_kernel` (CUDA) calls `svd_cusolver` (MAGMA is deprecated for it: `_warn_once_magma_deprecation`) with
+  `Vh.mT()` as the V it writes (the outputs are used in place: `borrow_else_clone` copies nothing when U is
+  F-contiguous and, on cuSOLVER, Vh C-contiguous, as the meta function made them); `svd_cusolver`'s default driver
+  is gesvdj (`driver.value_or("gesvdj")`), which calls `svd_cusolver_gesvdj(cloneBatchedColumnMajor(A), ...)`
   (`svd_cusolver_gesvdjBatched` with the same copy when m, n <= 32): a column-major copy of A (m x n x 4 bytes, freed
-  when the call returns);
+  when the call returns); with m, n <= 32 and m != n, `svd_cusolver_gesvdjBatched` also makes a square U_ (m x m)
+  or V_ (n x n) for the kernel, which assumes full matrices, and copies the k columns back;
 * `apply_svd_cusolver_gesvdj` asks cuSOLVER for `lwork` (`gesvdj_buffersize`, cusolverDnSgesvdj_bufferSize) and takes
   `sizeof(float) * lwork` from the caching allocator (`allocator.allocate`): a size cuSOLVER decides at run time from
   its Jacobi implementation. It is NOT counted here: every estimate that contains an SVD says so in a warning;
@@ -28,6 +31,7 @@ from .allocator.config import MIN_BLOCK_SIZE
 
 FP32 = 4
 INT32 = 4
+GESVDJ_BATCHED_MAX = 32  # svd_cusolver: "if (m <= 32 && n <= 32)" gesvdjBatched (a cuSOLVER limit)
 
 
 def allocated(nbytes: int) -> int:
@@ -43,19 +47,21 @@ class SvdBuffers:
     outputs: int  # U [m, k] + S [k] + Vh [k, n], alive after the call
     info: int  # the int32 convergence flag, freed when the op returns
     input_copy: int  # cloneBatchedColumnMajor(A), freed when the op returns
+    square: int = 0  # gesvdjBatched (m, n <= 32, m != n): the full-size U_ or V_, freed when the op returns
     workspace_counted: int = 0  # cuSOLVER's gesvdj lwork: a run-time query, not counted (see the module docstring)
 
     @property
     def inside(self) -> int:
         """Alive inside the call: outputs + info + the column-major copy (+ the uncounted workspace)."""
-        return self.outputs + self.info + self.input_copy + self.workspace_counted
+        return self.outputs + self.info + self.input_copy + self.square + self.workspace_counted
 
 
 def svd_buffers(m: int, n: int) -> SvdBuffers:
-    """torch.linalg.svd(fp32 [m, n], full_matrices=False) on CUDA through cuSOLVER gesvdj (m or n > 32)."""
+    """torch.linalg.svd(fp32 [m, n], full_matrices=False) on CUDA through cuSOLVER gesvdj (gesvdjBatched for m, n <= 32)."""
     k = min(m, n)
     outputs = allocated(m * k * FP32) + allocated(k * FP32) + allocated(k * n * FP32)
-    return SvdBuffers(outputs=outputs, info=allocated(INT32), input_copy=allocated(m * n * FP32))
+    square = allocated(max(m, n) ** 2 * FP32) if m <= GESVDJ_BATCHED_MAX and n <= GESVDJ_BATCHED_MAX and m != n else 0
+    return SvdBuffers(outputs=outputs, info=allocated(INT32), input_copy=allocated(m * n * FP32), square=square)
 
 
 SVD_WARNING = ("torch.linalg.svd on CUDA (cuSOLVER gesvdj) also takes a workspace of `lwork` floats that "

@@ -68,9 +68,12 @@ def cuda_svd(matrix):
     (`cloneBatchedColumnMajor`) are made here, with the outputs alive, and dropped. cuSOLVER's gesvdj workspace
     (`lwork`, a run-time query) is not: the result's warning names it."""
     U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    m, n = matrix.shape
     info = torch.zeros((), dtype=torch.int32, device=matrix.device)
     column_major = matrix.mT.contiguous()  # [n, m] row-major: the [m, n] matrix in column-major order
-    del info, column_major
+    # gesvdjBatched (m, n <= 32) assumes full matrices: a square U_ or V_ when m != n (svd_cusolver_gesvdjBatched)
+    square = matrix.new_empty((max(m, n), max(m, n))) if m <= 32 and n <= 32 and m != n else None
+    del info, column_major, square
     return U, s, Vh
 
 
