@@ -135,6 +135,24 @@ def test_estimate_reports_the_refresh_step():
     assert estimate("llama-3.2-1b", "full", seq=64).memory.refresh is None  # AdamW: every step alike
 
 
+@pytest.mark.fast
+def test_plan_sizes_the_refresh_step():
+    """A budget between the steady step's device figure and the refresh step's: the run does not fit (its first step
+    refreshes), and the plan's point reports the refresh step's figure."""
+    from lora_cost.analytic.planner import plan
+
+    e = estimate("llama-3.1-8b", "full", optimizer="galore-adamw", seq=512)
+    steady, refresh = e.memory.device_bytes, e.memory.refresh.device_bytes
+    assert refresh > steady
+    m = plan("llama-3.1-8b", budget_bytes=(steady + refresh) // 2, methods=("full",), seq=512, optimizer="galore-adamw",
+             batch_range=(1, 4)).methods[0]
+    assert m.max_batch is None and not any(p.fits for p in m.rank_curve)
+    assert m.rank_curve[0].device_bytes == refresh
+    fits = plan("llama-3.1-8b", budget_bytes=refresh, methods=("full",), seq=512, optimizer="galore-adamw",
+                batch_range=(1, 4)).methods[0]
+    assert fits.max_batch is not None and fits.max_batch.batch >= 1
+
+
 # ---- 3. the stand-in per tensor, on fake tensors under the trace's allocator
 def _step_peak(make_opt, shape, dtype, real_svd=None) -> tuple[int, list[int]]:
     """(peak above what exists before, sizes allocated) of one refresh step on one [m, n] parameter."""
