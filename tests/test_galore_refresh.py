@@ -255,25 +255,32 @@ def _cuda_svd_with(svd, matrix):
 
 
 # ---- 4. trace vs analytic on tiny models
-CASES = [("llama", "bf16", None, False), ("qwen2", "fp16", None, False), ("llama", "bf16", None, True),
-         ("llama", "bf16", "fp32", False), ("mistral", "fp32", None, False)]
+CASES = [("llama", "bf16", None, False, False), ("qwen2", "fp16", None, False, False), ("llama", "bf16", None, True, False),
+         ("llama", "bf16", "fp32", False, False), ("mistral", "fp32", None, False, False),
+         # a tied LM head stepped in backward: the refresh in a block's hook, bounded (peaks.py _hook_moments)
+         ("qwen2", "bf16", None, True, True)]
 
 
-@pytest.mark.parametrize("case", CASES, ids=[f"{f}-{p}{'-master' if m else ''}{'-inbwd' if b else ''}" for f, p, m, b in CASES])
+@pytest.mark.parametrize("case", CASES, ids=[f"{f}-{p}{'-master' if m else ''}{'-inbwd' if b else ''}{'-ckpt' if c else ''}"
+                                             for f, p, m, b, c in CASES])
 def test_engines_agree_on_the_refresh_step(tmp_path_factory, case):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from test_grid_optimizers import config_path
     from lora_cost.trace import trace
 
-    family, precision, master, in_backward = case
+    family, precision, master, in_backward, ckpt = case
     kw = dict(optimizer="galore-adamw", precision=precision, batch=2, seq=64, master_weights=master,
-              optimizer_in_backward=in_backward)
+              optimizer_in_backward=in_backward, grad_checkpointing=ckpt)
     model = config_path(tmp_path_factory.getbasetemp() / "galore-refresh", family)
     e, t = estimate(model, "full", **kw), trace(model, "full", **kw)
     a, tr = e.memory.refresh.peak_bytes, t.refresh_peak_bytes
+    assert any("refresh" in w for w in t.warnings)
+    if in_backward and ckpt:  # the hook moment is a bound: above the trace, within 2% (without it: 4.3% below)
+        assert tr <= a <= 1.02 * tr, f"refresh step: analytic {a} vs trace {tr}"
+        assert tr > t.peak_bytes  # the refresh step is the higher one here
+        return
     assert abs(a - tr) <= 0.005 * tr, f"refresh step: analytic {a} vs trace {tr}"
     # the refresh's own increment over the steady step, where there is one, agrees too
     da, dt = a - e.memory.peak_bytes, tr - t.peak_bytes
     assert abs(da - dt) <= 0.02 * max(dt, 1) + 4 * 2 ** 16, f"increment: analytic {da} vs trace {dt}"
-    assert any("refresh" in w for w in t.warnings)
