@@ -34,7 +34,7 @@ COMPONENTS = {
     MemoryCategory.PREFETCHED_PARAMETERS: "one decoder-layer unit, all-gathered ahead (FSDP2 backward prefetch)",
     MemoryCategory.UNSHARDED_GRADIENTS: "trainable elements of the gathered units x param dtype",
     MemoryCategory.REDUCE_SCATTER_BUFFERS: "world x padded shard of a unit's trainable params x reduce dtype",
-    MemoryCategory.PROJECTOR_REFRESH: "GaLore refresh: max over projected [m, n] of 4mn copy (16-bit) + U, S, Vh + "
+    MemoryCategory.PROJECTOR_REFRESH: "GaLore refresh: max over projected m x n weights of 4mn copy (16-bit) + U, S, Vh + "
                                        "info + 4mn column-major copy, or the r x long product + diag / cast; + the "
                                        "previous tensor's denom and norm_grad (optimizers.py _galore_refresh_temporaries)",
     MemoryCategory.GRADIENT_BUCKETS: "DDP: trainable bytes (bucket_cap_mb buckets); ZeRO: reduce_bucket_size x dtype (x2 overlap_comm)",

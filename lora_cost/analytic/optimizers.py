@@ -343,7 +343,8 @@ register_optimizer(Optimizer("paged-lion-8bit", "bitsandbytes PagedLion8bit: one
 register_optimizer(Optimizer("paged-lion-32bit", "bitsandbytes PagedLion32bit: one fp32 state in CUDA managed memory",
                              _bnb(1, False), paged=True))
 register_optimizer(Optimizer("galore-adamw", "GaLore AdamW (galore_torch, rank 128, every nn.Linear weight): states of "
-                             "the rank-128 projected gradient + the projector; AdamW states elsewhere", _galore_state,
+                             "the rank-128 projected gradient + the projector; AdamW states elsewhere; the first and every 200th "
+                             "step SVD each projected gradient (memory.refresh)", _galore_state,
                              _galore_tensor, refresh_temporaries=_galore_refresh_tensor,
                              refresh_combine=_galore_refresh_temporaries, refresh_every=GALORE_UPDATE_GAP))
 register_optimizer(Optimizer("adamw-torch-8bit", "torchao AdamW8bit: uint8 codes + fp32 scale per 256 + a 256-entry qmap "
