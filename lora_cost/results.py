@@ -82,6 +82,10 @@ class MemoryCategory(str, Enum):
     GRADIENT_BUCKETS = ("gradient_buckets", "gradient buckets",
                         "DDP's flat gradient buckets; ZeRO's contiguous reduce buckets (reduce_bucket_size)")
     EARLIER_STEPS = ("earlier_steps", "earlier steps", "storages left alive by an earlier step")
+    # -- task "galore": the optimizer's occasional heavier step
+    PROJECTOR_REFRESH = ("projector_refresh", "projector refresh",
+                         "GaLore's refresh step (the first, then every update_proj_gap): the gradient's fp32 copy, "
+                         "torch.linalg.svd's U, S, Vh, info and column-major input copy, the new orthogonal matrix")
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,22 @@ class DeviceMemory:
 
 
 @dataclass(frozen=True)
+class RefreshStep:
+    """An optimizer step that allocates more than the steady one, every `every_steps` steps and on the first
+    (GaLore's projector refresh: an SVD of each projected gradient, galore_projector.py). `peak_bytes` is that
+    step's peak of allocated memory (the steady step's is MemoryEstimate.peak_bytes); the GPU fit takes the
+    larger of the two device figures, since a run whose first step does not fit never trains."""
+
+    every_steps: int
+    peak_bytes: int
+    peak_phase: str
+    moment: str
+    components: tuple[Term, ...]  # what is alive at that peak; sums to peak_bytes
+    device_bytes: int  # reserved (caching-allocator slack on peak_bytes, at least the steady step's) + context
+    above_steady_bytes: int  # peak_bytes less the steady step's peak (0 when the steady step is higher)
+
+
+@dataclass(frozen=True)
 class MemoryEstimate:
     peak_bytes: int
     peak_phase: str
@@ -135,6 +155,7 @@ class MemoryEstimate:
     terms: tuple[Term, ...]  # every stored quantity (weights, grads, states, ...), peak or not
     device: DeviceMemory | None = None  # task allocator: how device_bytes is made up
     host_bytes: int | None = None  # --gpus: host memory per node (offloaded state); None on one GPU
+    refresh: RefreshStep | None = None  # task "galore": the optimizer's refresh step (None: every step alike)
 
     def stored_bytes(self, category: MemoryCategory) -> int | None:
         """Bytes of the stored quantities of one category (None when no term has it)."""

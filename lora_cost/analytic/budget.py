@@ -41,6 +41,24 @@ class ParameterBudget:
     lm_head_steps_early: bool = False  # an untied trained LM head: stepped right after the loss's backward
     # allocevents: every trainable tensor group (the event replay creates their gradients and optimizer state)
     trainable_groups: tuple = ()
+    # --- task "galore": an optimizer's occasional heavier step (GaLore's projector refresh: optimizers.py
+    # `refresh_temporaries`), the fields above as they are on that step; refresh_every 0: every step is alike
+    refresh_every: int = 0
+    refresh_optimizer_temporaries: int = 0
+    refresh_block_step_transient: int = 0
+    refresh_head_step_transient: int = 0
+    # --optimizer-in-backward with a word embedding tied to the LM head: the head's contribution to the shared
+    # weight's gradient waits in AccumulateGrad's input buffer from the head's backward until the embedding's, at the
+    # end (torch/csrc/autograd/input_buffer.cpp: a node's inputs are summed when all have arrived): alive through
+    # every block's backward (the moment GaLore's refresh in a block's hook shows; peaks.py `_hook_moments`)
+    held_in_backward_bytes: int = 0
+    refresh_step: bool = False  # this budget is the refresh step's (on_refresh_step): peaks.py `_hook_moments`
+
+    def on_refresh_step(self) -> "ParameterBudget":
+        """This budget as the refresh step has it (the step's own temporaries replaced)."""
+        return replace(self, optimizer_temporaries=self.refresh_optimizer_temporaries,
+                       block_step_transient=self.refresh_block_step_transient,
+                       head_step_transient=self.refresh_head_step_transient, refresh_step=True)
 
     @property
     def frozen_bytes(self) -> int:
@@ -185,6 +203,9 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
     block_groups = [g for g in trainable if "*" in g.name] if method.base_trainable else \
         [g for g in trainable if not g.name.startswith(outside)]
     ob = optimizer_budget(opt, trainable, run.master_weights, run.optimizer_in_backward, block_groups)
+    refreshing = opt.refreshing()  # galore: the projector refresh step's temporaries
+    rb = optimizer_budget(refreshing, trainable, run.master_weights, run.optimizer_in_backward, block_groups) \
+        if refreshing is not None else None
     return ParameterBudget(
         total_params=sum(g.total for g in groups), trainable_params=sum(g.total_numel for g in trainable),
         base_weight_bytes=stored, trainable_bytes=groups_bytes(trainable), frozen_adapter_bytes=groups_bytes(frozen),
@@ -206,7 +227,12 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         block_step_transient=ob.block_transient, head_step_transient=ob.head_transient,
         # a tied LM head is the input embedding: its gradient is complete (and stepped) only at the end
         lm_head_steps_early=method.base_trainable and not spec.tie_embeddings and run.task not in ("seq-cls", "token-cls"),
-        trainable_groups=tuple(trainable))  # allocevents
+        trainable_groups=tuple(trainable),  # allocevents
+        held_in_backward_bytes=spec.vocab * spec.hidden * DTYPE_BYTES[dtype] if run.optimizer_in_backward
+        and method.base_trainable and spec.tie_embeddings and run.task not in ("seq-cls", "token-cls") else 0,
+        **({} if rb is None else dict(refresh_every=opt.refresh_every, refresh_optimizer_temporaries=rb.step_temporaries,
+                                      refresh_block_step_transient=rb.block_transient,
+                                      refresh_head_step_transient=rb.head_transient)))
 
 
 def is_linear_weight(arch: Architecture, spec: ModelSpec, g) -> bool:

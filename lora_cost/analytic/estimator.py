@@ -260,6 +260,11 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         if note:
             warnings.append(note)
     device = dev.device_bytes
+    refresh = None
+    if params.refresh_every:  # task "galore": the projector refresh step (refresh.py)
+        refresh, note = _refresh(spec, run, gpu, rec, acts, params, stack, rank, peak, device, paged,
+                                 adapted_blocks=bool(sites) or bool(method.block_trainable(spec, run)))
+        warnings.append(note)
 
     sf = step_flops(rec, run.grad_checkpointing, stack)
     fwd, bwd, recomputed = sf.forward, sf.backward, sf.recomputed
@@ -271,11 +276,12 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         steady_bytes=params.steady_bytes if rank is None else rank.steady_bytes + params.loop_state_bytes,
         saved_by_kind=saved_by_kind(rec, run, acts.kept),
         terms=memory_terms(spec, run, method, opt, params, acts.total, rec) + (() if rank is None else _rank_terms(rank)),
-        device=dev, host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node)
+        device=dev, host_bytes=None if rank is None else rank.host_bytes_per_rank * rank.sharding.gpus_per_node,
+        refresh=refresh)
     flops = FlopEstimate(forward=fwd, backward=bwd, forward_uncounted=sf.forward_uncounted,
                          backward_uncounted=sf.backward_uncounted, terms=flop_terms(rec, run, recomputed))
     gpu_profile = load_gpu(gpu) if gpu is not None else None
-    fit = (gpu_fit(gpu_profile, device, sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
+    fit = (gpu_fit(gpu_profile, max(device, refresh.device_bytes if refresh else 0), sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
            if gpu is not None else None)
     distributed = None
     if rank is not None:
@@ -298,6 +304,24 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
         + _lossdtype_notes(spec, run),
         serving=_serving(arch, spec, method, sites, head_sites, run) if serving else None,
         distributed=distributed)
+
+
+def _refresh(spec, run, gpu, rec, acts, params, stack, rank, steady, device, paged, adapted_blocks):
+    """(memory.refresh, its warning): the steady step's moments over the refresh step's budget (refresh.py)."""
+    from .refresh import refresh_step
+    from .svd import SVD_WARNING
+    if rank is not None:
+        return None, ("GaLore's projector refresh step (the first and every update_proj_gap-th) is not modelled with "
+                      "--gpus: its SVD temporaries are missing from this estimate")
+    phases = phase_peaks(rec, acts, params.on_refresh_step(), run, stack, adapted_blocks=adapted_blocks)
+    refresh = refresh_step(phases, steady, device, spec.model_type, gpu, paged, run.paged_evictable, _libraries(run),
+                           params.refresh_every)
+    from ..units import fmt_bytes
+    return refresh, (f"{get_optimizer(run.optimizer).name}: the projector refresh step (the first, then every {params.refresh_every}) peaks "
+                     f"at {fmt_bytes(refresh.peak_bytes)} ({refresh.peak_phase}), "
+                     + (f"{fmt_bytes(refresh.above_steady_bytes)} above the steady step" if refresh.above_steady_bytes
+                        else "not above the steady step")
+                     + f" (memory.refresh; the GPU fit takes the larger); {SVD_WARNING}")
 
 
 def _rank_terms(rank) -> tuple[Term, ...]:

@@ -34,6 +34,9 @@ COMPONENTS = {
     MemoryCategory.PREFETCHED_PARAMETERS: "one decoder-layer unit, all-gathered ahead (FSDP2 backward prefetch)",
     MemoryCategory.UNSHARDED_GRADIENTS: "trainable elements of the gathered units x param dtype",
     MemoryCategory.REDUCE_SCATTER_BUFFERS: "world x padded shard of a unit's trainable params x reduce dtype",
+    MemoryCategory.PROJECTOR_REFRESH: "GaLore refresh: max over projected m x n weights of 4mn copy (16-bit) + U, S, Vh + "
+                                       "info + 4mn column-major copy, or the r x long product + diag / cast; + the "
+                                       "previous tensor's denom and norm_grad (optimizers.py _galore_refresh_temporaries)",
     MemoryCategory.GRADIENT_BUCKETS: "DDP: trainable bytes (bucket_cap_mb buckets); ZeRO: reduce_bucket_size x dtype (x2 overlap_comm)",
 }
 
@@ -127,6 +130,14 @@ def _optimizer_option_terms(params: ParameterBudget) -> tuple[Term, ...]:
         out += (Term("fp32 master weights", params.master_bytes, COMPONENTS[C.MASTER_WEIGHTS],
                      "the optimizer updates fp32 copies and writes them back to the 16-bit weights (Megatron-LM "
                      "Float16OptimizerWithFloat16Params, DeepSpeed bf16/fp16 optimizers)", C.MASTER_WEIGHTS),)
+    if params.refresh_every:
+        out += (Term("projector refresh temporaries", max(params.refresh_optimizer_temporaries,
+                                                            params.refresh_block_step_transient,
+                                                            params.refresh_head_step_transient),
+                     COMPONENTS[C.PROJECTOR_REFRESH],
+                     f"GaLore's refresh step (the first and every {params.refresh_every}th): get_orthogonal_matrix's "
+                     "SVD of one gradient at a time inside optimizer.step (with --optimizer-in-backward: with that "
+                     "tensor's gradient, in backward); cuSOLVER's run-time workspace not counted", C.PROJECTOR_REFRESH),)
     if params.in_backward:
         out += (Term("one tensor's step in backward", max(params.block_step_transient, params.head_step_transient),
                      "its gradient + fp32 copy (master weights) + the optimizer's temporaries for it alone",

@@ -33,13 +33,14 @@ applied to the fp32 master copies instead of the 16-bit parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..registry import Registry, dashed
 from .formulas.blocks import MIN_BLOCK_SIZE
 from .formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, blocks
 from .methods.base import TensorGroup
+from .svd import svd_buffers
 from ..errors import LoraCostError
 from ..units import DTYPE_BYTES
 
@@ -158,6 +159,7 @@ def _torchao(bits: int) -> Callable[[TensorGroup], int]:
 
 # GaLore as Trainer builds it (transformers trainer_optimizer.py `_get_galore_optimizer`, optim_args defaults)
 GALORE_RANK = 128
+GALORE_UPDATE_GAP = 200  # ... "update_proj_gap": the projector recomputes its matrix when step % 200 == 0
 
 
 def _galore_sides(g: TensorGroup) -> tuple[int, int, int, int]:
@@ -191,6 +193,76 @@ def _galore_tensor(g: TensorGroup) -> int:
     return (3 * k * long + 2 * m * n) * dt
 
 
+def _galore_refresh_tensor(g: TensorGroup) -> int:
+    """A refresh step (state["step"] % update_proj_gap == 0, and the first step) on one tensor: galore_projector.py
+    `get_orthogonal_matrix` runs inside `project`, before the projected gradient exists, while the old orthogonal
+    matrix is still the projector's (it is replaced on return). For a projected [m, n] weight of dtype bytes dt,
+    k = min(m, n), r = min(rank, k), long/short = max/min(m, n):
+      `matrix = module_params.data.float()` (4mn, 16-bit gradients only), then torch.linalg.svd's buffers (svd.py:
+      U, S, Vh; info and the column-major copy inside the call; cuSOLVER's workspace uncounted);
+      after the call, with U, S, Vh and the copy of the gradient alive: 'right' (m >= n) `A = U[:, :rank] @
+      torch.diag(s[:rank])` ([r, r] diag while the [m, r] product is made), `B = Vh[:rank, :]...type(original_type)`
+      (the new matrix, [r, n], made while A lives); 'left' (m < n) `B = torch.diag(s[:rank]) @ Vh[:rank, :]` and
+      `A = U[:, :rank]...type(...)`: an fp32 product r x long, then a diag r x r or the cast r x short x dt. fp32:
+      no copy and no cast (the new matrix is a view of Vh / U).
+    The step then goes on as a steady one (`_galore_tensor`): the tensor's peak is the larger of the two.
+    Unprojected tensors: as in a steady step."""
+    return max(_galore_svd_moment(g), _galore_tensor(g))
+
+
+def _galore_svd_moment(g: TensorGroup) -> int:
+    """The refresh's own buffers on one projected tensor at their largest (`_galore_refresh_tensor`); 0 unprojected."""
+    if not (g.linear_weight and len(g.shape) == 2):
+        return 0
+    dt = DTYPE_BYTES[g.dtype]
+    m, n, r, long = _galore_sides(g)
+    short = min(m, n)
+    copy = allocated(m * n * FP32) if dt < FP32 else 0
+    svd = svd_buffers(m, n)
+    cast = allocated(r * short * dt) if dt < FP32 else 0
+    inside_svd = copy + svd.inside
+    after_svd = copy + svd.outputs + allocated(r * long * FP32) + max(allocated(r * r * FP32), cast)
+    return max(inside_svd, after_svd)
+
+
+def _galore_leftover(g: TensorGroup) -> int:
+    """What one tensor's update leaves bound when the loop moves on (galore_torch/adamw.py AdamW.step): the locals
+    `denom` (like the projected gradient) and `norm_grad` (project_back's `full_rank_grad * self.scale`, like the
+    weight) live until the next tensor rebinds them, after its `project` call; unprojected: two like the tensor."""
+    dt = DTYPE_BYTES[g.dtype]
+    if not (g.linear_weight and len(g.shape) == 2):
+        return 2 * allocated(g.numel * dt)
+    m, n, r, long = _galore_sides(g)
+    return allocated(r * long * dt) + allocated(m * n * dt)
+
+
+def _galore_refresh_temporaries(groups: list[TensorGroup]) -> int:
+    """A refresh step's temporaries: the larger of a steady step's (the loop's largest tensor) and, for each projected
+    tensor, its SVD moment (`_galore_svd_moment`) on top of what the tensor stepped before it left bound
+    (`_galore_leftover`: rebound, so freed, before the tensor's own steady moments). The loop's order (trainer_optimizer.py `_get_galore_optimizer`: the unprojected parameters'
+    group first, then the projected ones, each in model order): a block's first linear follows the last linear of
+    the block before (or, in the first block, the last unprojected tensor: the final norm), a block's other linears
+    the one listed before them, a linear outside the blocks (an untied LM head) the last block linear."""
+    steady = max((_galore_tensor(g) for g in groups), default=0)
+    projected = [g for g in groups if g.linear_weight and len(g.shape) == 2]
+    if not projected:
+        return steady
+    others = [g for g in groups if not (g.linear_weight and len(g.shape) == 2)]
+    last_other = _galore_leftover(others[-1]) if others else 0
+    block = [g for g in projected if "*" in g.name]
+    peak = steady
+    for g in projected:
+        i = next((j for j, b in enumerate(block) if b is g), None)
+        if i:
+            before = _galore_leftover(block[i - 1])
+        elif i == 0:  # the first block linear: after the previous block's last one, or the unprojected group
+            before = max(_galore_leftover(block[-1]) if g.count > 1 else 0, last_other)
+        else:
+            before = _galore_leftover(block[-1]) if block else last_other
+        peak = max(peak, before + _galore_svd_moment(g))
+    return peak
+
+
 @dataclass(frozen=True)
 class Optimizer:
     name: str
@@ -203,6 +275,18 @@ class Optimizer:
     combine: str | Callable[[list[TensorGroup]], int] = "loop"
     paged: bool = False  # states live in managed memory, outside torch's allocated counters
     aliases: tuple[str, ...] = ()  # other spellings (Trainer's `optim` names are accepted with underscores)
+    # galore: an occasional step that allocates more per tensor than the steady one (GaLore's projector refresh,
+    # every `refresh_every` steps and on the first), as `tensor_temporaries`; None: every step is the same
+    refresh_temporaries: Callable[[TensorGroup], int] | None = None
+    refresh_combine: str | Callable[[list[TensorGroup]], int] = "loop"  # how they add up (as `combine`)
+    refresh_every: int = 0
+
+    def refreshing(self) -> "Optimizer | None":
+        """The optimizer as it runs on a refresh step (its per-tensor and combined temporaries), or None."""
+        if self.refresh_temporaries is None:
+            return None
+        return replace(self, tensor_temporaries=self.refresh_temporaries, combine=self.refresh_combine,
+                       refresh_temporaries=None)
 
     def step_temporaries(self, groups: list[TensorGroup]) -> int:
         """Bytes the step allocates on top of gradients and state, at its peak."""
@@ -259,8 +343,10 @@ register_optimizer(Optimizer("paged-lion-8bit", "bitsandbytes PagedLion8bit: one
 register_optimizer(Optimizer("paged-lion-32bit", "bitsandbytes PagedLion32bit: one fp32 state in CUDA managed memory",
                              _bnb(1, False), paged=True))
 register_optimizer(Optimizer("galore-adamw", "GaLore AdamW (galore_torch, rank 128, every nn.Linear weight): states of "
-                             "the rank-128 projected gradient + the projector; AdamW states elsewhere", _galore_state,
-                             _galore_tensor))
+                             "the rank-128 projected gradient + the projector; AdamW states elsewhere; the first and every 200th "
+                             "step SVD each projected gradient (memory.refresh)", _galore_state,
+                             _galore_tensor, refresh_temporaries=_galore_refresh_tensor,
+                             refresh_combine=_galore_refresh_temporaries, refresh_every=GALORE_UPDATE_GAP))
 register_optimizer(Optimizer("adamw-torch-8bit", "torchao AdamW8bit: uint8 codes + fp32 scale per 256 + a 256-entry qmap "
                              "per state (>= 4096 elements dividing by 256; else like the parameter); its compiled update's "
                              "buffers not modelled", _torchao(8)))

@@ -32,6 +32,16 @@ def run_header(r: RunHeader) -> dict:
     }
 
 
+def refresh_json(m: MemoryEstimate) -> dict:
+    """task "galore": `memory.refresh`, the optimizer's refresh step (absent when every step is alike)."""
+    r = m.refresh
+    if r is None:
+        return {}
+    return {"refresh": {"every_steps": r.every_steps, "peak_bytes": r.peak_bytes, "peak_phase": r.peak_phase,
+                        "moment": r.moment, "device_bytes": r.device_bytes, "above_steady_bytes": r.above_steady_bytes,
+                        "components": _terms(r.components)}}
+
+
 def estimate_to_json(e: Estimate) -> dict:
     m, f = e.memory, e.flops
     doc = {
@@ -47,6 +57,7 @@ def estimate_to_json(e: Estimate) -> dict:
             "phases": {p.phase: {"peak_bytes": p.peak_bytes, "moment": p.moment, "terms": _terms(p.terms)} for p in m.phases},
             "saved_by_kind": _terms(m.saved_by_kind),
             "terms": [{"name": t.name, "bytes": t.value, "formula": t.formula, "explanation": t.explanation} for t in m.terms],
+            **refresh_json(m),
         },
         "flops": {
             "forward": f.forward, "backward": f.backward, "total": f.total,

@@ -47,6 +47,10 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
     phases.add_column("when")
     for p in m.phases:
         phases.add_row(p.phase, fmt_bytes(p.peak_bytes), p.moment)
+    if m.refresh is not None:  # task "galore": the optimizer's refresh step, a step of its own
+        r = m.refresh
+        phases.add_row(f"refresh step (first, every {r.every_steps})", fmt_bytes(r.peak_bytes),
+                       f"{r.peak_phase}: {r.moment}; device {fmt_bytes(r.device_bytes)}")
     console.print(phases)
 
     console.print(f"FLOPs per step: forward {fmt_flops(f.forward)}, backward {fmt_flops(f.backward)}, "
@@ -56,7 +60,7 @@ def render_estimate(console: Console, e: Estimate, explain: bool = False) -> Non
     if e.gpu is not None:
         g = e.gpu
         verdict = verdict_markup(g)
-        console.print(f"{g.gpu}: {verdict} ({fmt_bytes(m.device_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
+        console.print(f"{g.gpu}: {verdict} ({fmt_bytes(g.memory_bytes - g.headroom_bytes)} of {fmt_bytes(g.memory_bytes)}, headroom "
                       f"{fmt_bytes(g.headroom_bytes)}, uncertainty {fmt_bytes(g.uncertainty_bytes)}); about {g.step_time_s * 1e3:.0f} ms per step at "
                       f"{100 * g.utilisation:.0f}% of peak throughput")
     if e.serving is not None:

@@ -34,6 +34,9 @@ def trace_to_json(t: TraceResult, gpu: GpuFit | None = None) -> dict:
             "saved_by_kind": {c.name: c.bytes for c in t.saved_by_kind},
             "terms": [{"name": c.name, "bytes": c.bytes, "formula": "sum of allocator-rounded storages alive at the peak",
                        "explanation": "simulated CUDA caching allocator over the traced step"} for c in top.categories],
+            # task "galore": the optimizer's refresh step, traced as a second step (absent when every step is alike)
+            **({} if t.refresh_peak_bytes is None else
+               {"refresh": {"peak_bytes": t.refresh_peak_bytes, "peak_phase": t.refresh_peak_phase}}),
         },
         "flops": {
             "forward": t.flops_forward, "backward": t.flops_backward, "total": t.flops_forward + t.flops_backward,

@@ -37,6 +37,8 @@ def render_trace(console: Console, t, fit, explain: bool = False) -> None:
         table.add_row(p.phase, fmt_bytes(p.peak_bytes), p.op, p.module or "-",
                       ", ".join(f"{cat.name} {fmt_bytes(cat.bytes)}" for cat in p.categories))
     c.print(table)
+    if t.refresh_peak_bytes is not None:  # task "galore": the optimizer's refresh step, traced as a second step
+        c.print(f"refresh step (GaLore's SVD): peak {fmt_bytes(t.refresh_peak_bytes)} ({t.refresh_peak_phase})")
     c.print(f"peak {fmt_bytes(t.peak_bytes)} ({t.peak_phase}); saved activations {fmt_bytes(t.saved_activation_bytes)}; "
             f"device estimate {fmt_bytes(t.device_bytes)}"
             + (f" (reserved {fmt_bytes(t.device.reserved_bytes)} + context {fmt_bytes(t.device.context_bytes)}"

@@ -60,6 +60,8 @@ def differences(estimate, traced: TraceResult) -> list[Difference]:
         trace_cats = {c.name: c.bytes for c in p.categories}
         for key in sorted(set(cats) | set(trace_cats)):
             rows.append(Difference(f"{p.phase}.{key}", cats.get(key, 0), trace_cats.get(key, 0)))
+    if m.refresh is not None and traced.refresh_peak_bytes is not None:  # task "galore": the refresh step
+        rows.append(Difference("refresh.peak_bytes", m.refresh.peak_bytes, traced.refresh_peak_bytes))
     rows += [
         Difference("flops.forward", f.forward, traced.flops_forward),
         Difference("flops.backward", f.backward, traced.flops_backward),

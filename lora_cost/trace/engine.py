@@ -113,11 +113,28 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
             with liger_swaps(built, spec, run):  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (liger.py)
                 rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration,
                                   loop=m.trace_loop)
+            refresh = None
+            if get_optimizer(run.optimizer).refresh_every and run.sharding is None:
+                # task "galore": the refresh step traced on a model of its own (a fresh fake mode and optimizer)
+                again = build(spec, cfg, run, m, names)
+                if run.loss != "standard":
+                    install_loss(again.model, run)
+                with liger_swaps(again, spec, run):
+                    refreshed, _ = run_step(again.model, run, run.optimizer, spec.vocab, calibration=calibration,
+                                            loop=m.trace_loop, refresh=True)
+                refresh = max((refreshed.sim.peaks[phase][0], phase) for phase in ("forward", "backward", "optimizer"))
     finally:
         transformers.logging.set_verbosity(verbosity)
     elapsed = time.perf_counter() - t0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=gpu)
+    result = summarise(spec, run, m, names, built, rec, total_params, trainable_params, elapsed, rss, gpu=gpu)
+    if refresh is None:
+        return result
+    from ..analytic.svd import SVD_WARNING
+    return replace(result, refresh_peak_bytes=int(refresh[0]), refresh_peak_phase=refresh[1],
+                   warnings=result.warnings + (f"{run.optimizer}: the projector refresh step (the first, then every "
+                                               f"{get_optimizer(run.optimizer).refresh_every}) traced as a second step: "
+                                               f"refresh_peak_bytes; {SVD_WARNING}",))
 
 
 def _category(blk, rec) -> MemoryCategory:

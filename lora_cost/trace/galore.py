@@ -9,7 +9,8 @@ weight, `optim_target_modules="all-linear"`) form their own group, the others a 
 The state of a targeted [m, n] weight: the projector's orthogonal matrix (SVD of the gradient:
 Vh[:rank] [rank, n] when m >= n, else U[:, :rank] [m, rank], cast back to the parameter dtype, or for
 fp32 a view that keeps the whole Vh / U alive), and exp_avg, exp_avg_sq shaped like the projected
-gradient ([m, rank] or [rank, n]). The traced step is a steady one (step % update_proj_gap != 0: no SVD).
+gradient ([m, rank] or [rank, n]). The traced step is a steady one (step % update_proj_gap != 0: no SVD); the
+engine traces the refresh step (an SVD per projected gradient) as a second run, `refresh_next_step` (task "galore").
 """
 
 from __future__ import annotations
@@ -46,11 +47,34 @@ class Projector:
         return full_rank_grad * GALORE_SCALE
 
     def _orthogonal(self, weights, kind: str):
+        """get_orthogonal_matrix, types 'right' and 'left', op for op (the products it makes and drops included:
+        they are alive with the SVD's outputs, analytic/optimizers.py `_galore_refresh_tensor`)."""
         float_data = weights.dtype == torch.float
         matrix = weights if float_data else weights.float()
-        U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)
-        out = Vh[: self.rank, :] if kind == "right" else U[:, : self.rank]
-        return out if float_data else out.type(weights.dtype)
+        U, s, Vh = cuda_svd(matrix)
+        if kind == "right":
+            A = U[:, : self.rank] @ torch.diag(s[: self.rank])  # noqa: F841 (made and dropped, as the library does)
+            B = Vh[: self.rank, :]
+            return B if float_data else B.type(weights.dtype)
+        A = U[:, : self.rank]
+        B = torch.diag(s[: self.rank]) @ Vh[: self.rank, :]  # noqa: F841
+        return A if float_data else A.type(weights.dtype)
+
+
+def cuda_svd(matrix):
+    """torch.linalg.svd(matrix, full_matrices=False) with what its CUDA kernel allocates and frees inside the call
+    (analytic/svd.py, from BatchLinearAlgebra.cpp `_linalg_svd_out` and BatchLinearAlgebraLib.cpp `svd_cusolver`):
+    fake tensors' meta kernel makes the outputs U, S, Vh; the int32 `info` and the column-major copy of the input
+    (`cloneBatchedColumnMajor`) are made here, with the outputs alive, and dropped. cuSOLVER's gesvdj workspace
+    (`lwork`, a run-time query) is not: the result's warning names it."""
+    U, s, Vh = torch.linalg.svd(matrix, full_matrices=False)
+    m, n = matrix.shape
+    info = torch.zeros((), dtype=torch.int32, device=matrix.device)
+    column_major = matrix.mT.contiguous()  # [n, m] row-major: the [m, n] matrix in column-major order
+    # gesvdjBatched (m, n <= 32) assumes full matrices: a square U_ or V_ when m != n (svd_cusolver_gesvdjBatched)
+    square = matrix.new_empty((max(m, n), max(m, n))) if m <= 32 and n <= 32 and m != n else None
+    del info, column_major, square
+    return U, s, Vh
 
 
 class GaLoreAdamWStandIn(torch.optim.Optimizer):
@@ -89,6 +113,13 @@ class GaLoreAdamWStandIn(torch.optim.Optimizer):
                     norm_grad = state["projector"].project_back(norm_grad)
                 p.add_(norm_grad, alpha=-step_size)
         return None
+
+    def refresh_next_step(self) -> None:
+        """Make the next step a refresh step (state["step"] a multiple of update_proj_gap, every state made: the
+        step at 200, which the first step, with no old matrix and fewer states, does not exceed)."""
+        for st in self.state.values():
+            if "projector" in st:
+                st["step"] = GALORE_UPDATE_GAP
 
     def state_tensors(self):
         """Every state tensor, the projectors' matrices included (what the allocator keeps between steps)."""

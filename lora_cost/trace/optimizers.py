@@ -49,6 +49,18 @@ def warm_state(opt, mode) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def refresh_next_step(opt) -> None:
+    """Make the next step an optimizer's occasional heavier one (GaLore's projector refresh, galore.py), through
+    the wrappers; an optimizer without one is left as it is."""
+    if hasattr(opt, "per_tensor"):
+        for _, one in opt.per_tensor:
+            refresh_next_step(one)
+    elif hasattr(opt, "inner"):
+        refresh_next_step(opt.inner)
+    elif hasattr(opt, "refresh_next_step"):
+        opt.refresh_next_step()
+
+
 def state_tensors(opt):
     """Every tensor an optimizer (or a wrapper of them) keeps between steps."""
     if hasattr(opt, "per_tensor"):

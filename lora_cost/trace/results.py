@@ -82,6 +82,9 @@ class TraceResult(RunHeader):
     fragmentation_bytes: int = 0  # reserved but unallocated bytes at the allocated peak
     allocator_retries: int = 0  # > 0: the step fits only because the cache was emptied and the allocation retried
     device: DeviceMemory | None = None  # reserved + context (+ resident paged state): analytic/device.py
+    # task "galore": the optimizer's refresh step (GaLore's SVD), traced as a second step; None: every step alike
+    refresh_peak_bytes: int | None = None
+    refresh_peak_phase: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

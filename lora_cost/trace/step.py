@@ -223,11 +223,12 @@ def _kernel_patches(run, model, autocast) -> list:
 
 
 def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
-             loop=None) -> tuple[StepRecord, object]:
+             loop=None, refresh: bool = False) -> tuple[StepRecord, object]:
     """Trace one step. `calibration=True` reproduces how the H100 calibration rows were measured:
     an identity saved_tensors_hook active throughout and two full warm-up steps before the measured
     one (so graphs leaked by that hook in the warm-ups are still allocated). `loop`: the method's
-    `trace_loop` (state the training loop keeps between steps, and its call after opt.step())."""
+    `trace_loop` (state the training loop keeps between steps, and its call after opt.step()). `refresh`: the
+    measured step is the optimizer's occasional heavier one (GaLore's projector refresh, task "galore")."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     materialize(model, mode)
     world = contextlib.ExitStack()
@@ -239,13 +240,16 @@ def run_step(model, run, optimizer: str, vocab: int, calibration: bool = False,
             with mode:
                 model = wrap(model, run.sharding.strategy, run.sharding.gpus, run.sharding.resharded, mesh=mesh)
     with world:
-        return _run_step(model, run, optimizer, vocab, calibration, loop, mode)
+        return _run_step(model, run, optimizer, vocab, calibration, loop, mode, refresh)
 
 
-def _run_step(model, run, optimizer, vocab, calibration, loop, mode):
+def _run_step(model, run, optimizer, vocab, calibration, loop, mode, refresh=False):
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = make_optimizer(optimizer, trainable, run, model)
     init_state(opt, mode)
+    if refresh:
+        from .optimizers import refresh_next_step
+        refresh_next_step(opt)
     loop_state, loop_update = [], None
     if loop is not None:
         with mode:

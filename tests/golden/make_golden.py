@@ -116,6 +116,11 @@ def cases() -> list[dict]:
         out.append(dict(model=model, method="full", optimizer="galore-adamw", batch=2, seq=1024))
     out.append(dict(model="llama-3.1-8b", method="full", optimizer="galore-adamw", master_weights="fp32",
                     optimizer_in_backward=True, batch=2, seq=1024, grad_checkpointing=True))
+    # task "galore": the projector refresh step (memory.refresh) where it is the higher step, with a GPU fit
+    out.append(dict(model="llama-3.1-8b", method="full", optimizer="galore-adamw", batch=1, seq=512, gpu="h200-141gb"))
+    out.append(dict(model="qwen2.5-7b", method="full", optimizer="galore-adamw", optimizer_in_backward=True, batch=1,
+                    seq=2048, grad_checkpointing=True))
+    out.append(dict(model="mistral-7b", method="full", optimizer="galore-adamw", master_weights="fp32", batch=1, seq=512))
     for opt in ("adamw-torch-8bit", "adamw-torch-4bit"):
         for method in ("full", "lora"):
             out.append(dict(model="llama-3.2-1b", method=method, optimizer=opt, batch=4, seq=1024))
