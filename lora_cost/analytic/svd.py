@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .allocator.config import MIN_BLOCK_SIZE
+from .formulas.blocks import MIN_BLOCK_SIZE
 
 FP32 = 4
 INT32 = 4
