@@ -181,14 +181,16 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
                 (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
                 ] + _dp(rank, "recompute", i)
 
+    at_loss = [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
+               # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's
+               # [V, H] weight-gradient product, losses.liger_loss), alive with every save of the step
+               (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get("loss", 0) - rec.logits_at_loss_bytes, 0))]
+    tracked_blocks, tracked_loss = _tracked_forward_moments(rec, acts, run, stack)
+    if tracked_loss is not None:  # ligeracc: what else the forward holds then (the final hidden states, the labels)
+        at_loss.append((C.FORWARD_LIVE, max(tracked_loss - sum(v for _, v in at_loss), 0)))
     candidates = {
         "forward": [
-            ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
-              # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's
-              # [V, H] weight-gradient product, losses.liger_loss), alive with every save of the step
-              (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get("loss", 0) - rec.logits_at_loss_bytes, 0))]
-             + _dp(rank, "forward-loss")),
+            ("computing the loss (logits and their fp32 copy alive)", at_loss + _dp(rank, "forward-loss")),
             # moments: beside the saves and the op's buffer, two residual-stream tensors no op saves are held by
             # Python: the block's input by the model's layer loop (`hidden_states = layer(hidden_states)`
             # rebinds it only when the block returns) and the sublayer's residual by the block
@@ -196,6 +198,7 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
             ("inside a block (largest short-lived buffer)",
              [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient + 2 * residual)]
              + _dp(rank, "forward-block")),
+            *[(where, terms + _dp(rank, "forward-block")) for where, terms in tracked_blocks],
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
@@ -249,6 +252,34 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         candidates = {phase: [(where, [(c, grads(phase, c, v)) for c, v in terms])
                               for where, terms in options] for phase, options in candidates.items()}
     return steady, candidates
+
+
+def _tracked_forward_moments(rec: StepRecord, acts: ActivationBudget, run: RunConfig, stack: Stack) -> tuple:
+    """ligeracc: the forward's fullest moment inside the blocks, op by op (tape.forward_live: the block's saves so far,
+    every storage alive that only Python holds, the op's buffers), on top of what the scopes before it keep: the
+    embeddings' and earlier blocks' saves (under checkpointing each block's input, its own included: the checkpoint
+    stores it, tape.hold). A block that stands for several layers is evaluated at the last of them (the most saves
+    below it). And the causal-LM loss's fullest moment, all told (the head's and the blocks' saves below it), or
+    None. Python's references follow the forward functions of the families that mirror transformers' (a local
+    rebound, a sublayer's function returning: Architecture.forward_lifetimes); none tracked for the others.
+    Returns ([(where, terms)] for the blocks, the loss's total or None)."""
+    live = rec.forward_live
+    if not live:
+        return [], None
+    ckpt = run.grad_checkpointing
+    below = acts.embeddings
+    best = None
+    for i, scope in enumerate(stack.scopes):
+        held = live.get(scope)
+        if held is not None:
+            kept = below + (acts.kept[i] if ckpt else 0)  # a checkpointed block's own input: stored by the checkpoint
+            if best is None or kept + held > best[0] + best[1]:
+                best = (kept, held)
+        below += acts.kept[i]
+    blocks = [] if best is None else [("inside a block (every tensor alive, op by op)",
+                                       [(C.SAVED_ACTIVATIONS, best[0]), (C.FORWARD_LIVE, best[1])])]
+    loss = below + acts.head + live["loss"] if "loss" in live and run.task in (None, "causal-lm") else None
+    return blocks, loss
 
 
 def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_head: int, per_layer: int,

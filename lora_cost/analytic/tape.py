@@ -44,6 +44,32 @@ class Tensor:
         return f"Tensor({self.numel}, {self.dtype}, rg={self.rg})"
 
 
+class _Storage:
+    """One storage made by `Tape.new`: tells the tape when the last tensor viewing it dies (CPython frees an
+    object at reference count zero, as torch frees a storage when its last tensor goes), so the tape knows
+    what the forward's Python code still holds at every op (ligeracc: `Tape.forward_live`)."""
+
+    __slots__ = ("sid", "nbytes", "tape")
+
+    def __init__(self, sid: int, nbytes: int, tape: "Tape") -> None:
+        self.sid, self.nbytes, self.tape = sid, nbytes, tape
+
+    def __del__(self) -> None:
+        self.tape._died(self.sid, self.nbytes)
+
+
+class LiveTensor(Tensor):
+    """A tape tensor that holds its storage (views share it): a storage is alive while any of them is.
+    (A plain `Tensor` built on a storage's sid, as a few modules do for a split, does not hold it.)"""
+
+    __slots__ = ("storage",)
+
+    def view(self, rg: bool | None = None) -> "LiveTensor":
+        t = LiveTensor(self.numel, self.dtype, self.rg if rg is None else rg, self.sid)
+        t.storage = self.storage
+        return t
+
+
 class Tape:
     """Accumulates saved-activation bytes and FLOPs, attributed to a scope and a kind."""
 
@@ -88,14 +114,30 @@ class Tape:
         self.repeated_scopes: frozenset[str] = frozenset()
         self.block_scopes: frozenset[str] = frozenset()
         self._made_in: dict[int, str] = {}
+        # ligeracc: what the forward holds at each op. A storage is alive from its op until its last tensor dies
+        # (_Storage); it persists past that when autograd keeps it: saved outside a checkpointed block, held by
+        # a ctx attribute, or a checkpointed block's input (torch.utils.checkpoint keeps it; `hold`). Per scope,
+        # at every new storage and every op buffer: the scope's saves so far (none in a checkpointed block: the
+        # checkpoint drops them) + every storage alive and not persisting (held by Python only: the block's
+        # input and the layer loop's, a sublayer's output waiting for the next op, the logits at the loss) + the
+        # op's buffers (peaks.py: the forward's tracked moments; the saves of the scopes before are added there)
+        self.checkpointed_scopes: frozenset[str] = frozenset()
+        self.forward_live: dict[str, list[int]] = defaultdict(list)
+        self._alive: dict[int, int] = {}  # sid -> bytes of every storage alive
+        self._persist: set[int] = set()  # sids kept for backward whatever Python does
+        self._held = 0  # bytes alive and not persisting
 
     # -- bookkeeping -------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool, gradient_buffers: int = 3) -> Tensor:
         """A new activation. `gradient_buffers`: how many buffers of its size its consumer's backward holds at once
         (3: the incoming gradient and two outgoing ones, a product's; Liger's SwiGLU output: 1, its kernel writes
         the two outgoing gradients into its saved inputs, analytic/liger.py)."""
-        t = Tensor(numel, dtype, rg)
+        t = LiveTensor(numel, dtype, rg)
         nbytes = numel * DTYPE_BYTES[dtype]
+        t.storage = _Storage(t.sid, nbytes, self)
+        self._alive[t.sid] = nbytes
+        self._held += nbytes
+        self._live_moment(0)
         self.created[self.scope].append(nbytes)
         # (saves a ctx attribute holds are left out: they outlive their node's backward, so peaks.py in_block
         # adds all of the block's, those made after this activation too)
@@ -104,6 +146,33 @@ class Tape:
         self.widest_gradients[self.scope].append(moment - self.gradients_before.get(self.scope, 0))
         self._made_in[t.sid] = self.scope
         return t
+
+    def buffer_alive(self, nbytes: int) -> None:
+        """An op's buffer of `nbytes` is still alive as its output is made (gemm_4bit's dequantised weight): a
+        forward moment of its own (forward_live only; the buffer is already among the op's transients)."""
+        self._live_moment(nbytes)
+
+    def _live_moment(self, buffers: int) -> None:
+        scope = self.scope
+        saved = 0 if scope in self.checkpointed_scopes else self.saved_by_scope.get(scope, 0)
+        self.forward_live[scope].append(saved + self._held + buffers)
+
+    def _persists(self, sid: int) -> None:
+        """The storage `sid` is kept for backward from now on: no longer held by Python alone."""
+        if sid not in self._persist:
+            self._persist.add(sid)
+            if sid in self._alive:
+                self._held -= self._alive[sid]
+
+    def _died(self, sid: int, nbytes: int) -> None:
+        """The last tensor of storage `sid` died (_Storage.__del__)."""
+        if self._alive.pop(sid, None) is not None and sid not in self._persist:
+            self._held -= nbytes
+
+    def hold(self, t: Tensor) -> None:
+        """`t` is kept for backward by something other than a save this tape counts in the scope (a checkpointed
+        block's input, stored by torch.utils.checkpoint): counted elsewhere (peaks.py), not as held by Python."""
+        self._persists(t.sid)
 
     def parameter(self, numel: int, dtype: str, rg: bool) -> Tensor:
         """A parameter used as an activation (DeBERTa's rel_embeddings.weight fed to a linear): autograd
@@ -124,6 +193,8 @@ class Tape:
         if t.sid in self._saved_ids:
             return
         self._saved_ids.add(t.sid)
+        if self.scope not in self.checkpointed_scopes:
+            self._persists(t.sid)
         nbytes = t.nbytes
         scope = self.scope
         made_in = self._made_in.get(t.sid, scope)
@@ -136,6 +207,7 @@ class Tape:
         """`t` is held by a ctx attribute until its op's backward, checkpointed or not (counted once per storage)."""
         if t.sid not in self._kept_ids:
             self._kept_ids.add(t.sid)
+            self._persists(t.sid)
             self.kept_past_checkpoint[self.scope] += t.nbytes
 
     def matmul(self, kind: str, m: int, k: int, n: int, *, grad_a: bool, grad_b: bool, counted: bool = True) -> None:
@@ -171,6 +243,8 @@ class Tape:
         that many equal tensors alive together (only the allocation replay tells them apart: allocator/events.py)."""
         table = self.backward_transient if backward else self.forward_transient
         table[self.scope].append(nbytes)
+        if not backward:
+            self._live_moment(nbytes)
 
     def norm_backward_buffers(self, nbytes: int) -> None:
         """The activation gradients alive at the peak of a norm's backward (the final norm's decides a

@@ -58,9 +58,16 @@ def merge_into_base(ctx, base_out, branch_out):
 
 
 def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
-    base_out = ctx.base_linear(x, site)
-    _, _, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
-    return merge_into_base(ctx, base_out, b)
+    """peft Linear.forward, its references as peft holds them (ligeracc: tape.forward_live): `x` rebound to its
+    cast stays alive to the return; lora_A's output is a temporary of the expression; `result` is rebound by the
+    add, and the add's output by its cast back to the base output's dtype."""
+    result = ctx.base_linear(x, site)
+    dtype = result.dtype
+    xa, a, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
+    del a
+    result = ops.add(ctx.tape, result, b)
+    del b
+    return ops.cast(ctx.tape, result, dtype)
 
 
 def lora_branch_flops(site: LinearSite, r: int) -> int:
