@@ -114,6 +114,7 @@ class Tape:
         self.repeated_scopes: frozenset[str] = frozenset()
         self.block_scopes: frozenset[str] = frozenset()
         self._made_in: dict[int, str] = {}
+        self._made_at: dict[int, tuple] = {}  # sid -> (saves, gradients_before, scope) when made, for gradient_summed
         # ligeracc: what the forward holds at each op. A storage is alive from its op until its last tensor dies
         # (_Storage); it persists past that when autograd keeps it: saved outside a checkpointed block, held by
         # a ctx attribute, or a checkpointed block's input (torch.utils.checkpoint keeps it; `hold`). Per scope,
@@ -141,11 +142,27 @@ class Tape:
         self.created[self.scope].append(nbytes)
         # (saves a ctx attribute holds are left out: they outlive their node's backward, so peaks.py in_block
         # adds all of the block's, those made after this activation too)
-        moment = gradient_buffers * nbytes + self.saved_by_scope.get(self.scope, 0) - self.kept_past_checkpoint.get(self.scope, 0)
+        base = self.saved_by_scope.get(self.scope, 0) - self.kept_past_checkpoint.get(self.scope, 0)
+        moment = gradient_buffers * nbytes + base
         self.widest_moment[self.scope].append(moment)
         self.widest_gradients[self.scope].append(moment - self.gradients_before.get(self.scope, 0))
         self._made_in[t.sid] = self.scope
+        if gradient_buffers < 3:  # ligeracc: its consumer may still hold more (gradient_summed)
+            self._made_at[t.sid] = (base, self.gradients_before.get(self.scope, 0), self.scope)
         return t
+
+    def gradient_summed(self, t: Tensor) -> None:
+        """`t`'s gradient is the sum of two paths of its consumer (a LoRA layer: the base layer's and the adapter's
+        input gradients, autograd's InputBuffer adding them out of place, torch/csrc/autograd/input_buffer.cpp
+        `accumulate`): the two and their sum, three buffers of t's size, when its gradient forms, whatever t's
+        maker needs then (Liger's SwiGLU output: one, analytic/liger.py). A widest-moment entry as `new` makes one."""
+        made = self._made_at.get(t.sid)
+        if made is None:
+            return
+        base, gradients, scope = made
+        moment = 3 * t.nbytes + base
+        self.widest_moment[scope].append(moment)
+        self.widest_gradients[scope].append(moment - gradients)
 
     def buffer_alive(self, nbytes: int) -> None:
         """An op's buffer of `nbytes` is still alive as its output is made (gemm_4bit's dequantised weight): a

@@ -63,6 +63,8 @@ def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
     add, and the add's output by its cast back to the base output's dtype."""
     result = ctx.base_linear(x, site)
     dtype = result.dtype
+    if x.rg:  # x's gradient: the base layer's and the adapter's, summed (peaks.py in_block, tape.gradient_summed)
+        ctx.tape.gradient_summed(x)
     xa, a, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
     del a
     result = ops.add(ctx.tape, result, b)
