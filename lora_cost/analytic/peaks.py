@@ -173,13 +173,17 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         (dequantised 4-bit weights, DoRA's weight norm, NoLA's bases) return, next to the
         activations recomputed so far and the incoming residual gradient."""
         scope = scopes[i]
+        # orphaned saves are among those buffers: count them once
+        extra = (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
+        # ligeracc: or, op by op, the block's saves so far and what Python holds besides (tape.recompute_live), beyond
+        # all of the block's saves
+        tracked = rec.recompute_live.get(scope)
+        if tracked is not None and tracked - acts.body[i] > extra[1]:
+            extra = (C.FORWARD_LIVE, tracked - acts.body[i])
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0)),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual),
-                # orphaned saves are among those buffers: count them once
-                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
-                ] + _dp(rank, "recompute", i)
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual), extra] + _dp(rank, "recompute", i)
 
     at_loss = [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
                # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's

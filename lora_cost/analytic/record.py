@@ -78,6 +78,8 @@ class StepRecord:
     # ligeracc: scope -> the most bytes the forward holds inside it (tape.forward_live: its saves so far, the
     # storages only Python holds, the op's buffers); absent: no tracked forward moment
     forward_live: dict = field(default_factory=dict)
+    # ligeracc: block scope -> the same under checkpointing's recomputation (tape.recompute_live: the block's saves kept)
+    recompute_live: dict = field(default_factory=dict)
 
     @property
     def logits_at_loss_bytes(self) -> int:
@@ -113,7 +115,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
         scalars[("uncounted", scope)] = v
     lists = {}
     for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment",
-                 "widest_gradients", "forward_live"):
+                 "widest_gradients", "forward_live", "recompute_live"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -137,7 +139,7 @@ _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flo
            "uncounted", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
            "norm_backward": "norm_backward", "widest_moment": "widest_moment", "widest_gradients": "widest_gradients",
-           "forward_live": "forward_live"}
+           "forward_live": "forward_live", "recompute_live": "recompute_live"}
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,7 @@ class AffineRecord:
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
         for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment",
-                     "widest_gradients", "forward_live"):
+                     "widest_gradients", "forward_live", "recompute_live"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
@@ -198,8 +200,9 @@ def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
     stack = stack_of(arch, spec)
     ctx = make_context(tape, spec, run, method, targets, stack)
     arch.forward(ctx)
-    if not arch.forward_lifetimes:  # ligeracc: Python's references not mirrored op by op: no tracked moments
+    if not (arch.forward_lifetimes and method.forward_lifetimes):  # ligeracc: references not mirrored: no tracked moments
         tape.forward_live.clear()
+        tape.recompute_live.clear()
     scalars, lists = _flatten(tape, ctx)
     # whole-model totals per kind (each simulated block counted for the layers it stands for), for the explanation
     reps = stack.repetitions

@@ -127,6 +127,12 @@ class Tape:
         self._alive: dict[int, int] = {}  # sid -> bytes of every storage alive
         self._persist: set[int] = set()  # sids kept for backward whatever Python does
         self._held = 0  # bytes alive and not persisting
+        # under checkpointing, the recomputation reruns a block's forward with its saves kept (stashed until their
+        # backward): per block scope, the same count with the block's saves persisting (recompute_live)
+        self.recompute_live: dict[str, list[int]] = defaultdict(list)
+        self._ckpt_saved: set[int] = set()  # sids saved inside a checkpointed block
+        self._ckpt_saved_alive = 0  # bytes of those alive and not persisting
+        self._resaved: dict[str, int] = defaultdict(int)  # scope -> its saves of storages the checkpoint keeps
 
     # -- bookkeeping -------------------------------------------------------------------------
     def new(self, numel: int, dtype: str, rg: bool, gradient_buffers: int = 3) -> Tensor:
@@ -171,8 +177,12 @@ class Tape:
 
     def _live_moment(self, buffers: int) -> None:
         scope = self.scope
-        saved = 0 if scope in self.checkpointed_scopes else self.saved_by_scope.get(scope, 0)
-        self.forward_live[scope].append(saved + self._held + buffers)
+        if scope in self.checkpointed_scopes:
+            self.forward_live[scope].append(self._held + buffers)
+            self.recompute_live[scope].append(self.saved_by_scope.get(scope, 0) - self._resaved[scope]
+                                              + self._held - self._ckpt_saved_alive + buffers)
+        else:
+            self.forward_live[scope].append(self.saved_by_scope.get(scope, 0) + self._held + buffers)
 
     def _persists(self, sid: int) -> None:
         """The storage `sid` is kept for backward from now on: no longer held by Python alone."""
@@ -180,11 +190,15 @@ class Tape:
             self._persist.add(sid)
             if sid in self._alive:
                 self._held -= self._alive[sid]
+                if sid in self._ckpt_saved:
+                    self._ckpt_saved_alive -= self._alive[sid]
 
     def _died(self, sid: int, nbytes: int) -> None:
         """The last tensor of storage `sid` died (_Storage.__del__)."""
         if self._alive.pop(sid, None) is not None and sid not in self._persist:
             self._held -= nbytes
+            if sid in self._ckpt_saved:
+                self._ckpt_saved_alive -= nbytes
 
     def hold(self, t: Tensor) -> None:
         """`t` is kept for backward by something other than a save this tape counts in the scope (a checkpointed
@@ -212,6 +226,11 @@ class Tape:
         self._saved_ids.add(t.sid)
         if self.scope not in self.checkpointed_scopes:
             self._persists(t.sid)
+        elif t.sid in self._persist:  # the checkpoint's own input (tape.hold), saved again: one storage
+            self._resaved[self.scope] += t.nbytes
+        elif t.sid in self._alive:
+            self._ckpt_saved.add(t.sid)
+            self._ckpt_saved_alive += t.nbytes
         nbytes = t.nbytes
         scope = self.scope
         made_in = self._made_in.get(t.sid, scope)

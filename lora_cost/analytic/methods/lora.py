@@ -150,6 +150,7 @@ def is_lora_config(peft_config) -> bool:
 
 
 LORA = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="lora",
     title="LoRA",
     paper="Hu et al. 2021, arXiv:2106.09685",
