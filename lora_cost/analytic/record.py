@@ -128,7 +128,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     # each against those kept, in the same order, without the quadratic scan)
     kept = []
     top = None
-    for a, b in sorted(set(lines), key=lambda ab: (-ab[0], -ab[1])):
+    for a, b in sorted(set(lines), reverse=True):  # (integer pairs: the same order as key (-a, -b), without a key call)
         if top is None or b > top:
             kept.append((a, b))
             top = b
@@ -196,13 +196,12 @@ class AffineRecord:
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
-    tape = Tape(run.tokens, autocast=run.autocast_dtype)
+    # ligeracc: the forward's references are followed only where the family and the method mirror the libraries'
+    tape = Tape(run.tokens, autocast=run.autocast_dtype, track_live=arch.forward_lifetimes and method.forward_lifetimes)
     stack = stack_of(arch, spec)
     ctx = make_context(tape, spec, run, method, targets, stack)
     arch.forward(ctx)
-    if not (arch.forward_lifetimes and method.forward_lifetimes):  # ligeracc: references not mirrored: no tracked moments
-        tape.forward_live.clear()
-        tape.recompute_live.clear()
+    tape.flush_live()
     scalars, lists = _flatten(tape, ctx)
     # whole-model totals per kind (each simulated block counted for the layers it stands for), for the explanation
     reps = stack.repetitions

@@ -73,8 +73,9 @@ class LiveTensor(Tensor):
 class Tape:
     """Accumulates saved-activation bytes and FLOPs, attributed to a scope and a kind."""
 
-    def __init__(self, tokens: int, autocast: str | None = None) -> None:
+    def __init__(self, tokens: int, autocast: str | None = None, track_live: bool = True) -> None:
         self.tokens = tokens
+        self.track_live = track_live  # ligeracc: whether storages report their death (forward_live); False: plain
         self.autocast = autocast
         self.scope = "embeddings"
         self._saved_ids: set[int] = set()
@@ -127,6 +128,7 @@ class Tape:
         self._alive: dict[int, int] = {}  # sid -> bytes of every storage alive
         self._persist: set[int] = set()  # sids kept for backward whatever Python does
         self._held = 0  # bytes alive and not persisting
+        self._pending: str | None = None  # the scope of the latest new storage, pending a moment (flush_live)
         # under checkpointing, the recomputation reruns a block's forward with its saves kept (stashed until their
         # backward): per block scope, the same count with the block's saves persisting (recompute_live)
         self.recompute_live: dict[str, list[int]] = defaultdict(list)
@@ -139,22 +141,29 @@ class Tape:
         """A new activation. `gradient_buffers`: how many buffers of its size its consumer's backward holds at once
         (3: the incoming gradient and two outgoing ones, a product's; Liger's SwiGLU output: 1, its kernel writes
         the two outgoing gradients into its saved inputs, analytic/liger.py)."""
-        t = LiveTensor(numel, dtype, rg)
         nbytes = numel * DTYPE_BYTES[dtype]
-        t.storage = _Storage(t.sid, nbytes, self)
-        self._alive[t.sid] = nbytes
-        self._held += nbytes
-        self._live_moment(0)
-        self.created[self.scope].append(nbytes)
+        scope = self.scope
+        if self.track_live:
+            t = LiveTensor(numel, dtype, rg)
+            sid = t.sid
+            t.storage = _Storage(sid, nbytes, self)
+            self._alive[sid] = nbytes
+            self._held += nbytes
+            self._pending = scope  # its moment is recorded before what is held next decreases (flush_live)
+        else:
+            t = Tensor(numel, dtype, rg)
+            sid = t.sid
+        self.created[scope].append(nbytes)
         # (saves a ctx attribute holds are left out: they outlive their node's backward, so peaks.py in_block
         # adds all of the block's, those made after this activation too)
-        base = self.saved_by_scope.get(self.scope, 0) - self.kept_past_checkpoint.get(self.scope, 0)
+        base = self.saved_by_scope.get(scope, 0) - self.kept_past_checkpoint.get(scope, 0)
         moment = gradient_buffers * nbytes + base
-        self.widest_moment[self.scope].append(moment)
-        self.widest_gradients[self.scope].append(moment - self.gradients_before.get(self.scope, 0))
-        self._made_in[t.sid] = self.scope
+        self.widest_moment[scope].append(moment)
+        before = self.gradients_before.get(scope, 0)
+        self.widest_gradients[scope].append(moment - before)
+        self._made_in[sid] = scope
         if gradient_buffers < 3:  # ligeracc: its consumer may still hold more (gradient_summed)
-            self._made_at[t.sid] = (base, self.gradients_before.get(self.scope, 0), self.scope)
+            self._made_at[sid] = (base, before, scope)
         return t
 
     def gradient_summed(self, t: Tensor) -> None:
@@ -175,17 +184,38 @@ class Tape:
         forward moment of its own (forward_live only; the buffer is already among the op's transients)."""
         self._live_moment(nbytes)
 
-    def _live_moment(self, buffers: int) -> None:
-        scope = self.scope
+    def _live_values(self, buffers: int, scope: str) -> tuple:
+        """(scope, what the forward holds now + `buffers`, the same in a recomputation or None)."""
         if scope in self.checkpointed_scopes:
-            self.forward_live[scope].append(self._held + buffers)
-            self.recompute_live[scope].append(self.saved_by_scope.get(scope, 0) - self._resaved[scope]
-                                              + self._held - self._ckpt_saved_alive + buffers)
-        else:
-            self.forward_live[scope].append(self.saved_by_scope.get(scope, 0) + self._held + buffers)
+            return (scope, self._held + buffers,
+                    self.saved_by_scope.get(scope, 0) - self._resaved[scope] + self._held - self._ckpt_saved_alive + buffers)
+        return scope, self.saved_by_scope.get(scope, 0) + self._held + buffers, None
+
+    def _record(self, values: tuple) -> None:
+        scope, live, again = values
+        self.forward_live[scope].append(live)
+        if again is not None:
+            self.recompute_live[scope].append(again)
+
+    def _live_moment(self, buffers: int) -> None:
+        """A moment with an op's buffers alive: a candidate of its own (it dominates a pending one)."""
+        if self.track_live:
+            self._pending = None
+            self._record(self._live_values(buffers, self.scope))
+
+    def flush_live(self) -> None:
+        """Record the pending moment. Only local maxima are kept, for speed: a new storage only adds to the
+        previous moment (which it replaces as the pending one), so a moment is recorded just before what is held
+        decreases (a death, a storage that starts to persist) or at the end. Which moments are kept depends on
+        the order of events only, never on sizes, so every simulation of one structure keeps the same ones (the
+        rank and batch lines pair them entry by entry: record.py)."""
+        if self._pending is not None:
+            self._record(self._live_values(0, self._pending))
+            self._pending = None
 
     def _persists(self, sid: int) -> None:
-        """The storage `sid` is kept for backward from now on: no longer held by Python alone."""
+        """The storage `sid` is kept for backward from now on: no longer held by Python alone. (A caller whose
+        bytes do not move to the scope's saves, so that what is held decreases, records the pending moment first.)"""
         if sid not in self._persist:
             self._persist.add(sid)
             if sid in self._alive:
@@ -196,6 +226,8 @@ class Tape:
     def _died(self, sid: int, nbytes: int) -> None:
         """The last tensor of storage `sid` died (_Storage.__del__)."""
         if self._alive.pop(sid, None) is not None and sid not in self._persist:
+            if self._pending is not None:
+                self.flush_live()
             self._held -= nbytes
             if sid in self._ckpt_saved:
                 self._ckpt_saved_alive -= nbytes
@@ -203,6 +235,8 @@ class Tape:
     def hold(self, t: Tensor) -> None:
         """`t` is kept for backward by something other than a save this tape counts in the scope (a checkpointed
         block's input, stored by torch.utils.checkpoint): counted elsewhere (peaks.py), not as held by Python."""
+        if self._pending is not None:
+            self.flush_live()
         self._persists(t.sid)
 
     def parameter(self, numel: int, dtype: str, rg: bool) -> Tensor:
@@ -225,6 +259,8 @@ class Tape:
             return
         self._saved_ids.add(t.sid)
         if self.scope not in self.checkpointed_scopes:
+            if self._pending is not None and self.scope in self.repeated_scopes:
+                self.flush_live()  # its bytes may go to the scope it was made in (below): what is held decreases
             self._persists(t.sid)
         elif t.sid in self._persist:  # the checkpoint's own input (tape.hold), saved again: one storage
             self._resaved[self.scope] += t.nbytes
@@ -243,6 +279,8 @@ class Tape:
         """`t` is held by a ctx attribute until its op's backward, checkpointed or not (counted once per storage)."""
         if t.sid not in self._kept_ids:
             self._kept_ids.add(t.sid)
+            if self._pending is not None:
+                self.flush_live()
             self._persists(t.sid)
             self.kept_past_checkpoint[self.scope] += t.nbytes
 
