@@ -7,6 +7,12 @@ full fine-tuning with --loss liger / chunked: block i's whole gradients counted 
 of the linears after its widest activation exist then), the untied embedding's gradient before its time, the fused
 loss's freed saves, and the chunked head's gradient summed chunk by chunk (analytic/peaks.py). Worst now: QLoRA +
 chunked + checkpointing, 4.2% low at the chunked loss's forward.
+Task "ligeracc" (all 300 rows: these 220 and the 80 with Liger's kernels): median 0.64% -> 0.21%, worst 7.91% -> 2.45%
+(the 80: 1.32% -> 0.24%, worst 7.91% -> 2.45%; the 220: 0.44% -> 0.20%, worst 4.39% -> 2.34%; rows above 1%: 119 -> 24).
+The forward's moments were missing what only Python holds (a sublayer's outputs waiting for the next op, the final
+hidden states at the loss, peft's cast input): the tape now counts, op by op, every storage alive by reference counting
+(analytic/tape.py forward_live; under checkpointing the recomputation's too, recompute_live), and a LoRA layer's input
+gradient is the sum of its two paths' (three buffers where Liger's SwiGLU output was counted with one).
 
 Run as a test (CI: a bounded subset, every CI_STRIDE-th configuration) or as a script for the per-term table
 (`python tests/test_grid_issue9.py`: all configurations). The grid is a fixed pseudo-random sample of the full
@@ -154,7 +160,8 @@ def test_engines_agree(case):
     # task "moments" removed the exemption of full fine-tuning + --loss liger/chunked (up to 16% high): block i's
     # gradients at its in-block moment are only those formed by then, and the chunked loss's head-gradient sum
     # is a moment of its own (analytic/peaks.py); every configuration now within 4.2% (see the module docstring)
-    assert_engines_agree(terms, peak_tolerance=0.06)
+    # ligeracc: every configuration within 2.45% (see the module docstring)
+    assert_engines_agree(terms, peak_tolerance=0.03)
 
 
 def test_grid_is_large_enough():
