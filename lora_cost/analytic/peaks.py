@@ -3,7 +3,11 @@
 The candidates, per phase (the largest of each phase is its peak):
   forward   - at the loss: everything saved, the logits, and their fp32 copy (causal-LM loss);
               inside a block: what is saved so far plus the block's largest short-lived buffer and
-              the two residual-stream tensors Python holds;
+              the two residual-stream tensors Python holds; and (ligeracc) op by op, where the family's and
+              the method's forward functions hold tensors as the libraries do, every storage alive
+              (tape.forward_live: the block's saves so far, what only Python holds, the op's buffers), inside
+              the blocks and, beyond the loss's named terms, at the loss; under checkpointing each recomputed
+              block likewise (tape.recompute_live);
   backward  - at the loss gradient: log-softmax backward holds its incoming and outgoing [n, vocab]
               gradients on top of everything saved (the usual peak); in the last and the first
               block (and the first of the layers a repeated block stands for), where saved activations
