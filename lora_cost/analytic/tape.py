@@ -258,7 +258,9 @@ class Tape:
         if t.sid in self._saved_ids:
             return
         self._saved_ids.add(t.sid)
-        if self.scope not in self.checkpointed_scopes:
+        if not self.track_live:
+            pass
+        elif self.scope not in self.checkpointed_scopes:
             if self._pending is not None and self.scope in self.repeated_scopes:
                 self.flush_live()  # its bytes may go to the scope it was made in (below): what is held decreases
             self._persists(t.sid)
