@@ -67,6 +67,10 @@ def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
         ctx.tape.gradient_summed(x)
     xa, a, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
     del a
+    # `lora_B(...) * scaling` writes a tensor of b's size while b is alive (a product with a Python float saves
+    # nothing; b then dies, the product takes its place in the add): a moment of the forward (tape.buffer_alive), not
+    # a storage of the allocation log (allocator/events.py), whose replay does not place it
+    ctx.tape.buffer_alive(b.nbytes)
     result = ops.add(ctx.tape, result, b)
     del b
     return ops.cast(ctx.tape, result, dtype)
