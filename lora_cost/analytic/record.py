@@ -202,6 +202,8 @@ def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
     ctx = make_context(tape, spec, run, method, targets, stack)
     arch.forward(ctx)
     tape.flush_live()
+    for scope in ("embeddings", "head"):  # peaks.py takes the blocks' and the loss's tracked moments only
+        tape.forward_live.pop(scope, None)
     scalars, lists = _flatten(tape, ctx)
     # whole-model totals per kind (each simulated block counted for the layers it stands for), for the explanation
     reps = stack.repetitions
