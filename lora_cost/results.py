@@ -66,6 +66,10 @@ class MemoryCategory(str, Enum):
                                    "gradients flowing through the block being differentiated")
     TRANSIENT_BUFFERS = ("transient_buffers", "transient buffers",
                          "dequantised 4-bit weight, DoRA's weight-norm inputs, NoLA's bases, attention mask")
+    # ligeracc: the forward's tracked moment (analytic/tape.py forward_live, peaks.py)
+    FORWARD_LIVE = ("forward_live", "forward tensors alive",
+                    "inside one block, the head or the loss: its saves so far, op outputs only Python still holds "
+                    "(not saved for backward) and the running op's buffers")
     OPTIMIZER_TEMPORARIES = ("optimizer_temporaries", "optimizer temporaries",
                              "torch._foreach_sqrt(exp_avg_sq) for all tensors at once")
     TEMPORARIES = ("temporaries", "temporaries",

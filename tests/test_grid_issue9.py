@@ -7,6 +7,12 @@ full fine-tuning with --loss liger / chunked: block i's whole gradients counted 
 of the linears after its widest activation exist then), the untied embedding's gradient before its time, the fused
 loss's freed saves, and the chunked head's gradient summed chunk by chunk (analytic/peaks.py). Worst now: QLoRA +
 chunked + checkpointing, 4.2% low at the chunked loss's forward.
+Task "ligeracc" (all 300 rows: these 220 and the 80 with Liger's kernels): median 0.64% -> 0.21%, worst 7.91% -> 2.45%
+(the 80: 1.32% -> 0.24%, worst 7.91% -> 2.45%; the 220: 0.44% -> 0.20%, worst 4.39% -> 2.34%; rows above 1%: 119 -> 24).
+The forward's moments were missing what only Python holds (a sublayer's outputs waiting for the next op, the final
+hidden states at the loss, peft's cast input): the tape now counts, op by op, every storage alive by reference counting
+(analytic/tape.py forward_live; under checkpointing the recomputation's too, recompute_live), and a LoRA layer's input
+gradient is the sum of its two paths' (three buffers where Liger's SwiGLU output was counted with one).
 
 Task "recast" adds a sample of its own (RECAST_CASES, 24 rows: QLoRA under amp-bf16 with peft's fp32 factors, bf16
 factors, or --qlora-recast): peak median 1.06%, worst 5.68% (QLoRA + chunked:4 + checkpointing, the loss's forward, as
@@ -188,7 +194,8 @@ def test_engines_agree(case):
     # task "moments" removed the exemption of full fine-tuning + --loss liger/chunked (up to 16% high): block i's
     # gradients at its in-block moment are only those formed by then, and the chunked loss's head-gradient sum
     # is a moment of its own (analytic/peaks.py); every configuration now within 4.2% (see the module docstring)
-    assert_engines_agree(terms, peak_tolerance=0.06)
+    # ligeracc: every configuration within 2.45% (see the module docstring)
+    assert_engines_agree(terms, peak_tolerance=0.03)
 
 
 def test_grid_is_large_enough():

@@ -170,11 +170,15 @@ class StepContext:
         if not self.run.grad_checkpointing:
             self.tape.repeated_scopes = frozenset(s for s, n in self.stack.repetitions.items() if n > 1)
             self.tape.block_scopes = frozenset(self.stack.block_scopes)
+        else:  # ligeracc: the checkpoint drops the blocks' saves and keeps each block's input (tape.hold)
+            self.tape.checkpointed_scopes = frozenset(self.stack.block_scopes)
         for _, kind, scope in self.stack.simulated:
             if kinds is not None and kind not in kinds:
                 continue
             self.tape.scope = scope
             self.block_input_bytes[scope] = x.nbytes
+            if self.run.grad_checkpointing:
+                self.tape.hold(x)
             x = builders[kind](x)
         return x
 

@@ -26,6 +26,9 @@ COMPONENTS = {
     MemoryCategory.ACTIVATION_GRADIENT_BUFFERS: "2 x widest block activation + 2 x residual stream",
     MemoryCategory.TRANSIENT_BUFFERS: "largest short-lived buffer of one op; inside a block's forward + 2 x residual "
                                        "stream (held by the layer loop and by the block across a sublayer)",
+    MemoryCategory.FORWARD_LIVE: "max over the scope's ops of: its saves so far (none in a checkpointed block) + "
+                                  "storages alive and not kept for backward (reference counts of the forward's "
+                                  "tensors) + the op's buffers",
     MemoryCategory.OPTIMIZER_TEMPORARIES: "foreach AdamW: one state-sized buffer per dtype group; Adafactor: fp32 "
                                            "copies of the largest tensor; master weights: fp32 gradients; in backward: "
                                            "one tensor's gradient and step",

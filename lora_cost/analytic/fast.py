@@ -56,7 +56,7 @@ class StepNumbers:
 # tests/test_fast_path.py would see a field read and missing here (the numbers would differ).
 PEAK_FIELDS = frozenset({"saved", "block_input", "orphaned", "kept_past_checkpoint", "forward_transient",
                          "backward_transient", "largest", "norm_backward", "widest_moment",
-                         "widest_gradients"})
+                         "widest_gradients", "forward_live", "recompute_live"})
 # What `step_flops` reads of a StepRecord (stepflops.py): the per-kind tables are left empty.
 FLOP_FIELDS = frozenset({"flops", "flops_after_last_save", "uncounted", "uncounted_after_last_save"})
 

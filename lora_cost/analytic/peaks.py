@@ -3,7 +3,11 @@
 The candidates, per phase (the largest of each phase is its peak):
   forward   - at the loss: everything saved, the logits, and their fp32 copy (causal-LM loss);
               inside a block: what is saved so far plus the block's largest short-lived buffer and
-              the two residual-stream tensors Python holds;
+              the two residual-stream tensors Python holds; and (ligeracc) op by op, where the family's and
+              the method's forward functions hold tensors as the libraries do, every storage alive
+              (tape.forward_live: the block's saves so far, what only Python holds, the op's buffers), inside
+              the blocks and, beyond the loss's named terms, at the loss; under checkpointing each recomputed
+              block likewise (tape.recompute_live);
   backward  - at the loss gradient: log-softmax backward holds its incoming and outgoing [n, vocab]
               gradients on top of everything saved (the usual peak); in the last and the first
               block (and the first of the layers a repeated block stands for), where saved activations
@@ -173,22 +177,28 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
         (dequantised 4-bit weights, DoRA's weight norm, NoLA's bases) return, next to the
         activations recomputed so far and the incoming residual gradient."""
         scope = scopes[i]
+        # orphaned saves are among those buffers: count them once
+        extra = (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
+        # ligeracc: or, op by op, the block's saves so far and what Python holds besides (tape.recompute_live), beyond
+        # all of the block's saves
+        tracked = rec.recompute_live.get(scope)
+        if tracked is not None and tracked - acts.body[i] > extra[1]:
+            extra = (C.FORWARD_LIVE, tracked - acts.body[i])
         return [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept[: i + 1])),
                 (C.RECOMPUTED_ACTIVATIONS, acts.body[i] + rec.orphaned.get(scope, 0)),
                 (C.GRADIENTS, grads_head + params.per_layer_trainable_bytes * (L - 1 - i) if grads_blocks else grads_head),
-                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual),
-                # orphaned saves are among those buffers: count them once
-                (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get(scope, 0) - rec.orphaned.get(scope, 0), 0))
-                ] + _dp(rank, "recompute", i)
+                (C.LOGITS, logits), (C.ACTIVATION_GRADIENT_BUFFERS, residual), extra] + _dp(rank, "recompute", i)
 
+    at_loss = [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
+               # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's
+               # [V, H] weight-gradient product, losses.liger_loss), alive with every save of the step
+               (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get("loss", 0) - rec.logits_at_loss_bytes, 0))]
+    tracked_blocks, tracked_loss = _tracked_forward_moments(rec, acts, run, stack)
+    if tracked_loss is not None:  # ligeracc: what else the forward holds then (the final hidden states, the labels)
+        at_loss.append((C.FORWARD_LIVE, max(tracked_loss - sum(v for _, v in at_loss), 0)))
     candidates = {
         "forward": [
-            ("computing the loss (logits and their fp32 copy alive)",
-             [(C.SAVED_ACTIVATIONS, saved), (C.LOGITS, rec.logits_at_loss_bytes), (C.LOGITS_FP32_COPY, rec.loss_copy_bytes),
-              # moments: a fused loss's own buffers beyond its chunk's logits (liger's fp32 path: the chunk's
-              # [V, H] weight-gradient product, losses.liger_loss), alive with every save of the step
-              (C.TRANSIENT_BUFFERS, max(rec.forward_transient.get("loss", 0) - rec.logits_at_loss_bytes, 0))]
-             + _dp(rank, "forward-loss")),
+            ("computing the loss (logits and their fp32 copy alive)", at_loss + _dp(rank, "forward-loss")),
             # moments: beside the saves and the op's buffer, two residual-stream tensors no op saves are held by
             # Python: the block's input by the model's layer loop (`hidden_states = layer(hidden_states)`
             # rebinds it only when the block returns) and the sublayer's residual by the block
@@ -196,6 +206,7 @@ def _moments(rec: StepRecord, acts: ActivationBudget, params: ParameterBudget, r
             ("inside a block (largest short-lived buffer)",
              [(C.SAVED_ACTIVATIONS, acts.embeddings + sum(acts.kept)), (C.TRANSIENT_BUFFERS, fwd_transient + 2 * residual)]
              + _dp(rank, "forward-block")),
+            *[(where, terms + _dp(rank, "forward-block")) for where, terms in tracked_blocks],
         ],
         "backward": [
             ("start of backward: log-softmax gradient in and out",
@@ -281,6 +292,34 @@ def _hook_moments(params, stack: Stack, acts: ActivationBudget, rec: StepRecord,
                          (C.ACTIVATION_GRADIENT_BUFFERS, residual + rec.largest.get(scope, 0)),
                          (C.OPTIMIZER_TEMPORARIES, params.block_step_transient)]))
     return out
+
+
+def _tracked_forward_moments(rec: StepRecord, acts: ActivationBudget, run: RunConfig, stack: Stack) -> tuple:
+    """ligeracc: the forward's fullest moment inside the blocks, op by op (tape.forward_live: the block's saves so far,
+    every storage alive that only Python holds, the op's buffers), on top of what the scopes before it keep: the
+    embeddings' and earlier blocks' saves (under checkpointing each block's input, its own included: the checkpoint
+    stores it, tape.hold). A block that stands for several layers is evaluated at the last of them (the most saves
+    below it). And the causal-LM loss's fullest moment, all told (the head's and the blocks' saves below it), or
+    None. Python's references follow the forward functions of the families that mirror transformers' (a local
+    rebound, a sublayer's function returning: Architecture.forward_lifetimes); none tracked for the others.
+    Returns ([(where, terms)] for the blocks, the loss's total or None)."""
+    live = rec.forward_live
+    if not live:
+        return [], None
+    ckpt = run.grad_checkpointing
+    below = acts.embeddings
+    best = None
+    for i, scope in enumerate(stack.scopes):
+        held = live.get(scope)
+        if held is not None:
+            kept = below + (acts.kept[i] if ckpt else 0)  # a checkpointed block's own input: stored by the checkpoint
+            if best is None or kept + held > best[0] + best[1]:
+                best = (kept, held)
+        below += acts.kept[i]
+    blocks = [] if best is None else [("inside a block (every tensor alive, op by op)",
+                                       [(C.SAVED_ACTIVATIONS, best[0]), (C.FORWARD_LIVE, best[1])])]
+    loss = below + acts.head + live["loss"] if "loss" in live and run.task in (None, "causal-lm") else None
+    return blocks, loss
 
 
 def _reduce_scatter_moments(rank, stack: Stack, acts: ActivationBudget, grads_head: int, per_layer: int,

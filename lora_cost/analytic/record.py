@@ -75,6 +75,11 @@ class StepRecord:
     # moments: scope -> max over its activations of widest_moment's entry less the trainable bytes of the linears
     # run before it (tape.widest_gradients); absent: every gradient of the block counted at its in-block moment
     widest_gradients: dict = field(default_factory=dict)
+    # ligeracc: scope -> the most bytes the forward holds inside it (tape.forward_live: its saves so far, the
+    # storages only Python holds, the op's buffers); absent: no tracked forward moment
+    forward_live: dict = field(default_factory=dict)
+    # ligeracc: block scope -> the same under checkpointing's recomputation (tape.recompute_live: the block's saves kept)
+    recompute_live: dict = field(default_factory=dict)
 
     @property
     def logits_at_loss_bytes(self) -> int:
@@ -110,7 +115,7 @@ def _flatten(tape: Tape, ctx) -> tuple[dict, dict]:
         scalars[("uncounted", scope)] = v
     lists = {}
     for name in ("forward_transient", "backward_transient", "created", "norm_backward", "widest_moment",
-                 "widest_gradients"):
+                 "widest_gradients", "forward_live", "recompute_live"):
         for scope, values in getattr(tape, name).items():
             lists[(name, scope)] = values
     return scalars, lists
@@ -123,7 +128,7 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
     # each against those kept, in the same order, without the quadratic scan)
     kept = []
     top = None
-    for a, b in sorted(set(lines), key=lambda ab: (-ab[0], -ab[1])):
+    for a, b in sorted(set(lines), reverse=True):  # (integer pairs: the same order as key (-a, -b), without a key call)
         if top is None or b > top:
             kept.append((a, b))
             top = b
@@ -133,7 +138,8 @@ def _envelope(lines: list[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
 _FIELDS = ("block_input", "saved", "saved_by_kind", "kind_totals", "flops", "flops_by_kind", "flop_totals", "flops_after_last_save",
            "uncounted", "uncounted_after_last_save", "orphaned", "kept_past_checkpoint")
 _MAXIMA = {"forward_transient": "forward_transient", "backward_transient": "backward_transient", "created": "largest",
-           "norm_backward": "norm_backward", "widest_moment": "widest_moment", "widest_gradients": "widest_gradients"}
+           "norm_backward": "norm_backward", "widest_moment": "widest_moment", "widest_gradients": "widest_gradients",
+           "forward_live": "forward_live", "recompute_live": "recompute_live"}
 
 
 @dataclass(frozen=True)
@@ -178,7 +184,7 @@ class AffineRecord:
             values[name] = {scope: line[0] + line[1] * dr if line is not None else max(a + b * dr for a, b in lines)
                             for scope, line, lines in items}
         for name in ("forward_transient", "backward_transient", "largest", "norm_backward", "widest_moment",
-                     "widest_gradients"):
+                     "widest_gradients", "forward_live", "recompute_live"):
             values.setdefault(name, {})
         single = {name: a + b * dr for name, (a, b) in singles.items()}
         return StepRecord(logits_bytes=single["logits"],
@@ -190,10 +196,14 @@ class AffineRecord:
 
 
 def simulate(spec, run, method, arch, targets) -> tuple[dict, dict]:
-    tape = Tape(run.tokens, autocast=run.autocast_dtype)
+    # ligeracc: the forward's references are followed only where the family and the method mirror the libraries'
+    tape = Tape(run.tokens, autocast=run.autocast_dtype, track_live=arch.forward_lifetimes and method.forward_lifetimes)
     stack = stack_of(arch, spec)
     ctx = make_context(tape, spec, run, method, targets, stack)
     arch.forward(ctx)
+    tape.flush_live()
+    for scope in ("embeddings", "head"):  # peaks.py takes the blocks' and the loss's tracked moments only
+        tape.forward_live.pop(scope, None)
     scalars, lists = _flatten(tape, ctx)
     # whole-model totals per kind (each simulated block counted for the layers it stands for), for the explanation
     reps = stack.repetitions

@@ -25,30 +25,11 @@ stays until its node's backward, unless its block is checkpointed.
 
 from __future__ import annotations
 
-from ..tape import Tape, Tensor
+from ..tape import LiveTensor, Tape, Tensor
 
 
-class _Storage:
-    """One storage: writes ("d", sid) to the log when the last tensor viewing it dies."""
-
-    __slots__ = ("sid", "log", "tape")
-
-    def __init__(self, sid: int, log: list, tape: "EventTape") -> None:
-        self.sid, self.log, self.tape = sid, log, tape
-
-    def __del__(self) -> None:
-        self.log.append(("d", self.sid, self.tape.scope))
-
-
-class EventTensor(Tensor):
-    """A tape tensor that holds its storage (views share it)."""
-
-    __slots__ = ("storage",)
-
-    def view(self, rg: bool | None = None) -> "EventTensor":
-        t = EventTensor(self.numel, self.dtype, self.rg if rg is None else rg, self.sid)
-        t.storage = self.storage
-        return t
+# ligeracc: the tape's own storages (tape.py _Storage, LiveTensor) report their death; this log writes it
+EventTensor = LiveTensor
 
 
 class EventTape(Tape):
@@ -60,12 +41,14 @@ class EventTape(Tape):
         self.block_inputs: dict[str, int] = {}  # block scope -> sid of its input (the residual stream)
         self.block_outputs: dict[str, int] = {}  # block scope -> sid of what it hands on
 
-    def new(self, numel: int, dtype: str, rg: bool) -> Tensor:
-        base = super().new(numel, dtype, rg)
-        t = EventTensor(numel, dtype, rg, base.sid)
-        t.storage = _Storage(t.sid, self.log, self)
+    def new(self, numel: int, dtype: str, rg: bool, gradient_buffers: int = 3) -> Tensor:
+        t = super().new(numel, dtype, rg, gradient_buffers)
         self.log.append(("a", t.sid, t.nbytes, rg, self.scope))
         return t
+
+    def _died(self, sid: int, nbytes: int) -> None:
+        super()._died(sid, nbytes)
+        self.log.append(("d", sid, self.scope))
 
     def save(self, t: Tensor, kind: str) -> None:
         super().save(t, kind)

@@ -60,6 +60,11 @@ class Architecture:
     notes: Callable[["ModelSpec", object], tuple[str, ...]] = lambda spec, run: ()
     # the --task values the family has (the first is its default); heads other than the LM head: heads.py
     tasks: tuple[str, ...] = ("causal-lm",)
+    # ligeracc: the forward functions hold each tape tensor as transformers' modules hold the real one (a
+    # sublayer's locals die when it returns, a rebound name frees its tensor), so the tape's op-by-op count of
+    # what is alive (tape.forward_live) is the forward's; the forward's tracked moments (peaks.py) are taken
+    # only for such families
+    forward_lifetimes: bool = False
 
 
 def family_modules() -> tuple[str, ...]:

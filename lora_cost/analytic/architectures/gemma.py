@@ -155,8 +155,10 @@ def _forward(ctx) -> None:
         window = kind == SLIDING and spec.sliding_window is not None and seq > spec.sliding_window
         masked = implementation == "sdpa" and (window or kv_seq != seq)
 
-        def block(x):
-            a = norm(x)
+        # ligeracc: the sublayers as functions of their own, so that their locals (the norm output, q, k, v, the
+        # attention output; the MLP's intermediates) die when they return, as in Gemma3Attention.forward and
+        # Gemma3MLP.forward (tape.forward_live follows these references)
+        def attention(a):
             q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
             if spec.qk_norm:
                 q, k = norm(q, hd), norm(k, hd)
@@ -180,19 +182,25 @@ def _forward(ctx) -> None:
             attn = ctx.attention(q, k, v, shape, implementation=impl,
                                  dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True,
                                  softcap=softcap)
-            x = ctx.residual("attention", norm(ctx.linear(attn, o_site)), x)
-            m = norm(x)
+            del q, k, v  # the attention module hands only its output to o_proj
+            return ctx.linear(attn, o_site)
+
+        def mlp(m):
             if "geglu" in run.liger_kernels:  # LigerGEGLUMLP: down_proj(LigerGELUMulFunction(gate_proj(m), up_proj(m)))
-                h = liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up))
-            else:
-                act = ops.gelu(tape, ctx.linear(m, gate))
-                h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
-            return ctx.residual("ffn", norm(ctx.linear(h, down)), x)
+                return ctx.linear(liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up)), down)
+            # Gemma3MLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), every intermediate a temporary
+            return ctx.linear(ops.mul(tape, ops.gelu(tape, ctx.linear(m, gate)), ctx.linear(m, up), "activation function"),
+                              down)
+
+        def block(x):
+            x = ctx.residual("attention", norm(attention(norm(x))), x)
+            return ctx.residual("ffn", norm(mlp(norm(x))), x)
         return block
 
     x = ctx.blocks(x, {kind: block_of(kind) for kind in ctx.stack.kinds})
     tape.scope = "head"
-    ctx.lm_head_and_loss(norm(x), upcast=True, softcap=spec.final_softcap is not None)
+    x = norm(x)  # the model returns the normed states: the last block's output dies unless saved
+    ctx.lm_head_and_loss(x, upcast=True, softcap=spec.final_softcap is not None)
 
 
 def _notes(spec: ModelSpec, run) -> tuple[str, ...]:
@@ -212,4 +220,5 @@ GEMMA = register_architecture(Architecture(
                 "sliding and global attention layers, soft-capping, GeGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
     params=_params, forward=_forward, stack=_stack, notes=_notes,
+    forward_lifetimes=True,
     tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family

@@ -94,8 +94,10 @@ def _forward(ctx) -> None:
     def norm(t):
         return ctx.rms_norm(t, d)
 
-    def block(x):
-        a = norm(x)
+    # ligeracc: the sublayers are functions of their own, as transformers' modules are, so that their locals (the
+    # norm output, q, k, v, the attention output; the MLP's gate and activation outputs) die when they return,
+    # as in LlamaAttention.forward and LlamaMLP.forward (tape.forward_live follows these references)
+    def attention(a):
         q, k, v = ctx.linear(a, q_site), ctx.linear(a, k_site), ctx.linear(a, v_site)
         if spec.qk_norm:  # over each head's head_dim values
             q, k = ctx.rms_norm(q, spec.head_dim), ctx.rms_norm(k, spec.head_dim)
@@ -116,22 +118,27 @@ def _forward(ctx) -> None:
                              ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, spec.head_dim, True, kv_seq),
                              implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
-        x = ctx.residual("attention", ctx.linear(attn, o_site), x)
-        m = norm(x)
+        del q, k, v  # LlamaAttention.forward hands only the attention output to o_proj
+        return ctx.linear(attn, o_site)
+
+    def mlp(m):
         if "swiglu" in run.liger_kernels:  # LigerSwiGLUMLP: down_proj(LigerSiLUMulFunction(gate_proj(m), up_proj(m)))
-            h = liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up))
-        else:
-            act = ops.silu(tape, ctx.linear(m, gate))
-            h = ops.mul(tape, act, ctx.linear(m, up), "activation function")
-        return ctx.residual("ffn", ctx.linear(h, down), x)
+            return ctx.linear(liger.swiglu(tape, ctx.linear(m, gate), ctx.linear(m, up)), down)
+        # LlamaMLP: down_proj(act_fn(gate_proj(x)) * up_proj(x)), every intermediate a temporary
+        return ctx.linear(ops.mul(tape, ops.silu(tape, ctx.linear(m, gate)), ctx.linear(m, up), "activation function"), down)
+
+    def block(x):
+        x = ctx.residual("attention", attention(norm(x)), x)
+        return ctx.residual("ffn", mlp(norm(x)), x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))  # every kind of block is alike here
     tape.scope = "head"
-    ctx.lm_head_and_loss(norm(x), upcast=True)
+    x = norm(x)  # LlamaModel.forward returns the normed states: the last block's output dies unless saved
+    ctx.lm_head_and_loss(x, upcast=True)
 
 
 LLAMA = register_architecture(Architecture(
     family="llama", model_types=("llama", "mistral", "qwen2", "qwen3"),
     description="Llama-style decoder: RMSNorm, RoPE, grouped-query attention, SwiGLU MLP",
     from_config=_from_config, linear_sites=_sites, default_targets=("q_proj", "v_proj"),
-    params=_params, forward=_forward, tasks=("causal-lm", "seq-cls", "token-cls")))
+    params=_params, forward=_forward, forward_lifetimes=True, tasks=("causal-lm", "seq-cls", "token-cls")))

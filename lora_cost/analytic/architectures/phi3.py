@@ -131,8 +131,10 @@ def _forward(ctx) -> None:
     def norm(t):
         return ctx.rms_norm(t, d)
 
-    def block(x):
-        a = norm(x)
+    # ligeracc: the sublayers as functions of their own, so that their locals die when they return, as in
+    # Phi3Attention.forward (qkv and its q, k, v views) and Phi3MLP.forward (gate_up's output, whose gate view
+    # lives to the return) (tape.forward_live follows these references)
+    def attention(a):
         qkv = ctx.linear(a, qkv_site)
         q_numel, kv_numel = n * spec.heads * hd, n * spec.kv_heads * hd
         if "rope" in run.liger_kernels:  # LigerRopeFunction on the slices: contiguous copies, rotated in place
@@ -157,8 +159,10 @@ def _forward(ctx) -> None:
                              ops.AttentionShape(ctx.batch, seq, spec.heads, spec.heads, hd, True, kv_seq),
                              implementation=run.attention if not masked or run.attention == "eager" else "sdpa-masked",
                              dropout_p=ctx.model_dropout(spec.attention_dropout), softmax_fp32=True)
-        x = ctx.residual("attention", ops.dropout(tape, ctx.linear(attn, o_site), dropout), x)
-        m = norm(x)
+        del q, k, v, qkv  # Phi3Attention.forward hands only the attention output to o_proj
+        return ctx.linear(attn, o_site)
+
+    def mlp(m):
         gu = ctx.linear(m, gate_up)  # gate, up = chunk(2): views of this [n, 2i] output
         if "swiglu" in run.liger_kernels:  # LigerPhi3SwiGLUMLP: @ensure_contiguous copies both chunks (liger.py)
             h = liger.swiglu(tape, tape.new(n * i, gu.dtype, gu.rg), tape.new(n * i, gu.dtype, gu.rg))
@@ -169,11 +173,17 @@ def _forward(ctx) -> None:
                 tape.save(act, "activation function")  # up * act: up's gradient reads act
                 tape.save(gu, "activation function")  # and act's reads up (the same storage, kept once)
             h = tape.new(n * i, gu.dtype, gu.rg)
-        return ctx.residual("ffn", ops.dropout(tape, ctx.linear(h, down), dropout), x)
+            del act  # the activation's output is a temporary of `up_states * self.activation_fn(gate)`
+        return ctx.linear(h, down)  # gu (the gate view) is alive until Phi3MLP.forward returns
+
+    def block(x):
+        x = ctx.residual("attention", ops.dropout(tape, attention(norm(x)), dropout), x)
+        return ctx.residual("ffn", ops.dropout(tape, mlp(norm(x)), dropout), x)
 
     x = ctx.blocks(x, dict.fromkeys(ctx.stack.kinds, block))
     tape.scope = "head"
-    ctx.lm_head_and_loss(norm(x), upcast=True)
+    x = norm(x)  # Phi3Model.forward returns the normed states: the last block's output dies unless saved
+    ctx.lm_head_and_loss(x, upcast=True)
 
 
 PHI3 = register_architecture(Architecture(
@@ -181,4 +191,5 @@ PHI3 = register_architecture(Architecture(
     description="Phi-3 / Phi-4: Llama-style decoder with fused qkv_proj and gate_up_proj",
     from_config=_from_config, linear_sites=_sites, default_targets=("qkv_proj",),
     params=_params, forward=_forward,
+    forward_lifetimes=True,
     tasks=("causal-lm", "seq-cls", "token-cls")))  # heads.py: transformers' classifiers of the family

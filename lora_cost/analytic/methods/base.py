@@ -151,6 +151,9 @@ class Method:
     default_targets: Callable[["ModelSpec"], tuple[str, ...]] | None = None
     uses_rank: bool = True  # False: the method has no rank (BitFit, (IA)3); --r is refused
     note: str = ""  # shown beside the method's estimates and plan rows (LoRA+: costs equal LoRA's)
+    # ligeracc: its adapted linear holds each tape tensor as peft's forward holds the real one (Architecture.
+    # forward_lifetimes, tape.forward_live): only then are the forward's and the recomputation's tracked moments taken
+    forward_lifetimes: bool = False
 
     @property
     def takes_targets(self) -> bool:

@@ -30,6 +30,7 @@ def recognise_full(model, peft_config) -> bool:
 
 
 FULL = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="full",
     title="Full fine-tuning",
     paper="(baseline)",

@@ -58,9 +58,22 @@ def merge_into_base(ctx, base_out, branch_out):
 
 
 def lora_linear(ctx, x, site: LinearSite, *, freeze_a: bool = False):
-    base_out = ctx.base_linear(x, site)
-    _, _, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
-    return merge_into_base(ctx, base_out, b)
+    """peft Linear.forward, its references as peft holds them (ligeracc: tape.forward_live): `x` rebound to its
+    cast stays alive to the return; lora_A's output is a temporary of the expression; `result` is rebound by the
+    add, and the add's output by its cast back to the base output's dtype."""
+    result = ctx.base_linear(x, site)
+    dtype = result.dtype
+    if x.rg:  # x's gradient: the base layer's and the adapter's, summed (peaks.py in_block, tape.gradient_summed)
+        ctx.tape.gradient_summed(x)
+    xa, a, b = lora_branch(ctx, x, site, freeze_a=freeze_a)
+    del a
+    # `lora_B(...) * scaling` writes a tensor of b's size while b is alive (a product with a Python float saves
+    # nothing; b then dies, the product takes its place in the add): a moment of the forward (tape.buffer_alive), not
+    # a storage of the allocation log (allocator/events.py), whose replay does not place it
+    ctx.tape.buffer_alive(b.nbytes)
+    result = ops.add(ctx.tape, result, b)
+    del b
+    return ops.cast(ctx.tape, result, dtype)
 
 
 def lora_branch_flops(site: LinearSite, r: int) -> int:
@@ -141,6 +154,7 @@ def is_lora_config(peft_config) -> bool:
 
 
 LORA = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="lora",
     title="LoRA",
     paper="Hu et al. 2021, arXiv:2106.09685",

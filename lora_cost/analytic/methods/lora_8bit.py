@@ -45,6 +45,7 @@ def recognise_lora_8bit(model, peft_config) -> bool:
 
 
 LORA_8BIT = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="lora-8bit",
     title="LoRA on an 8-bit base (LLM.int8())",
     paper="Dettmers et al. 2022, arXiv:2208.07339",

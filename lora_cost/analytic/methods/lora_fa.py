@@ -22,6 +22,7 @@ def recognise_lora_fa(model, peft_config) -> bool:
 
 
 LORA_FA = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="lora-fa",
     title="LoRA-FA (frozen A)",
     paper="Zhang et al. 2023, arXiv:2308.03303",

@@ -160,6 +160,7 @@ def qlora_serving(spec, sites, head_sites, run) -> ServingCost:
 
 
 QLORA = register_method(Method(
+    forward_lifetimes=True,  # ligeracc: peft Linear.forward's references (lora.lora_linear)
     name="qlora",
     title="QLoRA (4-bit base + LoRA)",
     paper="Dettmers et al. 2023, arXiv:2305.14314",

@@ -122,6 +122,7 @@ class FourBitStorage:
         if x.rg:
             tape.transient(dequantised, backward=True)
         out = tape.new(n * site.d_out, self.compute_dtype, x.rg)
+        tape.buffer_alive(dequantised)  # ligeracc: gemm_4bit writes its output with the dequantised weight alive
         return ops.cast(tape, out, x.dtype)
 
     def formula(self, total_params: int) -> str:
