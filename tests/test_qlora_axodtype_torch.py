@@ -57,7 +57,10 @@ def _axolotl_model(family: str, ckpt: bool):
 
 
 def test_dtypes_axolotl_leaves():
+    from lora_cost.analytic.methods.qlora import observed_options
+
     model = _axolotl_model("llama", False)
+    assert observed_options(model)["kbit_prepare"] is False  # what estimate_from and the profiler read
     kinds = {}
     for name, p in model.named_parameters():
         kind = "lora" if "lora_" in name else "packed" if name.endswith(".weight") and p.ndim == 2 and p.shape[1] == 1 \

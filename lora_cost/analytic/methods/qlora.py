@@ -124,6 +124,8 @@ def observed_options(model) -> dict:
     """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState; qlora_recast when the
     model shows the QLoRA script's recast (task "recast")."""
     recast_seen = {RECAST_KEY: True} if observed_recast(model) else {}
+    if observed_unprepared(model):  # task "axodtype"
+        recast_seen["kbit_prepare"] = False
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
@@ -144,6 +146,17 @@ def observed_recast(model) -> bool:
     embed = dtypes(lambda n: "embed_tokens" in n)
     norms = dtypes(lambda n: "norm" in n and "lora_" not in n)
     return factors == embed == {torch.bfloat16} and norms == {torch.float32}
+
+
+def observed_unprepared(model) -> bool:
+    """Every non-quantised floating-point base parameter 16-bit (none fp32): no prepare_model_for_kbit_training's fp32
+    cast, or one undone, as axolotl's loader undoes it (readers/qlora_dtypes.py): `--no-kbit-prepare`. Packed
+    weights are told apart as peft's prepare tells them (`param.__class__.__name__ != "Params4bit"`)."""
+    import torch
+
+    dtypes = {p.dtype for name, p in model.named_parameters()
+              if "lora_" not in name and p.is_floating_point() and p.__class__.__name__ != "Params4bit"}
+    return bool(dtypes) and dtypes <= {torch.bfloat16, torch.float16}
 
 
 def observed_precision(model) -> str:
