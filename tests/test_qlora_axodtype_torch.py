@@ -10,9 +10,10 @@ input reaches lora_A as it is: one saved tensor per layer input, shared by its a
 Measured (`python tests/test_qlora_axodtype_torch.py`: 24 seeded rows of (llama, qwen2) x attention x optimizer x
 loss x checkpointing of tests/test_grid_issue9.py with the axolotl mix): saved activations within 0.003% and FLOPs
 exact on all 24; peak |analytic - trace| / trace median 2.16%, 17 rows within 3%, and the 7 rows of chunked:4 with
-checkpointing 5.8% to 7.3% low, at the chunked loss's forward: a trace forward-temporaries excess of QLoRA with
-checkpointing (~0.1 MB on these tiny models, also with prepare's fp32 mix, where the same row is 5.4% low) that the
-mix's smaller total makes relatively larger; not this task's mechanism, left open. The trace's bnb input-cast rule
+checkpointing 5.8% to 7.3% low, at the chunked loss's forward: the trace's forward temporaries exceed the analytic
+ones by a fixed ~0.04-0.18 MB on these tiny models in every mix (qwen2, standard loss: plain LoRA bf16 36/61 KB
+without/with checkpointing, prepare's fp32 QLoRA 73/182 KB, this mix 40/124 KB), which the mix's smaller total makes
+relatively larger; not this task's mechanism, left open. The trace's bnb input-cast rule
 moves no row of task "recast"'s sample (median 1.05%, worst 5.37% before and after).
 """
 
