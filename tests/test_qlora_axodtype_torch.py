@@ -13,7 +13,8 @@ exact on all 24; peak |analytic - trace| / trace median 2.16%, 17 rows within 3%
 checkpointing 5.8% to 7.3% low, at the chunked loss's forward: the trace's forward temporaries exceed the analytic
 ones by a fixed ~0.04-0.18 MB on these tiny models in every mix (qwen2, standard loss: plain LoRA bf16 36/61 KB
 without/with checkpointing, prepare's fp32 QLoRA 73/182 KB, this mix 40/124 KB), which the mix's smaller total makes
-relatively larger; not this task's mechanism, left open. The trace's bnb input-cast rule
+relatively larger; not this task's mechanism. With task "ligeracc" merged (the analytic forward's tracked moments;
+checked on `git merge-tree` of main and this branch) the same sample gives median 1.11%, worst 5.17%. The trace's bnb input-cast rule
 moves no row of task "recast"'s sample (median 1.05%, worst 5.37% before and after).
 """
 
