@@ -222,8 +222,11 @@ def test_axolotl_example_fields():
     reading, found = read(axolotl=AXOLOTL)
     assert reading.model.value == "meta-llama/Llama-3.1-8B"
     want = {"method": "qlora", "seq": 4096, "batch": 2, "r": 32, "dropout": 0.05, "targets": ("all-linear",),
-            "grad_checkpointing": True, "precision": "bf16", "optimizer": "paged-adamw-32bit"}
+            "grad_checkpointing": True, "precision": "amp-bf16", "optimizer": "paged-adamw-32bit"}
     assert {k: found.kwargs[k] for k in want} == want
+    # task "axodtype": axolotl's loader returns norms, embeddings and head to bf16 after kbit preparation and stores
+    # the 4-bit weights in bf16 (tests/test_readers_axodtype.py)
+    assert found.method_options["kbit_prepare"] is False and found.method_options["quant_storage"] == "bf16"
     modelled_or_warned(found, "attention", "flash-attention-2")
     assert not any("keys lora-cost does not read" in w for w in found.warnings)  # every key of the example known
 
@@ -290,12 +293,13 @@ def _flags(inputs: dict) -> list[str]:
         args += ["--targets", ",".join(inputs["targets"])]
     args.append("--grad-checkpointing" if inputs["grad_checkpointing"] else "--no-grad-checkpointing")
     for k, v in (inputs.get("method_options") or {}).items():
-        args += [f"--{k.replace('_', '-')}"] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else []
+        args += ([f"--{k.replace('_', '-')}"] if v is True else [f"--no-{k.replace('_', '-')}"] if v is False else
+                 [f"--{k.replace('_', '-')}", v] if isinstance(v, str) else [])
     return args
 
 
 @pytest.mark.parametrize("files, expect", [
-    (["--axolotl", AXOLOTL], dict(model="llama-3.1-8b", method="qlora", r=32, batch=2, seq=4096, precision="bf16",
+    (["--axolotl", AXOLOTL], dict(model="llama-3.1-8b", method="qlora", r=32, batch=2, seq=4096, precision="amp-bf16",
                                   optimizer="paged-adamw-32bit", grad_checkpointing=True)),
     (["--peft-config", ADAPTER, "--training-args", SFT_ARGS], dict(model="qwen2.5-7b", method="lora", r=16, batch=4,
                                                                    seq=2048, precision="bf16", grad_checkpointing=True)),
@@ -326,7 +330,7 @@ def test_explicit_flags_override_files():
 def test_plan_reads_files():
     doc = _json(run("plan", "--axolotl", AXOLOTL, "--gpu", "rtx-4090-24gb", "--r", "8-32", "--batch", "1-4", "--json"))
     assert (doc["model"], doc["seq"], doc["optimizer"], doc["targets"], doc["precision"]) == (
-        "llama-3.1-8b", 4096, "paged-adamw-32bit", ["all-linear"], "bf16")
+        "llama-3.1-8b", 4096, "paged-adamw-32bit", ["all-linear"], "amp-bf16")  # axolotl QLoRA: Trainer autocast
     assert {m["method"] for m in doc["methods"]} == {"qlora"}  # the file's method; --methods would override
     assert doc["batch_range"] == [1, 4] and doc["ranks"] == [8, 16, 32]  # plan searches these, not the file's
 

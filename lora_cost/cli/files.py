@@ -8,6 +8,7 @@ from click.core import ParameterSource
 
 from ..readers import model_of, read_files, settings_for
 from ..readers.common import DISTRIBUTED
+from ..readers.qlora_dtypes import trainer_qlora_precision
 from .options import OPTION_PARAM
 
 # the CLI parameter of an estimate() keyword where their names differ
@@ -34,8 +35,6 @@ def apply_to_estimate(ctx: click.Context, model, method: str, kwargs: dict, peft
     reading = read_files(peft_config, training_args, axolotl)
     model = model_of(reading, model)
     found = settings_for(model, reading)
-    _say(reading.notes, "note")
-    _say(found.warnings, "warning")
     kwargs = dict(kwargs)
     for target, value in found.kwargs.items():
         if target in DISTRIBUTED and not kwargs.get("gpus"):
@@ -54,12 +53,32 @@ def apply_to_estimate(ctx: click.Context, model, method: str, kwargs: dict, peft
             continue
         elif not _explicit(ctx, _PARAMS.get(target, target)):
             kwargs[target] = value
+    # task "axodtype": a TrainingArguments bf16 over QLoRA is autocast over prepare's fp32 model (amp-bf16)
+    kwargs, notes, warnings = trainer_qlora_precision(method, kwargs, found.origins, training_args,
+                                                      _explicit(ctx, "precision"))
+    replaced = found.origins.get("precision", "") + ": " if notes else None  # precision_from's 16-bit note
+    _say([n for n in reading.notes if not (replaced and n.startswith(replaced))] + notes, "note")
     options = dict(kwargs.get("method_options") or {})
+    own = _options_of(method)
     for name, value in found.method_options.items():
-        if not _explicit(ctx, OPTION_PARAM + name):
+        if own is not None and name not in own:  # a file's option for the method another file or flag replaced
+            warnings.append(f"{found.origins.get(name, name)}: sets {name}, which method {method} does not take "
+                            "(not used)")
+        elif not _explicit(ctx, OPTION_PARAM + name):
             options.setdefault(name, value)
+    _say(list(found.warnings) + warnings, "warning")
     kwargs["method_options"] = options
     return model, method, kwargs
+
+
+def _options_of(method: str):
+    """The option names `method` takes; None for a method this lora-cost does not know (the estimate says so)."""
+    from ..analytic.methods import get_method
+    from ..errors import LoraCostError
+    try:
+        return {o.name for o in get_method(method).options}
+    except LoraCostError:
+        return None
 
 
 # what `plan` takes from the files (its other settings are searched: rank, batch, checkpointing)

@@ -61,7 +61,20 @@ def with_model(reading: Reading, model: str) -> Reading:
 
 def settings_for(model: str, reading: Reading) -> Resolved:
     """The files' settings for `model`, sorted into estimate() keywords and method options, checked."""
-    return _liger_for_family(model, resolve(with_model(reading, model)))
+    return _axolotl_for_family(model, _liger_for_family(model, resolve(with_model(reading, model))))
+
+
+def _axolotl_for_family(model: str, found: Resolved) -> Resolved:
+    """axolotl QLoRA's bf16 embeddings, head and norms only where its loop reaches them all (qlora_dtypes.py)."""
+    if found.method_options.get("kbit_prepare") is not False:
+        return found
+    from ..profiles import load_model
+    from .qlora_dtypes import axolotl_family
+    try:
+        model_type = load_model(model).model_type
+    except LoraCostError:
+        model_type = None  # the estimate reports the model itself
+    return axolotl_family(model_type, found)
 
 
 def _liger_for_family(model: str, found: Resolved) -> Resolved:

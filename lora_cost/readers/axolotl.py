@@ -8,6 +8,8 @@ sequence_len -> seq; micro_batch_size -> batch; gradient_checkpointing (true; "o
 modelled) and its kwargs; optimizer (Trainer's names); bf16/fp16 (+ torch_dtype); flash_attention ->
 flash-attention-2, sdp_attention -> sdpa, flex_attention -> flex, eager_attention -> eager;
 sample_packing -> packing; load_in_8bit -> lora-8bit; bnb_config_kwargs (quant type, double quant, quant storage);
+QLoRA's dtypes as axolotl's loader leaves them (amp-bf16, bf16 embeddings/norms/head, bf16-stored 4-bit weights)
+and peft_autocast_adapter_dtype (qlora_dtypes.py);
 liger_fused_linear_cross_entropy / chunked_cross_entropy -> loss; deepspeed; fsdp; torch_compile (warns).
 """
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 from .base import Collector, Reading, Setting, load_mapping
 from .common import DTYPE_NAMES, precision_from, set_attention, set_deepspeed, set_optimizer, set_sharding
+from .qlora_dtypes import axolotl_adapter_dtype, axolotl_full_dtypes, axolotl_qlora_precision
 from .regex import TargetRegex
 
 _NO_COST = (  # axolotl keys with no effect on one training step's memory or FLOPs
@@ -67,8 +70,17 @@ def read_axolotl(path: str) -> Reading:
         raise c.error("bf16", "must be true, false, auto or full")
     # axolotl: bf16 "auto" means bf16 where the GPU supports it (sm80+, what lora-cost models); "full" loads
     # the model in bf16 with no autocast, which is precision bf16 too
-    precision_from(c, "bf16" if bf16 else "fp16", bf16 in (True, "auto", "full"), c.flag("fp16"),
-                   weights or ("bf16" if bf16 == "full" else None))
+    fp16 = c.flag("fp16")
+    if _qlora(c) and not _fsdp(c):  # task "axodtype": the dtypes axolotl's loader leaves a QLoRA model in
+        if bf16 and fp16:
+            raise c.error("bf16", "bf16 and fp16 cannot both be true")
+        axolotl_qlora_precision(c, bf16, fp16)
+    else:
+        precision_from(c, "bf16" if bf16 else "fp16", bf16 in (True, "auto", "full"), fp16,
+                       weights or ("bf16" if bf16 == "full" else None))
+    axolotl_adapter_dtype(c, bf16, fp16)
+    if not c.data.get("adapter") and not _fsdp(c):
+        axolotl_full_dtypes(c, bool(bf16 or fp16))
     optimizer = c.text("optimizer")
     if optimizer:
         set_optimizer(c, "optimizer", optimizer)
@@ -131,7 +143,7 @@ def _method(c: Collector) -> None:
         # task "recast": a setting of the QLoRA paper's script, in no axolotl (or TrainingArguments) key
         c.note("adapter" if adapter == "qlora" else "load_in_4bit",
                "the QLoRA paper script's recast (LoRA layers, embeddings and LM head in bf16) is no axolotl key: "
-               "estimate it with --qlora-recast --precision amp-bf16")
+               "estimate that recipe with --qlora-recast --kbit-prepare --precision amp-bf16")
     elif eight:  # issue9b: LoRA on an LLM.int8() base (lora_cost/analytic/methods/lora_8bit.py)
         if dora:
             c.warn("peft_use_dora", "DoRA on 8-bit weights is not modelled; estimated as LoRA on the 8-bit base")
@@ -176,6 +188,15 @@ def _bnb(c: Collector) -> None:
     storage = kwargs.get("bnb_4bit_quant_storage")
     if storage is not None:
         c.set("quant_storage", DTYPE_NAMES.get(storage, storage), "bnb_config_kwargs")
+
+
+def _qlora(c: Collector) -> bool:
+    return any(s.target == "method" and s.value == "qlora" for s in c.settings)
+
+
+def _fsdp(c: Collector) -> bool:
+    """axolotl's `is_fsdp_enabled` (loaders/model.py): fsdp or fsdp_config set."""
+    return c.data.get("fsdp") not in (None, "", []) or c.data.get("fsdp_config") is not None
 
 
 def _qlora_fsdp(c: Collector) -> None:

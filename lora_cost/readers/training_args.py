@@ -5,7 +5,9 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 - per_device_train_batch_size -> batch; max_length / max_seq_length (TRL) -> seq
 - gradient_checkpointing -> grad_checkpointing; gradient_checkpointing_kwargs.use_reentrant: true is
   reentrant checkpointing, not modelled (transformers 5 defaults to use_reentrant=False, modelled)
-- bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from)
+- bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from); with QLoRA (--method qlora or
+  another file) bf16 -> amp-bf16, prepare_model_for_kbit_training's fp32 under autocast (qlora_dtypes.py, applied
+  in cli/files.py where the method is known)
 - optim -> optimizer (absent: Trainer's default adamw_torch_fused)
 - packing / padding_free (TRL) -> packing; use_liger_kernel (+ liger_kernel_config) -> liger_kernels and loss liger
   (Trainer: `apply_liger_kernel(model, liger_kernel_config)`; analytic/liger.py)

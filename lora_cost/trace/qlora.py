@@ -151,6 +151,19 @@ def quantize_linears(model: nn.Module, compute_dtype: torch.dtype, double_quant:
         d_in, d_out, bias, compute_dtype, double_quant, quant_storage))
 
 
+def cast_unquantised(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter outside the 4-bit stand-ins to `dtype`: a 4-bit model loaded with
+    from_pretrained(dtype=...) holds its embeddings, norms, LM head (and biases, which the stand-in creates in its
+    compute dtype) in that dtype. The stand-ins' packed weight and quantisation-state buffers are left alone
+    (bitsandbytes' QuantState is no tensor of the module)."""
+    for module in model.modules():
+        if isinstance(module, Linear4bitStandIn):
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+
+
 def script_recast(model: nn.Module) -> None:
     """The QLoRA paper script's loop after get_peft_model (artidoro/qlora qlora.py get_accelerate_model, under
     --bf16; analytic/qlora_recast.py quotes it): LoraLayer modules to bf16, modules named '*norm*' to fp32,

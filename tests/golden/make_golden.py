@@ -198,6 +198,14 @@ def cases() -> list[dict]:
                         gpu="rtx-4090-24gb"))
     out.append(dict(model="qwen3-0.6b", method="qlora", r=16, targets="all-linear", batch=4, seq=1024,
                     precision="amp-bf16", grad_checkpointing=True, method_options={"qlora_recast": True}))
+    # --- task "axodtype": QLoRA as axolotl's loader leaves it (bf16 embeddings, norms, head; bf16-stored 4-bit
+    # weights; fp32 factors; Trainer autocast), what `--axolotl` with adapter qlora + bf16 reads
+    axolotl = {"kbit_prepare": False, "quant_storage": "bf16"}
+    out.append(dict(model="llama-3.1-8b", method="qlora", r=16, targets="all-linear", seq=2048, precision="amp-bf16",
+                    grad_checkpointing=True, attention="flash-attention-2", optimizer="paged-adamw-8bit",
+                    method_options=axolotl, gpu="rtx-4090-24gb"))
+    out.append(dict(model="qwen2.5-7b", method="qlora", r=32, targets="all-linear", batch=2, seq=4096,
+                    precision="amp-bf16", grad_checkpointing=True, attention="flash-attention-2", method_options=axolotl))
     return out
 
 

@@ -73,8 +73,14 @@ def apply_qlora(model, run, targets, notes):
     notes.append("QLoRA: bitsandbytes Linear4bit replaced by a stand-in with the same storage, saved tensors "
                  "and dequantised transients (lora_cost/trace/qlora.py)")
     if not KBIT_PREPARE.value(run):  # task "fsdpqlora": TRL's sharded-QLoRA path, no fp32 cast (see KBIT_PREPARE)
+        # task "axodtype": the model is loaded in the compute dtype (from_pretrained dtype=torch_dtype =
+        # bnb_4bit_compute_dtype); under amp-* the trace builds it in fp32 (RunConfig.weight_dtype), so cast here
+        from ...trace.qlora import cast_unquantised
+        cast_unquantised(model, compute)
         notes.append("QLoRA without prepare_model_for_kbit_training: the non-quantised parameters keep the model's dtype")
-        return apply_lora(model, run, targets, notes)
+        model, adapted = apply_lora(model, run, targets, notes)
+        _bnb_input_cast(model, run)
+        return model, adapted
     peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=run.grad_checkpointing,
                                          gradient_checkpointing_kwargs={"use_reentrant": False})
     model, adapted = apply_lora(model, run, targets, notes, prepared=True)  # LoRA factors in run.adapter_dtype
@@ -83,7 +89,24 @@ def apply_qlora(model, run, targets, notes):
         script_recast(model)
         notes.append("QLoRA script recast (artidoro/qlora qlora.py): LoRA factors, embed_tokens and lm_head in bf16, "
                      "norms fp32")
+    _bnb_input_cast(model, run)
     return model, adapted
+
+
+def _bnb_input_cast(model, run) -> None:
+    """peft wraps a real bitsandbytes Linear4bit in lora/bnb.py `Linear4bit`, whose forward casts the input to the
+    factors' dtype only outside autocast (`requires_conversion = not torch.is_autocast_enabled()`, then
+    `_cast_input_dtype`); the stand-in, an nn.Linear, gets peft's generic lora `Linear`, which always casts. Under
+    autocast the rule is bnb.py's: no cast (`cast_input_dtype_enabled = False`), so a 16-bit input reaches lora_A as
+    it is and autocast uses it without a copy (task "axodtype"; an fp32 input is copied by autocast either way)."""
+    if not run.autocast_dtype:
+        return
+    from peft.tuners.lora import LoraLayer
+
+    from ...trace.qlora import Linear4bitStandIn
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and isinstance(module.get_base_layer(), Linear4bitStandIn):
+            module.cast_input_dtype_enabled = False
 
 
 def _linear4bit_modules(model):
@@ -101,6 +124,8 @@ def observed_options(model) -> dict:
     """quant_type and double_quant from the first quantised weight's bitsandbytes QuantState; qlora_recast when the
     model shows the QLoRA script's recast (task "recast")."""
     recast_seen = {RECAST_KEY: True} if observed_recast(model) else {}
+    if observed_unprepared(model):  # task "axodtype"
+        recast_seen["kbit_prepare"] = False
     for m in model.modules():
         qs = getattr(getattr(m, "weight", None), "quant_state", None)
         if qs is not None:
@@ -121,6 +146,17 @@ def observed_recast(model) -> bool:
     embed = dtypes(lambda n: "embed_tokens" in n)
     norms = dtypes(lambda n: "norm" in n and "lora_" not in n)
     return factors == embed == {torch.bfloat16} and norms == {torch.float32}
+
+
+def observed_unprepared(model) -> bool:
+    """Every non-quantised floating-point base parameter 16-bit (none fp32): no prepare_model_for_kbit_training's fp32
+    cast, or one undone, as axolotl's loader undoes it (readers/qlora_dtypes.py): `--no-kbit-prepare`. Packed
+    weights are told apart as peft's prepare tells them (`param.__class__.__name__ != "Params4bit"`)."""
+    import torch
+
+    dtypes = {p.dtype for name, p in model.named_parameters()
+              if "lora_" not in name and p.is_floating_point() and p.__class__.__name__ != "Params4bit"}
+    return bool(dtypes) and dtypes <= {torch.bfloat16, torch.float16}
 
 
 def observed_precision(model) -> str:
