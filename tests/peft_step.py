@@ -76,6 +76,21 @@ class SavedBytes:
         self.hooks.__exit__(*exc)
 
 
+def saved_under_amp_bf16(model, vocab_size: int, batch: int, seq: int) -> int:
+    """The bytes autograd saves in one causal-LM step of `model` under the trace's emulation of CUDA's bf16
+    autocast (lora_cost.trace.autocast.CudaAutocast: CPU autocast casts by other op lists), every saved storage
+    kept alive."""
+    from lora_cost.trace.autocast import CudaAutocast
+
+    ids = torch.randint(2, vocab_size, (batch, seq))
+    autocast = CudaAutocast(torch.bfloat16)
+    with SavedBytes(model, keep_alive=True) as saved:
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        autocast.end_forward()
+        loss.backward()
+    return saved.bytes
+
 def measure(cfg: dict, method: str, targets, r: int, ckpt: bool, keep_alive: bool = False,
             auto_class: str = "AutoModelForCausalLM") -> tuple[int, int, int]:
     """(saved-activation bytes, forward FLOPs, backward FLOPs) of one step of the real model

@@ -35,7 +35,7 @@ pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
 from grid_support import assert_engines_agree, engines_terms  # noqa: E402
-from peft_step import SavedBytes  # noqa: E402
+from peft_step import saved_under_amp_bf16  # noqa: E402
 from tiny_configs import B, CONFIGS, S  # noqa: E402
 from lora_cost import estimate  # noqa: E402
 from lora_cost.trace.autocast import CudaAutocast  # noqa: E402
@@ -84,17 +84,11 @@ def test_dtypes_axolotl_leaves():
 @pytest.mark.parametrize("family,ckpt", [("llama", False), ("llama", True), ("qwen3", False)])
 def test_saved_bytes_equal_torch(tmp_path, family, ckpt):
     model = _axolotl_model(family, ckpt)
-    ids = torch.randint(2, CONFIGS[family]["vocab_size"], (B, S))
-    autocast = CudaAutocast(torch.bfloat16)
-    with SavedBytes(model, keep_alive=True) as saved:
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        autocast.end_forward()
-        loss.backward()
+    saved = saved_under_amp_bf16(model, CONFIGS[family]["vocab_size"], B, S)
     e = estimate(tiny_models.config_file(tmp_path, family), "qlora", r=4, targets=",".join(TARGETS[family]), batch=B,
                  seq=S, precision="amp-bf16", attention="eager", model_dropout=0.0, grad_checkpointing=ckpt,
                  method_options=AXOLOTL)
-    assert e.memory.saved_activation_bytes == saved.bytes
+    assert e.memory.saved_activation_bytes == saved
 
 
 AGREE = [

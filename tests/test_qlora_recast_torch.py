@@ -19,7 +19,7 @@ pytest.importorskip("transformers")
 
 import tiny_models  # noqa: E402
 from grid_support import engines_terms, assert_engines_agree  # noqa: E402
-from peft_step import SavedBytes  # noqa: E402
+from peft_step import saved_under_amp_bf16  # noqa: E402
 from tiny_configs import B, CONFIGS, S  # noqa: E402
 from lora_cost import estimate  # noqa: E402
 from lora_cost.trace.autocast import CudaAutocast  # noqa: E402
@@ -86,14 +86,7 @@ def test_profiler_sees_the_recast():
 
 
 def _saved(model, family: str) -> int:
-    ids = torch.randint(2, CONFIGS[family]["vocab_size"], (B, S))
-    autocast = CudaAutocast(torch.bfloat16)
-    with SavedBytes(model, keep_alive=True) as saved:
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        autocast.end_forward()
-        loss.backward()
-    return saved.bytes
+    return saved_under_amp_bf16(model, CONFIGS[family]["vocab_size"], B, S)
 
 
 def _kwargs(family: str, ckpt: bool, recast: bool) -> dict:
