@@ -69,7 +69,8 @@ def read_model_config(c: Collector) -> tuple[str | None, str | None]:
         c.model = Setting("model", name, c.origin("model_name_or_path"))
     init = c.data.get("model_init_kwargs") if isinstance(c.data.get("model_init_kwargs"), dict) else {}
     weights = _weights(c, init)
-    attention = init.get("attn_implementation") or c.text("attn_implementation")
+    own = c.text("attn_implementation")  # read (and checked) even where model_init_kwargs' value wins
+    attention = init.get("attn_implementation") or own
     if attention:
         if not isinstance(attention, str):
             raise c.error("model_init_kwargs", "attn_implementation must be a string")
@@ -100,8 +101,11 @@ def read_model_config(c: Collector) -> tuple[str | None, str | None]:
 
 def _weights(c: Collector, init: dict) -> str | None:
     """model_init_kwargs' dtype (sft.py: it updates ModelConfig's), else ModelConfig.dtype, default float32."""
+    own = c.text("dtype")
+    if own is not None and own not in _DTYPES:
+        raise c.error("dtype", f"must be one of {', '.join(_DTYPES)}")
     key = "model_init_kwargs" if init.get("dtype", init.get("torch_dtype")) is not None else "dtype"
-    value = init.get("dtype", init.get("torch_dtype")) if key == "model_init_kwargs" else c.text("dtype")
+    value = init.get("dtype", init.get("torch_dtype")) if key == "model_init_kwargs" else own
     if value is None:
         value = TRL_DEFAULT_DTYPE
         c.note(anchor(c), "no dtype: TRL's ModelConfig loads the model in float32 (its default, unlike from_pretrained's auto)")
