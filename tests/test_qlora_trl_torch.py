@@ -20,8 +20,10 @@ pytest.importorskip("peft")
 pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
 from grid_support import assert_engines_agree, engines_terms  # noqa: E402
-from tiny_configs import CONFIGS  # noqa: E402
+from peft_step import saved_under_amp_bf16  # noqa: E402
+from tiny_configs import B, CONFIGS, S  # noqa: E402
 
 TRL_BF16 = {"kbit_prepare": False, "double_quant": False}
 TRL_FP32 = {"kbit_prepare": True, "double_quant": False}
@@ -41,6 +43,49 @@ def test_engines_agree(tmp_path, family, options, kwargs):
     assert_engines_agree(terms, peak_tolerance=0.06)
     a, t = terms["saved_activation_bytes"]
     assert abs(t - a) <= 0.01 * t, f"saved: analytic {a} vs trace {t}"
+
+
+def _trl_model(family: str, ckpt: bool):
+    """What SFTTrainer leaves of a model loaded with dtype=bfloat16 and TRL's BitsAndBytesConfig (compute dtype bf16,
+    no double quantisation, uint8 storage): get_peft_model, then every trainable parameter cast to bf16."""
+    import contextlib
+
+    import peft
+    import torch
+
+    from lora_cost.trace.autocast import CudaAutocast
+    from lora_cost.trace.qlora import Linear4bitStandIn, cast_unquantised, quantize_linears
+
+    model = tiny_models.build(family, "fp32")
+    quantize_linears(model, torch.bfloat16, False, "uint8")
+    model.is_loaded_in_4bit = True
+    cast_unquantised(model, torch.bfloat16)
+    if ckpt:  # SFTTrainer: model.enable_input_require_grads() with gradient checkpointing
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False,
+            "context_fn": lambda: (contextlib.nullcontext(), CudaAutocast(torch.bfloat16))})
+        model.enable_input_require_grads()
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+                                                        target_modules=["q_proj", "v_proj"]))
+    for name, param in model.named_parameters():  # sft_trainer.py: `if _is_quantized_model:`
+        if param.requires_grad and "lora_magnitude_vector" not in name:
+            param.data = param.data.to(torch.bfloat16)
+    for m in model.modules():  # lora/bnb.py Linear4bit.forward: no input cast under autocast
+        if isinstance(m, peft.tuners.lora.LoraLayer) and isinstance(m.get_base_layer(), Linear4bitStandIn):
+            m.cast_input_dtype_enabled = False
+    model.train()
+    return model
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_saved_bytes_equal_torch(tmp_path, ckpt):
+    from lora_cost import estimate
+
+    saved = saved_under_amp_bf16(_trl_model("llama", ckpt), CONFIGS["llama"]["vocab_size"], B, S)
+    e = estimate(tiny_models.config_file(tmp_path, "llama"), "qlora", r=4, targets="q_proj,v_proj", batch=B, seq=S,
+                 precision="amp-bf16", attention="eager", model_dropout=0.0, grad_checkpointing=ckpt,
+                 adapter_dtype="bf16", method_options=TRL_BF16)
+    assert e.memory.saved_activation_bytes == saved
 
 
 def test_trl_source_when_installed():
