@@ -103,5 +103,7 @@ def test_trl_source_when_installed():
     assert "bnb_4bit_use_double_quant=model_args.use_bnb_nested_quant" in utils
     config = (root / "trainer" / "model_config.py").read_text()
     assert 'dtype: str | None = field(\n        default="float32"' in config
+    assert "torch_dtype" not in config  # an older recipe's torch_dtype is an unknown key, which `trl sft` drops:
+    assert "parse_args_and_config(fail_with_unknown_args=False)" in (root / "scripts" / "sft.py").read_text()
     base = (root / "trainer" / "base_config.py").read_text()
     assert "self.bf16 = not (self.fp16) if self.bf16 is None else self.bf16" in base

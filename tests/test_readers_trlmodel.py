@@ -131,3 +131,11 @@ def test_cli_reads_the_model_from_the_recipe(tmp_path):
                             dropout=0.05, optimizer=inputs["optimizer"],
                             method_options={"kbit_prepare": False, "double_quant": False})
     assert fp32_factors.memory.peak_bytes > flags.memory.peak_bytes  # the bf16 adapters reached the estimate
+
+
+def test_old_torch_dtype_key_is_ignored_by_trl(tmp_path):
+    """An older recipe's torch_dtype: no ModelConfig field in TRL 1.16 and `trl sft` drops unknown keys: float32."""
+    reading, _, found = _read(tmp_path, "model_name_or_path: meta-llama/Llama-3.1-8B\ntorch_dtype: bfloat16\n"
+                              "use_peft: true\n")
+    assert found.kwargs["precision"] == "amp-bf16"
+    assert [w for w in found.warnings if "key 'torch_dtype'" in w and "loads in float32" in w]

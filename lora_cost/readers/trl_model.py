@@ -106,7 +106,13 @@ def _weights(c: Collector, init: dict) -> str | None:
         raise c.error("dtype", f"must be one of {', '.join(_DTYPES)}")
     key = "model_init_kwargs" if init.get("dtype", init.get("torch_dtype")) is not None else "dtype"
     value = init.get("dtype", init.get("torch_dtype")) if key == "model_init_kwargs" else own
-    if value is None:
+    if value is None and c.raw("torch_dtype") is not None:
+        # ModelConfig's field before its rename to dtype; `trl sft` parses the file with
+        # parse_args_and_config(fail_with_unknown_args=False) (scripts/sft.py main), so an unknown key is dropped
+        value = TRL_DEFAULT_DTYPE
+        c.warn("torch_dtype", "TRL 1.16's ModelConfig has no torch_dtype (now dtype) and `trl sft` ignores unknown "
+               "keys: the model loads in float32, as estimated (write dtype: bfloat16 for 16-bit weights)")
+    elif value is None:
         value = TRL_DEFAULT_DTYPE
         c.note(anchor(c), "no dtype: TRL's ModelConfig loads the model in float32 (its default, unlike from_pretrained's auto)")
     if not isinstance(value, str) or (value not in _DTYPES and value not in DTYPE_NAMES):
