@@ -139,3 +139,16 @@ def test_old_torch_dtype_key_is_ignored_by_trl(tmp_path):
                               "use_peft: true\n")
     assert found.kwargs["precision"] == "amp-bf16"
     assert [w for w in found.warnings if "key 'torch_dtype'" in w and "loads in float32" in w]
+
+
+def test_no_autocast_recipe_is_not_turned_into_amp_by_the_trainer_rule(tmp_path):
+    """bf16: false over bf16 weights: no autocast; files.py's Trainer-over-QLoRA rule (amp-bf16) does not apply when
+    the recipe itself names the quantised method."""
+    path = tmp_path / "recipe.yml"
+    path.write_text("model_name_or_path: meta-llama/Llama-3.2-1B\ndtype: bfloat16\nbf16: false\nuse_peft: true\n"
+                    "load_in_4bit: true\n")
+    run = CliRunner().invoke(main, ["estimate", "--training-args", str(path), "--json"])
+    assert run.exit_code == 0, run.output
+    inputs = json.loads(run.output[run.output.index("{"):])["inputs"]
+    assert inputs["precision"] == "bf16" and inputs["method_options"]["kbit_prepare"] is False
+    assert "lora-cost: warning" not in run.output
