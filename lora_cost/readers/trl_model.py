@@ -18,7 +18,7 @@ ModelConfig ones, and how TRL 1.16 (`pip download trl==1.16.0`) turns them into 
   "auto" as compute dtype fails there (transformers BitsAndBytesConfig: getattr(torch, "auto")).
   get_peft_config: LoraConfig(task_type, r, target_modules, lora_alpha, lora_dropout, bias="none", use_rslora,
   use_dora, modules_to_save[, target_parameters]) when use_peft, else None.
-  create_model_from_path: dtype absent -> float32.
+  create_model_from_path: dtype absent -> float32; device_map "auto" on a GPU (get_kbit_device_map is gone in 1.16).
 - trl/trainer/sft_trainer.py SFTTrainer.__init__: get_peft_model(model, peft_config) -- no
   prepare_model_for_kbit_training anywhere in TRL 1.16 -- then, for a quantised model (`is_loaded_in_4bit/8bit`),
   every trainable parameter except DoRA's lora_magnitude_vector is cast to bf16 ("the PEFT adapter weights are
