@@ -84,9 +84,11 @@ def training_args_reading(data: dict, label: str) -> Reading:
     bf16, fp16 = c.flag("bf16"), c.flag("fp16")
     if trl and bf16 is None:  # _BaseConfig.__post_init__: bf16 = not fp16 when unset
         bf16 = not fp16
-    key = "bf16" if c.data.get("bf16") else "fp16" if c.data.get("fp16") else "bf16" if c.has("bf16") or not trl else anchor(c)
+    key = "bf16" if c.data.get("bf16") else "fp16" if c.data.get("fp16") else "bf16" if c.has("bf16") or not trl \
+        else anchor(c)
     if quantised:
-        kbit_dtypes(c, quantised, weights, bool(bf16), bool(fp16), next((k for k in ("bf16", "fp16") if c.has(k)), f"load_in_{quantised}"))
+        kbit_dtypes(c, quantised, weights, bool(bf16), bool(fp16),
+                    next((k for k in ("bf16", "fp16") if c.has(k)), f"load_in_{quantised}"))
     else:
         precision_from(c, key, bf16, fp16, weights)
     optim = c.text("optim")

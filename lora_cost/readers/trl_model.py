@@ -114,7 +114,8 @@ def _weights(c: Collector, init: dict) -> str | None:
                "keys: the model loads in float32, as estimated (write dtype: bfloat16 for 16-bit weights)")
     elif value is None:
         value = TRL_DEFAULT_DTYPE
-        c.note(anchor(c), "no dtype: TRL's ModelConfig loads the model in float32 (its default, unlike from_pretrained's auto)")
+        c.note(anchor(c), "no dtype: TRL's ModelConfig loads the model in float32 (its default, unlike "
+               "from_pretrained's auto)")
     if not isinstance(value, str) or (value not in _DTYPES and value not in DTYPE_NAMES):
         raise c.error(key, f"must be one of {', '.join(_DTYPES)}")
     return None if value == "auto" else DTYPE_NAMES[value]
@@ -189,13 +190,14 @@ def kbit_dtypes(c: Collector, quantised: str, weights: str | None, bf16: bool, f
                f"parameters, fp32 adapters, no autocast): estimated as that, loaded in {weights or 'bf16'}")
         return
     if fp16 or not bf16:
-        c.set("precision", "fp16" if weights == "fp16" or fp16 else "bf16", key)
+        half = "fp16" if weights == "fp16" or fp16 else "bf16"
+        c.set("precision", half, key)
         c.set("kbit_prepare", False, "dtype")  # origin "dtype": not axolotl's mix (qlora_dtypes.axolotl_family)
         c.set("adapter_dtype", "bf16", key)
         if fp16 or weights != "bf16":
             c.warn(key, f"QLoRA loaded in {weights} with {'fp16 autocast' if fp16 else 'no autocast'} and TRL's bf16 "
                    "adapters is not modelled: estimated as 16-bit non-quantised parameters without autocast "
-                   f"(--precision {'fp16' if weights == 'fp16' or fp16 else 'bf16'} --no-kbit-prepare --adapter-dtype bf16)")
+                   f"(--precision {half} --no-kbit-prepare --adapter-dtype bf16)")
         return
     c.set("precision", "amp-bf16", key)
     c.set("adapter_dtype", "bf16", key)
