@@ -37,7 +37,7 @@ def model_of(reading: Reading, explicit: str | None) -> str:
         return explicit
     if reading.model is None:
         raise LoraCostError("--model is required (or a file naming the model: axolotl base_model, peft "
-                            "base_model_name_or_path)")
+                            "base_model_name_or_path, TRL model_name_or_path)")
     from ..profiles import find_config
 
     try:

@@ -96,7 +96,8 @@ def trainer_qlora_precision(method: str, kwargs: dict, origins: dict, training_a
     amp-bf16. Returns (kwargs, notes, warnings)."""
     origin = origins.get("precision", "")
     if (method != "qlora" or explicit or not training_args or not origin.startswith(f"{training_args}:")
-            or kwargs.get("precision") not in ("bf16", "fp16")):
+            or kwargs.get("precision") not in ("bf16", "fp16")
+            or origins.get("method", "").startswith(f"{training_args}:")):  # a TRL recipe: trl_model.kbit_dtypes
         return kwargs, [], []
     if kwargs["precision"] == "fp16":
         return kwargs, [], [f"{origin}: fp16 over QLoRA: Trainer's fp16 autocast (amp-fp16) is not modelled for QLoRA; "

@@ -12,6 +12,9 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 - packing / padding_free (TRL) -> packing; use_liger_kernel (+ liger_kernel_config) -> liger_kernels and loss liger
   (Trainer: `apply_liger_kernel(model, liger_kernel_config)`; analytic/liger.py)
 - fsdp -> sharding (applied with --gpus); deepspeed (a JSON config) -> sharding zero1/2/3 + the file
+- a TRL recipe (`trl sft --config recipe.yaml`: ModelConfig keys beside SFTConfig's, task "trlmodel"): the model,
+  its dtype, attention, LoRA/QLoRA and the dtypes SFTTrainer leaves (trl_model.py); TRL's defaults bf16 = not fp16
+  and gradient_checkpointing true
 - gradient_accumulation_steps: no effect on one step's memory (each micro-batch's backward adds into the
   same .grad tensors, `AccumulateGrad`) nor on its FLOPs (a step here is one micro-batch); a note says so.
 """
@@ -20,6 +23,8 @@ from __future__ import annotations
 
 from .base import Collector, Reading, load_mapping
 from .common import DTYPE_NAMES, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed, set_optimizer, set_sharding
+from .trl_model import NO_COST as TRL_NO_COST
+from .trl_model import alloc_conf, anchor, is_trl_recipe, kbit_dtypes, read_model_config
 
 _NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one training step's memory or FLOPs
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
@@ -51,6 +56,8 @@ def read_training_args(path: str) -> Reading:
 def training_args_reading(data: dict, label: str) -> Reading:
     """The Reading of TrainingArguments fields (a file's, or a live Trainer's `args.to_dict()`)."""
     c = Collector(label, data, "training args")
+    trl = is_trl_recipe(data)  # task "trlmodel": a `trl sft --config` recipe, ModelConfig keys beside SFTConfig's
+    weights, quantised = read_model_config(c) if trl else (_init_dtype(c), None)
     if c.has("per_device_train_batch_size"):
         c.set("batch", c.integer("per_device_train_batch_size"), "per_device_train_batch_size")
     for key in ("max_length", "max_seq_length"):  # TRL: max_length (max_seq_length before TRL 0.20)
@@ -62,6 +69,9 @@ def training_args_reading(data: dict, label: str) -> Reading:
                "backward adds into the same .grad tensors) and the FLOPs are per micro-batch")
     if c.has("gradient_checkpointing"):
         c.set("grad_checkpointing", c.flag("gradient_checkpointing"), "gradient_checkpointing")
+    elif trl:  # trl/trainer/base_config.py _BaseConfig.gradient_checkpointing defaults to True
+        c.set("grad_checkpointing", True, anchor(c))
+        c.note(anchor(c), "no gradient_checkpointing: TRL's SFTConfig defaults it to true")
     kwargs = c.raw("gradient_checkpointing_kwargs")
     if kwargs is not None:
         if not isinstance(kwargs, dict):
@@ -71,8 +81,16 @@ def training_args_reading(data: dict, label: str) -> Reading:
                    "variant) is not modelled; the estimate is non-reentrant checkpointing")
         for k in set(kwargs) - {"use_reentrant"}:
             c.warn("gradient_checkpointing_kwargs", f"{k} is not modelled")
-    precision_from(c, "bf16" if c.data.get("bf16") else "fp16" if c.data.get("fp16") else "bf16",
-                   c.flag("bf16"), c.flag("fp16"), _init_dtype(c))
+    bf16, fp16 = c.flag("bf16"), c.flag("fp16")
+    if trl and bf16 is None:  # _BaseConfig.__post_init__: bf16 = not fp16 when unset
+        bf16 = not fp16
+    key = "bf16" if c.data.get("bf16") else "fp16" if c.data.get("fp16") else "bf16" if c.has("bf16") or not trl \
+        else anchor(c)
+    if quantised:
+        kbit_dtypes(c, quantised, weights, bool(bf16), bool(fp16),
+                    next((k for k in ("bf16", "fp16") if c.has(k)), f"load_in_{quantised}"))
+    else:
+        precision_from(c, key, bf16, fp16, weights)
     optim = c.text("optim")
     set_optimizer(c, "optim", optim or TRAINER_DEFAULT_OPTIM, default=optim is None)
     for key in ("packing", "padding_free"):
@@ -105,6 +123,9 @@ def training_args_reading(data: dict, label: str) -> Reading:
     if c.has("ddp_bucket_cap_mb"):
         c.set("sharding_options.bucket_cap_mb", c.number("ddp_bucket_cap_mb"), "ddp_bucket_cap_mb")
     c.raw("ddp_find_unused_parameters")
+    if trl:
+        alloc_conf(c)
+        c.irrelevant(TRL_NO_COST)
     c.irrelevant(_NO_COST)
     return c.finish("keys lora-cost does not read (not modelled)")
 
