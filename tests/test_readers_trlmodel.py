@@ -152,3 +152,20 @@ def test_no_autocast_recipe_is_not_turned_into_amp_by_the_trainer_rule(tmp_path)
     inputs = json.loads(run.output[run.output.index("{"):])["inputs"]
     assert inputs["precision"] == "bf16" and inputs["method_options"]["kbit_prepare"] is False
     assert "lora-cost: warning" not in run.output
+
+
+def test_batch_and_length_left_out_take_the_trainers_defaults(tmp_path):
+    """A file without per_device_train_batch_size runs Trainer's 8 (transformers TrainingArguments); a TRL recipe
+    without max_length truncates to SFTConfig's 1024; each said in a note, and a typed flag still wins."""
+    reading, _, found = _read(tmp_path, "model_name_or_path: meta-llama/Llama-3.1-8B\ndtype: bfloat16\n")
+    assert found.kwargs["batch"] == 8 and found.kwargs["seq"] == 1024
+    assert any("per_device_train_batch_size" in n and "default, 8" in n for n in reading.notes)
+    assert any("'max_length'" in n and "1024" in n for n in reading.notes)
+    plain = tmp_path / "args.json"
+    plain.write_text(json.dumps({"learning_rate": 1e-4, "bf16": True}))  # TrainingArguments: no length to read
+    found = settings_for("gpt2", read_files(training_args=str(plain)))
+    assert found.kwargs["batch"] == 8 and "seq" not in found.kwargs
+    run = CliRunner().invoke(main, ["estimate", "--model", "gpt2", "--training-args", str(plain), "--batch", "2",
+                                    "--json"])
+    assert run.exit_code == 0, run.output
+    assert json.loads(run.output[run.output.index("{"):])["inputs"]["batch"] == 2

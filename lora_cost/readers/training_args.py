@@ -2,7 +2,8 @@
 dict `HfArgumentParser` reads, or `TrainingArguments.to_dict()`).
 
 Fields read (transformers 5 training_args.py, TRL sft_config.py):
-- per_device_train_batch_size -> batch; max_length / max_seq_length (TRL) -> seq
+- per_device_train_batch_size -> batch (absent: Trainer's default 8); max_length / max_seq_length (TRL) -> seq (absent
+  in a TRL recipe: SFTConfig's 1024)
 - gradient_checkpointing -> grad_checkpointing; gradient_checkpointing_kwargs.use_reentrant: true is
   reentrant checkpointing, not modelled (transformers 5 defaults to use_reentrant=False, modelled)
 - bf16 / fp16 (+ TRL model_init_kwargs dtype) -> precision (common.precision_from); with QLoRA (--method qlora or
@@ -22,7 +23,7 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 from __future__ import annotations
 
 from .base import Collector, Reading, load_mapping
-from .common import DTYPE_NAMES, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed, set_optimizer, set_sharding
+from .common import DTYPE_NAMES, TRAINER_DEFAULT_BATCH, TRAINER_DEFAULT_OPTIM, TRL_DEFAULT_MAX_LENGTH, precision_from, set_deepspeed, set_optimizer, set_sharding
 from .trl_model import NO_COST as TRL_NO_COST
 from .trl_model import alloc_conf, anchor, is_trl_recipe, kbit_dtypes, read_model_config
 
@@ -60,9 +61,17 @@ def training_args_reading(data: dict, label: str) -> Reading:
     weights, quantised = read_model_config(c) if trl else (_init_dtype(c), None)
     if c.has("per_device_train_batch_size"):
         c.set("batch", c.integer("per_device_train_batch_size"), "per_device_train_batch_size")
-    for key in ("max_length", "max_seq_length"):  # TRL: max_length (max_seq_length before TRL 0.20)
-        if c.has(key):
-            c.set("seq", c.integer(key), key)
+    else:  # what Trainer runs with when the file leaves it out (a flag still wins)
+        c.set("batch", TRAINER_DEFAULT_BATCH, "per_device_train_batch_size")
+        c.note("per_device_train_batch_size", f"not in the file: Trainer's default, {TRAINER_DEFAULT_BATCH} "
+               "sequences per device (--batch to change it)")
+    lengths = [key for key in ("max_length", "max_seq_length") if c.has(key)]  # TRL: max_seq_length before 0.20
+    for key in lengths:
+        c.set("seq", c.integer(key), key)
+    if not lengths and trl:  # SFTConfig truncates to max_length, 1024 unless set
+        c.set("seq", TRL_DEFAULT_MAX_LENGTH, "max_length")
+        c.note("max_length", f"not in the recipe: SFTConfig's default, {TRL_DEFAULT_MAX_LENGTH} tokens (the "
+               "length sequences are truncated to; --seq to change it)")
     steps = c.integer("gradient_accumulation_steps")
     if steps and steps > 1:
         c.note("gradient_accumulation_steps", f"{steps} micro-batches per optimizer step change no memory (each "
