@@ -30,25 +30,16 @@ DEFAULT = Path(__file__).resolve().parent.parent.parent / "shared" / "calibratio
 def traced_events(row: dict):
     """(event sequence, label function) of the row's calibration trace, as the engine replays it."""
     from score_calibration import row_to_kwargs
+    from trace_calibration import kept_simulations
 
     import lora_cost.trace.engine as engine
     from lora_cost.analytic.allocator.workspaces import cublas_workspace_bytes
     from lora_cost.trace import trace
     from lora_cost.trace.replay import step_events
 
-    sims = []
-    summarise = engine.summarise
-
-    def keep_sim(spec, run, m, names, built, rec, *args, **kwargs):
-        sims.append(rec.sim)
-        return summarise(spec, run, m, names, built, rec, *args, **kwargs)
-
-    engine.summarise = keep_sim
-    try:
-        kwargs = row_to_kwargs(row)
+    kwargs = row_to_kwargs(row)
+    with kept_simulations() as sims:
         trace(kwargs.pop("model"), kwargs.pop("method"), calibration=True, **kwargs)
-    finally:
-        engine.summarise = summarise
     sim = sims[0]
     events = step_events(sim, workspace=cublas_workspace_bytes((9, 0)), workspace_mode=engine.WORKSPACE_MODE)
     blocks = {id(b): b for b in sim.blocks}

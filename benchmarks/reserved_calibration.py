@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from score_calibration import rel  # noqa: E402
-from trace_calibration import _pct, parse_args, traced_rows  # noqa: E402
+from trace_calibration import _pct, kept_simulations, parse_args, traced_rows  # noqa: E402
 
 
 def _device_measured(row: dict) -> int | None:
@@ -62,21 +62,10 @@ def _placement(sim, row: dict) -> float | None:
 def score(path: Path, only: str | None = None) -> list[dict]:
     from score_calibration import row_to_kwargs
 
-    import lora_cost.trace.engine as engine
     from lora_cost import estimate
-    sims = []
-    summarise = engine.summarise
-
-    def keep_sim(spec, run, m, names, built, rec, *args, **kwargs):
-        sims.append(rec.sim)
-        return summarise(spec, run, m, names, built, rec, *args, **kwargs)
-
-    engine.summarise = keep_sim
     out = []
-    try:
+    with kept_simulations() as sims:
         rows = list(traced_rows(path, only, calibration=True))
-    finally:
-        engine.summarise = summarise
     for (row, t, seconds), sim in zip(rows, sims):
         kwargs = row_to_kwargs(row)
         model, method = kwargs.pop("model"), kwargs.pop("method")

@@ -72,23 +72,14 @@ def traced(row: dict, cache: Path | None) -> SimpleNamespace:
     else:
         from score_calibration import row_to_kwargs
 
-        import lora_cost.trace.engine as engine
+        from trace_calibration import kept_simulations
+
         from lora_cost.trace import trace
-
-        sims = []
-        summarise = engine.summarise
-
-        def keep(spec, run, m, names, built, rec, *args, **kwargs):
-            sims.append(rec.sim)
-            return summarise(spec, run, m, names, built, rec, *args, **kwargs)
 
         kwargs = row_to_kwargs(row)
         model, method = kwargs.pop("model"), kwargs.pop("method")
-        engine.summarise = keep
-        try:
+        with kept_simulations() as sims:
             trace(model, method, calibration=True, **kwargs)
-        finally:
-            engine.summarise = summarise
         sim = sims[-1]
         fields = ("raw", "size", "alloc", "free", "kind", "op", "module", "phase", "recompute")
         data = {"blocks": [{f: getattr(b, f) for f in fields} for b in sim.blocks], "marks": list(sim.marks),

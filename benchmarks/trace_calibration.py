@@ -21,6 +21,7 @@ import json
 import statistics
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,6 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from score_calibration import DEFAULT, calibration_rows, rel, row_to_kwargs  # noqa: E402
 
 from lora_cost.trace import trace  # noqa: E402
+
+
+@contextmanager
+def kept_simulations():
+    """`with kept_simulations() as sims:` every trace run inside appends its allocator simulation (the step's
+    allocation and free sequence, trace/allocator.py) to `sims`, for the replay benchmarks."""
+    import lora_cost.trace.engine as engine
+
+    sims, summarise = [], engine.summarise
+
+    def keep(spec, run, m, names, built, rec, *args, **kwargs):
+        sims.append(rec.sim)
+        return summarise(spec, run, m, names, built, rec, *args, **kwargs)
+
+    engine.summarise = keep
+    try:
+        yield sims
+    finally:
+        engine.summarise = summarise
 
 
 def traced_rows(path: Path, only: str | None = None, calibration: bool = True):
