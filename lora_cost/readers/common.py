@@ -20,8 +20,6 @@ OPTIMIZER_FALLBACKS = {
 TRAINER_DEFAULT_OPTIM = "adamw_torch_fused"
 # transformers training_args.py TrainingArguments.per_device_train_batch_size: "defaults to 8"
 TRAINER_DEFAULT_BATCH = 8
-# trl/trainer/sft_config.py SFTConfig.max_length: default=1024 (TRL 1.16)
-TRL_DEFAULT_MAX_LENGTH = 1024
 # the weight dtypes model-loading kwargs name (torch_dtype / dtype)
 DTYPE_NAMES = {"bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp16": "fp16", "half": "fp16",
                "float32": "fp32", "fp32": "fp32", "float": "fp32"}

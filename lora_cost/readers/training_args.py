@@ -23,9 +23,10 @@ Fields read (transformers 5 training_args.py, TRL sft_config.py):
 from __future__ import annotations
 
 from .base import Collector, Reading, load_mapping
-from .common import DTYPE_NAMES, TRAINER_DEFAULT_BATCH, TRAINER_DEFAULT_OPTIM, TRL_DEFAULT_MAX_LENGTH, precision_from, set_deepspeed, set_optimizer, set_sharding
+from .common import (DTYPE_NAMES, TRAINER_DEFAULT_BATCH, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed,
+                     set_optimizer, set_sharding)
 from .trl_model import NO_COST as TRL_NO_COST
-from .trl_model import alloc_conf, anchor, is_trl_recipe, kbit_dtypes, read_model_config
+from .trl_model import TRL_DEFAULT_MAX_LENGTH, alloc_conf, anchor, is_trl_recipe, kbit_dtypes, read_model_config
 
 _NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one training step's memory or FLOPs
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",

@@ -49,6 +49,7 @@ NO_COST = ("dataset_name", "dataset_config", "dataset_train_split", "dataset_tes
            "use_rslora", "trust_remote_code", "truncation_mode")
 _DTYPES = ("auto", "bfloat16", "float16", "float32")  # ModelConfig.dtype's choices
 TRL_DEFAULT_DTYPE = "float32"  # ModelConfig.dtype's default (and create_model_from_path's)
+TRL_DEFAULT_MAX_LENGTH = 1024  # trl/trainer/sft_config.py SFTConfig.max_length: default=1024 (the truncation length)
 
 
 def is_trl_recipe(data: dict) -> bool:
