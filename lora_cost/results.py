@@ -161,6 +161,12 @@ class MemoryEstimate:
     host_bytes: int | None = None  # --gpus: host memory per node (offloaded state); None on one GPU
     refresh: RefreshStep | None = None  # task "galore": the optimizer's refresh step (None: every step alike)
 
+    @property
+    def fit_device_bytes(self) -> int:
+        """The device memory the run needs to train: the steady step's, or the optimizer's refresh step's, which
+        is never below it (refresh.py): a run whose refresh step does not fit never trains."""
+        return self.refresh.device_bytes if self.refresh is not None else self.device_bytes
+
     def stored_bytes(self, category: MemoryCategory) -> int | None:
         """Bytes of the stored quantities of one category (None when no term has it)."""
         values = [t.value for t in self.terms if t.category == category]

@@ -284,3 +284,20 @@ def test_engines_agree_on_the_refresh_step(tmp_path_factory, case):
     # the refresh's own increment over the steady step, where there is one, agrees too
     da, dt = a - e.memory.peak_bytes, tr - t.peak_bytes
     assert abs(da - dt) <= 0.02 * max(dt, 1) + 4 * 2 ** 16, f"increment: analytic {da} vs trace {dt}"
+
+
+@pytest.mark.fast
+def test_numbers_only_and_batch_sweep_take_the_refresh_step():
+    """The fast path's device bytes are the ones the GPU fit takes (memory.fit_device_bytes): the refresh step's
+    when it is above the steady step, for one estimate and for a batch sweep alike."""
+    from lora_cost.analytic.fast import batch_sweep
+    from lora_cost.profiles import load_model
+    from lora_cost.spec import RunConfig
+
+    full = [estimate("llama-3.1-8b", "full", optimizer="galore-adamw", seq=512, batch=b) for b in (1, 4)]
+    assert all(e.memory.fit_device_bytes == e.memory.refresh.device_bytes > e.memory.device_bytes for e in full)
+    quick = [estimate("llama-3.1-8b", "full", optimizer="galore-adamw", seq=512, batch=b, numbers_only=True)
+             for b in (1, 4)]
+    assert [q.device_bytes for q in quick] == [e.memory.fit_device_bytes for e in full]
+    swept = batch_sweep(load_model("llama-3.1-8b"), RunConfig(method="full", optimizer="galore-adamw", seq=512), (1, 4))
+    assert [n.device_bytes for n in swept] == [e.memory.fit_device_bytes for e in full]

@@ -281,7 +281,7 @@ def estimate_run(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     flops = FlopEstimate(forward=fwd, backward=bwd, forward_uncounted=sf.forward_uncounted,
                          backward_uncounted=sf.backward_uncounted, terms=flop_terms(rec, run, recomputed))
     gpu_profile = load_gpu(gpu) if gpu is not None else None
-    fit = (gpu_fit(gpu_profile, max(device, refresh.device_bytes if refresh else 0), sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
+    fit = (gpu_fit(gpu_profile, memory.fit_device_bytes, sf.step_total, run.precision, utilisation, dev.uncertainty_bytes)
            if gpu is not None else None)
     distributed = None
     if rank is not None:

@@ -46,7 +46,7 @@ class StepNumbers:
     """The headline numbers of one estimate (their meaning is `Estimate`'s)."""
 
     peak_bytes: int
-    device_bytes: int
+    device_bytes: int  # `Estimate.memory.fit_device_bytes`: the larger of the steady and refresh steps'
     flops: int  # forward + backward, as `Estimate.flops.total`
     trainable_params: int
     step_time_s: float | None  # with a GPU: `Estimate.gpu.step_time_s`
@@ -100,6 +100,8 @@ def step_numbers(spec: ModelSpec, run: RunConfig, *, gpu: str | None = None,
     for name, default in _OTHERS:  # a plain loop: a generator per call was a tenth of a warm estimate
         if values[name] != default:
             return numbers_of(_full(spec, run, gpu, utilisation))
+    if _refreshes(run):
+        return numbers_of(_full(spec, run, gpu, utilisation))
     if run.batch >= BATCH_LINE_FIRST:  # task "speed": the run's lines in the batch, which keep what they answered
         return numbers_line(spec, revalued(run, batch=BATCH_LINE_FIRST), gpu, utilisation).numbers(run)
     return _numbers(spec, run, gpu, utilisation)
@@ -111,7 +113,7 @@ def batch_sweep(spec: ModelSpec, run: RunConfig, batches, *, gpu: str | None = N
     batches read the run's lines in the batch (batchlines.py) without building and checking a RunConfig per
     batch. Raises LoraCostError on bad input, as step_numbers does."""
     from dataclasses import replace
-    values, known = run.__dict__, True
+    values, known = run.__dict__, not _refreshes(run)
     for name, default in _OTHERS:
         if values[name] != default:
             known = False
@@ -195,6 +197,12 @@ def flop_lines_of(record_at, grad_checkpointing: bool, stack) -> tuple[tuple, tu
     return (t1, t2 - t1), (f1.step_total, f2.step_total - f1.step_total)
 
 
+def _refreshes(run: RunConfig) -> bool:
+    """An optimizer with a heavier step now and then (GaLore's projector refresh, task "galore"): its figure, the
+    one the GPU fit takes, comes with the full estimate (refresh.py), not the peak moments read here."""
+    return bool(get_optimizer(run.optimizer).refresh_every)
+
+
 def _full(spec, run, gpu, utilisation):
     from .estimator import estimate_run
     return estimate_run(spec, run, gpu=gpu, utilisation=utilisation)
@@ -202,7 +210,7 @@ def _full(spec, run, gpu, utilisation):
 
 def numbers_of(e) -> StepNumbers:
     """The headline numbers of a full `Estimate`."""
-    return StepNumbers(e.memory.peak_bytes, e.memory.device_bytes, e.flops.total, e.trainable_params,
+    return StepNumbers(e.memory.peak_bytes, e.memory.fit_device_bytes, e.flops.total, e.trainable_params,
                        e.gpu.step_time_s if e.gpu is not None else None)
 
 

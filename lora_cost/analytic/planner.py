@@ -17,7 +17,6 @@ from .device import DEFAULT_UTILISATION, verdict
 from .estimator import estimate
 from .fast import without_cyclic_gc
 from .methods import get_method
-from .optimizers import get_optimizer
 from .methods.base import flag_of
 from ..profiles import load_gpu, load_model
 from ..results import Estimate, Term
@@ -31,13 +30,6 @@ MIN_UTILISATION = 1e-6
 SEQ_LADDER = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
 
 
-def step_device_bytes(e: Estimate) -> int:
-    """The device memory a run needs: the steady step's, or the optimizer's refresh step's when larger (task "galore":
-    GaLore's first step refreshes its projectors, so a run whose refresh step does not fit never trains)."""
-    refresh = e.memory.refresh
-    return max(e.memory.device_bytes, refresh.device_bytes if refresh is not None else 0)
-
-
 @dataclass(frozen=True)
 class PlanPoint:
     """One evaluated configuration."""
@@ -48,7 +40,7 @@ class PlanPoint:
     seq: int
     grad_checkpointing: bool
     peak_bytes: int
-    device_bytes: int  # the larger of the steady step's and the optimizer's refresh step's (step_device_bytes)
+    device_bytes: int  # the larger of the steady step's and the optimizer's refresh step's (fit_device_bytes)
     fits: bool
     trainable_params: int
     flops_per_step: int
@@ -206,8 +198,6 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
             progress(1)
         return result
 
-    refreshes = bool(get_optimizer(optimizer).refresh_every)  # task "galore": an optimizer with a heavier step
-
     def run(method: str, r: int | None, batch: int, s: int, ckpt: bool) -> Estimate:
         """The full estimate (its terms are shown)."""
         key = (method, r, batch, s, ckpt)
@@ -219,9 +209,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         """Whether it fits, from the numbers alone (fast.py: the same numbers, no explanation)."""
         key = (method, r, batch, s, ckpt)
         if key in cache:
-            return step_device_bytes(cache[key]) <= usable
-        if refreshes:  # task "galore": the refresh step's figure comes with the full estimate (refresh.py)
-            return step_device_bytes(run(method, r, batch, s, ckpt)) <= usable
+            return cache[key].memory.fit_device_bytes <= usable
         key = (*key, "numbers")
         if key not in cache:
             cache[key] = call(method, r, batch, s, ckpt, numbers_only=True)
@@ -230,11 +218,11 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     def point(e: Estimate) -> PlanPoint:
         step = e.gpu.step_time_s if e.gpu else None
         return PlanPoint(method=e.method, r=e.r, batch=e.batch, seq=e.seq, grad_checkpointing=e.grad_checkpointing,
-                         peak_bytes=e.memory.peak_bytes, device_bytes=step_device_bytes(e),
-                         fits=step_device_bytes(e) <= usable, trainable_params=e.trainable_params,
+                         peak_bytes=e.memory.peak_bytes, device_bytes=e.memory.fit_device_bytes,
+                         fits=e.memory.fit_device_bytes <= usable, trainable_params=e.trainable_params,
                          flops_per_step=e.flops.total, step_time_s=step,
                          tokens_per_s=(e.batch * e.seq / step) if step else None, components=e.memory.components,
-                         verdict=verdict(usable, step_device_bytes(e),
+                         verdict=verdict(usable, e.memory.fit_device_bytes,
                                          e.memory.device.uncertainty_bytes if e.memory.device else 0))
 
     batches = range(batch_range[0], batch_range[1] + 1)  # bisected, never listed
@@ -299,7 +287,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
     if not any(p.max_batch or p.max_rank for p in out):
         cheapest = [run(p.method, p.rank_curve[0].r, batches[0], seq, True) for p in out if p.grad_checkpointing]
         if cheapest:
-            smallest = point(min(cheapest, key=step_device_bytes))
+            smallest = point(min(cheapest, key=lambda e: e.memory.fit_device_bytes))
     assumptions = (
         f"fits: estimated device memory (peak allocated + 10% allocator slack + the CUDA context measured per GPU, profiles/cuda_context.json) <= "
         f"budget {budget_bytes:,} B less a {100 * margin:.0f}% margin",
