@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..registry import Registry, dashed
-from .formulas.blocks import MIN_BLOCK_SIZE
+from .formulas.blocks import MIN_BLOCK_SIZE, allocated  # allocated: where states are many small vectors
 from .formulas.storage import BNB_8BIT_BLOCK, BNB_8BIT_MIN_SIZE, blocks
 from .methods.base import TensorGroup
 from .svd import svd_buffers
@@ -48,12 +48,6 @@ FP32 = 4  # bytes of a float32 element
 # A 0-dim fp32 tensor on the GPU (fused AdamW's `step`, Adafactor's `RMS`) takes the caching allocator's
 # smallest block: c10/cuda/CUDACachingAllocator.cpp round_size, kMinBlockSize = 512 bytes.
 DEVICE_SCALAR_BYTES = MIN_BLOCK_SIZE
-
-
-def allocated(nbytes: int) -> int:
-    """What memory_allocated() counts for one tensor (round_size: at least 512, a multiple of 512). Used
-    where states are many small vectors (Adafactor's rows and columns of a rank-8 factor: 32 bytes each)."""
-    return -(-nbytes // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
 
 
 def _adam(g: TensorGroup) -> int:

@@ -39,9 +39,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 RECAST_KEY = "qlora_recast"  # the method option (methods/qlora.py QLORA_RECAST: --qlora-recast)
 RECAST_DTYPE = "bf16"  # qlora.py: module.to(torch.bfloat16) under args.bf16
-# the architectures whose module names the script's matching finds as it means to ('embed_tokens', 'lm_head',
-# '*norm'), with the norm the engines model for them (LlamaRMSNorm); analytic/architectures/llama.py
-RECAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def recast(run: "RunConfig") -> bool:
@@ -76,8 +73,11 @@ def check_recast(spec: "ModelSpec", sites: list["LinearSite"], run: "RunConfig")
     are in `resolve_recast`, which the trace engine's path for other families runs too)."""
     if not recast(run):
         return
-    if spec.model_type not in RECAST_MODEL_TYPES:
-        raise LoraCostError(f"--qlora-recast is modelled for {', '.join(RECAST_MODEL_TYPES)} (the module names the "
+    # the model types whose module names the script's matching finds as it means to ('embed_tokens', 'lm_head',
+    # '*norm'), with the norm the engines model for them: the Llama-style architecture's (LlamaRMSNorm)
+    from .architectures.llama import LLAMA
+    if spec.model_type not in LLAMA.model_types:
+        raise LoraCostError(f"--qlora-recast is modelled for {', '.join(LLAMA.model_types)} (the module names the "
                             f"script matches: embed_tokens, lm_head, *norm); not {spec.model_type}")
     biased = sorted({s.name for s in sites if s.bias})
     if biased:

@@ -27,17 +27,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .formulas.blocks import MIN_BLOCK_SIZE
+from ..units import DTYPE_BYTES
+from .formulas.blocks import allocated
 
-FP32 = 4
-INT32 = 4
+FP32 = DTYPE_BYTES["fp32"]
+
+INT32 = 4  # bytes of the int32 info flag
 GESVDJ_BATCHED_MAX = 32  # svd_cusolver: "if (m <= 32 && n <= 32)" gesvdjBatched (a cuSOLVER limit)
-
-
-def allocated(nbytes: int) -> int:
-    """What memory_allocated() counts for one tensor (CUDACachingAllocator.cpp round_size: at least kMinBlockSize,
-    a multiple of 512)."""
-    return -(-nbytes // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE if nbytes > 0 else 0
 
 
 @dataclass(frozen=True)
@@ -48,12 +44,12 @@ class SvdBuffers:
     info: int  # the int32 convergence flag, freed when the op returns
     input_copy: int  # cloneBatchedColumnMajor(A), freed when the op returns
     square: int = 0  # gesvdjBatched (m, n <= 32, m != n): the full-size U_ or V_, freed when the op returns
-    workspace_counted: int = 0  # cuSOLVER's gesvdj lwork: a run-time query, not counted (see the module docstring)
 
     @property
     def inside(self) -> int:
-        """Alive inside the call: outputs + info + the column-major copy (+ the uncounted workspace)."""
-        return self.outputs + self.info + self.input_copy + self.square + self.workspace_counted
+        """Alive inside the call: outputs + info + the column-major copy (cuSOLVER's workspace is not counted:
+        SVD_WARNING)."""
+        return self.outputs + self.info + self.input_copy + self.square
 
 
 def svd_buffers(m: int, n: int) -> SvdBuffers:

@@ -258,17 +258,16 @@ class Tape:
         if t.sid in self._saved_ids:
             return
         self._saved_ids.add(t.sid)
-        if not self.track_live:
-            pass
-        elif self.scope not in self.checkpointed_scopes:
-            if self._pending is not None and self.scope in self.repeated_scopes:
-                self.flush_live()  # its bytes may go to the scope it was made in (below): what is held decreases
-            self._persists(t.sid)
-        elif t.sid in self._persist:  # the checkpoint's own input (tape.hold), saved again: one storage
-            self._resaved[self.scope] += t.nbytes
-        elif t.sid in self._alive:
-            self._ckpt_saved.add(t.sid)
-            self._ckpt_saved_alive += t.nbytes
+        if self.track_live:
+            if self.scope not in self.checkpointed_scopes:
+                if self._pending is not None and self.scope in self.repeated_scopes:
+                    self.flush_live()  # its bytes may go to the scope it was made in (below): what is held decreases
+                self._persists(t.sid)
+            elif t.sid in self._persist:  # the checkpoint's own input (tape.hold), saved again: one storage
+                self._resaved[self.scope] += t.nbytes
+            elif t.sid in self._alive:
+                self._ckpt_saved.add(t.sid)
+                self._ckpt_saved_alive += t.nbytes
         nbytes = t.nbytes
         scope = self.scope
         made_in = self._made_in.get(t.sid, scope)

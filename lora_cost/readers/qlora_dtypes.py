@@ -35,9 +35,6 @@ from dataclasses import replace
 
 from .base import Collector, Resolved
 
-# the families where axolotl's name matching ('norm' in the name, embed_tokens, lm_head) reaches every
-# non-quantised parameter (analytic/architectures/llama.py: LlamaRMSNorm-style norms, Qwen3's q_norm/k_norm)
-AXOLOTL_CAST_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _KEYS = ("bf16", "fp16")  # the keys the settings below come from (the family check finds them by these)
 
 
@@ -79,7 +76,10 @@ def axolotl_family(model_type: str | None, found: Resolved) -> Resolved:
     origin = found.origins.get("kbit_prepare", "")
     if found.method_options.get("kbit_prepare") is not False or not origin.endswith(tuple(f"key {k!r}" for k in _KEYS)):
         return found
-    if model_type is None or model_type in AXOLOTL_CAST_TYPES:
+    # the model types where axolotl's name matching ('norm' in the name, embed_tokens, lm_head) reaches every
+    # non-quantised parameter: the Llama-style architecture's (LlamaRMSNorm-style norms, Qwen3's q_norm/k_norm)
+    from ..analytic.architectures.llama import LLAMA
+    if model_type is None or model_type in LLAMA.model_types:
         return found
     options = {k: v for k, v in found.method_options.items() if k != "kbit_prepare"}
     origins = {k: v for k, v in found.origins.items() if k != "kbit_prepare"}

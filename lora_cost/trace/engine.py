@@ -101,27 +101,27 @@ def trace(model, method: str = "lora", *, r=None, targets=None, batch: int = 1, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            built = build(spec, cfg, run, m, names)
-            if run.loss != "standard":  # lossdtype: the loss replaces the CausalLM forward's tail
-                from .losses import install_loss
-                install_loss(built.model, run)
+            def traced(refresh: bool = False):
+                """(the built model, the step's record) on a model of its own (a fresh fake mode and optimizer)."""
+                built = build(spec, cfg, run, m, names)
+                if run.loss != "standard":  # lossdtype: the loss replaces the CausalLM forward's tail
+                    from .losses import install_loss
+                    install_loss(built.model, run)
+                with liger_swaps(built, spec, run):  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (liger.py)
+                    rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration,
+                                      loop=m.trace_loop, refresh=refresh)
+                return built, rec
+
+            built, rec = traced()
             if run.loss != "standard" or run.adapter_dtype not in (None, "fp32"):
                 from ..analytic.losses import notes as lossdtype_notes
                 built.notes.extend(lossdtype_notes(spec, run))
             total_params = sum(p.numel() for p in built.model.parameters())
             trainable_params = sum(p.numel() for p in built.model.parameters() if p.requires_grad)
-            with liger_swaps(built, spec, run):  # ligerkernels: Liger's RMSNorm, RoPE, SwiGLU (liger.py)
-                rec, _ = run_step(built.model, run, run.optimizer, spec.vocab, calibration=calibration,
-                                  loop=m.trace_loop)
             refresh = None
             if get_optimizer(run.optimizer).refresh_every and run.sharding is None:
-                # task "galore": the refresh step traced on a model of its own (a fresh fake mode and optimizer)
-                again = build(spec, cfg, run, m, names)
-                if run.loss != "standard":
-                    install_loss(again.model, run)
-                with liger_swaps(again, spec, run):
-                    refreshed, _ = run_step(again.model, run, run.optimizer, spec.vocab, calibration=calibration,
-                                            loop=m.trace_loop, refresh=True)
+                # task "galore": the refresh step traced as well
+                _, refreshed = traced(refresh=True)
                 refresh = max((refreshed.sim.peaks[phase][0], phase) for phase in ("forward", "backward", "optimizer"))
     finally:
         transformers.logging.set_verbosity(verbosity)

@@ -19,9 +19,10 @@ import math
 
 import torch
 
-GALORE_RANK = 128  # trainer_optimizer.py _get_galore_optimizer: optim_args "rank", default 128
-GALORE_SCALE = 0.25  # ... "scale", default 0.25
-GALORE_UPDATE_GAP = 200  # ... "update_proj_gap", default 200
+from ..analytic.optimizers import GALORE_RANK, GALORE_UPDATE_GAP  # Trainer's optim_args defaults: rank, update_proj_gap
+from ..analytic.svd import GESVDJ_BATCHED_MAX
+
+GALORE_SCALE = 0.25  # trainer_optimizer.py _get_galore_optimizer: optim_args "scale", default 0.25
 
 
 class Projector:
@@ -72,7 +73,7 @@ def cuda_svd(matrix):
     info = torch.zeros((), dtype=torch.int32, device=matrix.device)
     column_major = matrix.mT.contiguous()  # [n, m] row-major: the [m, n] matrix in column-major order
     # gesvdjBatched (m, n <= 32) assumes full matrices: a square U_ or V_ when m != n (svd_cusolver_gesvdjBatched)
-    square = matrix.new_empty((max(m, n), max(m, n))) if m <= 32 and n <= 32 and m != n else None
+    square = matrix.new_empty((max(m, n), max(m, n))) if m <= GESVDJ_BATCHED_MAX and n <= GESVDJ_BATCHED_MAX and m != n else None
     del info, column_major, square
     return U, s, Vh
 

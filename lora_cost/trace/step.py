@@ -188,7 +188,7 @@ def step_inputs(run, ids, seq2seq: bool = False) -> dict:
     return {"input_ids": ids, "labels": ids}
 
 
-def _kernel_patches(run, model, autocast) -> list:
+def _kernel_patches(run, model) -> list:
     """flex: transformers' flex mask interface builds a BlockMask (create_block_mask evaluates the mask on
     values); the stand-in kernel takes none (kernels.py). --packing: the padding-free path's value reads.
     flash: transformers' `get_target_dtype` asks torch whether autocast is on for the query's device (the
@@ -269,7 +269,7 @@ def _run_step(model, run, optimizer, vocab, calibration, loop, mode, refresh=Fal
     patch = mock.patch("transformers.masking_utils.find_packed_sequence_indices", lambda position_ids: None)
     with contextlib.ExitStack() as stack:
         stack.enter_context(patch)
-        for p in _kernel_patches(run, model, autocast):
+        for p in _kernel_patches(run, model):
             stack.enter_context(p)
         stack.enter_context(mock.patch("torch.optim.adam._get_value", _get_value))
         stack.enter_context(any_dtype_grouped_mm())  # mixture-of-experts models (moe.py)

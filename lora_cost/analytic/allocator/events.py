@@ -25,11 +25,9 @@ stays until its node's backward, unless its block is checkpointed.
 
 from __future__ import annotations
 
-from ..tape import LiveTensor, Tape, Tensor
-
+from ..tape import Tape, Tensor
 
 # ligeracc: the tape's own storages (tape.py _Storage, LiveTensor) report their death; this log writes it
-EventTensor = LiveTensor
 
 
 class EventTape(Tape):

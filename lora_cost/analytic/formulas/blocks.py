@@ -6,3 +6,9 @@ the simulator, does not import the allocator package (issue 11's speed line: tes
 """
 
 MIN_BLOCK_SIZE = 512  # kMinBlockSize, c10/cuda/CUDACachingAllocator.cpp: every size is rounded to at least 512 bytes
+
+
+def allocated(nbytes: int) -> int:
+    """What memory_allocated() counts for one tensor of `nbytes` (round_size: a multiple of 512; an empty tensor
+    takes no block)."""
+    return -(-nbytes // MIN_BLOCK_SIZE) * MIN_BLOCK_SIZE
