@@ -9,7 +9,7 @@ from functools import lru_cache
 from .architectures.base import Architecture
 from .methods.base import Method, TensorGroup, get_method
 from .methods.storage import BaseStorage
-from .optimizer_budget import optimizer_budget
+from .optimizer_budget import OptimizerBudget, optimizer_budget
 from .optimizers import Optimizer
 from ..errors import LoraCostError
 from ..spec import LinearSite, ModelSpec, RunConfig
@@ -42,11 +42,9 @@ class ParameterBudget:
     # allocevents: every trainable tensor group (the event replay creates their gradients and optimizer state)
     trainable_groups: tuple = ()
     # --- task "galore": an optimizer's occasional heavier step (GaLore's projector refresh: optimizers.py
-    # `refresh_temporaries`), the fields above as they are on that step; refresh_every 0: every step is alike
+    # `refresh_temporaries`): the optimizer's budget on that step; refresh_every 0: every step is alike
     refresh_every: int = 0
-    refresh_optimizer_temporaries: int = 0
-    refresh_block_step_transient: int = 0
-    refresh_head_step_transient: int = 0
+    refresh: OptimizerBudget | None = None
     # --optimizer-in-backward with a word embedding tied to the LM head: the head's contribution to the shared
     # weight's gradient waits in AccumulateGrad's input buffer from the head's backward until the embedding's, at the
     # end (torch/csrc/autograd/input_buffer.cpp: a node's inputs are summed when all have arrived): alive through
@@ -56,9 +54,9 @@ class ParameterBudget:
 
     def on_refresh_step(self) -> "ParameterBudget":
         """This budget as the refresh step has it (the step's own temporaries replaced)."""
-        return replace(self, optimizer_temporaries=self.refresh_optimizer_temporaries,
-                       block_step_transient=self.refresh_block_step_transient,
-                       head_step_transient=self.refresh_head_step_transient, refresh_step=True)
+        rb = self.refresh
+        return replace(self, optimizer_temporaries=rb.step_temporaries, block_step_transient=rb.block_transient,
+                       head_step_transient=rb.head_transient, refresh_step=True)
 
     @property
     def frozen_bytes(self) -> int:
@@ -230,9 +228,7 @@ def _parameter_budget(arch: Architecture, spec: ModelSpec, run: RunConfig, opt: 
         trainable_groups=tuple(trainable),  # allocevents
         held_in_backward_bytes=spec.vocab * spec.hidden * DTYPE_BYTES[dtype] if run.optimizer_in_backward
         and method.base_trainable and spec.tie_embeddings and run.task not in ("seq-cls", "token-cls") else 0,
-        **({} if rb is None else dict(refresh_every=opt.refresh_every, refresh_optimizer_temporaries=rb.step_temporaries,
-                                      refresh_block_step_transient=rb.block_transient,
-                                      refresh_head_step_transient=rb.head_transient)))
+        refresh_every=opt.refresh_every if rb is not None else 0, refresh=rb)
 
 
 def is_linear_weight(arch: Architecture, spec: ModelSpec, g) -> bool:

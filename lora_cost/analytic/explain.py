@@ -134,9 +134,9 @@ def _optimizer_option_terms(params: ParameterBudget) -> tuple[Term, ...]:
                      "the optimizer updates fp32 copies and writes them back to the 16-bit weights (Megatron-LM "
                      "Float16OptimizerWithFloat16Params, DeepSpeed bf16/fp16 optimizers)", C.MASTER_WEIGHTS),)
     if params.refresh_every:
-        out += (Term("projector refresh temporaries", max(params.refresh_optimizer_temporaries,
-                                                            params.refresh_block_step_transient,
-                                                            params.refresh_head_step_transient),
+        out += (Term("projector refresh temporaries", max(params.refresh.step_temporaries,
+                                                            params.refresh.block_transient,
+                                                            params.refresh.head_transient),
                      COMPONENTS[C.PROJECTOR_REFRESH],
                      f"GaLore's refresh step (the first and every {params.refresh_every}th): get_orthogonal_matrix's "
                      "SVD of one gradient at a time inside optimizer.step (with --optimizer-in-backward: with that "
