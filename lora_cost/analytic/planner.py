@@ -173,7 +173,7 @@ def plan(model: str, *, budget_bytes: int | None = None, gpu: str | None = None,
         task_run = RunConfig(batch=batch_range[1], seq=seq, r=rank_range[1], **task_kwargs)  # --num-labels' own rules
         check_task(get_architecture(spec.model_type), spec, get_method("full"), task_run)  # the family has the task
     method_options = dict(method_options or {})
-    own_options = {name: {o.name for o in get_method(name).options} for name in methods}
+    own_options = {name: get_method(name).option_names for name in methods}
     for key in method_options:
         if not any(key in names for names in own_options.values()):
             raise LoraCostError(f"{flag_of(key)} does not apply to any method planned ({', '.join(methods) or 'none'})")

@@ -76,7 +76,7 @@ def _options_of(method: str):
     from ..analytic.methods import get_method
     from ..errors import LoraCostError
     try:
-        return {o.name for o in get_method(method).options}
+        return get_method(method).option_names
     except LoraCostError:
         return None
 

@@ -165,6 +165,11 @@ class Method:
         """Whether --r applies (a low-rank adapter on targeted linear layers; not BitFit, (IA)3, adapters)."""
         return self.takes_targets and self.uses_rank
 
+    @property
+    def option_names(self) -> frozenset[str]:
+        """The names of the options it takes (RunConfig.method_options keys)."""
+        return frozenset(o.name for o in self.options)
+
     def rank(self, run: "RunConfig") -> int:
         return run.r if run.r is not None else (self.default_r or 0)
 
