@@ -100,6 +100,7 @@ def test_fp32_qlora_and_8bit_say_what_is_not_modelled(tmp_path):
     ("load_in_4bit: true\n", "key 'use_peft' must be true with load_in_4bit"),
     ("use_peft: true\nlora_r: 0\n", "key 'lora_r' must be an integer"),
     ("use_peft: true\nload_in_4bit: true\nbnb_4bit_quant_type: int4\n", "key 'bnb_4bit_quant_type' must be one of"),
+    ("model_init_kwargs: 5\n", "key 'model_init_kwargs' must be a mapping"),
 ])
 def test_invalid_values_name_file_and_key(tmp_path, text, where):
     path = tmp_path / "recipe.yml"

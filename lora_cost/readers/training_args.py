@@ -26,7 +26,8 @@ from .base import Collector, Reading, load_mapping
 from .common import (DTYPE_NAMES, TRAINER_DEFAULT_BATCH, TRAINER_DEFAULT_OPTIM, precision_from, set_deepspeed,
                      set_optimizer, set_sharding)
 from .trl_model import NO_COST as TRL_NO_COST
-from .trl_model import TRL_DEFAULT_MAX_LENGTH, alloc_conf, anchor, is_trl_recipe, kbit_dtypes, read_model_config
+from .trl_model import (TRL_DEFAULT_MAX_LENGTH, alloc_conf, anchor, init_kwargs, is_trl_recipe, kbit_dtypes,
+                        read_model_config)
 
 _NO_COST = (  # TrainingArguments / SFTConfig fields with no effect on one training step's memory or FLOPs
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "do_predict", "eval_strategy", "evaluation_strategy",
@@ -168,9 +169,7 @@ def _liger(c: Collector) -> None:
 
 def _init_dtype(c: Collector):
     """TRL's model_init_kwargs {"dtype"|"torch_dtype": ...}: the weights' dtype, when SFTTrainer loads the model."""
-    init = c.data.get("model_init_kwargs")
-    if not isinstance(init, dict):
-        return None
+    init = init_kwargs(c)
     value = init.get("dtype", init.get("torch_dtype"))
     if value in (None, "auto"):
         return None

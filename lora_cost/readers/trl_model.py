@@ -62,13 +62,23 @@ def anchor(c: Collector) -> str:
     return next(k for k in c.data if k in MODEL_CONFIG_KEYS)
 
 
+def init_kwargs(c: Collector) -> dict:
+    """SFTConfig.model_init_kwargs (the keyword arguments SFTTrainer loads the model with): a mapping or absent."""
+    init = c.raw("model_init_kwargs")
+    if init is None:
+        return {}
+    if not isinstance(init, dict):
+        raise c.error("model_init_kwargs", "must be a mapping of from_pretrained keyword arguments")
+    return init
+
+
 def read_model_config(c: Collector) -> tuple[str | None, str | None]:
     """The ModelConfig keys: model, attention, method and its fields. Returns (weights, quantised): the dtype the
     model is loaded in (lora-cost's spelling; None: the checkpoint's, dtype auto) and "4bit"/"8bit"/None."""
     name = c.text("model_name_or_path")
     if name:
         c.model = Setting("model", name, c.origin("model_name_or_path"))
-    init = c.data.get("model_init_kwargs") if isinstance(c.data.get("model_init_kwargs"), dict) else {}
+    init = init_kwargs(c)
     weights = _weights(c, init)
     own = c.text("attn_implementation")  # read (and checked) even where model_init_kwargs' value wins
     attention = init.get("attn_implementation") or own
